@@ -1,0 +1,227 @@
+//! The copy of a successful answer taken as it streams to the client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+
+use crate::entry::CachedResponse;
+use crate::key::CacheKey;
+use crate::stats::{Counters, Stats};
+use crate::store::{Store, StoreFuture};
+
+/// Where a finished capture goes.
+pub(crate) struct CaptureSink {
+    pub(crate) key: CacheKey,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) stats: Stats,
+    pub(crate) ttl: Duration,
+}
+
+/// The copy of an answer being taken. Stored only if the body ends cleanly within the
+/// size limit; dropped otherwise.
+pub(crate) struct Capture {
+    sink: CaptureSink,
+    status: StatusCode,
+    headers: HeaderMap,
+    max_bytes: usize,
+    total: usize,
+    /// Plain bodies: the chunks as they came. Event streams: one complete event each.
+    frames: Vec<Bytes>,
+    events: Option<EventSplitter>,
+}
+
+impl Capture {
+    pub(crate) fn new(
+        sink: CaptureSink,
+        status: StatusCode,
+        headers: HeaderMap,
+        max_bytes: usize,
+    ) -> Self {
+        let is_event_stream = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        Self {
+            sink,
+            status,
+            headers,
+            max_bytes,
+            total: 0,
+            frames: Vec::new(),
+            events: is_event_stream.then(EventSplitter::default),
+        }
+    }
+
+    /// Takes a copy of one chunk. `false` when the answer grew past the limit: the capture
+    /// must then be dropped.
+    pub(crate) fn push(&mut self, chunk: &Bytes) -> bool {
+        self.total += chunk.len();
+        if self.total > self.max_bytes {
+            tracing::debug!(key = %self.sink.key, limit = self.max_bytes, "answer over max_response_body: not stored");
+            return false;
+        }
+        match &mut self.events {
+            Some(splitter) => splitter.push(chunk, &mut self.frames),
+            None => self.frames.push(chunk.clone()),
+        }
+        true
+    }
+
+    /// The body ended cleanly: the write of the answer, or `None` when a stream ended
+    /// without its closing event.
+    pub(crate) fn finish(mut self) -> Option<StoreFuture<'static, ()>> {
+        if let Some(splitter) = self.events.take() {
+            if !splitter.finish(&mut self.frames) {
+                tracing::debug!(key = %self.sink.key, "stream ended without data: [DONE]: not stored");
+                return None;
+            }
+        } else if self.frames.len() > 1 {
+            let mut joined = BytesMut::with_capacity(self.total);
+            for chunk in &self.frames {
+                joined.extend_from_slice(chunk);
+            }
+            self.frames = vec![joined.freeze()];
+        }
+        let entry = Arc::new(CachedResponse::new(self.status, self.headers, self.frames));
+        let CaptureSink {
+            key,
+            store,
+            stats,
+            ttl,
+        } = self.sink;
+        Some(Box::pin(async move {
+            let result = store.put(key, entry, ttl).await;
+            let counters = stats.counters();
+            match &result {
+                Ok(()) => {
+                    Counters::add(&counters.stored);
+                    tracing::debug!(%key, "answer stored");
+                }
+                Err(error) => {
+                    Counters::add(&counters.store_errors);
+                    crate::service::log_store_error("put", error);
+                }
+            }
+            result
+        }))
+    }
+}
+
+/// Splits an event stream into its events (each ending in a blank line), and tells whether
+/// the stream ended as it should.
+#[derive(Default)]
+struct EventSplitter {
+    partial: BytesMut,
+    /// Where to resume looking for the end of the event in `partial`.
+    scanned: usize,
+    /// The stream is an OpenAI-style completion stream, which ends with `data: [DONE]`.
+    needs_done: Option<bool>,
+    done_seen: bool,
+}
+
+impl EventSplitter {
+    fn push(&mut self, chunk: &Bytes, events: &mut Vec<Bytes>) {
+        self.partial.extend_from_slice(chunk);
+        while let Some(end) = self.event_end() {
+            let event = self.partial.split_to(end).freeze();
+            self.scanned = 0;
+            self.inspect(&event);
+            events.push(event);
+        }
+    }
+
+    /// The end of the first complete event: after `\n\n` or `\n\r\n`.
+    fn event_end(&mut self) -> Option<usize> {
+        let bytes = &self.partial[..];
+        let mut i = self.scanned;
+        while i + 1 < bytes.len() {
+            if bytes[i] == b'\n' {
+                if bytes[i + 1] == b'\n' {
+                    return Some(i + 2);
+                }
+                if bytes[i + 1] == b'\r' {
+                    match bytes.get(i + 2) {
+                        Some(b'\n') => return Some(i + 3),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            }
+            i += 1;
+        }
+        self.scanned = i;
+        None
+    }
+
+    fn inspect(&mut self, event: &[u8]) {
+        if self.needs_done.is_none() {
+            let contains = |needle: &[u8]| event.windows(needle.len()).any(|w| w == needle);
+            self.needs_done = Some(contains(b"chat.completion.chunk") || contains(b"text_completion"));
+        }
+        let trimmed = event.trim_ascii();
+        if trimmed == b"data: [DONE]" || trimmed == b"data:[DONE]" {
+            self.done_seen = true;
+        }
+    }
+
+    /// Adds any unterminated last event. `false` if an OpenAI-style stream never said
+    /// `[DONE]` (the upstream stopped early).
+    fn finish(mut self, events: &mut Vec<Bytes>) -> bool {
+        if !self.partial.is_empty() {
+            let last = self.partial.split().freeze();
+            self.inspect(&last);
+            events.push(last);
+        }
+        self.done_seen || self.needs_done != Some(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&str]) -> (Vec<String>, bool) {
+        let mut splitter = EventSplitter::default();
+        let mut events = Vec::new();
+        for chunk in chunks {
+            splitter.push(&Bytes::copy_from_slice(chunk.as_bytes()), &mut events);
+        }
+        let complete = splitter.finish(&mut events);
+        let events = events
+            .into_iter()
+            .map(|e| String::from_utf8(e.to_vec()).expect("utf-8"))
+            .collect();
+        (events, complete)
+    }
+
+    #[test]
+    fn events_are_split_whatever_the_chunking() {
+        let stream = "data: {\"object\":\"chat.completion.chunk\"}\n\ndata: b\r\n\r\ndata: [DONE]\n\n";
+        let expected = vec![
+            "data: {\"object\":\"chat.completion.chunk\"}\n\n".to_owned(),
+            "data: b\r\n\r\n".to_owned(),
+            "data: [DONE]\n\n".to_owned(),
+        ];
+        assert_eq!(split(&[stream]), (expected.clone(), true));
+        let bytes: Vec<String> = stream.chars().map(String::from).collect();
+        let one_by_one: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        assert_eq!(split(&one_by_one), (expected, true));
+    }
+
+    #[test]
+    fn an_openai_stream_without_done_is_incomplete() {
+        let (events, complete) = split(&["data: {\"object\":\"chat.completion.chunk\"}\n\n"]);
+        assert_eq!(events.len(), 1);
+        assert!(!complete);
+    }
+
+    #[test]
+    fn other_event_streams_are_complete_when_they_end() {
+        let (events, complete) =
+            split(&["event: message_start\ndata: {}\n\nevent: message_stop\ndata: {}\n\n"]);
+        assert_eq!(events.len(), 2);
+        assert!(complete);
+    }
+}

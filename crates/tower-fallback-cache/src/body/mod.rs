@@ -1,0 +1,77 @@
+//! The bodies the layer hands on: [`RequestBody`] to the inner service, [`ResponseBody`] to
+//! the caller, and the capture of an answer on its way through.
+
+mod capture;
+mod request;
+mod response;
+
+pub use request::RequestBody;
+pub use response::ResponseBody;
+
+pub(crate) use capture::{Capture, CaptureSink};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+/// A body read up to a limit.
+pub(crate) enum Collected<B: Body> {
+    /// The whole body, within the limit.
+    Complete(Bytes),
+    /// The limit was reached: what was read, and the unread rest.
+    Over { prefix: Bytes, rest: B },
+    /// The body failed after `prefix`.
+    Failed { prefix: Bytes, error: B::Error },
+}
+
+/// Reads `body` until it ends or more than `limit` bytes were read. Trailers are dropped
+/// (no LLM API sends them).
+pub(crate) async fn collect_up_to<B>(mut body: B, limit: usize) -> Collected<B>
+where
+    B: Body + Unpin,
+    B::Data: Buf,
+{
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0;
+    let prefix = |first: Option<Bytes>, joined: Option<BytesMut>| match joined {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    loop {
+        match body.frame().await {
+            None => return Collected::Complete(prefix(first, joined)),
+            Some(Err(error)) => {
+                return Collected::Failed {
+                    prefix: prefix(first, joined),
+                    error,
+                };
+            }
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else {
+                    continue;
+                };
+                let chunk = data.copy_to_bytes(data.remaining());
+                len += chunk.len();
+                // The common case, a body in one frame, is kept without a copy.
+                match (&mut first, &mut joined) {
+                    (None, None) => first = Some(chunk),
+                    (Some(head), None) => {
+                        let mut buf = BytesMut::with_capacity(len);
+                        buf.extend_from_slice(head);
+                        buf.extend_from_slice(&chunk);
+                        joined = Some(buf);
+                        first = None;
+                    }
+                    (_, Some(buf)) => buf.extend_from_slice(&chunk),
+                }
+                if len > limit {
+                    return Collected::Over {
+                        prefix: prefix(first, joined),
+                        rest: body,
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! [`Reason`]: why the upstream failed, and [`Classify`]: how a response is given one.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+/// Why an upstream call failed, as far as falling back is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The account's quota or credit is gone (`insufficient_quota`, a billing error, a 402).
+    /// It clears when someone pays, not in a second.
+    InsufficientQuota,
+    /// Any other 429: a rate limit that clears by itself.
+    RateLimited,
+    /// A 5xx from the upstream, including Anthropic's 529.
+    ServerError,
+    /// The upstream could not be reached (the inner service returned an error).
+    Unreachable,
+}
+
+impl Reason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Reason; 4] = [
+        Reason::InsufficientQuota,
+        Reason::RateLimited,
+        Reason::ServerError,
+        Reason::Unreachable,
+    ];
+
+    /// The value of the `x-fallback-cache-reason` header: `insufficient_quota`,
+    /// `rate_limited`, `server_error` or `unreachable`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::InsufficientQuota => "insufficient_quota",
+            Reason::RateLimited => "rate_limited",
+            Reason::ServerError => "server_error",
+            Reason::Unreachable => "unreachable",
+        }
+    }
+
+    pub(crate) const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The text named no [`Reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown reason {0:?}: expected insufficient-quota, rate-limited, server-error or unreachable"
+)]
+pub struct ParseReasonError(String);
+
+impl FromStr for Reason {
+    type Err = ParseReasonError;
+
+    /// Accepts both `insufficient_quota` and `insufficient-quota` spellings.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let normal = s.trim().to_ascii_lowercase().replace('-', "_");
+        Reason::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == normal)
+            .ok_or_else(|| ParseReasonError(s.to_owned()))
+    }
+}
+
+/// Gives an upstream response that was not a success a [`Reason`], or none.
+///
+/// The layer calls it for every non-2xx response of a keyed request, with the status, the
+/// headers and up to 64 KiB of the body. `None` means "not a failure the layer cares
+/// about": the response is passed through. A closure with the same signature is a
+/// classifier, and [`ClassifyExt::or_else`] puts one in front of another:
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_fallback_cache::{Classify, ClassifyExt, ProviderClassifier, Reason};
+///
+/// // A gateway of our own says 418 when the quota is gone; everything else as usual.
+/// let classifier = (|status: StatusCode, _: &http::HeaderMap, _: &[u8]| {
+///     (status == StatusCode::IM_A_TEAPOT).then_some(Reason::InsufficientQuota)
+/// })
+/// .or_else(ProviderClassifier);
+/// let headers = http::HeaderMap::new();
+/// assert_eq!(classifier.classify(StatusCode::IM_A_TEAPOT, &headers, b""), Some(Reason::InsufficientQuota));
+/// assert_eq!(classifier.classify(StatusCode::BAD_GATEWAY, &headers, b""), Some(Reason::ServerError));
+/// ```
+pub trait Classify: Send + Sync + 'static {
+    /// The reason of this response, if it is a failure to fall back on.
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Reason>;
+}
+
+impl<F> Classify for F
+where
+    F: Fn(StatusCode, &HeaderMap, &[u8]) -> Option<Reason> + Send + Sync + 'static,
+{
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Reason> {
+        self(status, headers, body)
+    }
+}
+
+impl<C: Classify + ?Sized> Classify for Arc<C> {
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Reason> {
+        (**self).classify(status, headers, body)
+    }
+}
+
+/// Combinators on classifiers.
+pub trait ClassifyExt: Classify + Sized {
+    /// Asks `self` first and `next` when `self` gives no reason.
+    fn or_else<C: Classify>(self, next: C) -> OrElse<Self, C> {
+        OrElse { first: self, next }
+    }
+}
+
+impl<C: Classify> ClassifyExt for C {}
+
+/// Two classifiers, the second asked when the first gives no reason. See
+/// [`ClassifyExt::or_else`].
+#[derive(Debug, Clone)]
+pub struct OrElse<A, B> {
+    first: A,
+    next: B,
+}
+
+impl<A: Classify, B: Classify> Classify for OrElse<A, B> {
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Reason> {
+        self.first
+            .classify(status, headers, body)
+            .or_else(|| self.next.classify(status, headers, body))
+    }
+}
+
+/// The built-in classifier, which knows the error bodies of OpenAI, Azure OpenAI,
+/// Anthropic, Gemini, Mistral and OpenRouter.
+///
+/// | Reason | rule (first match wins) |
+/// | --- | --- |
+/// | `InsufficientQuota` | a 4xx whose JSON `error.type` or `error.code` (or top-level `type`/`code`) is `insufficient_quota`; Anthropic `billing_error`; a 400 whose message says the credit balance is too low; any 402 |
+/// | `RateLimited` | any other 429 (Gemini's `RESOURCE_EXHAUSTED` included: it is used for both, so it is not guessed) |
+/// | `ServerError` | any 5xx, including 529 |
+///
+/// Anything else (a 400 `invalid_request_error`, a 401, a 404) gets no reason and is passed
+/// through.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProviderClassifier;
+
+#[derive(Deserialize, Default)]
+struct ErrorEnvelope<'a> {
+    #[serde(borrow, default)]
+    error: Option<ErrorDetail<'a>>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    code: Option<Text<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorDetail<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    code: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    message: Option<Text<'a>>,
+}
+
+/// A string field, or anything else in its place (`code` is `"3505"` in one API and `402`
+/// in another; only strings are compared).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Text<'_> {
+    fn is(&self, expected: &str) -> bool {
+        match self {
+            Text::Borrowed(s) => s.eq_ignore_ascii_case(expected),
+            Text::Owned(s) => s.eq_ignore_ascii_case(expected),
+            Text::Other(_) => false,
+        }
+    }
+
+    fn contains_lowercase(&self, needle: &str) -> bool {
+        match self {
+            Text::Borrowed(s) => s.to_ascii_lowercase().contains(needle),
+            Text::Owned(s) => s.to_ascii_lowercase().contains(needle),
+            Text::Other(_) => false,
+        }
+    }
+}
+
+fn is_any(field: &Option<Text<'_>>, values: &[&str]) -> bool {
+    field
+        .as_ref()
+        .is_some_and(|text| values.iter().any(|v| text.is(v)))
+}
+
+impl Classify for ProviderClassifier {
+    fn classify(&self, status: StatusCode, _headers: &HeaderMap, body: &[u8]) -> Option<Reason> {
+        if status.is_server_error() {
+            return Some(Reason::ServerError);
+        }
+        if !status.is_client_error() {
+            return None;
+        }
+        if status == StatusCode::PAYMENT_REQUIRED {
+            return Some(Reason::InsufficientQuota);
+        }
+        let envelope: ErrorEnvelope<'_> = serde_json::from_slice(body).unwrap_or_default();
+        let detail = envelope.error.unwrap_or_default();
+        const QUOTA: &[&str] = &["insufficient_quota", "billing_error"];
+        if is_any(&detail.kind, QUOTA)
+            || is_any(&detail.code, QUOTA)
+            || is_any(&envelope.kind, QUOTA)
+            || is_any(&envelope.code, QUOTA)
+        {
+            return Some(Reason::InsufficientQuota);
+        }
+        if status == StatusCode::BAD_REQUEST
+            && detail
+                .message
+                .as_ref()
+                .is_some_and(|m| m.contains_lowercase("credit balance is too low"))
+        {
+            return Some(Reason::InsufficientQuota);
+        }
+        (status == StatusCode::TOO_MANY_REQUESTS).then_some(Reason::RateLimited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_parse_both_spellings() {
+        for reason in Reason::ALL {
+            assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
+            assert_eq!(reason.as_str().replace('_', "-").parse::<Reason>(), Ok(reason));
+        }
+        assert!("quota".parse::<Reason>().is_err());
+    }
+
+    #[test]
+    fn statuses_without_bodies() {
+        let c = ProviderClassifier;
+        let h = HeaderMap::new();
+        assert_eq!(c.classify(StatusCode::OK, &h, b""), None);
+        assert_eq!(c.classify(StatusCode::NOT_FOUND, &h, b""), None);
+        assert_eq!(c.classify(StatusCode::UNAUTHORIZED, &h, b"{}"), None);
+        assert_eq!(c.classify(StatusCode::TOO_MANY_REQUESTS, &h, b"not json"), Some(Reason::RateLimited));
+        assert_eq!(c.classify(StatusCode::PAYMENT_REQUIRED, &h, b""), Some(Reason::InsufficientQuota));
+        assert_eq!(c.classify(StatusCode::BAD_GATEWAY, &h, b""), Some(Reason::ServerError));
+        assert_eq!(
+            c.classify(StatusCode::BAD_REQUEST, &h, br#"{"error":{"type":"invalid_request_error","message":"bad"}}"#),
+            None
+        );
+    }
+}

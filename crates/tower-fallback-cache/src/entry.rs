@@ -1,0 +1,191 @@
+//! [`CachedResponse`]: one stored answer.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, StatusCode, header};
+
+use crate::key::KEY_VERSION;
+
+/// One stored answer: status, headers and body frames, and when it was stored.
+///
+/// A streamed answer (`text/event-stream`) keeps one frame per server-sent event, so a
+/// replay gives the client the events one at a time; any other body is one frame. Values
+/// are shared as `Arc<CachedResponse>`, so a hit copies no body bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedResponse {
+    status: StatusCode,
+    headers: HeaderMap,
+    frames: Vec<Bytes>,
+    stored_at: SystemTime,
+    key_version: u8,
+}
+
+/// Headers that belong to one connection or one transfer, never to a stored answer, plus
+/// `set-cookie` (a session of one client is not an answer for the next) and the layer's
+/// own marking headers.
+const NOT_STORED: [&str; 14] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "set-cookie",
+    "x-fallback-cache",
+    "x-fallback-cache-key",
+    "x-fallback-cache-reason",
+];
+
+impl CachedResponse {
+    /// An answer stored now. Headers that must not be stored (hop-by-hop headers,
+    /// `set-cookie`, `content-length`, the layer's own headers and any header named in
+    /// `connection`) are removed.
+    pub fn new(status: StatusCode, mut headers: HeaderMap, frames: Vec<Bytes>) -> Self {
+        strip_unstored_headers(&mut headers);
+        Self {
+            status,
+            headers,
+            frames,
+            stored_at: SystemTime::now(),
+            key_version: KEY_VERSION,
+        }
+    }
+
+    /// Rebuilds an answer exactly as it was stored (used by the stores' decoders).
+    pub fn from_parts(
+        status: StatusCode,
+        headers: HeaderMap,
+        frames: Vec<Bytes>,
+        stored_at: SystemTime,
+        key_version: u8,
+    ) -> Self {
+        Self {
+            status,
+            headers,
+            frames,
+            stored_at,
+            key_version,
+        }
+    }
+
+    /// The stored status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stored headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The body, one frame per server-sent event for a stream, one frame otherwise.
+    pub fn frames(&self) -> &[Bytes] {
+        &self.frames
+    }
+
+    /// The body length in bytes.
+    pub fn body_len(&self) -> usize {
+        self.frames.iter().map(Bytes::len).sum()
+    }
+
+    /// When the answer was stored.
+    pub fn stored_at(&self) -> SystemTime {
+        self.stored_at
+    }
+
+    /// The version of the key derivation the answer was stored under.
+    pub fn key_version(&self) -> u8 {
+        self.key_version
+    }
+
+    /// How long ago the answer was stored (zero if the clock went back).
+    pub fn age(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(self.stored_at)
+            .unwrap_or_default()
+    }
+
+    /// The bytes this answer holds: body, header names and values, and a fixed allowance
+    /// for the structure around them. The memory store weighs entries with it.
+    pub fn weight(&self) -> usize {
+        const OVERHEAD: usize = 256;
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        OVERHEAD + headers + self.body_len()
+    }
+}
+
+fn strip_unstored_headers(headers: &mut HeaderMap) {
+    let named_in_connection: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named_in_connection {
+        headers.remove(name);
+    }
+    for name in NOT_STORED {
+        headers.remove(name);
+    }
+}
+
+/// A stored entry could not be decoded. The entry is treated as a miss and counted, never
+/// served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    /// The bytes do not start with the entry magic: not an entry of this library.
+    #[error("not a fallback-cache entry (bad magic)")]
+    BadMagic,
+    /// Written by a format this version cannot read.
+    #[error("entry format version {0} is not supported")]
+    UnsupportedVersion(u16),
+    /// Shorter or longer than its header says.
+    #[error("entry length {actual} does not match the {expected} bytes its header announces")]
+    Length {
+        /// What the header announces.
+        expected: u64,
+        /// What was found.
+        actual: u64,
+    },
+    /// The payload does not match its checksum.
+    #[error("entry checksum mismatch: the stored bytes are corrupt")]
+    Checksum,
+    /// The checksum holds but the payload does not decode.
+    #[error("entry payload does not decode: {0}")]
+    Payload(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_private_headers_are_not_stored() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("connection", "keep-alive, x-conn-only"),
+            ("x-conn-only", "1"),
+            ("transfer-encoding", "chunked"),
+            ("set-cookie", "session=1"),
+            ("content-length", "12"),
+            ("x-request-id", "req_1"),
+            ("x-fallback-cache", "MISS"),
+        ] {
+            headers.append(name, value.parse().expect("valid header value"));
+        }
+        let entry = CachedResponse::new(StatusCode::OK, headers, vec![Bytes::from_static(b"{}")]);
+        let names: Vec<&str> = entry.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type", "x-request-id"]);
+    }
+}

@@ -1,0 +1,305 @@
+//! [`CacheKey`]: what identifies one request, and [`KeyRules`]: which parts of it count.
+
+mod canonical;
+
+use std::fmt;
+use std::str::FromStr;
+
+use http::HeaderName;
+use http::request::Parts;
+
+use crate::partition::PartitionId;
+
+const KEY_CONTEXT: &str = "fallback-cache request key v1";
+
+/// The version of the key derivation, stored with every entry.
+pub(crate) const KEY_VERSION: u8 = 1;
+
+/// The 32-byte identity of a request: blake3 over its partition, method, path and query,
+/// the headers that change the answer, and its canonical body.
+///
+/// Shown (and sent in `x-fallback-cache-key`) as 64 lowercase hex digits.
+///
+/// ```
+/// use tower_fallback_cache::{CacheKey, KeyRules, PartitionId};
+///
+/// let rules = KeyRules::default();
+/// let (parts, ()) = http::Request::post("/v1/chat/completions").body(()).unwrap().into_parts();
+/// let a = rules.key(&PartitionId::SHARED, &parts, br#"{"model":"m","n":1}"#);
+/// let b = rules.key(&PartitionId::SHARED, &parts, br#"{ "n": 1, "model": "m" }"#);
+/// assert_eq!(a, b);
+/// assert_eq!(a.to_string().len(), 64);
+/// assert_eq!(a.to_string().parse::<CacheKey>().unwrap(), a);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// Wraps 32 raw bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The 32 raw bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The key as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.to_string()
+    }
+
+    /// The 64 lowercase hex digits, without allocating.
+    pub(crate) fn hex_digits(&self) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, byte) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(byte >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        out
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = self.hex_digits();
+        f.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+/// The text was not 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a cache key is 64 hex digits")]
+pub struct ParseKeyError;
+
+impl FromStr for CacheKey {
+    type Err = ParseKeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        blake3::Hash::from_hex(s)
+            .map(|hash| Self(*hash.as_bytes()))
+            .map_err(|_| ParseKeyError)
+    }
+}
+
+/// Which parts of a request make its [`CacheKey`].
+///
+/// Always: the partition, the method, the path and query as sent, and every field of the
+/// body. Configurable: the request headers that change the answer (by default
+/// `openai-organization`, `openai-project`, `openai-beta`, `anthropic-version`,
+/// `anthropic-beta`) and top-level body fields to ignore (none by default).
+///
+/// A JSON body is hashed in canonical form (keys sorted, whitespace dropped, strings and
+/// numbers normalised), so the same request written two ways shares its answer. Any other
+/// body is hashed as raw bytes.
+#[derive(Debug, Clone)]
+pub struct KeyRules {
+    headers: Vec<HeaderName>,
+    ignore_fields: Vec<String>,
+}
+
+impl Default for KeyRules {
+    fn default() -> Self {
+        Self {
+            headers: [
+                "anthropic-beta",
+                "anthropic-version",
+                "openai-beta",
+                "openai-organization",
+                "openai-project",
+            ]
+            .into_iter()
+            .map(HeaderName::from_static)
+            .collect(),
+            ignore_fields: Vec::new(),
+        }
+    }
+}
+
+impl KeyRules {
+    /// The default rules.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the headers that are part of the key.
+    pub fn headers<I>(mut self, headers: I) -> Self
+    where
+        I: IntoIterator<Item = HeaderName>,
+    {
+        self.headers = headers.into_iter().collect();
+        self.headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        self.headers.dedup();
+        self
+    }
+
+    /// Top-level body fields left out of the key (for example a per-call `user` or
+    /// `metadata` field that does not change the answer). Leaving out a field that does
+    /// change the answer makes different requests share one answer: use with care.
+    pub fn ignore_fields<I, T>(mut self, fields: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.ignore_fields = fields.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Derives the key of a request from its head and its whole body.
+    pub fn key(&self, partition: &PartitionId, parts: &Parts, body: &[u8]) -> CacheKey {
+        let mut hasher = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        field(&mut hasher, partition.as_bytes());
+        field(&mut hasher, parts.method.as_str().as_bytes());
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |path_and_query| path_and_query.as_str());
+        field(&mut hasher, target.as_bytes());
+
+        let count: usize = self
+            .headers
+            .iter()
+            .map(|name| parts.headers.get_all(name).iter().count())
+            .sum();
+        hasher.update(&(count as u64).to_le_bytes());
+        let selected = self
+            .headers
+            .iter()
+            .flat_map(|name| parts.headers.get_all(name).iter().map(move |v| (name, v)));
+        for (name, value) in selected {
+            let len = name.as_str().len() + 1 + value.len();
+            hasher.update(&(len as u64).to_le_bytes());
+            hasher.update(name.as_str().as_bytes());
+            hasher.update(b"=");
+            hasher.update(value.as_bytes());
+        }
+
+        let mut canonical = Vec::with_capacity(body.len());
+        if canonical::canonicalize(body, &self.ignore_fields, &mut canonical).is_some() {
+            field(&mut hasher, &canonical);
+        } else {
+            field(&mut hasher, body);
+        }
+        CacheKey(*hasher.finalize().as_bytes())
+    }
+}
+
+fn field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    hasher.update(&(bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = http::Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("valid request").into_parts().0
+    }
+
+    const REQUEST: &str = r#"{"model":"gpt-4o-mini","temperature":0.2,"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hello"}],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]}"#;
+
+    fn key_of(body: &str) -> CacheKey {
+        KeyRules::default().key(
+            &PartitionId::SHARED,
+            &parts("POST", "/v1/chat/completions", &[]),
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn key_order_and_whitespace_do_not_matter() {
+        let reordered = r#"{
+            "tools": [{"function": {"parameters": {"properties": {"city": {"type": "string"}}, "type": "object"}, "name": "get_weather"}, "type": "function"}],
+            "messages": [ {"content": "Be brief.", "role": "system"}, {"content": "Hello", "role": "user"} ],
+            "temperature": 0.20,
+            "model": "gpt-4o-mini"
+        }"#;
+        assert_eq!(key_of(REQUEST), key_of(reordered));
+    }
+
+    #[test]
+    fn every_value_matters() {
+        let base = key_of(REQUEST);
+        for changed in [
+            REQUEST.replace("gpt-4o-mini", "gpt-4o"),
+            REQUEST.replace("Hello", "Hellp"),
+            REQUEST.replace("get_weather", "get_weathers"),
+            REQUEST.replace("0.2", "0.3"),
+            REQUEST.replace(r#""role":"user""#, r#""role":"assistant""#),
+            REQUEST.replace(r#""model""#, r#""seed":1,"model""#),
+            REQUEST.replace(r#""model""#, r#""stream":true,"model""#),
+        ] {
+            assert_ne!(key_of(&changed), base, "{changed}");
+        }
+        // The message order is part of the answer.
+        let swapped = REQUEST.replace(
+            r#"{"role":"system","content":"Be brief."},{"role":"user","content":"Hello"}"#,
+            r#"{"role":"user","content":"Hello"},{"role":"system","content":"Be brief."}"#,
+        );
+        assert_ne!(key_of(&swapped), base);
+    }
+
+    #[test]
+    fn method_path_query_partition_and_selected_headers_matter() {
+        let rules = KeyRules::default();
+        let body = REQUEST.as_bytes();
+        let base = rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions", &[]), body);
+        let other_partition = PartitionId::derive(b"tenant");
+        assert_ne!(rules.key(&other_partition, &parts("POST", "/v1/chat/completions", &[]), body), base);
+        assert_ne!(rules.key(&PartitionId::SHARED, &parts("PUT", "/v1/chat/completions", &[]), body), base);
+        assert_ne!(rules.key(&PartitionId::SHARED, &parts("POST", "/v1/completions", &[]), body), base);
+        assert_ne!(rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions?x=1", &[]), body), base);
+        assert_ne!(
+            rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions", &[("openai-project", "p1")]), body),
+            base
+        );
+        // A header outside the list does not change the key.
+        assert_eq!(
+            rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions", &[("user-agent", "x")]), body),
+            base
+        );
+    }
+
+    #[test]
+    fn non_json_bodies_are_hashed_raw() {
+        assert_ne!(key_of("not json"), key_of("not  json"));
+        assert_eq!(key_of("not json"), key_of("not json"));
+    }
+
+    #[test]
+    fn ignore_list_drops_named_fields() {
+        let rules = KeyRules::default().ignore_fields(["user"]);
+        let p = parts("POST", "/v1/chat/completions", &[]);
+        assert_eq!(
+            rules.key(&PartitionId::SHARED, &p, br#"{"model":"m","user":"a"}"#),
+            rules.key(&PartitionId::SHARED, &p, br#"{"model":"m","user":"b"}"#),
+        );
+        assert_ne!(
+            rules.key(&PartitionId::SHARED, &p, br#"{"model":"m","user":"a"}"#),
+            rules.key(&PartitionId::SHARED, &p, br#"{"model":"n","user":"a"}"#),
+        );
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let key = key_of(REQUEST);
+        let hex = key.to_string();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(hex.parse::<CacheKey>(), Ok(key));
+        assert_eq!("zz".parse::<CacheKey>(), Err(ParseKeyError));
+    }
+}

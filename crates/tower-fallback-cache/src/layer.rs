@@ -1,0 +1,271 @@
+//! [`FallbackCacheLayer`] and its builder: the configuration of the layer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use crate::classify::{Classify, ProviderClassifier, Reason};
+use crate::key::KeyRules;
+use crate::partition::Partition;
+use crate::service::FallbackCache;
+use crate::stats::Stats;
+use crate::store::{MemoryStore, Store};
+
+/// When the upstream is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Always call the upstream; serve a stored answer only when it fails (the default).
+    #[default]
+    Fallback,
+    /// Serve a stored answer younger than `fresh_for` without calling the upstream (`HIT`);
+    /// otherwise behave as [`Mode::Fallback`]. A request with `Cache-Control: no-cache`
+    /// always goes to the upstream.
+    CacheFirst {
+        /// How long a stored answer is served without asking the upstream.
+        fresh_for: Duration,
+    },
+}
+
+/// The default time an answer is kept: 7 days.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// The default bound of the memory store: 256 MiB.
+pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
+/// The default largest request body that is keyed: 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
+/// The default largest answer that is stored: 8 MiB.
+pub const DEFAULT_MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
+
+/// The shared state of a layer and of every service it makes.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) key_rules: KeyRules,
+    pub(crate) partition: Partition,
+    pub(crate) classifier: Arc<dyn Classify>,
+    pub(crate) mode: Mode,
+    pub(crate) fallback_on: u8,
+    pub(crate) ttl: Duration,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) stats: Stats,
+}
+
+impl Shared {
+    pub(crate) fn falls_back_on(&self, reason: Reason) -> bool {
+        self.fallback_on & reason.bit() != 0
+    }
+}
+
+/// A [`Layer`] that keeps every successful answer and serves the last good one when the
+/// upstream says the quota is gone.
+///
+/// Cheap to clone: every clone, and every service it makes, shares one store and one set of
+/// [`Stats`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_fallback_cache::{FallbackCacheLayer, Mode, Reason, store::MemoryStore};
+///
+/// let layer = FallbackCacheLayer::builder()
+///     .store(MemoryStore::new(64 * 1024 * 1024))
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .fallback_on([Reason::InsufficientQuota, Reason::ServerError])
+///     .mode(Mode::CacheFirst { fresh_for: Duration::from_secs(60) })
+///     .build();
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct FallbackCacheLayer {
+    shared: Arc<Shared>,
+}
+
+impl FallbackCacheLayer {
+    /// A layer with the defaults: a 256 MiB memory store, answers kept 7 days, fall back on
+    /// `insufficient_quota` only, one partition per credential.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Starts a configuration.
+    pub fn builder() -> FallbackCacheBuilder {
+        FallbackCacheBuilder::default()
+    }
+
+    /// The live counters of this layer and every service it made.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.clone()
+    }
+
+    /// The store answers are kept in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Default for FallbackCacheLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for FallbackCacheLayer {
+    type Service = FallbackCache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FallbackCache::from_layer(inner, self)
+    }
+}
+
+impl std::fmt::Debug for FallbackCacheLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.shared;
+        f.debug_struct("FallbackCacheLayer")
+            .field("store", &s.store)
+            .field("mode", &s.mode)
+            .field(
+                "fallback_on",
+                &Reason::ALL
+                    .into_iter()
+                    .filter(|r| s.falls_back_on(*r))
+                    .collect::<Vec<_>>(),
+            )
+            .field("ttl", &s.ttl)
+            .field("partition", &s.partition)
+            .field("key_rules", &s.key_rules)
+            .field("max_request_body", &s.max_request_body)
+            .field("max_response_body", &s.max_response_body)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`FallbackCacheLayer`]. Every setting has a default; see
+/// [`FallbackCacheLayer::new`].
+pub struct FallbackCacheBuilder {
+    store: Option<Arc<dyn Store>>,
+    key_rules: KeyRules,
+    partition: Partition,
+    classifier: Arc<dyn Classify>,
+    mode: Mode,
+    fallback_on: u8,
+    ttl: Duration,
+    max_request_body: usize,
+    max_response_body: usize,
+}
+
+impl Default for FallbackCacheBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            key_rules: KeyRules::default(),
+            partition: Partition::default(),
+            classifier: Arc::new(ProviderClassifier),
+            mode: Mode::default(),
+            fallback_on: Reason::InsufficientQuota.bit(),
+            ttl: DEFAULT_TTL,
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            max_response_body: DEFAULT_MAX_RESPONSE_BODY,
+        }
+    }
+}
+
+impl FallbackCacheBuilder {
+    /// Where answers are kept (default: a [`MemoryStore`] of 256 MiB).
+    pub fn store<St: Store>(mut self, store: St) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Where answers are kept, already shared (for example with an admin endpoint).
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How long an answer is kept and may be served (default 7 days).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// When the upstream is called (default [`Mode::Fallback`]).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The failures a stored answer is served for (default `InsufficientQuota` only).
+    /// With [`Reason::Unreachable`], an error of the inner service is answered with the
+    /// stored answer when there is one, and returned as it is otherwise.
+    pub fn fallback_on<I: IntoIterator<Item = Reason>>(mut self, reasons: I) -> Self {
+        self.fallback_on = reasons.into_iter().fold(0, |bits, r| bits | r.bit());
+        self
+    }
+
+    /// How requests are split into partitions that never share answers (default: one per
+    /// credential).
+    pub fn partition(mut self, partition: Partition) -> Self {
+        self.partition = partition;
+        self
+    }
+
+    /// Which parts of a request make its key.
+    pub fn key_rules(mut self, rules: KeyRules) -> Self {
+        self.key_rules = rules;
+        self
+    }
+
+    /// Replaces the classifier (default [`ProviderClassifier`]); see
+    /// [`ClassifyExt::or_else`](crate::ClassifyExt::or_else) to extend it instead.
+    pub fn classifier<C: Classify>(mut self, classifier: C) -> Self {
+        self.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// The largest request body that is keyed (default 4 MiB). A larger request is
+    /// forwarded whole and unaltered, marked `BYPASS`.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.max_request_body = bytes;
+        self
+    }
+
+    /// The largest answer that is stored (default 8 MiB). A larger answer still reaches the
+    /// client whole.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.max_response_body = bytes;
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> FallbackCacheLayer {
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new(DEFAULT_MAX_MEMORY)));
+        FallbackCacheLayer {
+            shared: Arc::new(Shared {
+                store,
+                key_rules: self.key_rules,
+                partition: self.partition,
+                classifier: self.classifier,
+                mode: self.mode,
+                fallback_on: self.fallback_on,
+                ttl: self.ttl,
+                max_request_body: self.max_request_body,
+                max_response_body: self.max_response_body,
+                stats: Stats::default(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for FallbackCacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FallbackCacheBuilder")
+            .field("mode", &self.mode)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}

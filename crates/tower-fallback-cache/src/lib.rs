@@ -1,0 +1,97 @@
+//! Keep the last good LLM answer, and serve it when the upstream says the quota is gone.
+//!
+//! When an LLM API answers `insufficient_quota` (the account's quota or credit is used
+//! up), an application goes dark until someone pays. [`FallbackCacheLayer`] is a
+//! [tower](https://docs.rs/tower) layer that keys each request with blake3, keeps every
+//! successful answer, and, when the upstream reports that the quota is exhausted, serves the
+//! last good answer to the same request instead of the error.
+//!
+//! - Every response is marked: `x-fallback-cache: MISS | HIT | FALLBACK | BYPASS`, the key in
+//!   `x-fallback-cache-key`, the failure in `x-fallback-cache-reason`, and `age` on served
+//!   answers; Rust callers find a [`CacheStatus`] in the response extensions.
+//! - Answers are partitioned by credential: one API key is never served another's answer.
+//! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
+//!   event; only complete answers are stored, never an error.
+//! - Stores: [`store::MemoryStore`] (moka) built in; disk and Redis stores plug in through
+//!   the [`Store`] trait.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_fallback_cache::{CacheStatus, FallbackCacheLayer, RequestBody};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! // An upstream that answers once, then runs out of quota.
+//! let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+//! let upstream = service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+//!     let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!     async move {
+//!         let response = if call == 0 {
+//!             Response::new(Full::new(Bytes::from_static(br#"{"answer":"42"}"#)))
+//!         } else {
+//!             let quota = r#"{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}"#;
+//!             let mut response = Response::new(Full::new(Bytes::from(quota)));
+//!             *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+//!             response
+//!         };
+//!         Ok::<_, std::convert::Infallible>(response)
+//!     }
+//! });
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(FallbackCacheLayer::new())
+//!     .service(upstream);
+//!
+//! let request = || {
+//!     Request::post("/v1/chat/completions")
+//!         .header("authorization", "Bearer sk-example")
+//!         .body(Full::new(Bytes::from_static(br#"{"model":"gpt-4o-mini","messages":[]}"#)))
+//!         .unwrap()
+//! };
+//!
+//! let first = service.clone().oneshot(request()).await?;
+//! assert_eq!(first.headers()["x-fallback-cache"], "MISS");
+//! first.into_body().collect().await?; // the answer is stored once it has been read
+//!
+//! let second = service.oneshot(request()).await?;
+//! assert_eq!(second.status(), StatusCode::OK);
+//! assert_eq!(second.extensions().get::<CacheStatus>(), Some(&CacheStatus::Fallback));
+//! assert_eq!(second.headers()["x-fallback-cache-reason"], "insufficient_quota");
+//! let body = second.into_body().collect().await?.to_bytes();
+//! assert_eq!(&body[..], br#"{"answer":"42"}"#);
+//! # Ok(())
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod classify;
+mod entry;
+mod future;
+mod key;
+mod layer;
+mod partition;
+mod service;
+mod stats;
+mod status;
+pub mod store;
+
+pub use body::{RequestBody, ResponseBody};
+pub use classify::{Classify, ClassifyExt, OrElse, ParseReasonError, ProviderClassifier, Reason};
+pub use entry::{CachedResponse, EntryError};
+pub use future::ResponseFuture;
+pub use key::{CacheKey, KeyRules, ParseKeyError};
+pub use layer::{
+    DEFAULT_MAX_MEMORY, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY, DEFAULT_TTL,
+    FallbackCacheBuilder, FallbackCacheLayer, Mode,
+};
+pub use partition::{CREDENTIAL_HEADERS, Partition, PartitionId};
+pub use service::FallbackCache;
+pub use stats::{Stats, StatsSnapshot};
+pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
+pub use store::Store;

@@ -1,0 +1,392 @@
+//! [`FallbackCache`]: the service, and the flow of one request through it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Buf;
+use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH};
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{Capture, CaptureSink, Collected, RequestBody, ResponseBody, collect_up_to};
+use crate::classify::Reason;
+use crate::entry::CachedResponse;
+use crate::future::ResponseFuture;
+use crate::key::{CacheKey, KEY_VERSION};
+use crate::layer::{FallbackCacheLayer, Mode, Shared};
+use crate::stats::Counters;
+use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
+use crate::store::StoreError;
+
+/// How much of an error body is read to classify it.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Wraps a service: keys each request, keeps each successful answer, and serves the last
+/// good answer when the service fails with a [`Reason`] the layer falls back on.
+///
+/// Made by [`FallbackCacheLayer`]. The inner service receives a [`RequestBody`] and its
+/// response body is handed on as a [`ResponseBody`]. Both bodies must be `Unpin` (hyper's,
+/// axum's, reqwest's and http-body-util's bodies are).
+pub struct FallbackCache<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> FallbackCache<S> {
+    /// Wraps `inner` with the layer's configuration.
+    pub fn new(inner: S, layer: &FallbackCacheLayer) -> Self {
+        Self::from_layer(inner, layer)
+    }
+
+    pub(crate) fn from_layer(inner: S, layer: &FallbackCacheLayer) -> Self {
+        Self {
+            inner,
+            shared: layer.shared().clone(),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The live counters shared with the layer.
+    pub fn stats(&self) -> crate::Stats {
+        self.shared.stats.clone()
+    }
+}
+
+impl<S: Clone> Clone for FallbackCache<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for FallbackCache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FallbackCache")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for FallbackCache<S>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body + Send + Unpin + 'static,
+    ReqB::Data: Buf + Send,
+    ReqB::Error: Send + Unpin,
+    ResB: Body + Send + Unpin + 'static,
+    ResB::Data: Buf + Send,
+    ResB::Error: Send + Unpin,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The service that was made ready is the one that is called: keep it, leave the
+        // clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(Box::pin(serve(self.shared.clone(), inner, request)))
+    }
+}
+
+/// The flow of one request (see ARCHITECTURE.md).
+async fn serve<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    request: Request<ReqB>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body + Unpin,
+    ReqB::Data: Buf,
+    ResB: Body + Unpin,
+    ResB::Data: Buf,
+{
+    let counters = shared.stats.counters();
+    Counters::add(&counters.requests);
+    let (parts, body) = request.into_parts();
+
+    // 1. Key, or bypass.
+    let declared_len = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bypass_because = if parts.method != Method::GET && parts.method != Method::POST {
+        Some("method")
+    } else if cache_control_has(&parts.headers, "no-store") {
+        Some("no-store")
+    } else if declared_len.is_some_and(|len| len > shared.max_request_body as u64) {
+        Some("body over max_request_body")
+    } else {
+        None
+    };
+    let (parts, bytes) = match bypass_because {
+        Some(why) => {
+            let request = Request::from_parts(parts, RequestBody::passthrough(body));
+            return bypass(&shared, inner, request, why).await;
+        }
+        None => match collect_up_to(body, shared.max_request_body).await {
+            Collected::Complete(bytes) => (parts, bytes),
+            Collected::Over { prefix, rest } => {
+                let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
+                return bypass(&shared, inner, request, "body over max_request_body").await;
+            }
+            Collected::Failed { prefix, error } => {
+                let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
+                return bypass(&shared, inner, request, "request body failed").await;
+            }
+        },
+    };
+    let partition = shared.partition.of(&parts);
+    let key = shared.key_rules.key(&partition, &parts, &bytes);
+
+    // 2. Cache-first: a fresh answer is served without calling the upstream.
+    if let Mode::CacheFirst { fresh_for } = shared.mode {
+        if !cache_control_has(&parts.headers, "no-cache") {
+            if let Some(entry) = lookup(&shared, &key).await {
+                if entry.age() < fresh_for {
+                    Counters::add(&counters.hits);
+                    tracing::debug!(%key, "HIT");
+                    return Ok(replay(entry, CacheStatus::Hit, key, None));
+                }
+            }
+        }
+    }
+
+    // 3. Upstream.
+    let response = match inner
+        .call(Request::from_parts(parts, RequestBody::full(bytes)))
+        .await
+    {
+        Ok(response) => response,
+        Err(error) => {
+            let reason = Reason::Unreachable;
+            Counters::add(&counters.failures[reason as usize]);
+            if let Some(served) = fall_back(&shared, key, reason).await {
+                return Ok(served);
+            }
+            tracing::debug!(%key, %reason, "inner service failed; error returned");
+            return Err(error);
+        }
+    };
+
+    // 4. Classify.
+    let status = response.status();
+    if status.is_success() {
+        Counters::add(&counters.misses);
+        let (mut parts, body) = response.into_parts();
+        let body = if storable(&parts.headers, shared.max_response_body) {
+            let sink = CaptureSink {
+                key,
+                store: shared.store.clone(),
+                stats: shared.stats.clone(),
+                ttl: shared.ttl,
+            };
+            let capture = Capture::new(sink, status, parts.headers.clone(), shared.max_response_body);
+            ResponseBody::capture(body, capture)
+        } else {
+            tracing::debug!(%key, "answer marked no-store or over max_response_body: not stored");
+            ResponseBody::upstream(body)
+        };
+        mark(&mut parts.headers, &mut parts.extensions, CacheStatus::Miss, key, None, None);
+        tracing::debug!(%key, %status, "MISS");
+        return Ok(Response::from_parts(parts, body));
+    }
+    if !status.is_client_error() && !status.is_server_error() {
+        Counters::add(&counters.misses);
+        let (mut parts, body) = response.into_parts();
+        mark(&mut parts.headers, &mut parts.extensions, CacheStatus::Miss, key, None, None);
+        return Ok(Response::from_parts(parts, ResponseBody::upstream(body)));
+    }
+    let (mut parts, body) = response.into_parts();
+    let (prefix, error, rest) = match collect_up_to(body, ERROR_BODY_LIMIT).await {
+        Collected::Complete(prefix) => (prefix, None, None),
+        Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
+        Collected::Failed { prefix, error } => (prefix, Some(error), None),
+    };
+    let reason = shared.classifier.classify(status, &parts.headers, &prefix);
+
+    // 5. Fall back.
+    if let Some(reason) = reason {
+        Counters::add(&counters.failures[reason as usize]);
+        if let Some(served) = fall_back(&shared, key, reason).await {
+            return Ok(served);
+        }
+    }
+    Counters::add(&counters.misses);
+    tracing::debug!(%key, %status, reason = reason.map(Reason::as_str), "MISS: upstream error passed through");
+    mark(&mut parts.headers, &mut parts.extensions, CacheStatus::Miss, key, reason, None);
+    Ok(Response::from_parts(parts, ResponseBody::resumed(prefix, error, rest)))
+}
+
+/// Forwards a request that is not keyed, and marks the answer `BYPASS`.
+async fn bypass<S, ReqB, ResB>(
+    shared: &Shared,
+    mut inner: S,
+    request: Request<RequestBody<ReqB>>,
+    why: &'static str,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body,
+    ResB: Body,
+{
+    Counters::add(&shared.stats.counters().bypassed);
+    tracing::debug!(why, "BYPASS");
+    let (mut parts, body) = inner.call(request).await?.into_parts();
+    parts
+        .headers
+        .insert(X_FALLBACK_CACHE, HeaderValue::from_static(CacheStatus::Bypass.as_str()));
+    parts.extensions.insert(CacheStatus::Bypass);
+    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// The stored answer for a failed call, when the layer falls back on `reason` and has one.
+async fn fall_back<B: Body>(
+    shared: &Shared,
+    key: CacheKey,
+    reason: Reason,
+) -> Option<Response<ResponseBody<B>>> {
+    if !shared.falls_back_on(reason) {
+        return None;
+    }
+    let counters = shared.stats.counters();
+    match lookup(shared, &key).await {
+        Some(entry) => {
+            Counters::add(&counters.fallbacks);
+            Counters::add(&counters.fallbacks_by_reason[reason as usize]);
+            tracing::debug!(%key, %reason, "FALLBACK");
+            Some(replay(entry, CacheStatus::Fallback, key, Some(reason)))
+        }
+        None => {
+            Counters::add(&counters.fallback_misses);
+            tracing::debug!(%key, %reason, "nothing stored to fall back on");
+            None
+        }
+    }
+}
+
+/// The answer under `key` if it is usable: present, younger than the TTL, of this key
+/// version. A store error is counted and is a miss.
+async fn lookup(shared: &Shared, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+    match shared.store.get(key).await {
+        Ok(Some(entry)) if entry.age() <= shared.ttl && entry.key_version() == KEY_VERSION => {
+            Some(entry)
+        }
+        Ok(_) => None,
+        Err(error) => {
+            let counters = shared.stats.counters();
+            Counters::add(&counters.store_errors);
+            if matches!(error, StoreError::Corrupt(_)) {
+                Counters::add(&counters.corrupt_entries);
+            }
+            log_store_error("get", &error);
+            None
+        }
+    }
+}
+
+fn replay<B: Body>(
+    entry: Arc<CachedResponse>,
+    status: CacheStatus,
+    key: CacheKey,
+    reason: Option<Reason>,
+) -> Response<ResponseBody<B>> {
+    let age = entry.age();
+    let mut response = Response::new(ResponseBody::replay(entry.clone()));
+    *response.status_mut() = entry.status();
+    *response.headers_mut() = entry.headers().clone();
+    let (mut parts, body) = response.into_parts();
+    mark(&mut parts.headers, &mut parts.extensions, status, key, reason, Some(age));
+    Response::from_parts(parts, body)
+}
+
+fn mark(
+    headers: &mut HeaderMap,
+    extensions: &mut http::Extensions,
+    status: CacheStatus,
+    key: CacheKey,
+    reason: Option<Reason>,
+    age: Option<Duration>,
+) {
+    headers.insert(X_FALLBACK_CACHE, HeaderValue::from_static(status.as_str()));
+    if let Ok(value) = HeaderValue::from_bytes(&key.hex_digits()) {
+        headers.insert(X_FALLBACK_CACHE_KEY, value);
+    }
+    if let Some(reason) = reason {
+        headers.insert(X_FALLBACK_CACHE_REASON, HeaderValue::from_static(reason.as_str()));
+        extensions.insert(reason);
+    }
+    if let Some(age) = age {
+        headers.insert(AGE, HeaderValue::from(age.as_secs()));
+    }
+    extensions.insert(status);
+    extensions.insert(key);
+}
+
+/// Whether an answer with these headers may be stored: not `no-store`, and not announced
+/// larger than the limit.
+fn storable(headers: &HeaderMap, max_response_body: usize) -> bool {
+    let too_long = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > max_response_body as u64);
+    !too_long && !cache_control_has(headers, "no-store")
+}
+
+fn cache_control_has(headers: &HeaderMap, directive: &str) -> bool {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case(directive))
+}
+
+/// Logs a store failure: a warning for the first of a burst, then debug lines until the
+/// store has been quiet for a while, so a dead store does not flood the log.
+pub(crate) fn log_store_error(operation: &'static str, error: &StoreError) {
+    static LAST_WARNING: AtomicU64 = AtomicU64::new(0);
+    const QUIET: u64 = 10;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNING.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= QUIET
+        && LAST_WARNING
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(operation, %error, "cache store failed; serving without the cache");
+    } else {
+        tracing::debug!(operation, %error, "cache store failed");
+    }
+}

@@ -1,0 +1,107 @@
+//! [`Stats`]: what the layer did, as counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::classify::Reason;
+
+/// Live counters of one layer (and every service it made), cheap to clone and read.
+///
+/// ```
+/// use tower_fallback_cache::FallbackCacheLayer;
+///
+/// let layer = FallbackCacheLayer::new();
+/// let stats = layer.stats();
+/// assert_eq!(stats.snapshot().requests, 0);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) fallbacks: AtomicU64,
+    pub(crate) fallback_misses: AtomicU64,
+    pub(crate) bypassed: AtomicU64,
+    pub(crate) stored: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) corrupt_entries: AtomicU64,
+    pub(crate) failures: [AtomicU64; 4],
+    pub(crate) fallbacks_by_reason: [AtomicU64; 4],
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Requests that reached the layer.
+    pub requests: u64,
+    /// Answered from the cache without calling the upstream (`HIT`, cache-first mode).
+    pub hits: u64,
+    /// Forwarded and answered by the upstream (`MISS`), whatever the upstream said.
+    pub misses: u64,
+    /// Upstream failed and a cached answer was served (`FALLBACK`).
+    pub fallbacks: u64,
+    /// Upstream failed with a reason to fall back on, but nothing was cached.
+    pub fallback_misses: u64,
+    /// Not keyed: method, `no-store`, or a body over the limit (`BYPASS`).
+    pub bypassed: u64,
+    /// Answers written to the store.
+    pub stored: u64,
+    /// Store operations that failed (each one degraded to pass-through).
+    pub store_errors: u64,
+    /// Stored entries that failed their checks (counted in `store_errors` too).
+    pub corrupt_entries: u64,
+    /// Upstream failures by reason, indexed like [`Reason::ALL`].
+    pub failures: [u64; 4],
+    /// Fallbacks served by reason, indexed like [`Reason::ALL`].
+    pub fallbacks_by_reason: [u64; 4],
+}
+
+impl StatsSnapshot {
+    /// Upstream failures with this reason.
+    pub fn failures_for(&self, reason: Reason) -> u64 {
+        self.failures[reason as usize]
+    }
+
+    /// Fallbacks served for this reason.
+    pub fn fallbacks_for(&self, reason: Reason) -> u64 {
+        self.fallbacks_by_reason[reason as usize]
+    }
+}
+
+impl Stats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = &self.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            requests: load(&c.requests),
+            hits: load(&c.hits),
+            misses: load(&c.misses),
+            fallbacks: load(&c.fallbacks),
+            fallback_misses: load(&c.fallback_misses),
+            bypassed: load(&c.bypassed),
+            stored: load(&c.stored),
+            store_errors: load(&c.store_errors),
+            corrupt_entries: load(&c.corrupt_entries),
+            failures: c.failures.each_ref().map(load),
+            fallbacks_by_reason: c.fallbacks_by_reason.each_ref().map(load),
+        }
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,112 @@
+//! [`Store`]: where answers are kept, and the stores this crate ships.
+
+mod memory;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+
+use crate::entry::{CachedResponse, EntryError};
+use crate::key::CacheKey;
+
+/// An error type that any backend error fits in.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The future a [`Store`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Where answers are kept: get, put with a time to live, remove.
+///
+/// A store may fail (a full disk, a Redis that went away); the layer then counts the error
+/// and forwards the request as if nothing were cached, so a store failure is never an
+/// outage. `get` must not return an entry older than its time to live.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// The answer stored under `key`, if any.
+    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>>;
+
+    /// Stores `entry` under `key` for `ttl`, replacing what was there.
+    fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()>;
+
+    /// Forgets the answer under `key`.
+    fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()>;
+
+    /// What the store holds now, where it knows.
+    fn usage(&self) -> StoreUsage {
+        StoreUsage::default()
+    }
+
+    /// Makes every accepted `put` durable (called on shutdown). A no-op by default.
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        (**self).get(key)
+    }
+
+    fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
+        (**self).put(key, entry, ttl)
+    }
+
+    fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
+        (**self).remove(key)
+    }
+
+    fn usage(&self) -> StoreUsage {
+        (**self).usage()
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        (**self).flush()
+    }
+}
+
+/// How much a store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Entries held, if known.
+    pub entries: Option<u64>,
+    /// Bytes held (as the store weighs them), if known.
+    pub bytes: Option<u64>,
+}
+
+/// A store operation failed. The layer counts it and carries on without the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A stored entry failed its checks; it is a miss, never served.
+    #[error("corrupt entry: {0}")]
+    Corrupt(#[from] EntryError),
+    /// The backend failed (I/O, a lost connection, a full disk).
+    #[error("{store} store failed: {source}")]
+    Backend {
+        /// Which store.
+        store: &'static str,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend did not answer in time.
+    #[error("{store} store did not answer within {timeout:?}")]
+    Timeout {
+        /// Which store.
+        store: &'static str,
+        /// The bound that was reached.
+        timeout: Duration,
+    },
+}
+
+impl StoreError {
+    /// A backend error of the named store.
+    pub fn backend(store: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            store,
+            source: source.into(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end tests and benches of fallback-cache.

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh machine: installs what the tests need
+# (redis-server from Debian, the official openai Python SDK in a virtualenv), starts a
+# redis-server on a free loopback port, runs `cargo test`, and stops what it started.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -p tower-fallback-cache   # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# redis-server (Debian package) for the Redis store tests.
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing redis-server"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+# The official openai SDK, for the end-to-end tests that drive the proxy as a user would.
+VENV="${FALLBACK_CACHE_VENV:-$PWD/target/test-venv}"
+if ! "$VENV/bin/python" -c 'import openai' >/dev/null 2>&1; then
+  log "installing the openai Python SDK into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+fi
+export FALLBACK_CACHE_TEST_PYTHON="$VENV/bin/python"
+
+# A redis-server of our own on a free loopback port, stopped on exit.
+REDIS_DIR="$(mktemp -d)"
+REDIS_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+  --dir "$REDIS_DIR" --daemonize yes --pidfile "$REDIS_DIR/redis.pid" --logfile "$REDIS_DIR/redis.log"
+cleanup() {
+  if [ -f "$REDIS_DIR/redis.pid" ]; then kill "$(cat "$REDIS_DIR/redis.pid")" 2>/dev/null || true; fi
+  rm -rf "$REDIS_DIR"
+}
+trap cleanup EXIT
+for _ in $(seq 50); do
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+export FALLBACK_CACHE_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+log "redis-server on $FALLBACK_CACHE_TEST_REDIS_URL"
+
+log "cargo test --workspace --all-features $*"
+cargo test --workspace --all-features "$@"

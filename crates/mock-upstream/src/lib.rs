@@ -1,0 +1,77 @@
+//! An OpenAI-compatible fake LLM upstream for the tests, benches and demos of fallback-cache.
+//!
+//! It plays the remote API: `POST /v1/chat/completions` answers a deterministic text (see
+//! [`answer_text`]) in the shape of a real chat completion, streamed as server-sent events
+//! when the request says `"stream": true`. Its behaviour is driven by a [`Control`]: answer
+//! normally, answer a provider error ([`Fixture`], e.g. `429 insufficient_quota`), hang, or
+//! cut the connection mid-body; with optional delays. Every completion has a fresh `id`
+//! (`chatcmpl-mock-<n>-<suffix>`), so a test can tell a cached answer from a fresh one.
+//!
+//! ```
+//! use mock_upstream::{Fixture, Mode, MockUpstream, answer_text};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mock = MockUpstream::start().await?;
+//! let client = reqwest::Client::new();
+//! let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}"#;
+//!
+//! let answer: serde_json::Value = client
+//!     .post(format!("{}/v1/chat/completions", mock.url()))
+//!     .header("content-type", "application/json")
+//!     .body(body)
+//!     .send()
+//!     .await?
+//!     .json()
+//!     .await?;
+//! assert_eq!(answer["choices"][0]["message"]["content"], answer_text(body.as_bytes()));
+//!
+//! // From now on the upstream is out of credit.
+//! mock.control().set_mode(Mode::Error(Fixture::insufficient_quota()));
+//! let response = client
+//!     .post(format!("{}/v1/chat/completions", mock.url()))
+//!     .body(body)
+//!     .send()
+//!     .await?;
+//! assert_eq!(response.status(), 429);
+//! assert_eq!(response.text().await?, Fixture::insufficient_quota().body);
+//! assert_eq!(mock.control().calls(), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # HTTP endpoints
+//!
+//! API (OpenAI-compatible; errors are `{"error":{"message","type","param","code"}}`):
+//!
+//! - `POST /v1/chat/completions`: counted as one call, whatever the outcome. Invalid JSON (or
+//!   not an object) gives `400 invalid_request_error`. Each response carries an
+//!   `x-mock-upstream-call: <n>` header (the call number since start or reset).
+//! - `GET /v1/models`: a small model list.
+//! - anything else: `404` (`405` for a known path with another method).
+//!
+//! Control (JSON bodies; every answer but `calls` is the new state
+//! `{"mode":"ok",…,"event_delay_ms":0,"response_delay_ms":0,"calls":0}`; a bad request
+//! gives `400`):
+//!
+//! - `POST /_mock/mode`: `{"mode":"ok"}`, `{"mode":"error","fixture":"openai-429-insufficient_quota"}`
+//!   (any [`Fixture::all`] name), `{"mode":"hang"}` or `{"mode":"cut","after_events":2}`.
+//!   See [`Mode`].
+//! - `POST /_mock/delay`: `{"event_delay_ms":50,"response_delay_ms":0}`; a missing field keeps
+//!   its value.
+//! - `GET /_mock/calls`: `{"calls":N}`.
+//! - `GET /_mock/state`: the state.
+//! - `POST /_mock/reset`: mode `ok`, no delays, zero calls.
+//!
+//! The binary `mock-upstream --listen 127.0.0.1:9090` (env `MOCK_UPSTREAM_LISTEN`) serves the
+//! same routes and prints `mock-upstream listening on http://ADDR` once bound.
+
+mod api;
+mod control;
+mod fixture;
+mod server;
+
+pub use api::{answer_text, router};
+pub use control::{Control, Mode};
+pub use fixture::Fixture;
+pub use server::MockUpstream;

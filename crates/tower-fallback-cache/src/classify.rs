@@ -247,7 +247,10 @@ mod tests {
     fn reasons_parse_both_spellings() {
         for reason in Reason::ALL {
             assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
-            assert_eq!(reason.as_str().replace('_', "-").parse::<Reason>(), Ok(reason));
+            assert_eq!(
+                reason.as_str().replace('_', "-").parse::<Reason>(),
+                Ok(reason)
+            );
         }
         assert!("quota".parse::<Reason>().is_err());
     }
@@ -259,11 +262,24 @@ mod tests {
         assert_eq!(c.classify(StatusCode::OK, &h, b""), None);
         assert_eq!(c.classify(StatusCode::NOT_FOUND, &h, b""), None);
         assert_eq!(c.classify(StatusCode::UNAUTHORIZED, &h, b"{}"), None);
-        assert_eq!(c.classify(StatusCode::TOO_MANY_REQUESTS, &h, b"not json"), Some(Reason::RateLimited));
-        assert_eq!(c.classify(StatusCode::PAYMENT_REQUIRED, &h, b""), Some(Reason::InsufficientQuota));
-        assert_eq!(c.classify(StatusCode::BAD_GATEWAY, &h, b""), Some(Reason::ServerError));
         assert_eq!(
-            c.classify(StatusCode::BAD_REQUEST, &h, br#"{"error":{"type":"invalid_request_error","message":"bad"}}"#),
+            c.classify(StatusCode::TOO_MANY_REQUESTS, &h, b"not json"),
+            Some(Reason::RateLimited)
+        );
+        assert_eq!(
+            c.classify(StatusCode::PAYMENT_REQUIRED, &h, b""),
+            Some(Reason::InsufficientQuota)
+        );
+        assert_eq!(
+            c.classify(StatusCode::BAD_GATEWAY, &h, b""),
+            Some(Reason::ServerError)
+        );
+        assert_eq!(
+            c.classify(
+                StatusCode::BAD_REQUEST,
+                &h,
+                br#"{"error":{"type":"invalid_request_error","message":"bad"}}"#
+            ),
             None
         );
     }

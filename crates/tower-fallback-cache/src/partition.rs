@@ -9,7 +9,8 @@ const PARTITION_CONTEXT: &str = "fallback-cache partition v1";
 
 /// The headers that carry an API credential, in the order they are looked for: OpenAI and
 /// most compatible APIs, Azure OpenAI, Anthropic, Gemini.
-pub const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
 
 /// The 32-byte identity of a partition: answers stored in one are never served in another.
 ///
@@ -132,7 +133,13 @@ mod tests {
         let a = p.of(&parts(&[("authorization", "Bearer sk-a")]));
         let b = p.of(&parts(&[("authorization", "Bearer sk-b")]));
         assert_ne!(a, b);
-        assert_eq!(a, p.of(&parts(&[("authorization", "Bearer sk-a"), ("user-agent", "x")])));
+        assert_eq!(
+            a,
+            p.of(&parts(&[
+                ("authorization", "Bearer sk-a"),
+                ("user-agent", "x")
+            ]))
+        );
         for header in ["api-key", "x-api-key", "x-goog-api-key"] {
             let other = p.of(&parts(&[(header, "sk-a")]));
             assert_ne!(other, a);
@@ -144,7 +151,10 @@ mod tests {
 
     #[test]
     fn shared_and_custom() {
-        assert_eq!(Partition::Shared.of(&parts(&[("authorization", "x")])), PartitionId::SHARED);
+        assert_eq!(
+            Partition::Shared.of(&parts(&[("authorization", "x")])),
+            PartitionId::SHARED
+        );
         let custom = Partition::custom(|_| PartitionId::derive(b"t"));
         assert_eq!(custom.of(&parts(&[])), PartitionId::derive(b"t"));
     }

@@ -209,20 +209,39 @@ where
                 stats: shared.stats.clone(),
                 ttl: shared.ttl,
             };
-            let capture = Capture::new(sink, status, parts.headers.clone(), shared.max_response_body);
+            let capture = Capture::new(
+                sink,
+                status,
+                parts.headers.clone(),
+                shared.max_response_body,
+            );
             ResponseBody::capture(body, capture)
         } else {
             tracing::debug!(%key, "answer marked no-store or over max_response_body: not stored");
             ResponseBody::upstream(body)
         };
-        mark(&mut parts.headers, &mut parts.extensions, CacheStatus::Miss, key, None, None);
+        mark(
+            &mut parts.headers,
+            &mut parts.extensions,
+            CacheStatus::Miss,
+            key,
+            None,
+            None,
+        );
         tracing::debug!(%key, %status, "MISS");
         return Ok(Response::from_parts(parts, body));
     }
     if !status.is_client_error() && !status.is_server_error() {
         Counters::add(&counters.misses);
         let (mut parts, body) = response.into_parts();
-        mark(&mut parts.headers, &mut parts.extensions, CacheStatus::Miss, key, None, None);
+        mark(
+            &mut parts.headers,
+            &mut parts.extensions,
+            CacheStatus::Miss,
+            key,
+            None,
+            None,
+        );
         return Ok(Response::from_parts(parts, ResponseBody::upstream(body)));
     }
     let (mut parts, body) = response.into_parts();
@@ -242,8 +261,18 @@ where
     }
     Counters::add(&counters.misses);
     tracing::debug!(%key, %status, reason = reason.map(Reason::as_str), "MISS: upstream error passed through");
-    mark(&mut parts.headers, &mut parts.extensions, CacheStatus::Miss, key, reason, None);
-    Ok(Response::from_parts(parts, ResponseBody::resumed(prefix, error, rest)))
+    mark(
+        &mut parts.headers,
+        &mut parts.extensions,
+        CacheStatus::Miss,
+        key,
+        reason,
+        None,
+    );
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::resumed(prefix, error, rest),
+    ))
 }
 
 /// Forwards a request that is not keyed, and marks the answer `BYPASS`.
@@ -261,9 +290,10 @@ where
     Counters::add(&shared.stats.counters().bypassed);
     tracing::debug!(why, "BYPASS");
     let (mut parts, body) = inner.call(request).await?.into_parts();
-    parts
-        .headers
-        .insert(X_FALLBACK_CACHE, HeaderValue::from_static(CacheStatus::Bypass.as_str()));
+    parts.headers.insert(
+        X_FALLBACK_CACHE,
+        HeaderValue::from_static(CacheStatus::Bypass.as_str()),
+    );
     parts.extensions.insert(CacheStatus::Bypass);
     Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
 }
@@ -324,7 +354,14 @@ fn replay<B: Body>(
     *response.status_mut() = entry.status();
     *response.headers_mut() = entry.headers().clone();
     let (mut parts, body) = response.into_parts();
-    mark(&mut parts.headers, &mut parts.extensions, status, key, reason, Some(age));
+    mark(
+        &mut parts.headers,
+        &mut parts.extensions,
+        status,
+        key,
+        reason,
+        Some(age),
+    );
     Response::from_parts(parts, body)
 }
 
@@ -341,7 +378,10 @@ fn mark(
         headers.insert(X_FALLBACK_CACHE_KEY, value);
     }
     if let Some(reason) = reason {
-        headers.insert(X_FALLBACK_CACHE_REASON, HeaderValue::from_static(reason.as_str()));
+        headers.insert(
+            X_FALLBACK_CACHE_REASON,
+            HeaderValue::from_static(reason.as_str()),
+        );
         extensions.insert(reason);
     }
     if let Some(age) = age {

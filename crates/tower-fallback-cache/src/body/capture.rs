@@ -27,6 +27,8 @@ pub(crate) struct Capture {
     headers: HeaderMap,
     max_bytes: usize,
     total: usize,
+    /// The length the upstream announced, if it did.
+    expected_len: Option<usize>,
     /// Plain bodies: the chunks as they came. Event streams: one complete event each.
     frames: Vec<Bytes>,
     events: Option<EventSplitter>,
@@ -43,12 +45,17 @@ impl Capture {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        let expected_len = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         Self {
             sink,
             status,
             headers,
             max_bytes,
             total: 0,
+            expected_len,
             frames: Vec::new(),
             events: is_event_stream.then(EventSplitter::default),
         }
@@ -67,6 +74,13 @@ impl Capture {
             None => self.frames.push(chunk.clone()),
         }
         true
+    }
+
+    /// Whether every byte the upstream announced has arrived. A server that knows the
+    /// length (hyper with `content-length`) stops reading once it has sent that many bytes
+    /// and never asks for the end of the body, so the answer must be stored by then.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.expected_len == Some(self.total)
     }
 
     /// The body ended cleanly: the write of the answer, or `None` when a stream ended
@@ -158,7 +172,8 @@ impl EventSplitter {
     fn inspect(&mut self, event: &[u8]) {
         if self.needs_done.is_none() {
             let contains = |needle: &[u8]| event.windows(needle.len()).any(|w| w == needle);
-            self.needs_done = Some(contains(b"chat.completion.chunk") || contains(b"text_completion"));
+            self.needs_done =
+                Some(contains(b"chat.completion.chunk") || contains(b"text_completion"));
         }
         let trimmed = event.trim_ascii();
         if trimmed == b"data: [DONE]" || trimmed == b"data:[DONE]" {
@@ -198,7 +213,8 @@ mod tests {
 
     #[test]
     fn events_are_split_whatever_the_chunking() {
-        let stream = "data: {\"object\":\"chat.completion.chunk\"}\n\ndata: b\r\n\r\ndata: [DONE]\n\n";
+        let stream =
+            "data: {\"object\":\"chat.completion.chunk\"}\n\ndata: b\r\n\r\ndata: [DONE]\n\n";
         let expected = vec![
             "data: {\"object\":\"chat.completion.chunk\"}\n\n".to_owned(),
             "data: b\r\n\r\n".to_owned(),

@@ -11,8 +11,18 @@ pub use response::ResponseBody;
 pub(crate) use capture::{Capture, CaptureSink};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body::Body;
+use http_body::{Body, SizeHint};
 use http_body_util::BodyExt;
+
+/// `hint` grown by `extra` bytes already in hand.
+pub(crate) fn size_hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
+    let mut sum = SizeHint::new();
+    sum.set_lower(hint.lower() + extra);
+    if let Some(upper) = hint.upper() {
+        sum.set_upper(upper + extra);
+    }
+    sum
+}
 
 /// A body read up to a limit.
 pub(crate) enum Collected<B: Body> {

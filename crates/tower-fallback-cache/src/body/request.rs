@@ -93,13 +93,11 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let buffered = self.buffered.as_ref().map_or(0, |b| b.len() as u64);
-        let rest = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + buffered);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + buffered);
-        }
-        hint
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        super::size_hint_plus(rest, buffered)
     }
 }
 

@@ -5,7 +5,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
-use super::Capture;
+use super::{Capture, size_hint_plus};
 use crate::entry::CachedResponse;
 use crate::store::StoreFuture;
 
@@ -25,8 +25,10 @@ enum Kind<B: Body> {
     /// The upstream's body with a copy taken on the way.
     Capture {
         inner: B,
-        capture: Option<Capture>,
+        capture: Option<Box<Capture>>,
         storing: Option<StoreFuture<'static, ()>>,
+        /// The last frame, held back until the answer it completes is stored.
+        held: Option<Frame<Bytes>>,
         done: bool,
     },
     /// A stored answer, one frame at a time.
@@ -62,8 +64,9 @@ impl<B: Body> ResponseBody<B> {
         Self {
             kind: Kind::Capture {
                 inner: body,
-                capture: Some(capture),
+                capture: Some(Box::new(capture)),
                 storing: None,
+                held: None,
                 done: false,
             },
         }
@@ -90,7 +93,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream { prefix, error, rest } => {
+            Kind::Upstream {
+                prefix,
+                error,
+                rest,
+            } => {
                 if let Some(bytes) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
@@ -110,14 +117,18 @@ where
                 inner,
                 capture,
                 storing,
+                held,
                 done,
             } => loop {
                 if let Some(write) = storing.as_mut() {
-                    // The write is finished before the end of the body is reported, so
+                    // The write is finished before the end of the answer is handed on, so
                     // the answer is in the store once the client has read it all. Its
                     // outcome is counted and logged by the write itself.
                     let _ = ready!(write.as_mut().poll(cx));
                     *storing = None;
+                    if let Some(frame) = held.take() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                 }
                 if *done {
                     return Poll::Ready(None);
@@ -128,6 +139,12 @@ where
                         if let (Some(data), Some(copy)) = (frame.data_ref(), capture.as_mut()) {
                             if !copy.push(data) {
                                 *capture = None;
+                            } else if copy.is_complete() {
+                                *storing = capture.take().and_then(|copy| copy.finish());
+                                if storing.is_some() {
+                                    *held = Some(frame);
+                                    continue;
+                                }
                             }
                         }
                         return Poll::Ready(Some(Ok(frame)));
@@ -141,7 +158,7 @@ where
                     }
                     None => {
                         *done = true;
-                        *storing = capture.take().and_then(Capture::finish);
+                        *storing = capture.take().and_then(|copy| copy.finish());
                     }
                 }
             },
@@ -155,48 +172,65 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream { prefix, error, rest } => {
+            Kind::Upstream {
+                prefix,
+                error,
+                rest,
+            } => {
                 prefix.is_none() && error.is_none() && rest.as_ref().is_none_or(Body::is_end_stream)
             }
             // Not over until the copy has been handed to the store.
             Kind::Capture {
+                inner,
                 capture,
                 storing,
+                held,
                 done,
-                ..
-            } => *done && capture.is_none() && storing.is_none(),
+            } => {
+                capture.is_none()
+                    && storing.is_none()
+                    && held.is_none()
+                    && (*done || inner.is_end_stream())
+            }
             Kind::Replay { entry, next } => *next >= entry.frames().len(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream { prefix, error, rest } => {
+            Kind::Upstream {
+                prefix,
+                error,
+                rest,
+            } => {
                 let prefix_len = prefix.as_ref().map_or(0, |p| p.len() as u64);
                 match rest {
-                    Some(body) if error.is_none() => {
-                        let hint = body.size_hint();
-                        let mut sum = SizeHint::new();
-                        sum.set_lower(hint.lower() + prefix_len);
-                        if let Some(upper) = hint.upper() {
-                            sum.set_upper(upper + prefix_len);
-                        }
-                        sum
-                    }
+                    Some(body) if error.is_none() => size_hint_plus(body.size_hint(), prefix_len),
                     Some(_) => SizeHint::new(),
                     None if error.is_some() => SizeHint::new(),
                     None => SizeHint::with_exact(prefix_len),
                 }
             }
-            Kind::Capture { inner, done, .. } => {
+            Kind::Capture {
+                inner, held, done, ..
+            } => {
+                let held = held
+                    .as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len() as u64);
                 if *done {
-                    SizeHint::with_exact(0)
+                    SizeHint::with_exact(held)
                 } else {
-                    inner.size_hint()
+                    size_hint_plus(inner.size_hint(), held)
                 }
             }
             Kind::Replay { entry, next } => SizeHint::with_exact(
-                entry.frames().iter().skip(*next).map(|f| f.len() as u64).sum(),
+                entry
+                    .frames()
+                    .iter()
+                    .skip(*next)
+                    .map(|f| f.len() as u64)
+                    .sum(),
             ),
         }
     }

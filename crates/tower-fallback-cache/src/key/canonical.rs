@@ -390,14 +390,29 @@ mod tests {
         assert_eq!(canon("-0"), canon("0"));
         assert_eq!(canon("0.70"), canon("7e-1"));
         assert_ne!(canon("0.7"), canon("0.8"));
-        assert_eq!(canon("123456789012345678901234567890").as_deref(), Some("123456789012345678901234567890"));
+        assert_eq!(
+            canon("123456789012345678901234567890").as_deref(),
+            Some("123456789012345678901234567890")
+        );
     }
 
     #[test]
     fn refuses_invalid_json() {
         for bad in [
-            "", "{", "{\"a\"}", "[1,]", "{\"a\":1,}", "01", "1.", "\"\\x\"", "tru", "{} {}",
-            "\"\u{1}\"", "\"\\ud800\"", "nan", "1e999",
+            "",
+            "{",
+            "{\"a\"}",
+            "[1,]",
+            "{\"a\":1,}",
+            "01",
+            "1.",
+            "\"\\x\"",
+            "tru",
+            "{} {}",
+            "\"\u{1}\"",
+            "\"\\ud800\"",
+            "nan",
+            "1e999",
         ] {
             assert_eq!(canon(bad), None, "{bad:?} must be refused");
         }

@@ -256,19 +256,59 @@ mod tests {
     fn method_path_query_partition_and_selected_headers_matter() {
         let rules = KeyRules::default();
         let body = REQUEST.as_bytes();
-        let base = rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions", &[]), body);
+        let base = rules.key(
+            &PartitionId::SHARED,
+            &parts("POST", "/v1/chat/completions", &[]),
+            body,
+        );
         let other_partition = PartitionId::derive(b"tenant");
-        assert_ne!(rules.key(&other_partition, &parts("POST", "/v1/chat/completions", &[]), body), base);
-        assert_ne!(rules.key(&PartitionId::SHARED, &parts("PUT", "/v1/chat/completions", &[]), body), base);
-        assert_ne!(rules.key(&PartitionId::SHARED, &parts("POST", "/v1/completions", &[]), body), base);
-        assert_ne!(rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions?x=1", &[]), body), base);
         assert_ne!(
-            rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions", &[("openai-project", "p1")]), body),
+            rules.key(
+                &other_partition,
+                &parts("POST", "/v1/chat/completions", &[]),
+                body
+            ),
+            base
+        );
+        assert_ne!(
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("PUT", "/v1/chat/completions", &[]),
+                body
+            ),
+            base
+        );
+        assert_ne!(
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", "/v1/completions", &[]),
+                body
+            ),
+            base
+        );
+        assert_ne!(
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", "/v1/chat/completions?x=1", &[]),
+                body
+            ),
+            base
+        );
+        assert_ne!(
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", "/v1/chat/completions", &[("openai-project", "p1")]),
+                body
+            ),
             base
         );
         // A header outside the list does not change the key.
         assert_eq!(
-            rules.key(&PartitionId::SHARED, &parts("POST", "/v1/chat/completions", &[("user-agent", "x")]), body),
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", "/v1/chat/completions", &[("user-agent", "x")]),
+                body
+            ),
             base
         );
     }
@@ -298,7 +338,10 @@ mod tests {
         let key = key_of(REQUEST);
         let hex = key.to_string();
         assert_eq!(hex.len(), 64);
-        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            hex.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
         assert_eq!(hex.parse::<CacheKey>(), Ok(key));
         assert_eq!("zz".parse::<CacheKey>(), Err(ParseKeyError));
     }

@@ -161,7 +161,10 @@ mod tests {
     async fn round_trip_shares_the_same_allocation() {
         let store = MemoryStore::new(1 << 20);
         let stored = entry(100);
-        store.put(key(1), stored.clone(), Duration::from_secs(60)).await.expect("memory put");
+        store
+            .put(key(1), stored.clone(), Duration::from_secs(60))
+            .await
+            .expect("memory put");
         let got = store.get(&key(1)).await.expect("memory get").expect("held");
         assert!(Arc::ptr_eq(&stored, &got));
         store.remove(&key(1)).await.expect("memory remove");
@@ -174,10 +177,17 @@ mod tests {
         let store = MemoryStore::new(max);
         // 200 entries of ~4.3 KiB each: about 13 times the bound.
         for i in 0..200 {
-            store.put(key(i), entry(4096), Duration::from_secs(60)).await.expect("memory put");
+            store
+                .put(key(i), entry(4096), Duration::from_secs(60))
+                .await
+                .expect("memory put");
         }
         store.run_pending_tasks().await;
-        assert!(store.weighted_size() <= max, "{} > {max}", store.weighted_size());
+        assert!(
+            store.weighted_size() <= max,
+            "{} > {max}",
+            store.weighted_size()
+        );
         assert!(store.entry_count() > 0);
         assert!(store.entry_count() < 200);
     }
@@ -185,7 +195,10 @@ mod tests {
     #[tokio::test]
     async fn an_entry_heavier_than_the_bound_is_not_kept() {
         let store = MemoryStore::new(1024);
-        store.put(key(1), entry(4096), Duration::from_secs(60)).await.expect("memory put");
+        store
+            .put(key(1), entry(4096), Duration::from_secs(60))
+            .await
+            .expect("memory put");
         store.run_pending_tasks().await;
         assert!(store.get(&key(1)).await.expect("memory get").is_none());
     }
@@ -193,8 +206,14 @@ mod tests {
     #[tokio::test]
     async fn entries_expire_after_their_own_ttl() {
         let store = MemoryStore::new(1 << 20);
-        store.put(key(1), entry(10), Duration::from_millis(50)).await.expect("memory put");
-        store.put(key(2), entry(10), Duration::from_secs(60)).await.expect("memory put");
+        store
+            .put(key(1), entry(10), Duration::from_millis(50))
+            .await
+            .expect("memory put");
+        store
+            .put(key(2), entry(10), Duration::from_secs(60))
+            .await
+            .expect("memory put");
         assert!(store.get(&key(1)).await.expect("memory get").is_some());
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(store.get(&key(1)).await.expect("memory get").is_none());

@@ -1,0 +1,358 @@
+//! Streamed answers: passed on as they arrive, captured on the way, replayed event by event.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+use tower::{Layer, ServiceExt, service_fn};
+use tower_fallback_cache::{FallbackCacheLayer, RequestBody, store::MemoryStore};
+
+type Req = Request<RequestBody<Full<Bytes>>>;
+type Sender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+const STREAM_REQUEST: &str =
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+/// An upstream whose calls are answered by the test: each call hands the test the sender
+/// of a streamed body (a 200 `text/event-stream`), or gets the quota error once
+/// `quota` is set.
+#[derive(Clone, Default)]
+struct StreamingUpstream {
+    senders: Arc<Mutex<Vec<Sender>>>,
+    quota: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StreamingUpstream {
+    fn into_service(
+        self,
+    ) -> impl tower::Service<
+        Req,
+        Response = Response<UpstreamBody>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        let this = self;
+        service_fn(move |_: Req| {
+            let this = this.clone();
+            async move {
+                if this.quota.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(provider_error("openai-429-insufficient_quota"));
+                }
+                let (tx, body) = ChannelBody::new();
+                this.senders.lock().expect("not poisoned").push(tx);
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::OK)
+                        .header("content-type", "text/event-stream; charset=utf-8")
+                        .body(body.boxed())
+                        .expect("valid response"),
+                )
+            }
+        })
+    }
+
+    /// Takes the sender of the last call's body: dropping it ends that body.
+    fn last_sender(&self) -> Sender {
+        self.senders
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .expect("a call was made")
+    }
+
+    fn run_out_of_quota(&self) {
+        self.quota.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn next_data<B>(body: &mut B) -> Option<Bytes>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    loop {
+        let frame = body.frame().await?.expect("frame without error");
+        if let Ok(data) = frame.into_data() {
+            return Some(data);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_passes_through_unbuffered_and_replays_event_by_event() {
+    let upstream = StreamingUpstream::default();
+    let layer = FallbackCacheLayer::new();
+    let service = layer.layer(upstream.clone().into_service());
+    let events = stream_events();
+    assert_eq!(events.len(), 6);
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+    let mut body = response.into_body();
+    let tx = upstream.last_sender();
+    // Each event reaches the client before the upstream sends the next: nothing waits
+    // for the whole answer.
+    for event in &events {
+        tx.send(Ok(event.clone()))
+            .await
+            .expect("client still reading");
+        assert_eq!(next_data(&mut body).await.as_ref(), Some(event));
+    }
+    drop(tx);
+    assert!(next_data(&mut body).await.is_none());
+    assert_eq!(layer.stats().snapshot().stored, 1);
+
+    upstream.run_out_of_quota();
+    let replay = service
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(replay.status(), StatusCode::OK);
+    assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
+    assert_eq!(
+        replay.headers()["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
+    let mut body = replay.into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = next_data(&mut body).await {
+        frames.push(frame);
+    }
+    assert_eq!(
+        frames, events,
+        "the same events, byte for byte, one frame each"
+    );
+}
+
+#[tokio::test]
+async fn events_split_across_frames_are_replayed_whole() {
+    let upstream = StreamingUpstream::default();
+    let service = FallbackCacheLayer::new().layer(upstream.clone().into_service());
+    let events = stream_events();
+    let all: Vec<u8> = events.iter().flat_map(|e| e.to_vec()).collect();
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let reader = tokio::spawn(read_body(response.into_body()));
+    let tx = upstream.last_sender();
+    // Frames of 7 bytes, cutting through events and their blank lines.
+    for chunk in all.chunks(7) {
+        tx.send(Ok(Bytes::copy_from_slice(chunk)))
+            .await
+            .expect("open");
+    }
+    drop(tx);
+    assert_eq!(reader.await.expect("reader completes"), all);
+
+    upstream.run_out_of_quota();
+    let replay = service
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let mut body = replay.into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = next_data(&mut body).await {
+        frames.push(frame);
+    }
+    assert_eq!(frames, events);
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_upstream_is_not_stored() {
+    let upstream = StreamingUpstream::default();
+    let layer = FallbackCacheLayer::new();
+    let service = layer.layer(upstream.clone().into_service());
+    let events = stream_events();
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let mut body = response.into_body();
+    let tx = upstream.last_sender();
+    for event in &events[..2] {
+        tx.send(Ok(event.clone())).await.expect("open");
+        assert_eq!(next_data(&mut body).await.as_ref(), Some(event));
+    }
+    tx.send(Err(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "connection reset",
+    )))
+    .await
+    .expect("open");
+    let error = body
+        .frame()
+        .await
+        .expect("a frame")
+        .expect_err("the client sees the failure");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    drop(body);
+
+    upstream.run_out_of_quota();
+    let after = service
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(after.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(after.headers()["x-fallback-cache"], "MISS");
+    assert_eq!(
+        after.headers()["x-fallback-cache-reason"],
+        "insufficient_quota"
+    );
+    assert_eq!(
+        read_body(after.into_body()).await,
+        fixture("provider-errors/openai-429-insufficient_quota.json")
+    );
+    assert_eq!(layer.stats().snapshot().stored, 0);
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_without_done_is_not_stored() {
+    let upstream = StreamingUpstream::default();
+    let layer = FallbackCacheLayer::new();
+    let service = layer.layer(upstream.clone().into_service());
+    let events = stream_events();
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let tx = upstream.last_sender();
+    for event in &events[..3] {
+        tx.send(Ok(event.clone())).await.expect("open");
+    }
+    drop(tx); // a clean end, but the completion never said [DONE]
+    let delivered = read_body(response.into_body()).await;
+    assert_eq!(delivered, events[..3].concat());
+    assert_eq!(layer.stats().snapshot().stored, 0);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stores_nothing_and_releases_the_upstream() {
+    let upstream = StreamingUpstream::default();
+    let store = MemoryStore::new(1 << 20);
+    let layer = FallbackCacheLayer::builder().store(store.clone()).build();
+    let service = layer.layer(upstream.clone().into_service());
+    let events = stream_events();
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let mut body = response.into_body();
+    let tx = upstream.last_sender();
+    tx.send(Ok(events[0].clone())).await.expect("open");
+    assert_eq!(next_data(&mut body).await.as_ref(), Some(&events[0]));
+    drop(body);
+
+    // The upstream body was dropped with the client's: the upstream side sees it closed
+    // at once (no task is left holding it).
+    tokio::time::timeout(Duration::from_secs(5), tx.closed())
+        .await
+        .expect("the upstream body is released when the client goes away");
+    assert!(tx.send(Ok(events[1].clone())).await.is_err());
+
+    store.run_pending_tasks().await;
+    assert_eq!(store.entry_count(), 0);
+    upstream.run_out_of_quota();
+    let after = service
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(after.headers()["x-fallback-cache"], "MISS");
+}
+
+#[tokio::test]
+async fn a_stream_over_the_limit_is_delivered_whole_and_not_stored() {
+    let upstream = StreamingUpstream::default();
+    let layer = FallbackCacheLayer::builder()
+        .max_response_body(2048)
+        .build();
+    let service = layer.layer(upstream.clone().into_service());
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let reader = tokio::spawn(read_body(response.into_body()));
+    let tx = upstream.last_sender();
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        let event = format!("data: {{\"object\":\"chat.completion.chunk\",\"i\":{i}}}\n\n");
+        sent.extend_from_slice(event.as_bytes());
+        tx.send(Ok(Bytes::from(event))).await.expect("open");
+    }
+    sent.extend_from_slice(b"data: [DONE]\n\n");
+    tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+        .await
+        .expect("open");
+    drop(tx);
+    let delivered = reader.await.expect("reader completes");
+    assert!(sent.len() > 2048);
+    assert_eq!(delivered, sent);
+    assert_eq!(layer.stats().snapshot().stored, 0);
+
+    upstream.run_out_of_quota();
+    let after = service
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(after.headers()["x-fallback-cache"], "MISS");
+}
+
+#[tokio::test]
+async fn a_non_openai_event_stream_is_stored_when_it_ends_cleanly() {
+    let upstream = StreamingUpstream::default();
+    let layer = FallbackCacheLayer::new();
+    let service = layer.layer(upstream.clone().into_service());
+    let events = [
+        Bytes::from_static(b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n"),
+        Bytes::from_static(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"Hi\"}}\n\n"),
+        Bytes::from_static(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+    ];
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let tx = upstream.last_sender();
+    for event in &events {
+        tx.send(Ok(event.clone())).await.expect("open");
+    }
+    drop(tx);
+    read_body(response.into_body()).await;
+    assert_eq!(layer.stats().snapshot().stored, 1);
+
+    upstream.run_out_of_quota();
+    let replay = service
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
+    let mut body = replay.into_body();
+    for event in &events {
+        assert_eq!(next_data(&mut body).await.as_ref(), Some(event));
+    }
+    assert!(next_data(&mut body).await.is_none());
+}

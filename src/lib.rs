@@ -1,1 +1,3 @@
 //! End-to-end tests and benches of fallback-cache.
+
+pub mod stores;

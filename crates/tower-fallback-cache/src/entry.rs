@@ -1,4 +1,17 @@
-//! [`CachedResponse`]: one stored answer.
+//! [`CachedResponse`]: one stored answer, and its stored form.
+//!
+//! Out of memory (in the disk and Redis stores) an answer is written by
+//! [`CachedResponse::encode`]: a magic, a format version, the payload length and a blake3
+//! checksum of the payload, then the payload in bincode 2.0.1. An entry that fails any of
+//! these checks is a miss that is counted, never a panic and never a served answer.
+//!
+//! bincode is pinned at 2.0.1 and used in `codec.rs` only: RUSTSEC-2025-0141 marks the
+//! bincode project unmaintained, and the 3.0.0 release does not compile. The format
+//! version in every entry lets a later release change the codec without breaking stored
+//! files: it can read version 1 alongside its own format, or treat old entries as misses
+//! that are stored again on the next successful answer.
+
+mod codec;
 
 use std::time::{Duration, SystemTime};
 

@@ -12,8 +12,10 @@
 //! - Answers are partitioned by credential: one API key is never served another's answer.
 //! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
 //!   event; only complete answers are stored, never an error.
-//! - Stores: [`store::MemoryStore`] (moka) built in; disk and Redis stores plug in through
-//!   the [`Store`] trait.
+//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`, on by
+//!   default: answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
+//!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
+//!   in through the [`Store`] trait.
 //!
 //! # Example
 //!
@@ -76,6 +78,9 @@ mod future;
 mod key;
 mod layer;
 mod partition;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod service;
 mod stats;
 mod status;

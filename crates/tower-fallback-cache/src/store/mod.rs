@@ -1,6 +1,11 @@
 //! [`Store`]: where answers are kept, and the stores this crate ships.
 
+#[cfg(feature = "disk")]
+mod disk;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+mod tiered;
 
 use std::fmt;
 use std::future::Future;
@@ -8,7 +13,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{
+    DEFAULT_REDIS_CONNECT_TIMEOUT, DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TIMEOUT, RedisStore,
+    RedisStoreBuilder,
+};
+#[cfg(feature = "disk")]
+#[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
+pub use disk::{DEFAULT_DISK_MAX_BYTES, DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder};
 pub use memory::MemoryStore;
+pub use tiered::Tiered;
 
 use crate::entry::{CachedResponse, EntryError};
 use crate::key::CacheKey;

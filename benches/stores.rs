@@ -1,0 +1,136 @@
+//! Get and put of a 4 KiB answer on each store: memory, disk (redb) and Redis.
+//!
+//! ```text
+//! cargo bench -p fallback-cache-tests --bench stores
+//! ```
+//!
+//! The Redis benches run against `FALLBACK_CACHE_TEST_REDIS_URL`, or a redis-server of their
+//! own when one is on PATH; without either they are skipped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use fallback_cache_tests::stores::{REDIS_URL_VAR, shared_redis, unique_prefix};
+use http::{HeaderMap, StatusCode};
+use tokio::runtime::Runtime;
+use tower_fallback_cache::store::{DiskStore, MemoryStore, RedisStore, Store};
+use tower_fallback_cache::{CacheKey, CachedResponse};
+
+const TTL: Duration = Duration::from_secs(600);
+/// Puts cycle over this many keys, so a store holds a working set rather than one entry.
+const KEYS: u32 = 1024;
+
+fn answer_4k() -> Arc<CachedResponse> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "content-type",
+        "application/json".parse().expect("header value"),
+    );
+    headers.insert(
+        "x-request-id",
+        "req_0123456789abcdef".parse().expect("header value"),
+    );
+    Arc::new(CachedResponse::new(
+        StatusCode::OK,
+        headers,
+        vec![Bytes::from(vec![b'a'; 4096])],
+    ))
+}
+
+fn key(i: u32) -> CacheKey {
+    CacheKey::from_bytes(*blake3::hash(&i.to_le_bytes()).as_bytes())
+}
+
+fn next_key(counter: &AtomicU32) -> CacheKey {
+    key(counter.fetch_add(1, Ordering::Relaxed) % KEYS)
+}
+
+/// `get` of a held key and `put` under cycling keys, on one store.
+fn get_and_put(c: &mut Criterion, runtime: &Runtime, name: &str, store: &dyn Store) {
+    let entry = answer_4k();
+    runtime.block_on(async {
+        for i in 0..KEYS {
+            store
+                .put(key(i), entry.clone(), TTL)
+                .await
+                .expect("prefill");
+        }
+        store.flush().await.expect("prefill flush");
+    });
+    let mut group = c.benchmark_group(name);
+    group
+        .measurement_time(Duration::from_millis(2500))
+        .warm_up_time(Duration::from_secs(1));
+    let hits = AtomicU32::new(0);
+    group.bench_function("get 4 KiB", |b| {
+        b.to_async(runtime).iter(|| async {
+            let found = store.get(&next_key(&hits)).await.expect("get");
+            assert!(found.is_some());
+        })
+    });
+    let puts = AtomicU32::new(0);
+    group.bench_function("put 4 KiB", |b| {
+        b.to_async(runtime).iter(|| async {
+            store
+                .put(next_key(&puts), entry.clone(), TTL)
+                .await
+                .expect("put");
+            // The disk store's put only queues: flushing every 64 puts makes the figure the
+            // sustained cost of an answer written to the file.
+            if puts.load(Ordering::Relaxed).is_multiple_of(64) {
+                store.flush().await.expect("flush");
+            }
+        })
+    });
+    group.finish();
+}
+
+fn stores(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("a tokio runtime");
+
+    let memory = MemoryStore::new(256 * 1024 * 1024);
+    get_and_put(c, &runtime, "memory", &memory);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = DiskStore::open(dir.path().join("bench.redb")).expect("disk store");
+    get_and_put(c, &runtime, "disk", &disk);
+    let entry = answer_4k();
+    let durable = AtomicU32::new(0);
+    c.benchmark_group("disk")
+        .measurement_time(Duration::from_millis(2500))
+        .warm_up_time(Duration::from_secs(1))
+        .bench_function("put 4 KiB + flush (one commit each)", |b| {
+            b.to_async(&runtime).iter(|| async {
+                disk.put(next_key(&durable), entry.clone(), TTL)
+                    .await
+                    .expect("put");
+                disk.flush().await.expect("flush");
+            })
+        });
+    drop(disk);
+
+    let redis_available = std::env::var_os(REDIS_URL_VAR).is_some()
+        || std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+    if !redis_available {
+        eprintln!("redis: skipped (no {REDIS_URL_VAR} and no redis-server on PATH)");
+        return;
+    }
+    let (url, _own_server) = shared_redis();
+    let redis = runtime.block_on(async {
+        RedisStore::builder(url)
+            .prefix(unique_prefix("bench"))
+            .connect()
+            .await
+            .expect("redis store")
+    });
+    get_and_put(c, &runtime, "redis", &redis);
+}
+
+criterion_group!(benches, stores);
+criterion_main!(benches);

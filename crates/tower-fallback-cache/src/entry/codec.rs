@@ -1,0 +1,365 @@
+//! The stored form of a [`CachedResponse`]: a checked header, then a bincode payload.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "FBCE"
+//!      4     2  format version, little endian (1)
+//!      6     8  payload length in bytes, little endian
+//!     14    32  blake3 hash of the payload
+//!     46     n  payload: bincode 2 (standard config) of `Payload` below
+//! ```
+//!
+//! bincode is used here and nowhere else, so that the codec can be replaced behind a new
+//! format version without touching the stores.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{CachedResponse, EntryError};
+
+const MAGIC: [u8; 4] = *b"FBCE";
+const FORMAT_VERSION: u16 = 1;
+const HEADER_LEN: usize = 4 + 2 + 8 + 32;
+
+/// The most bytes a payload may claim while it is decoded. The header length must also
+/// match the bytes that are there, so a forged length can never make decoding allocate
+/// more than the input holds; this bound backs that up inside bincode.
+const PAYLOAD_LIMIT: usize = 1 << 30;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<PAYLOAD_LIMIT>()
+}
+
+/// The fields of an answer, borrowed from the entry on encode and from the input on decode.
+#[derive(Serialize, Deserialize)]
+struct Payload<'a> {
+    status: u16,
+    #[serde(borrow)]
+    headers: Vec<(&'a str, RawBytes<'a>)>,
+    #[serde(borrow)]
+    frames: Vec<RawBytes<'a>>,
+    /// Since the unix epoch; an answer stored before it is clamped to it.
+    stored_at_secs: u64,
+    stored_at_nanos: u32,
+    key_version: u8,
+}
+
+/// Bytes written as one length-prefixed run: serde would otherwise write a `[u8]` element
+/// by element.
+struct RawBytes<'a>(&'a [u8]);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawBytes<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'de [u8]>::deserialize(deserializer).map(RawBytes)
+    }
+}
+
+impl CachedResponse {
+    /// The answer as stored outside memory (by the disk and Redis stores): a header with a
+    /// magic, the format version, the payload length and the payload's blake3 checksum,
+    /// then the payload. [`decode`](Self::decode) gives the same answer back.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, StatusCode};
+    /// use tower_fallback_cache::CachedResponse;
+    ///
+    /// let answer = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from("hi")]);
+    /// let stored = answer.encode();
+    /// assert_eq!(CachedResponse::decode(&stored), Ok(answer));
+    /// ```
+    pub fn encode(&self) -> Vec<u8> {
+        let since_epoch = self
+            .stored_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let payload = Payload {
+            status: self.status.as_u16(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), RawBytes(value.as_bytes())))
+                .collect(),
+            frames: self.frames.iter().map(|frame| RawBytes(frame)).collect(),
+            stored_at_secs: since_epoch.as_secs(),
+            stored_at_nanos: since_epoch.subsec_nanos(),
+            key_version: self.key_version,
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + self.weight());
+        out.extend_from_slice(&[0; HEADER_LEN]);
+        // Writing into a Vec cannot fail, and every sequence in `Payload` has a known
+        // length, which is all bincode's serde encoder asks for.
+        bincode::serde::encode_into_std_write(&payload, &mut out, config())
+            .expect("a payload of sized sequences always encodes into a Vec");
+        let payload_len = (out.len() - HEADER_LEN) as u64;
+        let checksum = blake3::hash(&out[HEADER_LEN..]);
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[6..14].copy_from_slice(&payload_len.to_le_bytes());
+        out[14..HEADER_LEN].copy_from_slice(checksum.as_bytes());
+        out
+    }
+
+    /// Reads an answer written by [`encode`](Self::encode). Bytes that are not such an
+    /// entry, are cut short or too long, fail their checksum, or come from another format
+    /// version are an [`EntryError`]; no input makes it panic or allocate more than the
+    /// input's size in bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
+        let magic_len = bytes.len().min(MAGIC.len());
+        if bytes[..magic_len] != MAGIC[..magic_len] {
+            return Err(EntryError::BadMagic);
+        }
+        let Some((header, payload)) = bytes.split_at_checked(HEADER_LEN) else {
+            return Err(EntryError::Length {
+                expected: HEADER_LEN as u64,
+                actual: bytes.len() as u64,
+            });
+        };
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        if version != FORMAT_VERSION {
+            return Err(EntryError::UnsupportedVersion(version));
+        }
+        let mut announced = [0; 8];
+        announced.copy_from_slice(&header[6..14]);
+        let announced = u64::from_le_bytes(announced);
+        if announced != payload.len() as u64 {
+            return Err(EntryError::Length {
+                expected: (HEADER_LEN as u64).saturating_add(announced),
+                actual: bytes.len() as u64,
+            });
+        }
+        if blake3::hash(payload).as_bytes() != &header[14..HEADER_LEN] {
+            return Err(EntryError::Checksum);
+        }
+        let (decoded, read): (Payload<'_>, usize) =
+            bincode::serde::borrow_decode_from_slice(payload, config())
+                .map_err(|error| EntryError::Payload(error.to_string()))?;
+        if read != payload.len() {
+            return Err(EntryError::Payload(format!(
+                "{} bytes follow the payload",
+                payload.len() - read
+            )));
+        }
+        decoded.into_response()
+    }
+}
+
+impl Payload<'_> {
+    fn into_response(self) -> Result<CachedResponse, EntryError> {
+        let invalid = |what: String| EntryError::Payload(what);
+        let status = StatusCode::from_u16(self.status)
+            .map_err(|_| invalid(format!("status {} is not an HTTP status", self.status)))?;
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (name, RawBytes(value)) in self.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(format!("{name:?} is not a header name")))?;
+            let value = HeaderValue::from_bytes(value)
+                .map_err(|_| invalid(format!("the value of {name} is not a header value")))?;
+            headers.append(name, value);
+        }
+        let frames = self
+            .frames
+            .into_iter()
+            .map(|RawBytes(frame)| Bytes::copy_from_slice(frame))
+            .collect();
+        if self.stored_at_nanos >= 1_000_000_000 {
+            return Err(invalid(format!(
+                "{} nanoseconds is not a fraction of a second",
+                self.stored_at_nanos
+            )));
+        }
+        let stored_at = UNIX_EPOCH
+            .checked_add(Duration::new(self.stored_at_secs, self.stored_at_nanos))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{} s after 1970 is not a time",
+                    self.stored_at_secs
+                ))
+            })?;
+        Ok(CachedResponse::from_parts(
+            status,
+            headers,
+            frames,
+            stored_at,
+            self.key_version,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn answer(frames: Vec<Vec<u8>>, headers: Vec<(String, Vec<u8>)>) -> CachedResponse {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("generated header name"),
+                HeaderValue::from_bytes(&value).expect("generated header value"),
+            );
+        }
+        CachedResponse::from_parts(
+            StatusCode::CREATED,
+            map,
+            frames.into_iter().map(Bytes::from).collect(),
+            UNIX_EPOCH + Duration::new(1_750_000_000, 123_456_789),
+            7,
+        )
+    }
+
+    fn sample() -> CachedResponse {
+        answer(
+            vec![b"data: one\n\n".to_vec(), b"data: [DONE]\n\n".to_vec()],
+            vec![
+                ("content-type".into(), b"text/event-stream".to_vec()),
+                ("x-request-id".into(), b"req_1".to_vec()),
+                ("x-request-id".into(), b"req_2".to_vec()),
+                ("x-opaque".into(), vec![0x80, 0xff, b'a']),
+            ],
+        )
+    }
+
+    #[test]
+    fn every_field_survives_a_round_trip() {
+        let original = sample();
+        let decoded = CachedResponse::decode(&original.encode()).expect("decodes");
+        assert_eq!(decoded.status(), StatusCode::CREATED);
+        assert_eq!(decoded.stored_at(), original.stored_at());
+        assert_eq!(decoded.key_version(), 7);
+        assert_eq!(decoded.frames(), original.frames());
+        let ids: Vec<_> = decoded.headers().get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["req_1", "req_2"]);
+        assert_eq!(decoded.headers()["x-opaque"].as_bytes(), [0x80, 0xff, b'a']);
+        assert_eq!(decoded, original);
+    }
+
+    #[test]
+    fn an_answer_stored_now_keeps_its_time_to_the_nanosecond() {
+        let now = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![]);
+        let decoded = CachedResponse::decode(&now.encode()).expect("decodes");
+        assert_eq!(decoded.stored_at(), now.stored_at());
+    }
+
+    #[test]
+    fn each_check_names_what_is_wrong() {
+        let stored = sample().encode();
+
+        let mut other_magic = stored.clone();
+        other_magic[0] = b'X';
+        assert_eq!(
+            CachedResponse::decode(&other_magic),
+            Err(EntryError::BadMagic)
+        );
+        assert_eq!(
+            CachedResponse::decode(b"{\"json\":1}"),
+            Err(EntryError::BadMagic)
+        );
+
+        let mut next_version = stored.clone();
+        next_version[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            CachedResponse::decode(&next_version),
+            Err(EntryError::UnsupportedVersion(2))
+        );
+
+        let cut = &stored[..stored.len() - 1];
+        assert!(matches!(
+            CachedResponse::decode(cut),
+            Err(EntryError::Length { .. })
+        ));
+        assert!(matches!(
+            CachedResponse::decode(&stored[..10]),
+            Err(EntryError::Length {
+                expected: 46,
+                actual: 10
+            })
+        ));
+
+        let mut flipped = stored.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(CachedResponse::decode(&flipped), Err(EntryError::Checksum));
+    }
+
+    #[test]
+    fn a_forged_length_allocates_nothing_it_cannot_read() {
+        // A payload that claims 2^60 headers, behind a header and checksum that hold.
+        let mut payload = vec![200]; // status (varint)
+        payload.extend_from_slice(&[253]); // varint marker: a u64 follows
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let mut forged = Vec::new();
+        forged.extend_from_slice(&MAGIC);
+        forged.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        forged.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        forged.extend_from_slice(blake3::hash(&payload).as_bytes());
+        forged.extend_from_slice(&payload);
+        assert!(matches!(
+            CachedResponse::decode(&forged),
+            Err(EntryError::Payload(_))
+        ));
+    }
+
+    fn arbitrary_answer() -> impl Strategy<Value = CachedResponse> {
+        let frames = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4);
+        let header = ("x-[a-z]{1,8}", prop::collection::vec(0x20u8..0x7f, 0..16));
+        let headers = prop::collection::vec(header, 0..4);
+        (frames, headers).prop_map(|(frames, headers)| answer(frames, headers))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_answer_round_trips(original in arbitrary_answer()) {
+            prop_assert_eq!(CachedResponse::decode(&original.encode()), Ok(original));
+        }
+
+        #[test]
+        fn any_flipped_byte_is_rejected(
+            original in arbitrary_answer(),
+            at in any::<prop::sample::Index>(),
+            mask in 1u8..,
+        ) {
+            let mut stored = original.encode();
+            let at = at.index(stored.len());
+            stored[at] ^= mask;
+            prop_assert!(CachedResponse::decode(&stored).is_err());
+        }
+
+        #[test]
+        fn any_truncation_is_rejected(original in arbitrary_answer(), keep in any::<prop::sample::Index>()) {
+            let stored = original.encode();
+            let keep = keep.index(stored.len());
+            prop_assert!(CachedResponse::decode(&stored[..keep]).is_err());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = CachedResponse::decode(&bytes);
+        }
+
+        #[test]
+        fn an_arbitrary_payload_behind_a_valid_header_never_panics(
+            payload in prop::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut entry = Vec::new();
+            entry.extend_from_slice(&MAGIC);
+            entry.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            entry.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            entry.extend_from_slice(blake3::hash(&payload).as_bytes());
+            entry.extend_from_slice(&payload);
+            let _ = CachedResponse::decode(&entry);
+        }
+    }
+}

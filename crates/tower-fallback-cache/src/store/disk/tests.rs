@@ -1,0 +1,279 @@
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use redb::ReadableTable;
+
+use super::*;
+use crate::entry::EntryError;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn entry(body: impl Into<Bytes>) -> Arc<CachedResponse> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "content-type",
+        "application/json".parse().expect("header value"),
+    );
+    Arc::new(CachedResponse::new(
+        StatusCode::OK,
+        headers,
+        vec![body.into()],
+    ))
+}
+
+fn key(i: u32) -> CacheKey {
+    CacheKey::from_bytes(*blake3::hash(&i.to_le_bytes()).as_bytes())
+}
+
+fn body_of(entry: &CachedResponse) -> Bytes {
+    entry.frames().concat().into()
+}
+
+async fn body_at(store: &DiskStore, i: u32) -> Option<Bytes> {
+    let found = store.get(&key(i)).await.expect("disk get");
+    found.map(|entry| body_of(&entry))
+}
+
+#[tokio::test]
+async fn an_answer_is_visible_at_once_and_after_a_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    let store = DiskStore::open(&path).expect("open");
+    let original = entry("one");
+    store
+        .put(key(1), original.clone(), HOUR)
+        .await
+        .expect("put");
+    assert_eq!(body_at(&store, 1).await.as_deref(), Some(&b"one"[..]));
+    store.flush().await.expect("flush");
+    assert_eq!(store.usage().entries, Some(1));
+    drop(store);
+
+    let store = DiskStore::open(&path).expect("reopen");
+    let found = store
+        .get(&key(1))
+        .await
+        .expect("get")
+        .expect("kept across a reopen");
+    assert_eq!(*found, *original, "status, headers, body and time are kept");
+    assert_eq!(store.usage().entries, Some(1));
+}
+
+#[tokio::test]
+async fn dropping_the_store_commits_what_is_queued() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    let store = DiskStore::open(&path).expect("open");
+    for i in 0..300 {
+        store
+            .put(key(i), entry(format!("answer {i}")), HOUR)
+            .await
+            .expect("put");
+    }
+    drop(store);
+
+    let store = DiskStore::open(&path).expect("reopen");
+    for i in 0..300 {
+        assert_eq!(
+            body_at(&store, i).await,
+            Some(Bytes::from(format!("answer {i}"))),
+            "answer {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_newer_answer_replaces_the_older_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
+    store.put(key(1), entry("first"), HOUR).await.expect("put");
+    store.flush().await.expect("flush");
+    let one = store.usage();
+    store.put(key(1), entry("second"), HOUR).await.expect("put");
+    store.flush().await.expect("flush");
+    assert_eq!(body_at(&store, 1).await.as_deref(), Some(&b"second"[..]));
+    assert_eq!(store.usage().entries, Some(1));
+    // "second" is one byte longer than "first".
+    assert_eq!(store.usage().bytes.map(|b| b - 1), one.bytes);
+}
+
+#[tokio::test]
+async fn a_removed_answer_is_gone_before_and_after_its_commit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
+    store.put(key(1), entry("one"), HOUR).await.expect("put");
+    store.flush().await.expect("flush");
+    store.remove(&key(1)).await.expect("remove");
+    assert_eq!(body_at(&store, 1).await, None);
+    store.flush().await.expect("flush");
+    assert_eq!(body_at(&store, 1).await, None);
+    assert_eq!(
+        store.usage(),
+        StoreUsage {
+            entries: Some(0),
+            bytes: Some(0)
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_expired_answer_is_not_served_and_is_swept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = DiskStore::builder(dir.path().join("answers.redb"))
+        .sweep_interval(Duration::from_millis(50))
+        .open()
+        .expect("open");
+    let ttl = Duration::from_secs(2);
+    let put_at = std::time::Instant::now();
+    store.put(key(1), entry("short"), ttl).await.expect("put");
+    store.put(key(2), entry("long"), HOUR).await.expect("put");
+    assert!(body_at(&store, 1).await.is_some());
+    store.flush().await.expect("flush");
+    assert_eq!(store.usage().entries, Some(2));
+
+    tokio::time::sleep_until((put_at + ttl + Duration::from_millis(100)).into()).await;
+    assert_eq!(
+        body_at(&store, 1).await,
+        None,
+        "expired answers are never served"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.usage().entries != Some(1) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.usage().entries,
+        Some(1),
+        "the sweep removed the expired answer"
+    );
+    assert!(body_at(&store, 2).await.is_some());
+}
+
+#[tokio::test]
+async fn past_max_bytes_the_oldest_answers_are_evicted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let max = 64 * 1024;
+    let store = DiskStore::builder(dir.path().join("answers.redb"))
+        .max_bytes(max)
+        .open()
+        .expect("open");
+    // 100 answers of 4 KiB: about six times the bound.
+    for i in 0..100 {
+        store
+            .put(key(i), entry(vec![b'x'; 4096]), HOUR)
+            .await
+            .expect("put");
+        if i % 10 == 9 {
+            store.flush().await.expect("flush");
+        }
+    }
+    let usage = store.usage();
+    assert!(usage.bytes.expect("bytes") <= max, "{usage:?}");
+    assert!(
+        body_at(&store, 0).await.is_none(),
+        "the oldest answer is evicted"
+    );
+    assert!(
+        body_at(&store, 99).await.is_some(),
+        "the newest answer is kept"
+    );
+    let kept = usage.entries.expect("entries");
+    assert!((10..100).contains(&kept), "{usage:?}");
+}
+
+#[tokio::test]
+async fn a_corrupt_value_is_an_error_never_an_answer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
+    store.put(key(1), entry("intact"), HOUR).await.expect("put");
+    store.flush().await.expect("flush");
+
+    let txn = store.shared.db.begin_write().expect("write txn");
+    {
+        let mut table = txn.open_table(ENTRIES).expect("entries table");
+        let mut record = table
+            .get(key(1).as_bytes())
+            .expect("get")
+            .expect("held")
+            .value()
+            .to_vec();
+        let last = record.len() - 1;
+        record[last] ^= 0x01;
+        table
+            .insert(key(1).as_bytes(), record.as_slice())
+            .expect("insert");
+        table
+            .insert(key(2).as_bytes(), &b"short"[..])
+            .expect("insert");
+    }
+    txn.commit().expect("commit");
+
+    let flipped = store
+        .get(&key(1))
+        .await
+        .expect_err("a flipped byte is caught");
+    assert!(
+        matches!(flipped, StoreError::Corrupt(EntryError::Checksum)),
+        "{flipped}"
+    );
+    let short = store
+        .get(&key(2))
+        .await
+        .expect_err("a cut record is caught");
+    assert!(
+        matches!(short, StoreError::Corrupt(EntryError::Length { .. })),
+        "{short}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn the_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    let store = DiskStore::open(&path).expect("open");
+    let mode = std::fs::metadata(&path)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    drop(store);
+}
+
+#[test]
+fn a_missing_directory_is_named_in_the_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-dir");
+    let error = DiskStore::open(missing.join("answers.redb")).expect_err("no directory");
+    let message = error.to_string();
+    assert!(message.contains("does not exist"), "{message}");
+    assert!(
+        message.contains(&missing.display().to_string()),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_store_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, vec![b'n'; 8192]).expect("write");
+    let error = DiskStore::open(&path).expect_err("not a redb file");
+    assert!(error.to_string().contains("as a disk store"), "{error}");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        vec![b'n'; 8192],
+        "the file is left as it was"
+    );
+}
+
+#[test]
+fn a_file_already_open_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    let first = DiskStore::open(&path).expect("open");
+    let error = DiskStore::open(&path).expect_err("one store per file");
+    assert!(error.to_string().contains("already open"), "{error}");
+    drop(first);
+    DiskStore::open(&path).expect("free again once the first store is dropped");
+}

@@ -1,0 +1,200 @@
+//! The Redis store: one cache for many replicas, and a Redis that stops or stalls is never
+//! an outage.
+//!
+//! Tests that share Redis use `FALLBACK_CACHE_TEST_REDIS_URL` (set by `scripts/test.sh`) or
+//! start their own redis-server; tests that stop or pause Redis always start their own.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fallback_cache_tests::stores::{
+    QUOTA_ERROR, RedisServer, Upstream, answer, marked, send, shared_redis, unique_prefix,
+};
+use tower::Layer;
+use tower_fallback_cache::store::{RedisStore, Store};
+use tower_fallback_cache::{CacheKey, CachedResponse, FallbackCacheLayer, X_FALLBACK_CACHE_KEY};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_store-worker");
+
+fn key_of(headers: &http::HeaderMap) -> CacheKey {
+    let key = headers[X_FALLBACK_CACHE_KEY].to_str().expect("ASCII key");
+    key.parse().expect("a key in hex")
+}
+
+#[tokio::test]
+async fn an_answer_stored_by_one_replica_is_served_by_another() {
+    let (url, _own_server) = shared_redis();
+    let prefix = unique_prefix("replicas");
+    let output = Command::new(WORKER)
+        .args(["redis-put", &url, &prefix, "7"])
+        .output()
+        .expect("the worker runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "worker failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stored_key = stdout
+        .trim_end()
+        .strip_prefix("stored ")
+        .expect("`stored KEY`");
+
+    let store = RedisStore::builder(&url)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .expect("connect");
+    let layer = FallbackCacheLayer::builder().store(store).build();
+    let service = layer.layer(Upstream::out_of_quota());
+
+    let (status, headers, body) = send(&service, 7).await;
+    assert_eq!(headers["x-fallback-cache"], "FALLBACK");
+    assert_eq!(headers[X_FALLBACK_CACHE_KEY], stored_key);
+    assert_eq!(status, 200);
+    assert_eq!(body, answer(7));
+
+    // Only what the other replica stored is there.
+    let (status, headers, body) = send(&service, 8).await;
+    assert_eq!((status.as_u16(), marked(&headers)), (429, "MISS"));
+    assert_eq!(body, QUOTA_ERROR);
+}
+
+#[tokio::test]
+async fn answers_live_under_their_prefix_until_their_ttl() {
+    let (url, _own_server) = shared_redis();
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("ttl"))
+        .connect()
+        .await
+        .expect("connect");
+    let other = RedisStore::builder(&url)
+        .prefix(unique_prefix("ttl-other"))
+        .connect()
+        .await
+        .expect("connect");
+    let key = CacheKey::from_bytes([7; 32]);
+    let entry = std::sync::Arc::new(CachedResponse::new(
+        http::StatusCode::OK,
+        http::HeaderMap::new(),
+        vec![answer(1)],
+    ));
+
+    store
+        .put(key, entry.clone(), Duration::from_secs(1))
+        .await
+        .expect("put");
+    let found = store.get(&key).await.expect("get").expect("stored");
+    assert_eq!(*found, *entry);
+    assert!(
+        other.get(&key).await.expect("get").is_none(),
+        "another prefix is another cache"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        store.get(&key).await.expect("get").is_none(),
+        "Redis expired it"
+    );
+}
+
+#[tokio::test]
+async fn requests_go_on_while_redis_is_down_and_storing_resumes_when_it_returns() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(250);
+    let store = RedisStore::builder(server.url())
+        .prefix(unique_prefix("outage"))
+        .timeout(timeout)
+        .connect()
+        .await
+        .expect("connect");
+    let upstream = Upstream::new();
+    let layer = FallbackCacheLayer::builder().store(store.clone()).build();
+    let service = layer.layer(upstream.clone());
+    let (status, _, _) = send(&service, 0).await;
+    assert_eq!(status, 200);
+    assert_eq!(layer.stats().snapshot().stored, 1);
+
+    server.stop();
+    for i in 1..=8 {
+        let started = Instant::now();
+        let sent = tokio::time::timeout(Duration::from_secs(10), send(&service, i));
+        let (status, headers, body) = sent.await.expect("the request completes");
+        assert_eq!((status.as_u16(), marked(&headers)), (200, "MISS"));
+        assert_eq!(body, answer(i));
+        // Generous: the store gives up after 250 ms.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "request {i}: {:?}",
+            started.elapsed()
+        );
+    }
+    let stats = layer.stats().snapshot();
+    assert_eq!(stats.stored, 1, "{stats:?}");
+    assert!(
+        stats.store_errors >= 8,
+        "each failed write is counted: {stats:?}"
+    );
+
+    // Out of quota with Redis gone: the client gets the upstream's own error, not a hang.
+    upstream.set_out_of_quota(true);
+    let (status, headers, body) = send(&service, 0).await;
+    assert_eq!((status.as_u16(), marked(&headers)), (429, "MISS"));
+    assert_eq!(body, QUOTA_ERROR);
+    upstream.set_out_of_quota(false);
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 100;
+    let resumed_with = loop {
+        let (_, headers, _) = send(&service, i).await;
+        if let Ok(Some(_)) = store.get(&key_of(&headers)).await {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "storing did not resume: {:?}",
+            layer.stats().snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        i += 1;
+    };
+
+    upstream.set_out_of_quota(true);
+    let (status, headers, body) = send(&service, resumed_with).await;
+    assert_eq!((status.as_u16(), marked(&headers)), (200, "FALLBACK"));
+    assert_eq!(body, answer(resumed_with));
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_costs_a_request_at_most_the_timeout() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .prefix(unique_prefix("paused"))
+        .timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .expect("connect");
+    let upstream = Upstream::new();
+    let layer = FallbackCacheLayer::builder().store(store).build();
+    let service = layer.layer(upstream.clone());
+    send(&service, 0).await;
+    assert_eq!(layer.stats().snapshot().stored, 1);
+
+    // Redis holds every client's commands for 5 s.
+    assert_eq!(
+        server
+            .command(&["CLIENT", "PAUSE", "5000", "ALL"])
+            .expect("pause"),
+        "+OK"
+    );
+    upstream.set_out_of_quota(true);
+    let started = Instant::now();
+    let (status, headers, body) = send(&service, 0).await;
+    let waited = started.elapsed();
+
+    assert_eq!((status.as_u16(), marked(&headers)), (429, "MISS"));
+    assert_eq!(body, QUOTA_ERROR);
+    assert!(
+        waited < Duration::from_millis(2500),
+        "waited {waited:?} for a paused Redis"
+    );
+    assert_eq!(layer.stats().snapshot().store_errors, 1);
+}

@@ -1,0 +1,193 @@
+//! The command line: every setting as a flag, with its environment variable and default.
+//!
+//! Values are taken as text here and parsed in [`crate::config`], so a bad value gets the
+//! same one-line error whether it came from a flag, the environment or the config file.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// A reverse proxy for OpenAI-compatible APIs: point any client's base URL at it, and when
+/// the upstream answers `insufficient_quota` it serves the last good answer to the same
+/// request instead of the error.
+///
+/// Every setting is a flag, an environment variable FALLBACK_CACHE_<FLAG> and a key of the
+/// --config file; a flag wins over the environment, which wins over the file.
+#[derive(Debug, Parser)]
+#[command(name = "fallback-cache-proxy", version, about, long_about)]
+pub(crate) struct Cli {
+    /// Address to listen on (port 0: any free port, named in the first log line).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub(crate) listen: String,
+
+    /// The API to forward to. Each request goes to this URL joined with the request's path
+    /// and query: clients use base_url http://127.0.0.1:8080/v1 for https://api.openai.com.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_UPSTREAM",
+        value_name = "URL",
+        default_value = "https://api.openai.com"
+    )]
+    pub(crate) upstream: String,
+
+    /// Where answers are kept: disk:PATH (a redb file that survives restarts), memory, or
+    /// redis://host:port/db (shared by every replica). Disk and Redis get a memory store of
+    /// --max-memory in front.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_STORE",
+        value_name = "STORE",
+        default_value = "disk:./fallback-cache.redb"
+    )]
+    pub(crate) store: String,
+
+    /// How long an answer is kept and may be served (e.g. 7d, 12h, 30m).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_TTL",
+        value_name = "DURATION",
+        default_value = "7d"
+    )]
+    pub(crate) ttl: String,
+
+    /// Bound of the in-memory store (e.g. 256MiB, 1GiB).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_MAX_MEMORY",
+        value_name = "SIZE",
+        default_value = "256MiB"
+    )]
+    pub(crate) max_memory: String,
+
+    /// fallback: always ask the upstream, serve a stored answer only when it fails.
+    /// cache-first: serve a stored answer younger than --fresh-for without asking (HIT).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_MODE",
+        value_name = "MODE",
+        default_value = "fallback"
+    )]
+    pub(crate) mode: String,
+
+    /// With --mode cache-first: how long a stored answer is served without asking the
+    /// upstream.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_FRESH_FOR",
+        value_name = "DURATION",
+        default_value = "1h"
+    )]
+    pub(crate) fresh_for: String,
+
+    /// The upstream failures a stored answer is served for, as a comma list of
+    /// insufficient-quota, rate-limited, server-error and unreachable.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_FALLBACK_ON",
+        value_name = "REASONS",
+        default_value = "insufficient-quota"
+    )]
+    pub(crate) fallback_on: String,
+
+    /// Largest request body that is keyed; a larger request is forwarded untouched and
+    /// never cached (BYPASS).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_MAX_REQUEST_BODY",
+        value_name = "SIZE",
+        default_value = "4MiB"
+    )]
+    pub(crate) max_request_body: String,
+
+    /// Largest answer that is stored; a larger answer still reaches the client whole.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_MAX_RESPONSE_BODY",
+        value_name = "SIZE",
+        default_value = "8MiB"
+    )]
+    pub(crate) max_response_body: String,
+
+    /// Longest the upstream may stay silent (connecting, before its answer, between two
+    /// chunks of a stream) before the call fails as unreachable.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_UPSTREAM_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10m"
+    )]
+    pub(crate) upstream_timeout: String,
+
+    /// On SIGTERM or Ctrl-C: how long requests in flight may take to finish before they
+    /// are cut.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SHUTDOWN_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
+    pub(crate) shutdown_timeout: String,
+
+    /// A TOML file with any of the settings above, keyed by flag name without the dashes
+    /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
+    #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+/// Every setting, by flag name (its clap id is the same name with underscores).
+pub(crate) const SETTINGS: [&str; 12] = [
+    "listen",
+    "upstream",
+    "store",
+    "ttl",
+    "max-memory",
+    "mode",
+    "fresh-for",
+    "fallback-on",
+    "max-request-body",
+    "max-response-body",
+    "upstream-timeout",
+    "shutdown-timeout",
+];
+
+/// The clap id of a setting: `max-memory` is `max_memory`.
+pub(crate) fn id(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// The environment variable of a setting: `max-memory` is `FALLBACK_CACHE_MAX_MEMORY`.
+pub(crate) fn env_var(name: &str) -> String {
+    format!("FALLBACK_CACHE_{}", name.to_uppercase().replace('-', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_setting_is_a_flag() {
+        let command = Cli::command();
+        for name in SETTINGS {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == id(name).as_str())
+                .unwrap_or_else(|| panic!("no argument for {name}"));
+            assert_eq!(arg.get_long(), Some(name));
+            assert!(arg.get_default_values().len() == 1, "{name} has no default");
+            let env = env_var(name);
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
+        }
+        assert_eq!(env_var("max-memory"), "FALLBACK_CACHE_MAX_MEMORY");
+    }
+}

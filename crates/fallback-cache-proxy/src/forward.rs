@@ -1,0 +1,286 @@
+//! Forwarding one request: the headers that belong to a hop are dropped both ways, the rest
+//! goes through the layer to the upstream, and an upstream that cannot be reached becomes a
+//! 502 in OpenAI's error shape.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http::header::{
+    ACCEPT_ENCODING, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
+use tower::ServiceExt;
+use tower_fallback_cache::reqwest::ReqwestService;
+use tower_fallback_cache::store::Store;
+use tower_fallback_cache::{
+    CacheStatus, FallbackCache, Reason, Stats, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
+};
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    pub(crate) service: FallbackCache<ReqwestService>,
+    pub(crate) stats: Stats,
+    pub(crate) store: Arc<dyn Store>,
+    /// The upstream base URL, for error messages.
+    pub(crate) upstream: String,
+    /// Requests answered 502.
+    pub(crate) bad_gateway: AtomicU64,
+    /// When a FALLBACK was last logged at info level.
+    pub(crate) fallback_logged: Throttle,
+    /// When an unreachable upstream was last logged at warn level.
+    pub(crate) unreachable_logged: Throttle,
+}
+
+/// Lets a log line through at its level once per [`Throttle::QUIET`] seconds: during an
+/// outage every request fails the same way, and one line says so.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    /// Seconds since the Unix epoch of the last line let through, plus one (0: never).
+    last: AtomicU64,
+}
+
+impl Throttle {
+    const QUIET: u64 = 10;
+
+    /// Whether this line is the first of a while.
+    fn first_in_a_while(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= Self::QUIET)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Headers that describe one connection, not the message: never forwarded, either way.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// Forwards any request to the upstream through the cache.
+pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+    let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    let method = parts.method.clone();
+    // The path alone is logged: a query may carry a key (Gemini's `?key=`).
+    let path = parts.uri.path().to_owned();
+    // Only the path and query choose what is asked upstream: a request in absolute form
+    // (`GET http://elsewhere/...`) must not send the proxy elsewhere.
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .map_or_else(|| Uri::from_static("/"), Uri::from);
+    parts.version = Version::HTTP_11;
+    remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    // Answers are stored as they arrive, and served to any client: keep them uncompressed
+    // so that every client can read them and streamed events can be told apart.
+    parts
+        .headers
+        .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+
+    let result = proxy
+        .service
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await;
+    let response = match result {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            if parts.extensions.get::<CacheStatus>() == Some(&CacheStatus::Fallback) {
+                let reason = parts.extensions.get::<Reason>().map_or("", |r| r.as_str());
+                if proxy.fallback_logged.first_in_a_while() {
+                    tracing::info!(
+                        "{method} {path}: upstream failed ({reason}), served the last good answer \
+                         (more within {}s: at debug level)",
+                        Throttle::QUIET
+                    );
+                } else {
+                    tracing::debug!("{method} {path}: upstream failed ({reason}), FALLBACK");
+                }
+            }
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(error) => {
+            proxy.bad_gateway.fetch_add(1, Ordering::Relaxed);
+            let cause = describe(&error);
+            if proxy.unreachable_logged.first_in_a_while() {
+                tracing::warn!(
+                    "{method} {path}: upstream {} unreachable, answered 502: {cause} \
+                     (more within {}s: at debug level)",
+                    proxy.upstream,
+                    Throttle::QUIET
+                );
+            } else {
+                tracing::debug!("{method} {path}: upstream unreachable, answered 502: {cause}");
+            }
+            bad_gateway(&proxy.upstream, &cause)
+        }
+    };
+    tracing::debug!(
+        status = response.status().as_u16(),
+        cache = response
+            .headers()
+            .get(X_FALLBACK_CACHE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-"),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "{method} {path}"
+    );
+    response
+}
+
+/// Removes the hop-by-hop headers, and those the `connection` header names.
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.into_iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+/// The error and its causes, without the URL (its query may hold a key).
+fn describe(error: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = None;
+    let top = if error.url().is_some() {
+        // The URL is dropped from a copy of the message; the error itself is not Clone.
+        error
+            .to_string()
+            .split(" for url (")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        error.to_string()
+    };
+    parts.push(top);
+    if let Some(first) = std::error::Error::source(error) {
+        source = Some(first);
+    }
+    while let Some(error) = source {
+        let text = error.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        source = error.source();
+    }
+    if error.is_timeout() {
+        parts.push("no answer in time (see --upstream-timeout)".to_owned());
+    }
+    parts.join(": ")
+}
+
+/// A 502 in OpenAI's error shape, marked as a miss whose upstream was unreachable.
+fn bad_gateway(upstream: &str, cause: &str) -> Response {
+    let message = format!("fallback-cache-proxy could not reach the upstream {upstream}: {cause}");
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": "upstream_unreachable",
+            "param": null,
+            "code": "upstream_unreachable",
+        }
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        X_FALLBACK_CACHE,
+        HeaderValue::from_static(CacheStatus::Miss.as_str()),
+    );
+    headers.insert(
+        X_FALLBACK_CACHE_REASON,
+        HeaderValue::from_static(Reason::Unreachable.as_str()),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_while() {
+        let throttle = Throttle::default();
+        assert!(throttle.first_in_a_while());
+        assert!(!throttle.first_in_a_while());
+        assert!(!throttle.first_in_a_while());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_the_rest_kept() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic cHJveHk="),
+            ("authorization", "Bearer sk-test"),
+            ("openai-organization", "org-1"),
+            ("content-type", "application/json"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        remove_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["authorization", "content-type", "openai-organization"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_502_is_in_openai_error_shape() {
+        let response = bad_gateway("https://api.example.com", "connection refused");
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()["x-fallback-cache-reason"], "unreachable");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {
+                "message": "fallback-cache-proxy could not reach the upstream https://api.example.com: connection refused",
+                "type": "upstream_unreachable",
+                "param": null,
+                "code": "upstream_unreachable",
+            }})
+        );
+    }
+}

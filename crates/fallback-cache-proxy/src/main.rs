@@ -1,0 +1,65 @@
+//! `fallback-cache-proxy`: a reverse proxy for OpenAI-compatible APIs that keeps every good
+//! answer and serves the last one when the upstream says `insufficient_quota`.
+//!
+//! Point any client's base URL at it (`http://127.0.0.1:8080/v1` for OpenAI's SDKs); see
+//! `fallback-cache-proxy --help` and the README for the settings.
+
+mod cli;
+mod config;
+mod error;
+mod forward;
+mod metrics;
+mod parse;
+mod server;
+mod store;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // Settings first: a bad one is one line on stderr and nothing else.
+    let config = match config::load(std::env::args_os()) {
+        Ok(config) => config,
+        Err(error) => return fail(&error),
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &error::ProxyError) -> ExitCode {
+    eprintln!("error: {error}");
+    error.exit_code()
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|error| {
+            eprintln!(
+                "warning: RUST_LOG={spec:?} is not a valid filter ({error}); logging at info"
+            );
+            EnvFilter::new("info")
+        }),
+        _ => EnvFilter::new("info"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -1,0 +1,160 @@
+//! `GET /metrics`: the layer's counters and the store's size, in the Prometheus text format.
+
+use std::fmt::Write;
+
+use tower_fallback_cache::store::StoreUsage;
+use tower_fallback_cache::{CacheStatus, Reason, StatsSnapshot};
+
+/// The content type of the Prometheus text format.
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the proxy counts itself, next to the layer's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProxyCounts {
+    /// Requests answered 502: the upstream could not be reached and nothing was cached.
+    pub(crate) bad_gateway: u64,
+}
+
+/// The metrics page.
+pub(crate) fn render(stats: &StatsSnapshot, usage: StoreUsage, proxy: ProxyCounts) -> String {
+    let mut page = String::with_capacity(2048);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(Option<String>, u64)]| {
+        let _ = writeln!(page, "# HELP {name} {help}");
+        let _ = writeln!(page, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            match labels {
+                Some(labels) => {
+                    let _ = writeln!(page, "{name}{{{labels}}} {value}");
+                }
+                None => {
+                    let _ = writeln!(page, "{name} {value}");
+                }
+            }
+        }
+    };
+    let by_status = [
+        (CacheStatus::Miss, stats.misses),
+        (CacheStatus::Hit, stats.hits),
+        (CacheStatus::Fallback, stats.fallbacks),
+        (CacheStatus::Bypass, stats.bypassed),
+    ]
+    .map(|(status, value)| (Some(format!("status=\"{status}\"")), value));
+    let by_reason = |count: fn(&StatsSnapshot, Reason) -> u64| {
+        Reason::ALL.map(|reason| (Some(format!("reason=\"{reason}\"")), count(stats, reason)))
+    };
+    let one = |value: u64| [(None, value)];
+
+    family(
+        "fallback_cache_requests_total",
+        "counter",
+        "Requests answered through the cache, by the x-fallback-cache value they were sent with.",
+        &by_status,
+    );
+    family(
+        "fallback_cache_fallbacks_total",
+        "counter",
+        "Stored answers served because the upstream failed, by the failure.",
+        &by_reason(StatsSnapshot::fallbacks_for),
+    );
+    family(
+        "fallback_cache_fallback_misses_total",
+        "counter",
+        "Upstream failures that could have been answered from the cache, but nothing was stored for the request.",
+        &one(stats.fallback_misses),
+    );
+    family(
+        "fallback_cache_upstream_failures_total",
+        "counter",
+        "Upstream calls that failed, by the failure.",
+        &by_reason(StatsSnapshot::failures_for),
+    );
+    family(
+        "fallback_cache_upstream_unreachable_responses_total",
+        "counter",
+        "Requests answered 502 because the upstream could not be reached and no stored answer could be served.",
+        &one(proxy.bad_gateway),
+    );
+    family(
+        "fallback_cache_stored_total",
+        "counter",
+        "Answers written to the store.",
+        &one(stats.stored),
+    );
+    family(
+        "fallback_cache_store_errors_total",
+        "counter",
+        "Store operations that failed; each request went on without the cache.",
+        &one(stats.store_errors),
+    );
+    family(
+        "fallback_cache_corrupt_entries_total",
+        "counter",
+        "Stored entries that failed their checks and were treated as missing.",
+        &one(stats.corrupt_entries),
+    );
+    let known = |value: Option<u64>| value.map(|v| (None, v)).into_iter().collect::<Vec<_>>();
+    family(
+        "fallback_cache_store_entries",
+        "gauge",
+        "Answers held by the store.",
+        &known(usage.entries),
+    );
+    family(
+        "fallback_cache_store_bytes",
+        "gauge",
+        "Bytes of answers held by the store, as it weighs them.",
+        &known(usage.bytes),
+    );
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_declared_and_every_sample_is_a_number() {
+        let page = render(
+            &StatsSnapshot::default(),
+            StoreUsage {
+                entries: Some(3),
+                bytes: Some(4096),
+            },
+            ProxyCounts { bad_gateway: 2 },
+        );
+        assert!(
+            page.contains("fallback_cache_requests_total{status=\"FALLBACK\"} 0\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("fallback_cache_fallbacks_total{reason=\"insufficient_quota\"} 0\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("fallback_cache_upstream_unreachable_responses_total 2\n"),
+            "{page}"
+        );
+        assert!(page.contains("fallback_cache_store_entries 3\n"), "{page}");
+        assert!(page.contains("fallback_cache_store_bytes 4096\n"), "{page}");
+        for line in page.lines().filter(|line| !line.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').expect("a sample is `name value`");
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+            let family = name.split('{').next().unwrap_or(name);
+            assert!(
+                page.contains(&format!("# TYPE {family} ")),
+                "{family} has no TYPE"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_store_size_is_left_out() {
+        let page = render(
+            &StatsSnapshot::default(),
+            StoreUsage::default(),
+            ProxyCounts::default(),
+        );
+        assert!(page.contains("# TYPE fallback_cache_store_bytes gauge\n"));
+        assert!(!page.contains("fallback_cache_store_bytes 0"), "{page}");
+    }
+}

@@ -1,0 +1,180 @@
+//! Parsers of setting values. Each error says what a right value looks like; the caller
+//! puts the setting in front of it.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use tower_fallback_cache::Reason;
+
+/// `127.0.0.1:8080`, `[::1]:8080` or `localhost:8080`.
+pub(crate) fn listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let expected = "expected an address such as 127.0.0.1:8080 or [::1]:8080";
+    // A host name needs a port; without this check `localhost` fails with a vaguer message.
+    if !text.contains(':') {
+        return Err(format!("{expected} (the port is missing)"));
+    }
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| expected.to_owned())
+}
+
+/// An absolute `http` or `https` URL without credentials, query or fragment. Returned
+/// without a trailing slash.
+pub(crate) fn upstream(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|error| format!("{error}: expected a URL such as https://api.openai.com"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https".to_owned());
+    }
+    if !url.has_host() {
+        return Err("expected a URL such as https://api.openai.com".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials go in the client's headers, not in the upstream URL".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(
+            "the upstream takes no query or fragment: each request brings its own".to_owned(),
+        );
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// A duration in human form: `7d`, `12h`, `30m`, `90s`, `1h 30m`.
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|_| "expected a duration such as 7d, 12h, 30m or 90s".to_owned())?;
+    Ok(duration)
+}
+
+/// A duration that must not be zero.
+pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = duration(text)?;
+    if duration.is_zero() {
+        return Err("must be longer than 0".to_owned());
+    }
+    Ok(duration)
+}
+
+/// A size in human form: `256MiB`, `4 MiB`, `1GiB`, `500kB`, or bytes. Not zero.
+pub(crate) fn size(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|_| "expected a size such as 256MiB, 4MiB or 1GiB".to_owned())?;
+    if size.as_u64() == 0 {
+        return Err("must be more than 0 bytes".to_owned());
+    }
+    Ok(size.as_u64())
+}
+
+/// A size that fits in memory as one buffer.
+pub(crate) fn buffer_size(text: &str) -> Result<usize, String> {
+    usize::try_from(size(text)?).map_err(|_| "too large for this machine".to_owned())
+}
+
+/// When the upstream is called: `fallback` or `cache-first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ModeName {
+    Fallback,
+    CacheFirst,
+}
+
+/// `fallback` or `cache-first`.
+pub(crate) fn mode(text: &str) -> Result<ModeName, String> {
+    match text.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+        "fallback" => Ok(ModeName::Fallback),
+        "cache-first" => Ok(ModeName::CacheFirst),
+        _ => Err("expected fallback or cache-first".to_owned()),
+    }
+}
+
+/// A comma list of reasons: `insufficient-quota,server-error`.
+pub(crate) fn fallback_on(text: &str) -> Result<Vec<Reason>, String> {
+    let mut reasons = Vec::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let reason = part.parse::<Reason>().map_err(|error| error.to_string())?;
+        if !reasons.contains(&reason) {
+            reasons.push(reason);
+        }
+    }
+    if reasons.is_empty() {
+        return Err(
+            "expected a comma list of insufficient-quota, rate-limited, server-error and unreachable"
+                .to_owned(),
+        );
+    }
+    Ok(reasons)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_read_as_people_write_them() {
+        assert_eq!(duration("7d"), Ok(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(duration("0s"), Ok(Duration::ZERO));
+        assert!(positive_duration("0s").is_err());
+        assert_eq!(
+            duration("banana"),
+            Err("expected a duration such as 7d, 12h, 30m or 90s".to_owned())
+        );
+        assert_eq!(size("256MiB"), Ok(256 * 1024 * 1024));
+        assert_eq!(size("4 MiB"), Ok(4 * 1024 * 1024));
+        assert_eq!(size("1000"), Ok(1000));
+        assert!(size("lots").is_err());
+        assert!(size("0").is_err());
+    }
+
+    #[test]
+    fn the_upstream_is_a_plain_base_url() {
+        assert_eq!(
+            upstream("https://api.openai.com/").as_deref(),
+            Ok("https://api.openai.com")
+        );
+        assert_eq!(
+            upstream("http://127.0.0.1:9090/openai").as_deref(),
+            Ok("http://127.0.0.1:9090/openai")
+        );
+        let with_secret =
+            upstream("https://user:sk-secret@api.openai.com").expect_err("credentials");
+        assert!(!with_secret.contains("sk-secret"), "{with_secret}");
+        assert!(upstream("api.openai.com").is_err());
+        assert!(upstream("ftp://api.openai.com").is_err());
+        assert!(upstream("https://api.openai.com/?key=1").is_err());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            listen("127.0.0.1:0").map(|a| a.ip().is_loopback()),
+            Ok(true)
+        );
+        assert!(listen("[::1]:8080").is_ok());
+        assert!(listen("localhost").expect_err("no port").contains("port"));
+        assert!(listen("nonsense:port").is_err());
+    }
+
+    #[test]
+    fn fallback_reasons_take_both_spellings() {
+        assert_eq!(
+            fallback_on("insufficient-quota, server_error,insufficient-quota"),
+            Ok(vec![Reason::InsufficientQuota, Reason::ServerError])
+        );
+        assert!(fallback_on("").is_err());
+        assert!(fallback_on("quota").expect_err("unknown").contains("quota"));
+        assert_eq!(mode("cache-first"), Ok(ModeName::CacheFirst));
+        assert_eq!(mode("Cache_First"), Ok(ModeName::CacheFirst));
+        assert!(mode("always").is_err());
+    }
+}

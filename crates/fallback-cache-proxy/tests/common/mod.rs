@@ -1,0 +1,213 @@
+//! What the end-to-end tests share: the proxy binary as a process, the Python SDK script,
+//! and reading `/metrics`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The API key every test client sends. It must never appear in the proxy's logs.
+pub const API_KEY: &str = "sk-e2e-secret-0123456789";
+
+/// A running `fallback-cache-proxy`, killed when dropped.
+pub struct Proxy {
+    child: Child,
+    url: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    /// Starts the proxy on a free port with `args`, at debug level, and waits until it
+    /// listens.
+    pub fn start(args: &[&str]) -> Proxy {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .env_remove("FALLBACK_CACHE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the proxy binary starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (listening, address) = mpsc::channel();
+        {
+            let logs = logs.clone();
+            // Reads stderr to its end, so the proxy never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(at) = line.find("listening on http://") {
+                        let rest = &line[at + "listening on ".len()..];
+                        let url = rest.split([',', ' ']).next().unwrap_or(rest);
+                        let _ = listening.send(url.to_owned());
+                    }
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(url) = address.recv_timeout(Duration::from_millis(50)) {
+                return Proxy { child, url, logs };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                let logs = logs.lock().expect("logs").join("\n");
+                panic!("the proxy exited with {status} before listening:\n{logs}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not listen within 30s"
+            );
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The base URL an OpenAI SDK is given: `http://127.0.0.1:PORT/v1`.
+    pub fn base_url(&self) -> String {
+        format!("{}/v1", self.url)
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    /// The process id, to send signals to.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit within {limit:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.terminate();
+        self.wait(Duration::from_secs(20))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs the proxy binary to its end with `args`: (exit status, stderr).
+pub fn run_to_end(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("the proxy binary runs");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The Python with the official `openai` SDK, from `FALLBACK_CACHE_TEST_PYTHON`.
+pub fn python() -> PathBuf {
+    match std::env::var_os("FALLBACK_CACHE_TEST_PYTHON") {
+        Some(python) if !python.is_empty() => PathBuf::from(python),
+        _ => panic!(
+            "FALLBACK_CACHE_TEST_PYTHON is not set: these tests drive the proxy with the official \
+             openai Python SDK. Run scripts/test.sh, which sets it up, or by hand:\n  \
+             python3 -m venv target/test-venv && target/test-venv/bin/pip install openai\n  \
+             FALLBACK_CACHE_TEST_PYTHON=$PWD/target/test-venv/bin/python cargo test -p fallback-cache-proxy"
+        ),
+    }
+}
+
+/// `tests/e2e/openai_sdk.py` of the workspace.
+fn sdk_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/openai_sdk.py")
+}
+
+/// One chat completion with the official SDK (`kind`: `chat` or `stream`), as the JSON the
+/// script prints.
+pub async fn sdk(base_url: &str, kind: &str, prompt: &str) -> serde_json::Value {
+    let output = tokio::process::Command::new(python())
+        .arg(sdk_script())
+        .args([base_url, kind, prompt])
+        .env("OPENAI_API_KEY", API_KEY)
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("OPENAI_ORG_ID")
+        .env_remove("OPENAI_PROJECT_ID")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai_sdk.py {kind} failed ({}):\n{stderr}\n{stdout}",
+        output.status
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!("openai_sdk.py printed no JSON ({error}):\n{stdout}\n{stderr}")
+    })
+}
+
+/// The samples of `/metrics`, as `name{labels}` -> value.
+pub async fn metrics(proxy_url: &str) -> std::collections::HashMap<String, u64> {
+    let response = reqwest::get(format!("{proxy_url}/metrics"))
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let page = response.text().await.expect("metrics text");
+    page.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (name, value) = line.rsplit_once(' ').expect("name value");
+            (name.to_owned(), value.parse().expect("a whole number"))
+        })
+        .collect()
+}

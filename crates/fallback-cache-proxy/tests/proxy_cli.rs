@@ -1,0 +1,298 @@
+//! What a user sees around the requests: one clear line for a bad setting, `/healthz`, a
+//! 502 in OpenAI's shape for an upstream that cannot be reached, headers forwarded as they
+//! should be.
+
+mod common;
+
+use common::{Proxy, run_to_end};
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+/// The one line the proxy printed, after checking there was exactly one.
+fn one_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    lines[0]
+}
+
+#[test]
+fn a_store_in_a_missing_directory_is_one_line_naming_it() {
+    let (status, stderr) = run_to_end(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "disk:/nonexistent/dir/x.redb",
+        ],
+        &[],
+    );
+    assert!(!status.success(), "{status}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: --store disk:/nonexistent/dir/x.redb: directory /nonexistent/dir does not exist"
+    );
+}
+
+#[test]
+fn a_bad_duration_is_one_line_naming_the_flag_or_variable() {
+    let (status, stderr) = run_to_end(&["--ttl", "banana"], &[]);
+    assert!(!status.success(), "{status}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: --ttl banana: expected a duration such as 7d, 12h, 30m or 90s"
+    );
+
+    let (status, stderr) = run_to_end(&[], &[("FALLBACK_CACHE_TTL", "banana")]);
+    assert!(!status.success(), "{status}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: FALLBACK_CACHE_TTL=banana: expected a duration such as 7d, 12h, 30m or 90s"
+    );
+
+    let (status, stderr) = run_to_end(&["--store", "s3://bucket"], &[]);
+    assert!(!status.success(), "{status}");
+    assert!(one_line(&stderr).starts_with("error: --store s3://bucket: expected disk:PATH"));
+
+    let (status, stderr) = run_to_end(&["--no-such-flag"], &[]);
+    assert!(!status.success(), "{status}");
+    assert!(one_line(&stderr).contains("--no-such-flag"), "{stderr}");
+}
+
+#[test]
+fn a_flag_wins_over_the_environment_which_wins_over_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "ttl = \"banana-from-file\"\nmax-memory = \"lots\"\n",
+    )
+    .expect("write");
+    let config = config.to_str().expect("utf-8 path");
+    // The environment's good ttl hides the file's bad one; the file's bad size shows.
+    let (status, stderr) = run_to_end(&["--config", config], &[("FALLBACK_CACHE_TTL", "1d")]);
+    assert!(!status.success(), "{status}");
+    assert!(
+        one_line(&stderr).starts_with(&format!("error: max-memory = \"lots\" in {config}:")),
+        "{stderr}"
+    );
+    // A flag hides the environment's bad value.
+    let (status, stderr) = run_to_end(
+        &[
+            "--config",
+            config,
+            "--max-memory",
+            "1MiB",
+            "--ttl",
+            "wrong-flag",
+        ],
+        &[("FALLBACK_CACHE_TTL", "wrong-env")],
+    );
+    assert!(!status.success(), "{status}");
+    assert!(
+        one_line(&stderr).starts_with("error: --ttl wrong-flag:"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let (status, _) = run_to_end(&["--help"], &[]);
+    assert!(status.success(), "{status}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .arg("--help")
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--store",
+        "--ttl",
+        "--max-memory",
+        "--mode",
+        "--fresh-for",
+        "--fallback-on",
+        "--max-request-body",
+        "--max-response-body",
+        "--upstream-timeout",
+        "--shutdown-timeout",
+        "--config",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
+    }
+    assert!(help.contains("FALLBACK_CACHE_UPSTREAM"), "{help}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_a_502_in_openai_error_shape() {
+    // A port nobody listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let upstream = format!("http://127.0.0.1:{port}");
+    let proxy = Proxy::start(&["--upstream", &upstream, "--store", "memory"]);
+
+    let health = reqwest::get(format!("{}/healthz", proxy.url()))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions?api-version=1", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o-mini","messages":[]}"#)
+        .send()
+        .await
+        .expect("an answer from the proxy");
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.headers()["x-fallback-cache-reason"], "unreachable");
+    let body: serde_json::Value =
+        serde_json::from_str(&response.text().await.expect("body")).expect("a JSON body");
+    let error = &body["error"];
+    assert_eq!(error["type"], "upstream_unreachable", "{body}");
+    assert_eq!(error["code"], "upstream_unreachable", "{body}");
+    assert!(error["param"].is_null(), "{body}");
+    let message = error["message"].as_str().expect("a message");
+    let prefix = format!("fallback-cache-proxy could not reach the upstream {upstream}: ");
+    assert!(message.starts_with(&prefix), "{message}");
+    assert!(
+        message.to_lowercase().contains("connect"),
+        "the cause is missing: {message}"
+    );
+    assert!(
+        !message.contains("api-version"),
+        "the query was shown: {message}"
+    );
+
+    let page = common::metrics(proxy.url()).await;
+    assert_eq!(
+        page["fallback_cache_upstream_unreachable_responses_total"],
+        1
+    );
+    assert_eq!(
+        page["fallback_cache_upstream_failures_total{reason=\"unreachable\"}"],
+        1
+    );
+    assert!(!proxy.logs().contains(common::API_KEY), "{}", proxy.logs());
+}
+
+/// An upstream that answers every request with what it received, as JSON.
+async fn echo_upstream() -> String {
+    async fn echo(request: axum::extract::Request) -> axum::Json<serde_json::Value> {
+        let headers: serde_json::Map<String, serde_json::Value> = request
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into(),
+                )
+            })
+            .collect();
+        axum::Json(serde_json::json!({
+            "method": request.method().as_str(),
+            "uri": request.uri().to_string(),
+            "headers": headers,
+        }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(echo);
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_the_path_query_and_headers_but_no_hop_headers() {
+    let upstream = echo_upstream().await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &format!("{upstream}/openai"),
+        "--store",
+        "memory",
+    ]);
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/chat/completions?api-version=2024-10-21",
+            proxy.url()
+        ))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("openai-organization", "org-e2e")
+        .header("accept-encoding", "gzip, br")
+        .header("connection", "keep-alive, x-hop-secret")
+        .header("x-hop-secret", "dropped")
+        .header("keep-alive", "timeout=5")
+        .body(r#"{"model":"gpt-4o-mini","messages":[]}"#)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+    assert!(response.headers().get("keep-alive").is_none());
+    let seen: serde_json::Value =
+        serde_json::from_str(&response.text().await.expect("body")).expect("JSON");
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(
+        seen["uri"], "/openai/v1/chat/completions?api-version=2024-10-21",
+        "{seen}"
+    );
+    let headers = &seen["headers"];
+    assert_eq!(
+        headers["authorization"],
+        format!("Bearer {}", common::API_KEY),
+        "{seen}"
+    );
+    assert_eq!(headers["openai-organization"], "org-e2e", "{seen}");
+    assert_eq!(
+        headers["host"],
+        upstream.trim_start_matches("http://"),
+        "{seen}"
+    );
+    // Stored answers are served to any client: they are asked for uncompressed.
+    assert_eq!(headers["accept-encoding"], "identity", "{seen}");
+    for hop in ["x-hop-secret", "keep-alive", "connection"] {
+        assert!(headers.get(hop).is_none(), "{hop} was forwarded: {seen}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_upstream_is_cut_for_the_client_and_never_served_again() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Cut me off"}]}"#;
+    let send = || {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", proxy.url()))
+            .header("authorization", format!("Bearer {}", common::API_KEY))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    mock.control().set_mode(Mode::Cut { after_events: 2 });
+    let response = send().await.expect("the stream starts");
+    assert_eq!(response.status(), 200);
+    let read = response.bytes().await;
+    assert!(
+        read.is_err(),
+        "a cut stream reached the client as a clean end: {read:?}"
+    );
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let response = send().await.expect("an answer");
+    assert_eq!(response.status(), 429, "a cut stream was stored and served");
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+}

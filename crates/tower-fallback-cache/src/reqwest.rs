@@ -1,0 +1,369 @@
+//! [`ReqwestService`]: a [`reqwest::Client`] as a tower [`Service`] over
+//! `http` types, so the layer can sit in front of it.
+//!
+//! The layer speaks `http::Request` / `http::Response`; reqwest speaks its own request and
+//! response types. [`ReqwestService`] converts between the two without buffering: the
+//! request body streams to the upstream and the answer streams back as a
+//! [`reqwest::Body`]. TLS, timeouts, proxies and connection pooling are the
+//! client's own settings.
+//!
+//! With a [base URL](ReqwestService::base_url), requests carry only a path and query
+//! (`/chat/completions`), which is how an SDK's `base_url` works and how a reverse proxy
+//! forwards.
+//!
+//! # Example
+//!
+//! The layer in front of a `reqwest::Client`, used as a client SDK:
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http::Request;
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_fallback_cache::{CacheStatus, FallbackCacheLayer, reqwest::ReqwestService};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let upstream = ReqwestService::new(reqwest::Client::new()).base_url("https://api.openai.com/v1")?;
+//! let client = ServiceBuilder::new()
+//!     .layer(FallbackCacheLayer::new())
+//!     .service(upstream);
+//!
+//! let request = Request::post("/chat/completions")
+//!     .header("authorization", format!("Bearer {}", std::env::var("OPENAI_API_KEY")?))
+//!     .header("content-type", "application/json")
+//!     .body(Full::new(Bytes::from_static(
+//!         br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}"#,
+//!     )))?;
+//! let response = client.oneshot(request).await?;
+//! if response.extensions().get::<CacheStatus>() == Some(&CacheStatus::Fallback) {
+//!     eprintln!("out of quota: this is the last good answer");
+//! }
+//! let answer = response.into_body().collect().await?.to_bytes();
+//! println!("{}", String::from_utf8_lossy(&answer));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A [`reqwest::Client`] as a tower [`Service`]: takes an
+/// `http::Request` with any body, answers an `http::Response<reqwest::Body>` as it streams
+/// in, and fails with the client's [`reqwest::Error`] (connect failure,
+/// timeout, bad URL), which the layer classifies as
+/// [`Reason::Unreachable`](crate::Reason::Unreachable).
+///
+/// Cheap to clone: clones share the client's connection pool.
+#[derive(Clone, Debug)]
+pub struct ReqwestService {
+    client: ::reqwest::Client,
+    /// The base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    base: Option<String>,
+}
+
+impl ReqwestService {
+    /// Sends each request with `client`, to the absolute URI the request carries.
+    pub fn new(client: ::reqwest::Client) -> Self {
+        Self { client, base: None }
+    }
+
+    /// Sends each request to `base` joined with the request's path and query:
+    /// `https://api.openai.com/v1` and `/chat/completions?x=1` make
+    /// `https://api.openai.com/v1/chat/completions?x=1`.
+    ///
+    /// The request is then treated as forwarded: the scheme and authority of its URI, its
+    /// `host` header and its HTTP version describe the hop that brought it, so they are
+    /// replaced by the upstream's own.
+    ///
+    /// `base` must be an absolute `http` or `https` URL without credentials, query or
+    /// fragment.
+    pub fn base_url(mut self, base: &str) -> Result<Self, InvalidBaseUrl> {
+        let invalid = |why: &str| InvalidBaseUrl {
+            url: base.to_owned(),
+            why: why.to_owned(),
+        };
+        let url = ::reqwest::Url::parse(base).map_err(|error| invalid(&error.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        if !url.has_host() {
+            return Err(invalid("it names no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            // The error is shown to people and logs: keep the secret out of it.
+            let mut redacted = url.clone();
+            let _ = redacted.set_username("");
+            let _ = redacted.set_password(None);
+            return Err(InvalidBaseUrl {
+                url: redacted.to_string(),
+                why: "credentials go in headers, not in the URL".to_owned(),
+            });
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("a base URL takes no query or fragment"));
+        }
+        let url = url.as_str();
+        self.base = Some(url.trim_end_matches('/').to_owned());
+        Ok(self)
+    }
+
+    /// The client requests are sent with.
+    pub fn client(&self) -> &::reqwest::Client {
+        &self.client
+    }
+
+    /// The URI a request for `uri` is sent to.
+    fn target(&self, uri: &Uri) -> Option<Uri> {
+        let base = self.base.as_deref()?;
+        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let path = if path.starts_with('/') { path } else { "/" };
+        Uri::try_from(format!("{base}{path}")).ok()
+    }
+}
+
+/// A base URL that [`ReqwestService::base_url`] cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid base URL {url:?}: {why}")]
+pub struct InvalidBaseUrl {
+    url: String,
+    why: String,
+}
+
+impl<B> Service<Request<B>> for ReqwestService
+where
+    B: Body + Send + 'static,
+    B::Data: Into<Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<::reqwest::Body>;
+    type Error = ::reqwest::Error;
+    type Future = ReqwestFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // A reqwest client takes every request at once; its pool queues them.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        if self.base.is_some() {
+            // A URI that cannot be joined (none can, in practice) stays relative and is
+            // refused by reqwest with its own error.
+            if let Some(uri) = self.target(&parts.uri) {
+                parts.uri = uri;
+            }
+            parts.headers.remove(HOST);
+            parts.version = Version::default();
+        }
+        let body = ::reqwest::Body::wrap(SyncBody::new(body));
+        let pending = ::reqwest::Request::try_from(Request::from_parts(parts, body))
+            .map(|request| self.client.execute(request));
+        ReqwestFuture {
+            inner: Box::pin(async move { Ok(Response::from(pending?.await?)) }),
+        }
+    }
+}
+
+/// The answer of a [`ReqwestService`] call: its status and headers once they arrived; the
+/// body streams on.
+pub struct ReqwestFuture {
+    inner:
+        Pin<Box<dyn Future<Output = Result<Response<::reqwest::Body>, ::reqwest::Error>> + Send>>,
+}
+
+impl Future for ReqwestFuture {
+    type Output = Result<Response<::reqwest::Body>, ::reqwest::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for ReqwestFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReqwestFuture").finish_non_exhaustive()
+    }
+}
+
+/// A body that is `Sync`, as reqwest requires, whatever the body it holds: most server
+/// bodies (axum's, hyper's boxed ones) are `Send` only. Polling takes `&mut` and never
+/// locks; only the size queries do, and they are never contended.
+struct SyncBody<B> {
+    inner: Mutex<Pin<Box<B>>>,
+}
+
+impl<B> SyncBody<B> {
+    fn new(body: B) -> Self {
+        Self {
+            inner: Mutex::new(Box::pin(body)),
+        }
+    }
+}
+
+impl<B: Body> Body for SyncBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let body = self
+            .get_mut()
+            .inner
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tower::ServiceExt;
+
+    /// A one-connection HTTP/1.1 server that answers with what it received: the request
+    /// line, the headers and the body, one per line.
+    async fn echo_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut received = Vec::new();
+            let mut buf = [0; 4096];
+            let head_end = loop {
+                let n = socket.read(&mut buf).await.expect("read");
+                assert!(n > 0, "connection closed before the end of the headers");
+                received.extend_from_slice(&buf[..n]);
+                if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&received[..head_end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().expect("content-length"));
+            while received.len() < head_end + length {
+                let n = socket.read(&mut buf).await.expect("read");
+                received.extend_from_slice(&buf[..n]);
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                received.len()
+            );
+            socket.write_all(answer.as_bytes()).await.expect("write");
+            socket.write_all(&received).await.expect("write");
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn joins_the_base_url_and_forwards_headers_and_body() {
+        let server = echo_server().await;
+        let service = ReqwestService::new(::reqwest::Client::new())
+            .base_url(&format!("{server}/v1/"))
+            .expect("base url");
+        let request = Request::post("http://proxy.invalid/chat/completions?x=1")
+            .header("host", "proxy.invalid")
+            .header("authorization", "Bearer sk-test")
+            .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .expect("request");
+        let response = service.oneshot(request).await.expect("call");
+        assert_eq!(response.status(), 200);
+        let echoed = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let echoed = String::from_utf8_lossy(&echoed).to_lowercase();
+        assert!(
+            echoed.starts_with("post /v1/chat/completions?x=1 http/1.1\r\n"),
+            "{echoed}"
+        );
+        assert!(
+            echoed.contains("authorization: bearer sk-test\r\n"),
+            "{echoed}"
+        );
+        assert!(
+            !echoed.contains("proxy.invalid"),
+            "the hop's host was forwarded: {echoed}"
+        );
+        assert!(echoed.ends_with("\r\n\r\n{\"model\":\"m\"}"), "{echoed}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_reqwest_error() {
+        // Bind then drop: nothing listens on this port any more.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("local addr")
+            .port();
+        let service = ReqwestService::new(::reqwest::Client::new())
+            .base_url(&format!("http://127.0.0.1:{port}"))
+            .expect("base url");
+        let request = Request::get("/v1/models")
+            .body(Full::<Bytes>::default())
+            .expect("request");
+        let error = service.oneshot(request).await.expect_err("nothing listens");
+        assert!(error.is_connect(), "{error:?}");
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_or_a_query_is_refused() {
+        let client = ::reqwest::Client::new();
+        for bad in [
+            "https://user:secret@api.example.com",
+            "https://api.example.com/v1?key=1",
+            "ftp://api.example.com",
+            "not a url",
+        ] {
+            let error = ReqwestService::new(client.clone())
+                .base_url(bad)
+                .expect_err(bad);
+            assert!(error.to_string().contains("invalid base URL"), "{error}");
+            assert!(!error.to_string().contains("secret"), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relative_uri_without_a_base_url_is_an_error_not_a_panic() {
+        let service = ReqwestService::new(::reqwest::Client::new());
+        let request = Request::get("/v1/models")
+            .body(Full::<Bytes>::default())
+            .expect("request");
+        let error = service.oneshot(request).await.expect_err("no base URL");
+        assert!(error.is_builder(), "{error:?}");
+    }
+}

@@ -9,8 +9,7 @@ pub const X_FALLBACK_CACHE: HeaderName = HeaderName::from_static("x-fallback-cac
 /// `x-fallback-cache-key`: the request's [`CacheKey`](crate::CacheKey), 64 hex digits.
 pub const X_FALLBACK_CACHE_KEY: HeaderName = HeaderName::from_static("x-fallback-cache-key");
 /// `x-fallback-cache-reason`: why the upstream failed, when it did.
-pub const X_FALLBACK_CACHE_REASON: HeaderName =
-    HeaderName::from_static("x-fallback-cache-reason");
+pub const X_FALLBACK_CACHE_REASON: HeaderName = HeaderName::from_static("x-fallback-cache-reason");
 
 /// What the layer did with a request. Sent as `x-fallback-cache` and put in the response
 /// extensions, next to the [`CacheKey`](crate::CacheKey) (keyed requests) and the

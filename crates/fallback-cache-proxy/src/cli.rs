@@ -11,7 +11,7 @@ use clap::Parser;
 /// the upstream answers `insufficient_quota` it serves the last good answer to the same
 /// request instead of the error.
 ///
-/// Every setting is a flag, an environment variable FALLBACK_CACHE_<FLAG> and a key of the
+/// Every setting is a flag, an environment variable `FALLBACK_CACHE_<FLAG>` and a key of the
 /// --config file; a flag wins over the environment, which wins over the file.
 #[derive(Debug, Parser)]
 #[command(name = "fallback-cache-proxy", version, about, long_about)]
@@ -26,7 +26,7 @@ pub(crate) struct Cli {
     pub(crate) listen: String,
 
     /// The API to forward to. Each request goes to this URL joined with the request's path
-    /// and query: clients use base_url http://127.0.0.1:8080/v1 for https://api.openai.com.
+    /// and query: clients use base_url `http://127.0.0.1:8080/v1` for `https://api.openai.com`.
     #[arg(
         long,
         env = "FALLBACK_CACHE_UPSTREAM",
@@ -133,6 +133,38 @@ pub(crate) struct Cli {
     )]
     pub(crate) shutdown_timeout: String,
 
+    /// After an insufficient_quota for a credential, how long its upstream calls are
+    /// suspended: its requests get the cached answer at once, or the last quota error with
+    /// retry-after, and one probe per cooldown asks the upstream whether the quota is back.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_QUOTA_COOLDOWN",
+        value_name = "DURATION",
+        default_value = "60s"
+    )]
+    pub(crate) quota_cooldown: String,
+
+    /// The longest cooldown: it doubles up to this while the quota stays exhausted.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_QUOTA_COOLDOWN_MAX",
+        value_name = "DURATION",
+        default_value = "15m"
+    )]
+    pub(crate) quota_cooldown_max: String,
+
+    /// Switch the quota breaker off: every request goes to the upstream, even right after
+    /// an insufficient_quota.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_NO_QUOTA_BREAKER",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub(crate) no_quota_breaker: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -140,7 +172,7 @@ pub(crate) struct Cli {
 }
 
 /// Every setting, by flag name (its clap id is the same name with underscores).
-pub(crate) const SETTINGS: [&str; 12] = [
+pub(crate) const SETTINGS: [&str; 15] = [
     "listen",
     "upstream",
     "store",
@@ -153,6 +185,9 @@ pub(crate) const SETTINGS: [&str; 12] = [
     "max-response-body",
     "upstream-timeout",
     "shutdown-timeout",
+    "quota-cooldown",
+    "quota-cooldown-max",
+    "no-quota-breaker",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use tower_fallback_cache::{Mode, Reason};
+use tower_fallback_cache::{Mode, QuotaBreaker, Reason};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
@@ -33,6 +33,7 @@ pub(crate) struct Config {
     pub(crate) max_response_body: usize,
     pub(crate) upstream_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) quota_breaker: QuotaBreaker,
     /// Settings given that have no effect, to warn about once logging is up.
     pub(crate) ignored: Vec<String>,
 }
@@ -136,6 +137,25 @@ where
             Mode::Fallback
         }
     };
+    let cooldown = raw("quota-cooldown").parse(parse::positive_duration)?;
+    let cooldown_max = raw("quota-cooldown-max");
+    let cooldown_max_value = cooldown_max.parse(parse::positive_duration)?;
+    if cooldown_max_value < cooldown {
+        return Err(ProxyError::Invalid {
+            setting: cooldown_max.setting(),
+            why: format!(
+                "must be at least --quota-cooldown ({})",
+                humantime::format_duration(cooldown)
+            ),
+        });
+    }
+    let quota_breaker = if raw("no-quota-breaker").parse(parse::switch)? {
+        QuotaBreaker::disabled()
+    } else {
+        QuotaBreaker::new()
+            .cooldown(cooldown)
+            .max_cooldown(cooldown_max_value)
+    };
     Ok(Config {
         listen: raw("listen").parse(parse::listen)?,
         upstream: raw("upstream").parse(parse::upstream)?,
@@ -149,6 +169,7 @@ where
         max_response_body: raw("max-response-body").parse(parse::buffer_size)?,
         upstream_timeout: raw("upstream-timeout").parse(parse::positive_duration)?,
         shutdown_timeout: raw("shutdown-timeout").parse(parse::duration)?,
+        quota_breaker,
         ignored,
     })
 }
@@ -191,6 +212,7 @@ fn read_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ProxyError> 
         let text = match value {
             toml::Value::String(text) => text,
             toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Boolean(switch) => switch.to_string(),
             toml::Value::Array(items) => {
                 let items: Option<Vec<&str>> = items.iter().map(toml::Value::as_str).collect();
                 items
@@ -323,5 +345,45 @@ mod tests {
             }
         );
         assert!(config.ignored.is_empty());
+    }
+
+    #[test]
+    fn the_quota_breaker_settings() {
+        let config = load_args(&[]).expect("defaults");
+        assert_eq!(
+            config.quota_breaker,
+            QuotaBreaker::new()
+                .cooldown(Duration::from_secs(60))
+                .max_cooldown(Duration::from_secs(900))
+        );
+        let config =
+            load_args(&["--quota-cooldown", "10s", "--quota-cooldown-max", "2m"]).expect("valid");
+        assert_eq!(
+            config.quota_breaker,
+            QuotaBreaker::new()
+                .cooldown(Duration::from_secs(10))
+                .max_cooldown(Duration::from_secs(120))
+        );
+        let off = load_args(&["--no-quota-breaker"]).expect("valid");
+        assert!(!off.quota_breaker.is_enabled());
+        let file = config_file("no-quota-breaker = true\n");
+        let path = file.path().to_str().expect("utf-8 path");
+        assert!(
+            !load_args(&["--config", path])
+                .expect("valid")
+                .quota_breaker
+                .is_enabled()
+        );
+        let error = load_args(&["--quota-cooldown", "5m", "--quota-cooldown-max", "1m"])
+            .expect_err("max below the first cooldown");
+        assert!(
+            error.to_string().contains("--quota-cooldown-max 1m"),
+            "{error}"
+        );
+        let error = load_args(&["--no-quota-breaker", "maybe"]).expect_err("not a switch");
+        assert!(
+            error.to_string().contains("expected true or false"),
+            "{error}"
+        );
     }
 }

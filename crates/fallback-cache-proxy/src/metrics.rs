@@ -92,6 +92,36 @@ pub(crate) fn render(stats: &StatsSnapshot, usage: StoreUsage, proxy: ProxyCount
         "Stored entries that failed their checks and were treated as missing.",
         &one(stats.corrupt_entries),
     );
+    family(
+        "fallback_cache_quota_breaker_openings_total",
+        "counter",
+        "Times a credential's upstream calls were suspended after insufficient_quota.",
+        &one(stats.breaker_openings),
+    );
+    family(
+        "fallback_cache_quota_breaker_closings_total",
+        "counter",
+        "Times a probe found the quota back and a credential's upstream calls resumed.",
+        &one(stats.breaker_closings),
+    );
+    family(
+        "fallback_cache_suspended_requests_total",
+        "counter",
+        "Requests answered without calling the upstream because their credential's quota was exhausted.",
+        &one(stats.suspended),
+    );
+    family(
+        "fallback_cache_suspended_partitions",
+        "gauge",
+        "Credentials whose upstream calls are suspended now.",
+        &one(stats.suspended_partitions),
+    );
+    family(
+        "fallback_cache_coalesced_requests_total",
+        "counter",
+        "Cache-first requests served the answer of an identical request's upstream call instead of making their own.",
+        &one(stats.coalesced),
+    );
     let known = |value: Option<u64>| value.map(|v| (None, v)).into_iter().collect::<Vec<_>>();
     family(
         "fallback_cache_store_entries",

@@ -51,6 +51,15 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// `true` or `false` (also `yes`/`no`, `1`/`0`, `on`/`off`).
+pub(crate) fn switch(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err("expected true or false".to_owned()),
+    }
+}
+
 /// A duration that must not be zero.
 pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
     let duration = duration(text)?;

@@ -51,6 +51,7 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         .fallback_on(config.fallback_on.iter().copied())
         .max_request_body(config.max_request_body)
         .max_response_body(config.max_response_body)
+        .quota_breaker(config.quota_breaker)
         .build();
     let proxy = Arc::new(Proxy {
         service: layer.layer(upstream),

@@ -76,10 +76,20 @@ async fn the_sdk_gets_the_same_chat_completion_when_the_quota_is_gone() {
         moved("fallback_cache_fallbacks_total{reason=\"insufficient_quota\"}"),
         1
     );
+    // The quota breaker opened on the second request: the unseen one was answered with
+    // the last quota error without calling the upstream.
+    assert_eq!(
+        mock.control().calls(),
+        2,
+        "a suspended request reached the upstream"
+    );
     assert_eq!(
         moved("fallback_cache_upstream_failures_total{reason=\"insufficient_quota\"}"),
-        2
+        1
     );
+    assert_eq!(moved("fallback_cache_quota_breaker_openings_total"), 1);
+    assert_eq!(moved("fallback_cache_suspended_requests_total"), 1);
+    assert_eq!(after["fallback_cache_suspended_partitions"], 1);
     assert_eq!(moved("fallback_cache_fallback_misses_total"), 1);
     assert_eq!(moved("fallback_cache_stored_total"), 1);
     assert!(after["fallback_cache_store_entries"] >= 1, "{after:?}");

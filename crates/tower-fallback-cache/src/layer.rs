@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use crate::breaker::{Breaker, QuotaBreaker};
 use crate::classify::{Classify, ProviderClassifier, Reason};
+use crate::coalesce::InFlight;
 use crate::key::KeyRules;
 use crate::partition::Partition;
 use crate::service::FallbackCache;
@@ -21,6 +23,13 @@ pub enum Mode {
     /// Serve a stored answer younger than `fresh_for` without calling the upstream (`HIT`);
     /// otherwise behave as [`Mode::Fallback`]. A request with `Cache-Control: no-cache`
     /// always goes to the upstream.
+    ///
+    /// Identical requests that miss at the same time make one upstream call: the first is
+    /// forwarded, the others wait until its answer is stored and are served it as `HIT`.
+    /// A streamed answer is stored once the stream has ended, so the waiting requests get
+    /// their first event only then, replayed from the cache. If the first request's answer
+    /// is not stored (an error, a cut stream, a client that went away), each waiting
+    /// request calls the upstream itself.
     CacheFirst {
         /// How long a stored answer is served without asking the upstream.
         fresh_for: Duration,
@@ -48,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) stats: Stats,
+    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) in_flight: Arc<InFlight>,
 }
 
 impl Shared {
@@ -138,6 +149,7 @@ impl std::fmt::Debug for FallbackCacheLayer {
             .field("key_rules", &s.key_rules)
             .field("max_request_body", &s.max_request_body)
             .field("max_response_body", &s.max_response_body)
+            .field("quota_breaker", &s.breaker.policy())
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +166,7 @@ pub struct FallbackCacheBuilder {
     ttl: Duration,
     max_request_body: usize,
     max_response_body: usize,
+    quota_breaker: QuotaBreaker,
 }
 
 impl Default for FallbackCacheBuilder {
@@ -168,6 +181,7 @@ impl Default for FallbackCacheBuilder {
             ttl: DEFAULT_TTL,
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
+            quota_breaker: QuotaBreaker::default(),
         }
     }
 }
@@ -239,11 +253,19 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// How the layer stops calling the upstream for a credential whose quota is exhausted
+    /// (default: on, 60 s doubling up to 15 min). See [`QuotaBreaker`].
+    pub fn quota_breaker(mut self, breaker: QuotaBreaker) -> Self {
+        self.quota_breaker = breaker;
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> FallbackCacheLayer {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new(DEFAULT_MAX_MEMORY)));
+        let stats = Stats::default();
         FallbackCacheLayer {
             shared: Arc::new(Shared {
                 store,
@@ -255,7 +277,9 @@ impl FallbackCacheBuilder {
                 ttl: self.ttl,
                 max_request_body: self.max_request_body,
                 max_response_body: self.max_response_body,
-                stats: Stats::default(),
+                breaker: Arc::new(Breaker::new(self.quota_breaker, stats.clone())),
+                in_flight: Arc::default(),
+                stats,
             }),
         }
     }

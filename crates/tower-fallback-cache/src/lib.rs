@@ -72,7 +72,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod breaker;
 mod classify;
+mod coalesce;
 mod entry;
 mod future;
 mod key;
@@ -87,6 +89,7 @@ mod status;
 pub mod store;
 
 pub use body::{RequestBody, ResponseBody};
+pub use breaker::{DEFAULT_QUOTA_COOLDOWN, DEFAULT_QUOTA_COOLDOWN_MAX, QuotaBreaker};
 pub use classify::{Classify, ClassifyExt, OrElse, ParseReasonError, ProviderClassifier, Reason};
 pub use entry::{CachedResponse, EntryError};
 pub use future::ResponseFuture;

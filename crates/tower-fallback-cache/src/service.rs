@@ -6,13 +6,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Buf;
-use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH};
+use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{Capture, CaptureSink, Collected, RequestBody, ResponseBody, collect_up_to};
+use crate::breaker::Admission;
 use crate::classify::Reason;
+use crate::coalesce::{self, Turn};
 use crate::entry::CachedResponse;
 use crate::future::ResponseFuture;
 use crate::key::{CacheKey, KEY_VERSION};
@@ -167,20 +169,67 @@ where
     let partition = shared.partition.of(&parts);
     let key = shared.key_rules.key(&partition, &parts, &bytes);
 
-    // 2. Cache-first: a fresh answer is served without calling the upstream.
+    // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
+    // requests that miss together make one call.
+    let mut leader = None;
     if let Mode::CacheFirst { fresh_for } = shared.mode {
         if !cache_control_has(&parts.headers, "no-cache") {
-            if let Some(entry) = lookup(&shared, &key).await {
-                if entry.age() < fresh_for {
-                    Counters::add(&counters.hits);
-                    tracing::debug!(%key, "HIT");
-                    return Ok(replay(entry, CacheStatus::Hit, key, None));
+            if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                return Ok(hit);
+            }
+            match shared.in_flight.join(key) {
+                Turn::Lead(lead) => {
+                    // The previous leader may have stored the answer between our lookup
+                    // and our turn.
+                    if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        return Ok(hit);
+                    }
+                    leader = Some(lead);
+                }
+                Turn::Follow(call) => {
+                    coalesce::wait(call).await;
+                    if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        Counters::add(&counters.coalesced);
+                        return Ok(hit);
+                    }
                 }
             }
         }
     }
 
-    // 3. Upstream.
+    // 3. The quota breaker: a suspended partition does not call the upstream.
+    let probe = match shared.breaker.admit(partition) {
+        Admission::Call => None,
+        Admission::Probe(probe) => Some(probe),
+        Admission::Suspended {
+            last_error,
+            retry_after,
+        } => {
+            Counters::add(&counters.suspended);
+            let reason = Reason::InsufficientQuota;
+            if let Some(served) = fall_back(&shared, key, reason).await {
+                return Ok(served);
+            }
+            Counters::add(&counters.misses);
+            tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
+            let (mut parts, body) = stored_response(&last_error).into_parts();
+            mark(
+                &mut parts.headers,
+                &mut parts.extensions,
+                CacheStatus::Miss,
+                key,
+                Some(reason),
+                None,
+            );
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            parts
+                .headers
+                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            return Ok(Response::from_parts(parts, body));
+        }
+    };
+
+    // 4. Upstream.
     let response = match inner
         .call(Request::from_parts(parts, RequestBody::full(bytes)))
         .await
@@ -197,9 +246,12 @@ where
         }
     };
 
-    // 4. Classify.
+    // 5. Classify.
     let status = response.status();
     if status.is_success() {
+        if let Some(probe) = probe {
+            probe.succeeded();
+        }
         Counters::add(&counters.misses);
         let (mut parts, body) = response.into_parts();
         let body = if storable(&parts.headers, shared.max_response_body) {
@@ -208,6 +260,7 @@ where
                 store: shared.store.clone(),
                 stats: shared.stats.clone(),
                 ttl: shared.ttl,
+                leader,
             };
             let capture = Capture::new(
                 sink,
@@ -251,8 +304,15 @@ where
         Collected::Failed { prefix, error } => (prefix, Some(error), None),
     };
     let reason = shared.classifier.classify(status, &parts.headers, &prefix);
+    if reason == Some(Reason::InsufficientQuota) && rest.is_none() && error.is_none() {
+        // Kept whole, so that requests of a suspended partition get the same error.
+        let last_error = CachedResponse::new(status, parts.headers.clone(), vec![prefix.clone()]);
+        shared
+            .breaker
+            .quota_exhausted(partition, Arc::new(last_error), probe);
+    }
 
-    // 5. Fall back.
+    // 6. Fall back.
     if let Some(reason) = reason {
         Counters::add(&counters.failures[reason as usize]);
         if let Some(served) = fall_back(&shared, key, reason).await {
@@ -273,6 +333,21 @@ where
         parts,
         ResponseBody::resumed(prefix, error, rest),
     ))
+}
+
+/// A stored answer younger than `fresh_for`, served as `HIT`.
+async fn fresh_hit<B: Body>(
+    shared: &Shared,
+    key: CacheKey,
+    fresh_for: Duration,
+) -> Option<Response<ResponseBody<B>>> {
+    let entry = lookup(shared, &key).await?;
+    if entry.age() >= fresh_for {
+        return None;
+    }
+    Counters::add(&shared.stats.counters().hits);
+    tracing::debug!(%key, "HIT");
+    Some(replay(entry, CacheStatus::Hit, key, None))
 }
 
 /// Forwards a request that is not keyed, and marks the answer `BYPASS`.
@@ -350,10 +425,7 @@ fn replay<B: Body>(
     reason: Option<Reason>,
 ) -> Response<ResponseBody<B>> {
     let age = entry.age();
-    let mut response = Response::new(ResponseBody::replay(entry.clone()));
-    *response.status_mut() = entry.status();
-    *response.headers_mut() = entry.headers().clone();
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, body) = stored_response(&entry).into_parts();
     mark(
         &mut parts.headers,
         &mut parts.extensions,
@@ -363,6 +435,14 @@ fn replay<B: Body>(
         Some(age),
     );
     Response::from_parts(parts, body)
+}
+
+/// A stored answer as a response: its status, its headers, its body frame by frame.
+fn stored_response<B: Body>(entry: &Arc<CachedResponse>) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::replay(entry.clone()));
+    *response.status_mut() = entry.status();
+    *response.headers_mut() = entry.headers().clone();
+    response
 }
 
 fn mark(

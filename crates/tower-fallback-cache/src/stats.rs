@@ -32,6 +32,11 @@ pub(crate) struct Counters {
     pub(crate) corrupt_entries: AtomicU64,
     pub(crate) failures: [AtomicU64; 4],
     pub(crate) fallbacks_by_reason: [AtomicU64; 4],
+    pub(crate) breaker_openings: AtomicU64,
+    pub(crate) breaker_closings: AtomicU64,
+    pub(crate) suspended: AtomicU64,
+    pub(crate) suspended_partitions: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -60,6 +65,18 @@ pub struct StatsSnapshot {
     pub failures: [u64; 4],
     /// Fallbacks served by reason, indexed like [`Reason::ALL`].
     pub fallbacks_by_reason: [u64; 4],
+    /// Times the quota breaker suspended a partition.
+    pub breaker_openings: u64,
+    /// Times a probe found the quota back and the breaker resumed a partition.
+    pub breaker_closings: u64,
+    /// Requests answered without calling the upstream because their partition was
+    /// suspended (counted in `fallbacks` or `misses` as well).
+    pub suspended: u64,
+    /// Partitions suspended now.
+    pub suspended_partitions: u64,
+    /// Cache-first requests that waited for an identical request's call instead of making
+    /// their own, and were served its answer.
+    pub coalesced: u64,
 }
 
 impl StatsSnapshot {
@@ -91,6 +108,11 @@ impl Stats {
             corrupt_entries: load(&c.corrupt_entries),
             failures: c.failures.each_ref().map(load),
             fallbacks_by_reason: c.fallbacks_by_reason.each_ref().map(load),
+            breaker_openings: load(&c.breaker_openings),
+            breaker_closings: load(&c.breaker_closings),
+            suspended: load(&c.suspended),
+            suspended_partitions: load(&c.suspended_partitions),
+            coalesced: load(&c.coalesced),
         }
     }
 

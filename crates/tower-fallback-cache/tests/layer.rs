@@ -13,7 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt, service_fn};
 use tower_fallback_cache::{
-    CacheKey, CacheStatus, FallbackCacheLayer, Mode, Partition, Reason, RequestBody,
+    CacheKey, CacheStatus, FallbackCacheLayer, Mode, Partition, QuotaBreaker, Reason, RequestBody,
     store::MemoryStore,
 };
 
@@ -820,7 +820,10 @@ async fn concurrent_requests_only_ever_get_their_own_answer() {
 #[tokio::test]
 async fn stats_count_each_decision() {
     let (upstream, _) = scripted(vec![ok_completion, quota, rate_limit]);
-    let layer = FallbackCacheLayer::new();
+    // Without the breaker, so the rate limit after the quota error reaches the layer.
+    let layer = FallbackCacheLayer::builder()
+        .quota_breaker(QuotaBreaker::disabled())
+        .build();
     let service = layer.layer(upstream);
     for _ in 0..3 {
         let response = service

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
+use crate::coalesce::Leader;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::stats::{Counters, Stats};
@@ -17,6 +18,9 @@ pub(crate) struct CaptureSink {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) stats: Stats,
     pub(crate) ttl: Duration,
+    /// Identical requests waiting for this answer (cache-first mode): woken once it is
+    /// stored, or once it is clear it will not be.
+    pub(crate) leader: Option<Leader>,
 }
 
 /// The copy of an answer being taken. Stored only if the body ends cleanly within the
@@ -104,9 +108,11 @@ impl Capture {
             store,
             stats,
             ttl,
+            leader,
         } = self.sink;
         Some(Box::pin(async move {
             let result = store.put(key, entry, ttl).await;
+            drop(leader);
             let counters = stats.counters();
             match &result {
                 Ok(()) => {

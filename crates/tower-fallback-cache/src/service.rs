@@ -248,13 +248,15 @@ where
 
     // 5. Classify.
     let status = response.status();
-    if status.is_success() {
-        if let Some(probe) = probe {
+    if !status.is_client_error() && !status.is_server_error() {
+        // An answer: a success is stored as it streams past; anything else (a redirect)
+        // is only passed on.
+        if let Some(probe) = probe.filter(|_| status.is_success()) {
             probe.succeeded();
         }
         Counters::add(&counters.misses);
         let (mut parts, body) = response.into_parts();
-        let body = if storable(&parts.headers, shared.max_response_body) {
+        let body = if status.is_success() && storable(&parts.headers, shared.max_response_body) {
             let sink = CaptureSink {
                 key,
                 store: shared.store.clone(),
@@ -262,15 +264,11 @@ where
                 ttl: shared.ttl,
                 leader,
             };
-            let capture = Capture::new(
-                sink,
-                status,
-                parts.headers.clone(),
-                shared.max_response_body,
-            );
+            let headers = parts.headers.clone();
+            let capture = Capture::new(sink, status, headers, shared.max_response_body);
             ResponseBody::capture(body, capture)
         } else {
-            tracing::debug!(%key, "answer marked no-store or over max_response_body: not stored");
+            tracing::debug!(%key, %status, "answer not storable (status, no-store or size)");
             ResponseBody::upstream(body)
         };
         mark(
@@ -283,19 +281,6 @@ where
         );
         tracing::debug!(%key, %status, "MISS");
         return Ok(Response::from_parts(parts, body));
-    }
-    if !status.is_client_error() && !status.is_server_error() {
-        Counters::add(&counters.misses);
-        let (mut parts, body) = response.into_parts();
-        mark(
-            &mut parts.headers,
-            &mut parts.extensions,
-            CacheStatus::Miss,
-            key,
-            None,
-            None,
-        );
-        return Ok(Response::from_parts(parts, ResponseBody::upstream(body)));
     }
     let (mut parts, body) = response.into_parts();
     let (prefix, error, rest) = match collect_up_to(body, ERROR_BODY_LIMIT).await {

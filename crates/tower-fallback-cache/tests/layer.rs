@@ -168,15 +168,7 @@ async fn every_quota_fixture_falls_back() {
             }
         });
         let service = FallbackCacheLayer::new().layer(upstream);
-        read_body(
-            service
-                .clone()
-                .oneshot(chat_request("sk", CHAT_REQUEST))
-                .await
-                .expect("ok")
-                .into_body(),
-        )
-        .await;
+        store_answer(&service, "sk", CHAT_REQUEST).await;
         let second = service
             .oneshot(chat_request("sk", CHAT_REQUEST))
             .await
@@ -198,15 +190,7 @@ async fn every_quota_fixture_falls_back() {
 async fn a_rate_limit_reaches_the_client_unchanged() {
     let (upstream, _) = scripted(vec![ok_completion, rate_limit]);
     let service = FallbackCacheLayer::new().layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
 
     let second = service
         .oneshot(chat_request("sk", CHAT_REQUEST))
@@ -241,15 +225,7 @@ async fn rate_limits_and_server_errors_fall_back_when_asked() {
             ])
             .build();
         let service = layer.layer(upstream);
-        read_body(
-            service
-                .clone()
-                .oneshot(chat_request("sk", CHAT_REQUEST))
-                .await
-                .expect("ok")
-                .into_body(),
-        )
-        .await;
+        store_answer(&service, "sk", CHAT_REQUEST).await;
         let second = service
             .oneshot(chat_request("sk", CHAT_REQUEST))
             .await
@@ -288,15 +264,7 @@ async fn a_quota_error_with_nothing_cached_is_passed_through() {
 async fn one_credential_never_gets_anothers_answer() {
     let (upstream, _) = scripted(vec![ok_completion, quota]);
     let service = FallbackCacheLayer::new().layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk-tenant-a", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk-tenant-a", CHAT_REQUEST).await;
 
     let other = service
         .clone()
@@ -342,15 +310,7 @@ async fn a_shared_partition_shares_answers_when_asked() {
         .partition(Partition::Shared)
         .build()
         .layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk-a", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk-a", CHAT_REQUEST).await;
     let other = service
         .oneshot(chat_request("sk-b", CHAT_REQUEST))
         .await
@@ -362,15 +322,7 @@ async fn a_shared_partition_shares_answers_when_asked() {
 async fn the_same_request_written_differently_shares_its_answer() {
     let (upstream, _) = scripted(vec![ok_completion, quota]);
     let service = FallbackCacheLayer::new().layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
     let rewritten = r#"{
         "messages": [ { "content": "Say hello", "role": "user" } ],
         "model": "gpt-4o-mini"
@@ -397,15 +349,7 @@ async fn answers_expire_after_their_ttl() {
         .ttl(Duration::from_millis(100))
         .build()
         .layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     let second = service
         .oneshot(chat_request("sk", CHAT_REQUEST))
@@ -549,15 +493,7 @@ async fn cache_first_serves_fresh_answers_without_calling_the_upstream() {
         })
         .build();
     let service = layer.layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
 
     let hit = service
         .clone()
@@ -600,15 +536,7 @@ async fn cache_first_asks_the_upstream_once_an_answer_is_stale() {
         })
         .build()
         .layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
     tokio::time::sleep(Duration::from_millis(120)).await;
     let second = service
         .oneshot(chat_request("sk", CHAT_REQUEST))
@@ -655,15 +583,7 @@ async fn an_unreachable_upstream_falls_back_only_when_asked() {
         .fallback_on([Reason::InsufficientQuota, Reason::Unreachable])
         .build();
     let service = layer.layer(flaky_upstream(Arc::new(AtomicUsize::new(0))));
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
     let served = service
         .clone()
         .oneshot(chat_request("sk", CHAT_REQUEST))
@@ -681,15 +601,7 @@ async fn an_unreachable_upstream_falls_back_only_when_asked() {
 
     // Default configuration: the error is returned even with an answer stored.
     let service = FallbackCacheLayer::new().layer(flaky_upstream(Arc::new(AtomicUsize::new(0))));
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
     assert!(
         service
             .oneshot(chat_request("sk", CHAT_REQUEST))
@@ -710,15 +622,7 @@ async fn a_custom_classifier_decides() {
         })
         .build()
         .layer(upstream);
-    read_body(
-        service
-            .clone()
-            .oneshot(chat_request("sk", CHAT_REQUEST))
-            .await
-            .expect("ok")
-            .into_body(),
-    )
-    .await;
+    store_answer(&service, "sk", CHAT_REQUEST).await;
     let second = service
         .oneshot(chat_request("sk", CHAT_REQUEST))
         .await

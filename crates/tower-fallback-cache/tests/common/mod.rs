@@ -109,3 +109,20 @@ pub fn stream_events() -> Vec<Bytes> {
         .map(|event| Bytes::copy_from_slice(event.as_bytes()))
         .collect()
 }
+
+/// Sends a chat request through `service` and reads the whole answer, so that it is stored.
+pub async fn store_answer<S, B>(service: &S, credential: &str, body: &str) -> Bytes
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    use tower::ServiceExt;
+    let response = service
+        .clone()
+        .oneshot(chat_request(credential, body))
+        .await
+        .expect("the service answers");
+    read_body(response.into_body()).await
+}

@@ -6,17 +6,6 @@
 //! successful answer, and, when the upstream reports that the quota is exhausted, serves the
 //! last good answer to the same request instead of the error.
 //!
-//! - Every response is marked: `x-fallback-cache: MISS | HIT | FALLBACK | BYPASS`, the key in
-//!   `x-fallback-cache-key`, the failure in `x-fallback-cache-reason`, and `age` on served
-//!   answers; Rust callers find a [`CacheStatus`] in the response extensions.
-//! - Answers are partitioned by credential: one API key is never served another's answer.
-//! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
-//!   event; only complete answers are stored, never an error.
-//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`, on by
-//!   default: answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
-//!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
-//!   in through the [`Store`] trait.
-//!
 //! # Example
 //!
 //! ```
@@ -69,6 +58,31 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # What it does
+//!
+//! - Every response is marked: `x-fallback-cache: MISS | HIT | FALLBACK | BYPASS`, the key in
+//!   `x-fallback-cache-key`, the failure in `x-fallback-cache-reason`, and `age` on served
+//!   answers; Rust callers find a [`CacheStatus`] in the response extensions.
+//! - Only `insufficient_quota` falls back by default; rate limits, 5xx and unreachable
+//!   upstreams can be added with [`FallbackCacheBuilder::fallback_on`], and the rules are
+//!   those of [`ProviderClassifier`] unless you give your own [`Classify`].
+//! - Answers are partitioned by credential: one API key is never served another's answer
+//!   (see [`Partition`]).
+//! - After an `insufficient_quota`, that credential's upstream calls are suspended for a
+//!   cooldown, and its requests are answered at once (see [`QuotaBreaker`]).
+//! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
+//!   event; only complete answers are stored, never an error.
+//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`, on by
+//!   default: answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
+//!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
+//!   in through the [`Store`] trait.
+//! - `reqwest::ReqwestService` (feature `reqwest`) puts a `reqwest::Client` behind the
+//!   layer.
+//!
+//! Bodies: the inner service receives a [`RequestBody`] and the caller a [`ResponseBody`];
+//! the bodies they wrap must be `Unpin`. An answer is stored once its body has been read to
+//! the end.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;

@@ -11,9 +11,9 @@ cd "$(dirname "$0")/.."
 log() { printf '==> %s\n' "$*" >&2; }
 
 # redis-server (Debian package) for the Redis store tests.
+if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
 if ! command -v redis-server >/dev/null 2>&1; then
   log "installing redis-server"
-  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
@@ -22,6 +22,11 @@ fi
 VENV="${FALLBACK_CACHE_VENV:-$PWD/target/test-venv}"
 if ! "$VENV/bin/python" -c 'import openai' >/dev/null 2>&1; then
   log "installing the openai Python SDK into $VENV"
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    log "installing python3-venv"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<3'
 fi

@@ -11,10 +11,11 @@ object on stdout, for the Rust test that runs it to compare:
      "error": {"class": "RateLimitError", "status": 429, "code": ..., "type": ..., "body": ...}}
 
 The key comes from OPENAI_API_KEY. The SDK does not retry, so that an error is seen as the
-upstream sent it.
+upstream sent it, unless SDK_MAX_RETRIES says how often it may (as users leave it: 2).
 """
 
 import json
+import os
 import sys
 
 import openai
@@ -25,7 +26,8 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     base_url, kind, prompt = sys.argv[1:]
-    client = openai.OpenAI(base_url=base_url, max_retries=0, timeout=60)
+    retries = int(os.environ.get("SDK_MAX_RETRIES", "0"))
+    client = openai.OpenAI(base_url=base_url, max_retries=retries, timeout=60)
     request = {
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": prompt}],

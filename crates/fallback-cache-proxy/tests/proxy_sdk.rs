@@ -90,6 +90,24 @@ async fn the_sdk_gets_the_same_chat_completion_when_the_quota_is_gone() {
     assert_eq!(moved("fallback_cache_quota_breaker_openings_total"), 1);
     assert_eq!(moved("fallback_cache_suspended_requests_total"), 1);
     assert_eq!(after["fallback_cache_suspended_partitions"], 1);
+
+    // An SDK left to retry as it does by default is told not to (x-should-retry: false):
+    // it asks once and raises the quota error, instead of waiting out the cooldown.
+    let retrying =
+        common::sdk_with_retries(&proxy.base_url(), "chat", "Another new question", 2).await;
+    assert_eq!(retrying["error"]["class"], "RateLimitError", "{retrying}");
+    assert_eq!(
+        retrying["error"]["code"], "insufficient_quota",
+        "{retrying}"
+    );
+    let later = metrics(proxy.url()).await;
+    assert_eq!(
+        later["fallback_cache_suspended_requests_total"]
+            - after["fallback_cache_suspended_requests_total"],
+        1,
+        "the SDK retried a suspended request"
+    );
+    assert_eq!(mock.control().calls(), 2);
     assert_eq!(moved("fallback_cache_fallback_misses_total"), 1);
     assert_eq!(moved("fallback_cache_stored_total"), 1);
     assert!(after["fallback_cache_store_entries"] >= 1, "{after:?}");

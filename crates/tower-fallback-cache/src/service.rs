@@ -6,8 +6,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Buf;
-use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, DATE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -22,6 +22,9 @@ use crate::layer::{FallbackCacheLayer, Mode, Shared};
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::StoreError;
+
+/// Read by the OpenAI SDKs before any other retry rule.
+const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// How much of an error body is read to classify it.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -225,6 +228,11 @@ where
             parts
                 .headers
                 .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            // The OpenAI SDKs retry a 429 after `retry-after`, up to two minutes; a retry
+            // within the cooldown gets this same answer, so tell them not to.
+            parts
+                .headers
+                .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
             return Ok(Response::from_parts(parts, body));
         }
     };
@@ -290,8 +298,11 @@ where
     };
     let reason = shared.classifier.classify(status, &parts.headers, &prefix);
     if reason == Some(Reason::InsufficientQuota) && rest.is_none() && error.is_none() {
-        // Kept whole, so that requests of a suspended partition get the same error.
-        let last_error = CachedResponse::new(status, parts.headers.clone(), vec![prefix.clone()]);
+        // Kept whole, so that requests of a suspended partition get the same error (with
+        // a `date` of when it is served, not of when it was first sent).
+        let mut headers = parts.headers.clone();
+        headers.remove(DATE);
+        let last_error = CachedResponse::new(status, headers, vec![prefix.clone()]);
         shared
             .breaker
             .quota_exhausted(partition, Arc::new(last_error), probe);

@@ -136,6 +136,7 @@ async fn a_suspended_partition_is_answered_without_calling_the_upstream() {
                 .parse()
                 .expect("seconds");
             assert!((1..=60).contains(&retry_after), "{retry_after}");
+            assert_eq!(headers["x-should-retry"], "false");
             assert_eq!(body, quota_body());
         }
     }

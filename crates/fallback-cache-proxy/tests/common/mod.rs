@@ -166,9 +166,20 @@ fn sdk_script() -> PathBuf {
 /// One chat completion with the official SDK (`kind`: `chat` or `stream`), as the JSON the
 /// script prints.
 pub async fn sdk(base_url: &str, kind: &str, prompt: &str) -> serde_json::Value {
+    sdk_with_retries(base_url, kind, prompt, 0).await
+}
+
+/// As [`sdk`], with the SDK allowed to retry as it does by default (`max_retries=2`).
+pub async fn sdk_with_retries(
+    base_url: &str,
+    kind: &str,
+    prompt: &str,
+    retries: u32,
+) -> serde_json::Value {
     let output = tokio::process::Command::new(python())
         .arg(sdk_script())
         .args([base_url, kind, prompt])
+        .env("SDK_MAX_RETRIES", retries.to_string())
         .env("OPENAI_API_KEY", API_KEY)
         .env_remove("OPENAI_BASE_URL")
         .env_remove("OPENAI_ORG_ID")

@@ -90,6 +90,7 @@ mod breaker;
 mod classify;
 mod coalesce;
 mod entry;
+mod flow;
 mod future;
 mod key;
 mod layer;

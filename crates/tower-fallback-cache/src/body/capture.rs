@@ -121,7 +121,7 @@ impl Capture {
                 }
                 Err(error) => {
                     Counters::add(&counters.store_errors);
-                    crate::service::log_store_error("put", error);
+                    crate::store::log_store_error("put", error);
                 }
             }
             result

@@ -75,12 +75,12 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             match self.front.get(key).await {
                 Ok(Some(entry)) => return Ok(Some(entry)),
                 Ok(None) => {}
-                Err(error) => crate::service::log_store_error("get (front tier)", &error),
+                Err(error) => crate::store::log_store_error("get (front tier)", &error),
             }
             let found = self.back.get(key).await?;
             if let Some(entry) = &found {
                 if let Err(error) = self.front.put(*key, entry.clone(), self.fill_ttl).await {
-                    crate::service::log_store_error("put (front tier)", &error);
+                    crate::store::log_store_error("put (front tier)", &error);
                 }
             }
             Ok(found)
@@ -119,7 +119,7 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
 
 fn front_error_logged(operation: &'static str, result: Result<(), StoreError>) {
     if let Err(error) = result {
-        crate::service::log_store_error(operation, &error);
+        crate::store::log_store_error(operation, &error);
     }
 }
 

@@ -1,0 +1,395 @@
+//! The flow of one request through the layer: key, cache-first, quota breaker, upstream,
+//! classify, fall back, mark. ARCHITECTURE.md tells it step by step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Buf;
+use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, DATE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{Capture, CaptureSink, Collected, RequestBody, ResponseBody, collect_up_to};
+use crate::breaker::Admission;
+use crate::classify::Reason;
+use crate::coalesce::{self, Turn};
+use crate::entry::CachedResponse;
+use crate::key::{CacheKey, KEY_VERSION};
+use crate::layer::{Mode, Shared};
+use crate::stats::Counters;
+use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
+use crate::store::{StoreError, log_store_error};
+
+/// Read by the OpenAI SDKs before any other retry rule.
+const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// How much of an error body is read to classify it.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// The flow of one request (see ARCHITECTURE.md).
+pub(crate) async fn serve<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    request: Request<ReqB>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body + Unpin,
+    ReqB::Data: Buf,
+    ResB: Body + Unpin,
+    ResB::Data: Buf,
+{
+    let counters = shared.stats.counters();
+    Counters::add(&counters.requests);
+    let (parts, body) = request.into_parts();
+
+    // 1. Key, or bypass.
+    let declared_len = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bypass_because = if parts.method != Method::GET && parts.method != Method::POST {
+        Some("method")
+    } else if cache_control_has(&parts.headers, "no-store") {
+        Some("no-store")
+    } else if declared_len.is_some_and(|len| len > shared.max_request_body as u64) {
+        Some("body over max_request_body")
+    } else {
+        None
+    };
+    let (parts, bytes) = match bypass_because {
+        Some(why) => {
+            let request = Request::from_parts(parts, RequestBody::passthrough(body));
+            return bypass(&shared, inner, request, why).await;
+        }
+        None => match collect_up_to(body, shared.max_request_body).await {
+            Collected::Complete(bytes) => (parts, bytes),
+            Collected::Over { prefix, rest } => {
+                let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
+                return bypass(&shared, inner, request, "body over max_request_body").await;
+            }
+            Collected::Failed { prefix, error } => {
+                let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
+                return bypass(&shared, inner, request, "request body failed").await;
+            }
+        },
+    };
+    let partition = shared.partition.of(&parts);
+    let key = shared.key_rules.key(&partition, &parts, &bytes);
+
+    // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
+    // requests that miss together make one call.
+    let mut leader = None;
+    if let Mode::CacheFirst { fresh_for } = shared.mode {
+        if !cache_control_has(&parts.headers, "no-cache") {
+            if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                return Ok(hit);
+            }
+            match shared.in_flight.join(key) {
+                Turn::Lead(lead) => {
+                    // The previous leader may have stored the answer between our lookup
+                    // and our turn.
+                    if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        return Ok(hit);
+                    }
+                    leader = Some(lead);
+                }
+                Turn::Follow(call) => {
+                    coalesce::wait(call).await;
+                    if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        Counters::add(&counters.coalesced);
+                        return Ok(hit);
+                    }
+                }
+            }
+        }
+    }
+
+    // 3. The quota breaker: a suspended partition does not call the upstream.
+    let probe = match shared.breaker.admit(partition) {
+        Admission::Call => None,
+        Admission::Probe(probe) => Some(probe),
+        Admission::Suspended {
+            last_error,
+            retry_after,
+        } => {
+            Counters::add(&counters.suspended);
+            let reason = Reason::InsufficientQuota;
+            if let Some(served) = fall_back(&shared, key, reason).await {
+                return Ok(served);
+            }
+            Counters::add(&counters.misses);
+            tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
+            let (mut parts, body) = stored_response(&last_error).into_parts();
+            mark(
+                &mut parts.headers,
+                &mut parts.extensions,
+                CacheStatus::Miss,
+                key,
+                Some(reason),
+                None,
+            );
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            parts
+                .headers
+                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            // The OpenAI SDKs retry a 429 after `retry-after`, up to two minutes; a retry
+            // within the cooldown gets this same answer, so tell them not to.
+            parts
+                .headers
+                .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+            return Ok(Response::from_parts(parts, body));
+        }
+    };
+
+    // 4. Upstream.
+    let response = match inner
+        .call(Request::from_parts(parts, RequestBody::full(bytes)))
+        .await
+    {
+        Ok(response) => response,
+        Err(error) => {
+            let reason = Reason::Unreachable;
+            Counters::add(&counters.failures[reason as usize]);
+            if let Some(served) = fall_back(&shared, key, reason).await {
+                return Ok(served);
+            }
+            tracing::debug!(%key, %reason, "inner service failed; error returned");
+            return Err(error);
+        }
+    };
+
+    // 5. Classify.
+    let status = response.status();
+    if !status.is_client_error() && !status.is_server_error() {
+        // An answer: a success is stored as it streams past; anything else (a redirect)
+        // is only passed on.
+        if let Some(probe) = probe.filter(|_| status.is_success()) {
+            probe.succeeded();
+        }
+        Counters::add(&counters.misses);
+        let (mut parts, body) = response.into_parts();
+        let body = if status.is_success() && storable(&parts.headers, shared.max_response_body) {
+            let sink = CaptureSink {
+                key,
+                store: shared.store.clone(),
+                stats: shared.stats.clone(),
+                ttl: shared.ttl,
+                leader,
+            };
+            let headers = parts.headers.clone();
+            let capture = Capture::new(sink, status, headers, shared.max_response_body);
+            ResponseBody::capture(body, capture)
+        } else {
+            tracing::debug!(%key, %status, "answer not storable (status, no-store or size)");
+            ResponseBody::upstream(body)
+        };
+        mark(
+            &mut parts.headers,
+            &mut parts.extensions,
+            CacheStatus::Miss,
+            key,
+            None,
+            None,
+        );
+        tracing::debug!(%key, %status, "MISS");
+        return Ok(Response::from_parts(parts, body));
+    }
+    let (mut parts, body) = response.into_parts();
+    let (prefix, error, rest) = match collect_up_to(body, ERROR_BODY_LIMIT).await {
+        Collected::Complete(prefix) => (prefix, None, None),
+        Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
+        Collected::Failed { prefix, error } => (prefix, Some(error), None),
+    };
+    let reason = shared.classifier.classify(status, &parts.headers, &prefix);
+    if reason == Some(Reason::InsufficientQuota) && rest.is_none() && error.is_none() {
+        // Kept whole, so that requests of a suspended partition get the same error (with
+        // a `date` of when it is served, not of when it was first sent).
+        let mut headers = parts.headers.clone();
+        headers.remove(DATE);
+        let last_error = CachedResponse::new(status, headers, vec![prefix.clone()]);
+        shared
+            .breaker
+            .quota_exhausted(partition, Arc::new(last_error), probe);
+    }
+
+    // 6. Fall back.
+    if let Some(reason) = reason {
+        Counters::add(&counters.failures[reason as usize]);
+        if let Some(served) = fall_back(&shared, key, reason).await {
+            return Ok(served);
+        }
+    }
+    Counters::add(&counters.misses);
+    tracing::debug!(%key, %status, reason = reason.map(Reason::as_str), "MISS: upstream error passed through");
+    mark(
+        &mut parts.headers,
+        &mut parts.extensions,
+        CacheStatus::Miss,
+        key,
+        reason,
+        None,
+    );
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::resumed(prefix, error, rest),
+    ))
+}
+
+/// A stored answer younger than `fresh_for`, served as `HIT`.
+async fn fresh_hit<B: Body>(
+    shared: &Shared,
+    key: CacheKey,
+    fresh_for: Duration,
+) -> Option<Response<ResponseBody<B>>> {
+    let entry = lookup(shared, &key).await?;
+    if entry.age() >= fresh_for {
+        return None;
+    }
+    Counters::add(&shared.stats.counters().hits);
+    tracing::debug!(%key, "HIT");
+    Some(replay(entry, CacheStatus::Hit, key, None))
+}
+
+/// Forwards a request that is not keyed, and marks the answer `BYPASS`.
+async fn bypass<S, ReqB, ResB>(
+    shared: &Shared,
+    mut inner: S,
+    request: Request<RequestBody<ReqB>>,
+    why: &'static str,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body,
+    ResB: Body,
+{
+    Counters::add(&shared.stats.counters().bypassed);
+    tracing::debug!(why, "BYPASS");
+    let (mut parts, body) = inner.call(request).await?.into_parts();
+    parts.headers.insert(
+        X_FALLBACK_CACHE,
+        HeaderValue::from_static(CacheStatus::Bypass.as_str()),
+    );
+    parts.extensions.insert(CacheStatus::Bypass);
+    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// The stored answer for a failed call, when the layer falls back on `reason` and has one.
+async fn fall_back<B: Body>(
+    shared: &Shared,
+    key: CacheKey,
+    reason: Reason,
+) -> Option<Response<ResponseBody<B>>> {
+    if !shared.falls_back_on(reason) {
+        return None;
+    }
+    let counters = shared.stats.counters();
+    match lookup(shared, &key).await {
+        Some(entry) => {
+            Counters::add(&counters.fallbacks);
+            Counters::add(&counters.fallbacks_by_reason[reason as usize]);
+            tracing::debug!(%key, %reason, "FALLBACK");
+            Some(replay(entry, CacheStatus::Fallback, key, Some(reason)))
+        }
+        None => {
+            Counters::add(&counters.fallback_misses);
+            tracing::debug!(%key, %reason, "nothing stored to fall back on");
+            None
+        }
+    }
+}
+
+/// The answer under `key` if it is usable: present, younger than the TTL, of this key
+/// version. A store error is counted and is a miss.
+async fn lookup(shared: &Shared, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+    match shared.store.get(key).await {
+        Ok(Some(entry)) if entry.age() <= shared.ttl && entry.key_version() == KEY_VERSION => {
+            Some(entry)
+        }
+        Ok(_) => None,
+        Err(error) => {
+            let counters = shared.stats.counters();
+            Counters::add(&counters.store_errors);
+            if matches!(error, StoreError::Corrupt(_)) {
+                Counters::add(&counters.corrupt_entries);
+            }
+            log_store_error("get", &error);
+            None
+        }
+    }
+}
+
+fn replay<B: Body>(
+    entry: Arc<CachedResponse>,
+    status: CacheStatus,
+    key: CacheKey,
+    reason: Option<Reason>,
+) -> Response<ResponseBody<B>> {
+    let age = entry.age();
+    let (mut parts, body) = stored_response(&entry).into_parts();
+    mark(
+        &mut parts.headers,
+        &mut parts.extensions,
+        status,
+        key,
+        reason,
+        Some(age),
+    );
+    Response::from_parts(parts, body)
+}
+
+/// A stored answer as a response: its status, its headers, its body frame by frame.
+fn stored_response<B: Body>(entry: &Arc<CachedResponse>) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::replay(entry.clone()));
+    *response.status_mut() = entry.status();
+    *response.headers_mut() = entry.headers().clone();
+    response
+}
+
+fn mark(
+    headers: &mut HeaderMap,
+    extensions: &mut http::Extensions,
+    status: CacheStatus,
+    key: CacheKey,
+    reason: Option<Reason>,
+    age: Option<Duration>,
+) {
+    headers.insert(X_FALLBACK_CACHE, HeaderValue::from_static(status.as_str()));
+    if let Ok(value) = HeaderValue::from_bytes(&key.hex_digits()) {
+        headers.insert(X_FALLBACK_CACHE_KEY, value);
+    }
+    if let Some(reason) = reason {
+        headers.insert(
+            X_FALLBACK_CACHE_REASON,
+            HeaderValue::from_static(reason.as_str()),
+        );
+        extensions.insert(reason);
+    }
+    if let Some(age) = age {
+        headers.insert(AGE, HeaderValue::from(age.as_secs()));
+    }
+    extensions.insert(status);
+    extensions.insert(key);
+}
+
+/// Whether an answer with these headers may be stored: not `no-store`, and not announced
+/// larger than the limit.
+fn storable(headers: &HeaderMap, max_response_body: usize) -> bool {
+    let too_long = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > max_response_body as u64);
+    !too_long && !cache_control_has(headers, "no-store")
+}
+
+fn cache_control_has(headers: &HeaderMap, directive: &str) -> bool {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case(directive))
+}

@@ -4,11 +4,13 @@
 mod capture;
 mod request;
 mod response;
+mod resumed;
 
 pub use request::RequestBody;
 pub use response::ResponseBody;
 
 pub(crate) use capture::{Capture, CaptureSink};
+pub(crate) use resumed::{Resumed, to_bytes_frame};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, SizeHint};

@@ -5,7 +5,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{Capture, size_hint_plus};
+use super::{Capture, Resumed, size_hint_plus, to_bytes_frame};
 use crate::entry::CachedResponse;
 use crate::store::StoreFuture;
 
@@ -17,11 +17,7 @@ pub struct ResponseBody<B: Body> {
 
 enum Kind<B: Body> {
     /// The upstream's body, after any part the layer read to classify it.
-    Upstream {
-        prefix: Option<Bytes>,
-        error: Option<B::Error>,
-        rest: Option<B>,
-    },
+    Upstream(Resumed<B>),
     /// The upstream's body with a copy taken on the way.
     Capture {
         inner: B,
@@ -41,22 +37,14 @@ enum Kind<B: Body> {
 impl<B: Body> ResponseBody<B> {
     pub(crate) fn upstream(body: B) -> Self {
         Self {
-            kind: Kind::Upstream {
-                prefix: None,
-                error: None,
-                rest: Some(body),
-            },
+            kind: Kind::Upstream(Resumed::new(Bytes::new(), None, Some(body))),
         }
     }
 
     /// A body of which `prefix` was read, then either ended, failed, or goes on as `rest`.
     pub(crate) fn resumed(prefix: Bytes, error: Option<B::Error>, rest: Option<B>) -> Self {
         Self {
-            kind: Kind::Upstream {
-                prefix: (!prefix.is_empty()).then_some(prefix),
-                error,
-                rest,
-            },
+            kind: Kind::Upstream(Resumed::new(prefix, error, rest)),
         }
     }
 
@@ -93,26 +81,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream {
-                prefix,
-                error,
-                rest,
-            } => {
-                if let Some(bytes) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
-                }
-                if let Some(error) = error.take() {
-                    return Poll::Ready(Some(Err(error)));
-                }
-                let Some(body) = rest.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                let frame = ready!(Pin::new(body).poll_frame(cx));
-                if frame.is_none() {
-                    *rest = None;
-                }
-                Poll::Ready(frame.map(|frame| frame.map(to_bytes_frame)))
-            }
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
             Kind::Capture {
                 inner,
                 capture,
@@ -172,13 +141,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream {
-                prefix,
-                error,
-                rest,
-            } => {
-                prefix.is_none() && error.is_none() && rest.as_ref().is_none_or(Body::is_end_stream)
-            }
+            Kind::Upstream(body) => body.is_end_stream(),
             // Not over until the copy has been handed to the store.
             Kind::Capture {
                 inner,
@@ -198,19 +161,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream {
-                prefix,
-                error,
-                rest,
-            } => {
-                let prefix_len = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                match rest {
-                    Some(body) if error.is_none() => size_hint_plus(body.size_hint(), prefix_len),
-                    Some(_) => SizeHint::new(),
-                    None if error.is_some() => SizeHint::new(),
-                    None => SizeHint::with_exact(prefix_len),
-                }
-            }
+            Kind::Upstream(body) => body.size_hint(),
             Kind::Capture {
                 inner, held, done, ..
             } => {
@@ -236,14 +187,10 @@ where
     }
 }
 
-fn to_bytes_frame<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
-    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
-}
-
 impl<B: Body> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
-            Kind::Upstream { .. } => "Upstream",
+            Kind::Upstream(_) => "Upstream",
             Kind::Capture { .. } => "Capture",
             Kind::Replay { .. } => "Replay",
         };

@@ -1,65 +1,229 @@
 //! Canonical JSON: one byte form for every way of writing the same JSON value.
 //!
-//! The writer parses the input once, without building a tree, and appends the canonical
-//! form to a buffer: object members sorted by key, no insignificant whitespace, strings with
-//! escapes decoded and re-encoded in one minimal form, numbers in one normal form. The caller
-//! hashes the buffer. Input that is not valid JSON (or nests deeper than [`MAX_DEPTH`]) is
-//! refused, and the caller falls back to hashing the raw bytes.
+//! The parser reads the input once, without building a tree, and yields the canonical form:
+//! object members sorted by key, no insignificant whitespace, strings with escapes decoded
+//! and re-encoded in one minimal form, numbers in one normal form. Input that is not valid
+//! JSON (or nests deeper than [`MAX_DEPTH`]) is refused, and the caller hashes the raw bytes
+//! instead.
+//!
+//! The key of every request goes through here, so it is built for speed:
+//! - Most of a request is already in canonical form, byte for byte: the canonical form is
+//!   a list of segments of the input itself, and only what reads differently (whitespace,
+//!   an escape written another way, a number in another form) is dropped or written to a
+//!   side buffer. Nothing is copied while parsing.
+//! - Sorting an object's members reorders its segments, never bytes. The segments are
+//!   joined once at the end; when they follow each other in the input (already canonical),
+//!   the input is the canonical form and nothing is copied at all.
+//! - Strings, most of a chat request, are scanned eight bytes at a time (see `scan.rs`).
+//! - The buffers live in a thread-local and are reused, so a key allocates nothing once warm.
 
+use std::cell::Cell;
+use std::io::Write as _;
 use std::ops::Range;
+
+use super::scan::plain_run;
 
 /// Nesting deeper than this is not canonicalised (it is hashed as raw bytes instead), so
 /// hostile input cannot exhaust the stack.
 pub(crate) const MAX_DEPTH: usize = 128;
 
-/// Appends the canonical form of `input` to `out`, dropping the top-level members whose
-/// names are in `ignore`. Returns `None` (with `out` in an unspecified state) when `input`
-/// is not a single valid JSON value.
+/// Buffers larger than this are not kept for the next call, so one huge request does not
+/// pin its memory to the thread for good.
+const KEEP_CAPACITY: usize = 1 << 20;
+
+thread_local! {
+    static BUFFERS: Cell<Buffers> = Cell::new(Buffers::default());
+}
+
+/// Calls `f` with the canonical form of `input` (dropping the top-level members whose names
+/// are in `ignore`), or with `None` when `input` is not a single valid JSON value.
+pub(crate) fn with_canonical<R>(
+    input: &[u8],
+    ignore: &[String],
+    f: impl FnOnce(Option<&[u8]>) -> R,
+) -> R {
+    let mut buffers = BUFFERS.with(Cell::take);
+    buffers.clear();
+    let result = match parse(input, ignore, &mut buffers) {
+        Some(()) => f(Some(buffers.canonical(input))),
+        None => f(None),
+    };
+    if buffers.capacity() <= KEEP_CAPACITY {
+        BUFFERS.with(|cell| cell.set(buffers));
+    }
+    result
+}
+
+/// Appends the canonical form of `input` to `out` (see [`with_canonical`]). `None` when
+/// `input` is not a single valid JSON value.
+#[cfg(test)]
 pub(crate) fn canonicalize(input: &[u8], ignore: &[String], out: &mut Vec<u8>) -> Option<()> {
+    with_canonical(input, ignore, |canonical| {
+        out.extend_from_slice(canonical?);
+        Some(())
+    })
+}
+
+/// A run of canonical bytes: `start..end` of the input, or, from `input.len()` on, of
+/// [`Buffers::patch`] (offset by `input.len()`). A segment never spans both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    start: usize,
+    end: usize,
+}
+
+/// One member of an object being parsed.
+struct Member {
+    /// The first eight bytes of its key (zero-padded), big-endian: most keys differ there,
+    /// so most comparisons are one integer comparison.
+    prefix: u64,
+    /// Its key, quotes included, in canonical form: one contiguous segment.
+    key: Segment,
+    /// Its `"key":value` as a range of [`Buffers::segments`].
+    segments: Range<usize>,
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// The canonical form: these segments, in this order.
+    segments: Vec<Segment>,
+    /// Canonical bytes that are not in the input as they are.
+    patch: Vec<u8>,
+    /// The members of the objects being parsed, innermost last.
+    members: Vec<Member>,
+    /// Scratch for reordering one object's segments.
+    sorted: Vec<Segment>,
+    /// The segments joined, when they are not one run of the input.
+    joined: Vec<u8>,
+}
+
+impl Buffers {
+    fn clear(&mut self) {
+        self.segments.clear();
+        self.patch.clear();
+        self.members.clear();
+        self.sorted.clear();
+        self.joined.clear();
+    }
+
+    fn capacity(&self) -> usize {
+        self.patch.capacity()
+            + self.joined.capacity()
+            + (self.segments.capacity() + self.sorted.capacity()) * size_of::<Segment>()
+            + self.members.capacity() * size_of::<Member>()
+    }
+
+    /// The bytes of `segment`.
+    fn bytes<'a>(&'a self, input: &'a [u8], segment: Segment) -> &'a [u8] {
+        segment_bytes(input, &self.patch, segment)
+    }
+
+    /// The canonical form: the input itself (or a part of it) when its segments follow each
+    /// other there, otherwise the segments joined.
+    fn canonical<'a>(&'a mut self, input: &'a [u8]) -> &'a [u8] {
+        let Some((&first, rest)) = self.segments.split_first() else {
+            return &[];
+        };
+        // Segments that follow each other are copied as one. A segment starting at
+        // `input.len()` starts the patch: it does not follow the input's last byte.
+        let follows =
+            |run: Segment, next: Segment| next.start == run.end && next.start != input.len();
+        let mut joined = std::mem::take(&mut self.joined);
+        let mut run = first;
+        for &segment in rest {
+            if follows(run, segment) {
+                run.end = segment.end;
+            } else {
+                if joined.is_empty() {
+                    joined.reserve(input.len() + self.patch.len());
+                }
+                joined.extend_from_slice(self.bytes(input, run));
+                run = segment;
+            }
+        }
+        if joined.is_empty() {
+            // One run: no copy. (Segments are never empty, so a copy leaves `joined` so.)
+            self.joined = joined;
+            return self.bytes(input, run);
+        }
+        joined.extend_from_slice(self.bytes(input, run));
+        self.joined = joined;
+        &self.joined
+    }
+}
+
+/// The bytes of `segment`, in `input` or in `patch`.
+fn segment_bytes<'a>(input: &'a [u8], patch: &'a [u8], segment: Segment) -> &'a [u8] {
+    match segment.start.checked_sub(input.len()) {
+        Some(start) => &patch[start..segment.end - input.len()],
+        None => &input[segment.start..segment.end],
+    }
+}
+
+fn parse(input: &[u8], ignore: &[String], buffers: &mut Buffers) -> Option<()> {
     let mut parser = Parser {
         input,
         pos: 0,
-        out,
         ignore,
-        members: Vec::new(),
-        scratch: Vec::new(),
+        open_start: 0,
+        b: buffers,
     };
     parser.skip_ws();
     parser.value(0)?;
     parser.skip_ws();
+    parser.seal();
     (parser.pos == input.len()).then_some(())
 }
 
-struct Parser<'a, 'o> {
+struct Parser<'a, 'b> {
     input: &'a [u8],
     pos: usize,
-    out: &'o mut Vec<u8>,
     ignore: &'a [String],
-    /// Scratch stack of member spans, shared by all objects being parsed so nested objects
-    /// do not allocate their own.
-    members: Vec<Member>,
-    /// Scratch buffer for re-joining an object's members in order.
-    scratch: Vec<u8>,
-}
-
-#[derive(Clone)]
-struct Member {
-    /// The canonical key bytes (with quotes) in `out`.
-    key: Range<usize>,
-    /// The whole `"key":value` span in `out`.
-    whole: Range<usize>,
+    /// Where the run of input read since the last segment starts: `open_start..pos` is in
+    /// canonical form and not yet in [`Buffers::segments`].
+    open_start: usize,
+    b: &'b mut Buffers,
 }
 
 impl Parser<'_, '_> {
+    /// Closes the open run: the input read since the last segment becomes a segment.
+    #[inline]
+    fn seal(&mut self) {
+        if self.pos > self.open_start {
+            self.b.segments.push(Segment {
+                start: self.open_start,
+                end: self.pos,
+            });
+        }
+        self.open_start = self.pos;
+    }
+
+    /// Closes the open run and adds `bytes` as the canonical form of `input[pos..resume]`,
+    /// which is skipped.
+    fn replace(&mut self, resume: usize, bytes: &[u8]) {
+        self.seal();
+        if !bytes.is_empty() {
+            let start = self.input.len() + self.b.patch.len();
+            self.b.patch.extend_from_slice(bytes);
+            self.b.segments.push(Segment {
+                start,
+                end: start + bytes.len(),
+            });
+        }
+        self.pos = resume;
+        self.open_start = resume;
+    }
+
     #[inline]
     fn skip_ws(&mut self) {
-        while let Some(&b) = self.input.get(self.pos) {
-            if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-                self.pos += 1;
-            } else {
-                break;
-            }
+        if !matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            return;
         }
+        let mut end = self.pos;
+        while matches!(self.input.get(end), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            end += 1;
+        }
+        self.replace(end, &[]);
     }
 
     #[inline]
@@ -70,7 +234,6 @@ impl Parser<'_, '_> {
     fn expect_literal(&mut self, literal: &[u8]) -> Option<()> {
         if self.input.get(self.pos..self.pos + literal.len()) == Some(literal) {
             self.pos += literal.len();
-            self.out.extend_from_slice(literal);
             Some(())
         } else {
             None
@@ -95,25 +258,21 @@ impl Parser<'_, '_> {
 
     fn array(&mut self, depth: usize) -> Option<()> {
         self.pos += 1;
-        self.out.push(b'[');
         self.skip_ws();
         if self.peek()? == b']' {
             self.pos += 1;
-            self.out.push(b']');
             return Some(());
         }
         loop {
-            self.skip_ws();
             self.value(depth + 1)?;
             self.skip_ws();
             match self.peek()? {
                 b',' => {
                     self.pos += 1;
-                    self.out.push(b',');
+                    self.skip_ws();
                 }
                 b']' => {
                     self.pos += 1;
-                    self.out.push(b']');
                     return Some(());
                 }
                 _ => return None,
@@ -123,48 +282,70 @@ impl Parser<'_, '_> {
 
     fn object(&mut self, depth: usize) -> Option<()> {
         self.pos += 1;
-        let open = self.out.len();
-        self.out.push(b'{');
         self.skip_ws();
         if self.peek()? == b'}' {
             self.pos += 1;
-            self.out.push(b'}');
             return Some(());
         }
-        let first_member = self.members.len();
+        let first_member = self.b.members.len();
+        // A comma of the input, to join reordered members with.
+        let mut comma = None;
+        let mut after_comma = false;
         loop {
-            self.skip_ws();
             if self.peek()? != b'"' {
                 return None;
             }
-            let start = self.out.len();
-            self.string()?;
-            let key = start..self.out.len();
+            // What was read before this member ends a segment: the `{`, or the comma
+            // before this member, which is a segment of its own.
+            self.seal();
+            let kept_before = self.b.members.len() > first_member;
+            if after_comma {
+                if kept_before {
+                    comma = self.b.segments.last().copied();
+                } else {
+                    // Commas only between kept members: none before the first one.
+                    self.b.segments.pop();
+                }
+            }
+            let first_segment = self.b.segments.len();
+            let key = self.key()?;
             self.skip_ws();
             if self.peek()? != b':' {
                 return None;
             }
             self.pos += 1;
-            self.out.push(b':');
             self.skip_ws();
             self.value(depth + 1)?;
+            self.seal();
             let ignored = depth == 0
                 && !self.ignore.is_empty()
                 && self
                     .ignore
                     .iter()
-                    .any(|name| unquoted(&self.out[key.clone()]) == name.as_bytes());
+                    .any(|name| unquoted(self.b.bytes(self.input, key)) == name.as_bytes());
             if ignored {
-                self.out.truncate(start);
+                self.b.segments.truncate(first_segment);
+                if after_comma && kept_before {
+                    self.b.segments.pop();
+                }
             } else {
-                self.members.push(Member {
+                let bytes = self.b.bytes(self.input, key);
+                let mut prefix = [0u8; 8];
+                let len = bytes.len().min(8);
+                prefix[..len].copy_from_slice(&bytes[..len]);
+                self.b.members.push(Member {
+                    prefix: u64::from_be_bytes(prefix),
                     key,
-                    whole: start..self.out.len(),
+                    segments: first_segment..self.b.segments.len(),
                 });
             }
             self.skip_ws();
             match self.peek()? {
-                b',' => self.pos += 1,
+                b',' => {
+                    self.pos += 1;
+                    after_comma = true;
+                    self.skip_ws();
+                }
                 b'}' => {
                     self.pos += 1;
                     break;
@@ -172,62 +353,120 @@ impl Parser<'_, '_> {
                 _ => return None,
             }
         }
-        self.sort_members(open + 1, first_member);
-        self.out.push(b'}');
+        self.sort_members(first_member, comma);
         Some(())
     }
 
-    /// Rewrites the members written since `body_start` in key order, joined by commas.
-    fn sort_members(&mut self, body_start: usize, first_member: usize) {
-        let members = &mut self.members[first_member..];
-        let out = &*self.out;
-        let in_order = members
-            .windows(2)
-            .all(|w| out[w[0].key.clone()] <= out[w[1].key.clone()]);
+    /// Puts the segments of the members parsed since `first_member` in key order, joined by
+    /// `comma`.
+    fn sort_members(&mut self, first_member: usize, comma: Option<Segment>) {
+        let b = &mut *self.b;
+        let input = self.input;
+        // The prefix decides unless two keys share their first eight bytes. (A key never is a
+        // prefix of another, as it ends with its closing quote, so the zero padding of a
+        // short key never decides against a longer one.)
+        let patch = &b.patch;
+        let order = |x: &Member, y: &Member| {
+            x.prefix.cmp(&y.prefix).then_with(|| {
+                segment_bytes(input, patch, x.key).cmp(segment_bytes(input, patch, y.key))
+            })
+        };
+        let members = &b.members[first_member..];
+        let in_order = members.windows(2).all(|w| order(&w[0], &w[1]).is_le());
         if !in_order {
+            let mut members = std::mem::take(&mut b.members);
+            let sorting = &mut members[first_member..];
             // Stable, so duplicate keys keep their relative order.
-            members.sort_by(|a, b| out[a.key.clone()].cmp(&out[b.key.clone()]));
-        }
-        let joined = &mut self.scratch;
-        joined.clear();
-        for (i, member) in members.iter().enumerate() {
-            if i > 0 {
-                joined.push(b',');
+            sorting.sort_by(order);
+            let region = sorting
+                .iter()
+                .map(|m| m.segments.start)
+                .min()
+                .unwrap_or(b.segments.len());
+            b.sorted.clear();
+            for (i, member) in sorting.iter().enumerate() {
+                if let (true, Some(comma)) = (i > 0, comma) {
+                    b.sorted.push(comma);
+                }
+                b.sorted
+                    .extend_from_slice(&b.segments[member.segments.clone()]);
             }
-            joined.extend_from_slice(&out[member.whole.clone()]);
+            b.segments.truncate(region);
+            b.segments.extend_from_slice(&b.sorted);
+            b.members = members;
         }
-        self.out.truncate(body_start);
-        self.out.extend_from_slice(joined);
-        self.members.truncate(first_member);
+        b.members.truncate(first_member);
     }
 
-    /// Copies a string in canonical form: escapes decoded, then only `"`, `\` and control
-    /// characters escaped, in their shortest form.
+    /// An object key: a string, as one segment so that keys compare as bytes. A key with an
+    /// escape written another way is written whole to the patch.
+    fn key(&mut self) -> Option<Segment> {
+        let start = self.pos;
+        let run = plain_run(&self.input[start + 1..])?;
+        if self.input.get(start + 1 + run) == Some(&b'"') {
+            self.pos = start + run + 2;
+            return Some(Segment {
+                start,
+                end: self.pos,
+            });
+        }
+        // Rare: read it into the patch, then make the patch bytes its one segment.
+        self.seal();
+        let patch_start = self.b.patch.len();
+        self.b.patch.push(b'"');
+        self.pos += 1;
+        loop {
+            let run = plain_run(&self.input[self.pos..])?;
+            self.b
+                .patch
+                .extend_from_slice(&self.input[self.pos..self.pos + run]);
+            self.pos += run;
+            match *self.input.get(self.pos)? {
+                b'"' => break,
+                b'\\' => {
+                    let (len, bytes) = self.escape()?;
+                    self.b.patch.extend_from_slice(&bytes[..len]);
+                }
+                _ => return None,
+            }
+        }
+        self.b.patch.push(b'"');
+        self.pos += 1;
+        self.open_start = self.pos;
+        let segment = Segment {
+            start: self.input.len() + patch_start,
+            end: self.input.len() + self.b.patch.len(),
+        };
+        self.b.segments.push(segment);
+        Some(segment)
+    }
+
+    /// A string value: canonical runs stay in the input; an escape written another way is
+    /// replaced by its canonical form.
     fn string(&mut self) -> Option<()> {
         self.pos += 1;
-        self.out.push(b'"');
         loop {
-            let rest = &self.input[self.pos..];
-            let run = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-            let chunk = &rest[..run];
-            std::str::from_utf8(chunk).ok()?;
-            self.out.extend_from_slice(chunk);
-            self.pos += run;
-            match self.input[self.pos] {
+            self.pos += plain_run(&self.input[self.pos..])?;
+            match *self.input.get(self.pos)? {
                 b'"' => {
                     self.pos += 1;
-                    self.out.push(b'"');
                     return Some(());
                 }
-                b'\\' => self.escape()?,
+                b'\\' => {
+                    let start = self.pos;
+                    let (len, bytes) = self.escape()?;
+                    let resume = self.pos;
+                    self.pos = start;
+                    self.replace(resume, &bytes[..len]);
+                }
                 _ => return None,
             }
         }
     }
 
-    fn escape(&mut self) -> Option<()> {
+    /// Reads the escape at `pos` (a `\u` escape, with its low surrogate, or `\/`; the short
+    /// escapes are part of plain runs) and returns its canonical form.
+    fn escape(&mut self) -> Option<(usize, [u8; 6])> {
         let code = *self.input.get(self.pos + 1)?;
         self.pos += 2;
         let ch = match code {
@@ -257,8 +496,9 @@ impl Parser<'_, '_> {
             }
             _ => return None,
         };
-        write_char(self.out, ch);
-        Some(())
+        let mut buf = [0u8; 6];
+        let len = write_char(&mut buf, ch);
+        Some((len, buf))
     }
 
     fn hex4(&mut self) -> Option<u32> {
@@ -302,12 +542,12 @@ impl Parser<'_, '_> {
             }
             self.digits();
         }
-        let text = &self.input[start..self.pos];
+        let end = self.pos;
+        let text = &self.input[start..end];
         if integer {
             if text == b"-0" {
-                self.out.push(b'0');
-            } else {
-                self.out.extend_from_slice(text);
+                self.pos = start;
+                self.replace(end, b"0");
             }
             return Some(());
         }
@@ -315,12 +555,19 @@ impl Parser<'_, '_> {
         if !value.is_finite() {
             return None;
         }
+        // Formatted on the stack: the longest `{:e}` of an f64 is 24 bytes.
+        let mut buf = [0u8; 32];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
         if value == value.trunc() && value.abs() < 9_007_199_254_740_992.0 {
             // Whole numbers within f64's exact range read the same as the integer.
-            let whole = value as i64;
-            self.out.extend_from_slice(whole.to_string().as_bytes());
+            write!(cursor, "{}", value as i64).ok()?;
         } else {
-            self.out.extend_from_slice(format!("{value:e}").as_bytes());
+            write!(cursor, "{value:e}").ok()?;
+        }
+        let len = usize::try_from(cursor.position()).ok()?;
+        if buf[..len] != *text {
+            self.pos = start;
+            self.replace(end, &buf[..len]);
         }
         Some(())
     }
@@ -333,23 +580,26 @@ impl Parser<'_, '_> {
     }
 }
 
-fn write_char(out: &mut Vec<u8>, ch: char) {
-    match ch {
-        '"' => out.extend_from_slice(b"\\\""),
-        '\\' => out.extend_from_slice(b"\\\\"),
-        '\n' => out.extend_from_slice(b"\\n"),
-        '\r' => out.extend_from_slice(b"\\r"),
-        '\t' => out.extend_from_slice(b"\\t"),
-        '\u{8}' => out.extend_from_slice(b"\\b"),
-        '\u{c}' => out.extend_from_slice(b"\\f"),
+/// Writes `ch` in canonical form into `buf`; returns the length.
+fn write_char(buf: &mut [u8; 6], ch: char) -> usize {
+    let short: &[u8] = match ch {
+        '"' => b"\\\"",
+        '\\' => b"\\\\",
+        '\n' => b"\\n",
+        '\r' => b"\\r",
+        '\t' => b"\\t",
+        '\u{8}' => b"\\b",
+        '\u{c}' => b"\\f",
         c if (c as u32) < 0x20 => {
-            out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let code = c as usize;
+            *buf = [b'\\', b'u', b'0', b'0', HEX[code >> 4], HEX[code & 0xf]];
+            return 6;
         }
-        c => {
-            let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-        }
-    }
+        c => return c.encode_utf8(&mut buf[..4]).len(),
+    };
+    buf[..short.len()].copy_from_slice(short);
+    short.len()
 }
 
 /// The raw bytes of a canonical key without its quotes. Keys with escapes never match an
@@ -437,5 +687,158 @@ mod tests {
         )
         .expect("valid JSON");
         assert_eq!(out, br#"{"meta":{"user":"kept"},"model":"m"}"#);
+    }
+
+    #[test]
+    fn nested_objects_are_sorted_at_every_level_in_one_pass() {
+        assert_eq!(
+            canon(r#"{"z":{"y":{"b":[{"d":1,"c":2}],"a":"é"},"x":0},"m":[{"b":1,"a":2},{"a":3}]}"#)
+                .as_deref(),
+            Some(r#"{"m":[{"a":2,"b":1},{"a":3}],"z":{"x":0,"y":{"a":"é","b":[{"c":2,"d":1}]}}}"#)
+        );
+    }
+
+    #[test]
+    fn ignored_members_leave_no_comma_wherever_they_are() {
+        let ignore = vec!["user".to_owned()];
+        for input in [
+            r#"{"user":"u","b":1,"a":2}"#,
+            r#"{"b":1,"user":"u","a":2}"#,
+            r#"{"b":1,"a":2,"user":"u"}"#,
+        ] {
+            let mut out = Vec::new();
+            canonicalize(input.as_bytes(), &ignore, &mut out).expect("valid JSON");
+            assert_eq!(out, br#"{"a":2,"b":1}"#, "{input}");
+        }
+        let mut out = Vec::new();
+        canonicalize(br#"{"user":"u"}"#, &ignore, &mut out).expect("valid JSON");
+        assert_eq!(out, b"{}");
+    }
+
+    #[test]
+    fn reused_buffers_carry_nothing_from_one_call_to_the_next() {
+        let big = format!(r#"{{"b":"{}","a":1}}"#, "x".repeat(2 * KEEP_CAPACITY));
+        for _ in 0..2 {
+            assert_eq!(
+                canon(r#"{"b":1,"a":2}"#).as_deref(),
+                Some(r#"{"a":2,"b":1}"#)
+            );
+            assert_eq!(
+                canon(r#"{"a":1,"b":2}"#).as_deref(),
+                Some(r#"{"a":1,"b":2}"#)
+            );
+            assert_eq!(canon("[1,"), None);
+            let sorted = canon(&big).expect("valid JSON");
+            assert!(sorted.starts_with(r#"{"a":1,"b":"xxx"#));
+            assert_eq!(sorted.len(), big.len());
+        }
+    }
+
+    #[test]
+    fn strings_are_checked_as_utf8_at_every_offset() {
+        // Each character at each position of an eight-byte word, and broken sequences.
+        for pad in 0..9 {
+            let prefix = "p".repeat(pad);
+            for ch in [
+                "é",
+                "€",
+                "🙂",
+                "\u{7ff}",
+                "\u{800}",
+                "\u{ffff}",
+                "\u{10000}",
+                "\u{10ffff}",
+            ] {
+                let text = format!("\"{prefix}{ch}{prefix}\"");
+                assert_eq!(canon(&text).as_deref(), Some(text.as_str()), "{text:?}");
+            }
+            for bad in [
+                &[0x80][..],
+                &[0xC0, 0x80],
+                &[0xC3],
+                &[0xE0, 0x80, 0x80],
+                &[0xED, 0xA0, 0x80],
+                &[0xF0, 0x80, 0x80, 0x80],
+                &[0xF4, 0x90, 0x80, 0x80],
+                &[0xF5, 0x80, 0x80, 0x80],
+                &[0xE2, 0x82],
+                &[0xFF],
+            ] {
+                let mut input = format!("\"{prefix}").into_bytes();
+                input.extend_from_slice(bad);
+                input.extend_from_slice(b"tail\"");
+                let mut out = Vec::new();
+                assert_eq!(canonicalize(&input, &[], &mut out), None, "{input:?}");
+            }
+        }
+    }
+
+    /// JSON text of a value, written with random whitespace and members in any order, and
+    /// the value itself. Keys are unique and plain (serde_json keeps the last of duplicate
+    /// keys and sorts them unescaped; canonical form keeps both and sorts them as written);
+    /// numbers are integers (serde_json writes floats its own way).
+    fn json_text() -> impl proptest::strategy::Strategy<Value = (String, serde_json::Value)> {
+        use proptest::prelude::*;
+        let ws = prop_oneof![Just(""), Just(""), Just(""), Just(" "), Just("\n\t ")];
+        let string = prop_oneof![
+            "[ -~]{0,12}".prop_map(|s| (serde_json::to_string(&s).expect("a string"), s)),
+            "[a-zé🙂\"\\\\\n\u{1}]{0,40}"
+                .prop_map(|s| (serde_json::to_string(&s).expect("a string"), s)),
+            Just((
+                r#""\u0041\/\u00e9\ud83d\ude00\u000a\u0001""#.to_owned(),
+                "A/é😀\n\u{1}".to_owned()
+            )),
+        ];
+        let leaf = prop_oneof![
+            Just(("null".to_owned(), serde_json::Value::Null)),
+            any::<bool>().prop_map(|b| (b.to_string(), serde_json::Value::Bool(b))),
+            any::<i64>()
+                .prop_filter("not -0", |n| *n != 0)
+                .prop_map(|n| (n.to_string(), n.into())),
+            string.prop_map(|(text, s)| (text, serde_json::Value::String(s))),
+        ];
+        let key = prop_oneof!["[a-z]{1,3}", "additional[A-Za-z]{0,12}", "[a-zé]{1,9}"];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                (
+                    prop::collection::vec(inner.clone(), 0..6),
+                    ws.clone(),
+                    ws.clone()
+                )
+                    .prop_map(|(items, a, b)| {
+                        let text: Vec<String> = items.iter().map(|(t, _)| t.clone()).collect();
+                        let text = format!("[{a}{}{b}]", text.join(&format!("{b},{a}")));
+                        (
+                            text,
+                            serde_json::Value::Array(items.into_iter().map(|(_, v)| v).collect()),
+                        )
+                    }),
+                (
+                    prop::collection::btree_map(key.clone(), inner, 0..6)
+                        .prop_map(|m| m.into_iter().collect::<Vec<_>>())
+                        .prop_shuffle(),
+                    ws.clone(),
+                    ws.clone(),
+                )
+                    .prop_map(|(members, a, b)| {
+                        let text: Vec<String> = members
+                            .iter()
+                            .map(|(k, (t, _))| format!("\"{k}\"{a}:{b}{t}"))
+                            .collect();
+                        let text = format!("{{{b}{}{a}}}", text.join(&format!("{a},{b}")));
+                        let value = members.into_iter().map(|(k, (_, v))| (k, v)).collect();
+                        (text, serde_json::Value::Object(value))
+                    }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn agrees_with_serde_json_where_both_write_the_same((text, value) in json_text()) {
+            let expected = serde_json::to_string(&value).expect("serializable");
+            proptest::prop_assert_eq!(canon(&text), Some(expected), "{}", text);
+        }
     }
 }

@@ -344,7 +344,12 @@ fn replay<B: Body>(
 fn stored_response<B: Body>(entry: &Arc<CachedResponse>) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::replay(entry.clone()));
     *response.status_mut() = entry.status();
-    *response.headers_mut() = entry.headers().clone();
+    // Room for the marking headers too, so adding them does not grow the map again.
+    let headers = response.headers_mut();
+    headers.reserve(entry.headers().len() + 4);
+    for (name, value) in entry.headers() {
+        headers.append(name.clone(), value.clone());
+    }
     response
 }
 

@@ -1,7 +1,7 @@
 //! [`Partition`]: whose answers a request may be given. One tenant never gets another's.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use http::request::Parts;
 
@@ -95,7 +95,10 @@ impl Partition {
 fn credential_partition(parts: &Parts) -> PartitionId {
     for name in CREDENTIAL_HEADERS {
         if let Some(value) = parts.headers.get(name) {
-            let mut hasher = blake3::Hasher::new_derive_key(PARTITION_CONTEXT);
+            // Deriving the context key is a hash of its own: done once, then cloned.
+            static CONTEXT: LazyLock<blake3::Hasher> =
+                LazyLock::new(|| blake3::Hasher::new_derive_key(PARTITION_CONTEXT));
+            let mut hasher = CONTEXT.clone();
             hasher.update(name.as_bytes());
             hasher.update(b"=");
             hasher.update(value.as_bytes());

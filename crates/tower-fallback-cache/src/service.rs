@@ -14,7 +14,7 @@ use crate::future::ResponseFuture;
 use crate::layer::{FallbackCacheLayer, Shared};
 
 /// Wraps a service: keys each request, keeps each successful answer, and serves the last
-/// good answer when the service fails with a [`Reason`] the layer falls back on.
+/// good answer when the service fails with a [`Reason`](crate::Reason) the layer falls back on.
 ///
 /// Made by [`FallbackCacheLayer`]. The inner service receives a [`RequestBody`] and its
 /// response body is handed on as a [`ResponseBody`]. Both bodies must be `Unpin` (hyper's,

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Load comparison on loopback: fallback-cache-proxy against nginx proxy_cache (keyed on the
+# request body), in front of the same mock upstream, for HIT and FALLBACK, at several
+# concurrencies. Prints requests/s and p50/p99 latency of each, and proxy/nginx ratios.
+#
+#   benches/load/run.sh
+#
+# Settings (environment): DURATION seconds per run (10), CONCURRENCY list ("1 16 64"),
+# THREADS of wrk (2). Installs nginx and wrk with apt-get when they are missing (as root),
+# builds the release binaries, and stops every process it started, whatever happens.
+#
+# Scenarios: HIT (proxy --mode cache-first; nginx serving a fresh cached answer); FALLBACK
+# (the upstream answers 429 insufficient_quota; the proxy with --no-quota-breaker and nginx
+# both ask it every time and serve the stored answer); FALLBACK-breaker (the proxy's
+# default quota breaker, open: the stored answer is served without asking; nginx as above).
+# All traffic stays on 127.0.0.1; every run is bounded by DURATION (and a timeout).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+
+DURATION="${DURATION:-10}"
+CONCURRENCY="${CONCURRENCY:-1 16 64}"
+THREADS="${THREADS:-2}"
+BODY_FILE="$ROOT/benches/load/request.json"
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+die() {
+  printf 'run.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+# --- tools ------------------------------------------------------------------------------
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  [ "$(id -u)" -eq 0 ] || die "needs ${missing[*]}: run as root, or: sudo apt-get install -y ${missing[*]}"
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+say "building mock-upstream and fallback-cache-proxy (release)"
+cargo build --release --quiet -p mock-upstream -p fallback-cache-proxy
+TARGET_DIR="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')}"
+BIN="$TARGET_DIR/release"
+[ -x "$BIN/fallback-cache-proxy" ] || die "no $BIN/fallback-cache-proxy after the build"
+
+# --- processes --------------------------------------------------------------------------
+WORK="$(mktemp -d)"
+chmod 755 "$WORK" # nginx workers may run as another user
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Prints the http://ADDR a process announced in FILE ("... listening on http://ADDR ...").
+listening_on() {
+  local file="$1"
+  for _ in $(seq 200); do
+    if grep -q 'listening on http://' "$file" 2>/dev/null; then
+      grep -o 'listening on http://[0-9.:]*' "$file" | head -1 | sed 's/listening on //'
+      return
+    fi
+    sleep 0.05
+  done
+  cat "$file" >&2
+  die "a server did not start (its output is above)"
+}
+
+free_port() {
+  local port
+  for _ in $(seq 50); do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+  die "no free port found"
+}
+
+say "starting the mock upstream, two proxies and nginx on 127.0.0.1"
+"$BIN/mock-upstream" --listen 127.0.0.1:0 >"$WORK/mock.log" 2>&1 &
+PIDS+=($!)
+MOCK="$(listening_on "$WORK/mock.log")"
+
+"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+  --store memory --mode cache-first --fresh-for 1h 2>"$WORK/proxy-hit.log" &
+PIDS+=($!)
+PROXY_HIT="$(listening_on "$WORK/proxy-hit.log")"
+"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+  --store memory --mode fallback 2>"$WORK/proxy-fallback.log" &
+PIDS+=($!)
+PROXY_FALLBACK="$(listening_on "$WORK/proxy-fallback.log")"
+# Without the quota breaker every request asks the upstream, as nginx does.
+"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+  --store memory --mode fallback --no-quota-breaker 2>"$WORK/proxy-asking.log" &
+PIDS+=($!)
+PROXY_ASKING="$(listening_on "$WORK/proxy-asking.log")"
+
+HIT_PORT="$(free_port)"
+FALLBACK_PORT="$(free_port)"
+while [ "$FALLBACK_PORT" = "$HIT_PORT" ]; do FALLBACK_PORT="$(free_port)"; done
+sed -e "s|@WORK@|$WORK|g" -e "s|@USER@|$(id -un)|g" -e "s|@UPSTREAM@|${MOCK#http://}|g" \
+  -e "s|@HIT_PORT@|$HIT_PORT|g" -e "s|@FALLBACK_PORT@|$FALLBACK_PORT|g" \
+  "$ROOT/benches/load/nginx.conf.template" >"$WORK/nginx.conf"
+"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -t -q 2>"$WORK/nginx-test.log" ||
+  { cat "$WORK/nginx-test.log" >&2; die "nginx refused its configuration"; }
+"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" 2>>"$WORK/nginx-error.log" &
+PIDS+=($!)
+NGINX_HIT="http://127.0.0.1:$HIT_PORT"
+NGINX_FALLBACK="http://127.0.0.1:$FALLBACK_PORT"
+for _ in $(seq 100); do
+  curl -s -o /dev/null "$NGINX_FALLBACK/v1/models" && break
+  sleep 0.05
+done
+curl -s -o /dev/null "$NGINX_FALLBACK/v1/models" ||
+  { cat "$WORK/nginx-error.log" >&2; die "nginx did not start"; }
+
+# --- requests ---------------------------------------------------------------------------
+PATH_CHAT=/v1/chat/completions
+# Prints the value of HEADER in the answer to the bench request sent to BASE.
+marking() {
+  local base="$1" header="$2"
+  curl -sS -o /dev/null -D - -X POST "$base$PATH_CHAT" \
+    -H 'content-type: application/json' -H 'authorization: Bearer sk-load-test' \
+    --data-binary "@$BODY_FILE" | tr -d '\r' | grep -i "^$header:" | head -1 | cut -d' ' -f2-
+}
+expect_marking() {
+  local base="$1" header="$2" want="$3" got
+  got="$(marking "$base" "$header")"
+  [ "$got" = "$want" ] || die "$base answered $header: '$got', expected '$want'"
+}
+set_mock() {
+  curl -sSf -o /dev/null -X POST "$MOCK/_mock/mode" -H 'content-type: application/json' -d "$1"
+}
+
+cat >"$WORK/post.lua" <<EOF
+local file = io.open("$BODY_FILE", "rb")
+wrk.method = "POST"
+wrk.body = file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-load-test"
+EOF
+
+say "warming: every server stores the answer"
+set_mock '{"mode":"ok"}'
+for base in "$PROXY_HIT" "$PROXY_FALLBACK" "$PROXY_ASKING" "$NGINX_HIT" "$NGINX_FALLBACK"; do
+  curl -sS -o /dev/null -X POST "$base$PATH_CHAT" -H 'content-type: application/json' \
+    -H 'authorization: Bearer sk-load-test' --data-binary "@$BODY_FILE"
+done
+expect_marking "$PROXY_HIT" x-fallback-cache HIT
+expect_marking "$NGINX_HIT" x-cache-status HIT
+
+# Runs wrk against BASE and prints "requests/s p50_us p99_us errors".
+load() {
+  local base="$1" connections="$2" threads="$THREADS" out
+  [ "$connections" -lt "$threads" ] && threads="$connections"
+  out="$(timeout $((DURATION + 30)) wrk --latency -t "$threads" -c "$connections" \
+    -d "${DURATION}s" -s "$WORK/post.lua" "$base$PATH_CHAT")" || die "wrk failed: $out"
+  echo "$out" >>"$WORK/wrk.log"
+  echo "$out" | awk '
+    function us(v) {
+      if (v ~ /us$/) return v + 0
+      if (v ~ /ms$/) return v * 1000
+      if (v ~ /s$/) return v * 1000000
+      return v
+    }
+    $1 == "50%" { p50 = us($2) }
+    $1 == "99%" { p99 = us($2) }
+    /^Requests\/sec:/ { rps = $2 }
+    /Non-2xx or 3xx responses:/ { errors += $NF }
+    /Socket errors:/ { errors += $4 + $6 + $8 + $10 }
+    END { printf "%.0f %.0f %.0f %d\n", rps, p50, p99, errors + 0 }'
+}
+
+RESULTS="$WORK/results"
+: >"$RESULTS"
+run_scenario() {
+  local scenario="$1" proxy="$2" nginx="$3" c p n
+  for c in $CONCURRENCY; do
+    say "$scenario, $c connections: proxy, then nginx (${DURATION}s each)"
+    p="$(load "$proxy" "$c")"
+    n="$(load "$nginx" "$c")"
+    echo "$scenario $c $p $n" >>"$RESULTS"
+  done
+}
+
+run_scenario HIT "$PROXY_HIT" "$NGINX_HIT"
+
+say "the upstream runs out of quota (429 insufficient_quota)"
+sleep 1.2 # nginx's FALLBACK answer (valid 1s) is now stale: it asks the upstream each time
+set_mock '{"mode":"error","fixture":"openai-429-insufficient_quota"}'
+expect_marking "$PROXY_ASKING" x-fallback-cache FALLBACK
+expect_marking "$PROXY_FALLBACK" x-fallback-cache FALLBACK
+expect_marking "$NGINX_FALLBACK" x-cache-status STALE
+# Both ask the upstream on every request and serve the stored answer on its 429.
+run_scenario FALLBACK "$PROXY_ASKING" "$NGINX_FALLBACK"
+# The proxy's default: after the first insufficient_quota its quota breaker stops asking
+# for a cooldown and serves the stored answer at once; nginx still asks every time.
+run_scenario FALLBACK-breaker "$PROXY_FALLBACK" "$NGINX_FALLBACK"
+set_mock '{"mode":"ok"}'
+
+# --- report -----------------------------------------------------------------------------
+{
+  echo
+  echo "fallback-cache-proxy (--store memory) vs nginx proxy_cache, loopback, ${DURATION}s per run,"
+  echo "wrk -t$THREADS, 2 KiB POST body; $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+  echo
+  echo "| scenario | connections | proxy req/s | nginx req/s | req/s proxy/nginx | proxy p50 µs | nginx p50 µs | proxy p99 µs | nginx p99 µs | p99 proxy/nginx | errors proxy/nginx |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  awk '{
+    printf "| %s | %s | %s | %s | %.2f | %s | %s | %s | %s | %.2f | %s/%s |\n",
+      $1, $2, $3, $7, ($7 > 0 ? $3 / $7 : 0), $4, $8, $5, $9, ($9 > 0 ? $5 / $9 : 0), $6, $10
+  }' "$RESULTS"
+  echo
+  echo "req/s ratio above 1 and p99 ratio below 1: the proxy is ahead."
+  echo "FALLBACK: the proxy with --no-quota-breaker (asks the upstream each time, as nginx does);"
+  echo "FALLBACK-breaker: the proxy's default, its quota breaker open (does not ask)."
+}

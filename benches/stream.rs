@@ -1,0 +1,113 @@
+//! A 500-event streamed answer through the layer: with capture (the answer is copied and
+//! stored as it passes), without capture (the answer is marked `no-store`, so the layer
+//! only passes it on), and straight from the upstream (the baseline).
+//!
+//! cargo bench --bench stream
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tower::{Layer, ServiceExt, service_fn};
+use tower_fallback_cache::FallbackCacheLayer;
+
+const EVENTS: usize = 500;
+
+/// The events of an OpenAI-style stream: one chunk per event, then `data: [DONE]`.
+fn events() -> Vec<Bytes> {
+    let mut events: Vec<Bytes> = (0..EVENTS - 1)
+        .map(|i| {
+            Bytes::from(format!(
+                "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1741570283,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}},\"finish_reason\":null}}]}}\n\n"
+            ))
+        })
+        .collect();
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events
+}
+
+type StreamedBody =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+fn streamed(events: &[Bytes], no_store: bool) -> Response<StreamedBody> {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+        events.iter().cloned().map(|e| Ok(Frame::data(e))).collect();
+    let mut builder = Response::builder().header("content-type", "text/event-stream");
+    if no_store {
+        builder = builder.header("cache-control", "no-store");
+    }
+    builder
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .expect("valid response")
+}
+
+/// The upstream: answers every request with the stream at once.
+fn upstream<B>(
+    events: Vec<Bytes>,
+    no_store: bool,
+) -> impl tower::Service<
+    Request<B>,
+    Response = Response<StreamedBody>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |_: Request<B>| {
+        let response = streamed(&events, no_store);
+        async move { Ok::<_, Infallible>(response) }
+    })
+}
+
+fn request() -> Request<Full<Bytes>> {
+    Request::post("/v1/chat/completions")
+        .header("authorization", "Bearer sk-bench")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Count to 500"}]}"#,
+        )))
+        .expect("valid request")
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let events = events();
+    let total: usize = events.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("stream_500_events");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+
+    group.bench_function("upstream_alone", |b| {
+        let service = upstream(events.clone(), false);
+        b.to_async(&runtime).iter(|| async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads")
+        });
+    });
+    group.bench_function("layer_without_capture", |b| {
+        let service = FallbackCacheLayer::new().layer(upstream(events.clone(), true));
+        b.to_async(&runtime).iter(|| async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads")
+        });
+    });
+    group.bench_function("layer_with_capture", |b| {
+        let layer = FallbackCacheLayer::new();
+        let service = layer.layer(upstream(events.clone(), false));
+        b.to_async(&runtime).iter(|| async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads")
+        });
+        assert!(layer.stats().snapshot().stored > 0, "the stream was stored");
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -143,36 +143,30 @@ struct EventSplitter {
 
 impl EventSplitter {
     fn push(&mut self, chunk: &Bytes, events: &mut Vec<Bytes>) {
+        if self.partial.is_empty() {
+            // The common case, a frame of whole events: they are cut out of the frame
+            // itself, without a copy.
+            let mut start = 0;
+            while let Some(end) = event_end(chunk, start) {
+                let event = chunk.slice(start..end);
+                self.inspect(&event);
+                events.push(event);
+                start = end;
+            }
+            self.partial.extend_from_slice(&chunk[start..]);
+            self.scanned = 0;
+            return;
+        }
+        // An event split across frames: gathered in `partial`.
         self.partial.extend_from_slice(chunk);
-        while let Some(end) = self.event_end() {
+        while let Some(end) = event_end(&self.partial, self.scanned) {
             let event = self.partial.split_to(end).freeze();
             self.scanned = 0;
             self.inspect(&event);
             events.push(event);
         }
-    }
-
-    /// The end of the first complete event: after `\n\n` or `\n\r\n`.
-    fn event_end(&mut self) -> Option<usize> {
-        let bytes = &self.partial[..];
-        let mut i = self.scanned;
-        while i + 1 < bytes.len() {
-            if bytes[i] == b'\n' {
-                if bytes[i + 1] == b'\n' {
-                    return Some(i + 2);
-                }
-                if bytes[i + 1] == b'\r' {
-                    match bytes.get(i + 2) {
-                        Some(b'\n') => return Some(i + 3),
-                        Some(_) => {}
-                        None => break,
-                    }
-                }
-            }
-            i += 1;
-        }
-        self.scanned = i;
-        None
+        // A blank line that ends later starts in the last two bytes at the earliest.
+        self.scanned = self.partial.len().saturating_sub(2);
     }
 
     fn inspect(&mut self, event: &[u8]) {
@@ -197,6 +191,20 @@ impl EventSplitter {
         }
         self.done_seen || self.needs_done != Some(true)
     }
+}
+
+/// The end of the first complete event in `bytes` at or after `from`: just after its blank
+/// line (`\n\n`, or `\n\r\n` as in `\r\n\r\n`).
+fn event_end(bytes: &[u8], from: usize) -> Option<usize> {
+    for newline in memchr::memchr_iter(b'\n', bytes.get(from..)?) {
+        let i = from + newline;
+        match bytes.get(i + 1..) {
+            Some([b'\n', ..]) => return Some(i + 2),
+            Some([b'\r', b'\n', ..]) => return Some(i + 3),
+            _ => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -244,13 +244,13 @@ async fn fresh_hit<B: Body>(
     key: CacheKey,
     fresh_for: Duration,
 ) -> Option<Response<ResponseBody<B>>> {
-    let entry = lookup(shared, &key).await?;
-    if entry.age() >= fresh_for {
+    let (entry, age) = lookup(shared, &key).await?;
+    if age >= fresh_for {
         return None;
     }
     Counters::add(&shared.stats.counters().hits);
     tracing::debug!(%key, "HIT");
-    Some(replay(entry, CacheStatus::Hit, key, None))
+    Some(replay(entry, age, CacheStatus::Hit, key, None))
 }
 
 /// Forwards a request that is not keyed, and marks the answer `BYPASS`.
@@ -287,11 +287,11 @@ async fn fall_back<B: Body>(
     }
     let counters = shared.stats.counters();
     match lookup(shared, &key).await {
-        Some(entry) => {
+        Some((entry, age)) => {
             Counters::add(&counters.fallbacks);
             Counters::add(&counters.fallbacks_by_reason[reason as usize]);
             tracing::debug!(%key, %reason, "FALLBACK");
-            Some(replay(entry, CacheStatus::Fallback, key, Some(reason)))
+            Some(replay(entry, age, CacheStatus::Fallback, key, Some(reason)))
         }
         None => {
             Counters::add(&counters.fallback_misses);
@@ -301,12 +301,13 @@ async fn fall_back<B: Body>(
     }
 }
 
-/// The answer under `key` if it is usable: present, younger than the TTL, of this key
-/// version. A store error is counted and is a miss.
-async fn lookup(shared: &Shared, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+/// The answer under `key`, with its age, if it is usable: present, younger than the TTL,
+/// of this key version. A store error is counted and is a miss.
+async fn lookup(shared: &Shared, key: &CacheKey) -> Option<(Arc<CachedResponse>, Duration)> {
     match shared.store.get(key).await {
-        Ok(Some(entry)) if entry.age() <= shared.ttl && entry.key_version() == KEY_VERSION => {
-            Some(entry)
+        Ok(Some(entry)) if entry.key_version() == KEY_VERSION => {
+            let age = entry.age();
+            (age <= shared.ttl).then_some((entry, age))
         }
         Ok(_) => None,
         Err(error) => {
@@ -323,11 +324,11 @@ async fn lookup(shared: &Shared, key: &CacheKey) -> Option<Arc<CachedResponse>> 
 
 fn replay<B: Body>(
     entry: Arc<CachedResponse>,
+    age: Duration,
     status: CacheStatus,
     key: CacheKey,
     reason: Option<Reason>,
 ) -> Response<ResponseBody<B>> {
-    let age = entry.age();
     let (mut parts, body) = stored_response(&entry).into_parts();
     mark(
         &mut parts.headers,

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Buf;
-use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, DATE, RETRY_AFTER};
+use http::header::{AGE, CACHE_CONTROL, DATE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::body::{Capture, CaptureSink, Collected, RequestBody, ResponseBody, collect_up_to};
+use crate::body::{
+    Capture, CaptureSink, Collected, RequestBody, ResponseBody, collect_up_to, content_length,
+};
 use crate::breaker::Admission;
 use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
@@ -45,11 +47,7 @@ where
     let (parts, body) = request.into_parts();
 
     // 1. Key, or bypass.
-    let declared_len = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared_len = content_length(&parts.headers);
     let bypass_because = if parts.method != Method::GET && parts.method != Method::POST {
         Some("method")
     } else if cache_control_has(&parts.headers, "no-store") {
@@ -383,11 +381,7 @@ fn mark(
 /// Whether an answer with these headers may be stored: not `no-store`, and not announced
 /// larger than the limit.
 fn storable(headers: &HeaderMap, max_response_body: usize) -> bool {
-    let too_long = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|len| len > max_response_body as u64);
+    let too_long = content_length(headers).is_some_and(|len| len > max_response_body as u64);
     !too_long && !cache_control_has(headers, "no-store")
 }
 

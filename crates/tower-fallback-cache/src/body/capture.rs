@@ -49,10 +49,8 @@ impl Capture {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-        let expected_len = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        let expected_len =
+            super::content_length(&headers).and_then(|len| usize::try_from(len).ok());
         Self {
             sink,
             status,

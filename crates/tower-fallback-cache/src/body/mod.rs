@@ -16,6 +16,16 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, SizeHint};
 use http_body_util::BodyExt;
 
+/// The length a message announces in `content-length`, if it announces a valid one.
+pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// `hint` grown by `extra` bytes already in hand.
 pub(crate) fn size_hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
     let mut sum = SizeHint::new();

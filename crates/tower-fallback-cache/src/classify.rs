@@ -144,7 +144,8 @@ impl<A: Classify, B: Classify> Classify for OrElse<A, B> {
 /// | Reason | rule (first match wins) |
 /// | --- | --- |
 /// | `InsufficientQuota` | a 4xx whose JSON `error.type` or `error.code` (or top-level `type`/`code`) is `insufficient_quota`; Anthropic `billing_error`; a 400 whose message says the credit balance is too low; any 402 |
-/// | `RateLimited` | any other 429 (Gemini's `RESOURCE_EXHAUSTED` included: it is used for both, so it is not guessed) |
+/// | `InsufficientQuota` (Gemini) | a 429 `RESOURCE_EXHAUSTED` whose `QuotaFailure` names a per-day quota (`quotaId` with `PerDay`), or whose message says the prepayment credits are depleted |
+/// | `RateLimited` | any other 429 (Gemini's per-minute quotas, and `RESOURCE_EXHAUSTED` without details: it is used for both, so it is not guessed) |
 /// | `ServerError` | any 5xx, including 529 |
 ///
 /// Anything else (a 400 `invalid_request_error`, a 401, a 404) gets no reason and is passed
@@ -170,6 +171,33 @@ struct ErrorDetail<'a> {
     code: Option<Text<'a>>,
     #[serde(borrow, default)]
     message: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    status: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    details: Option<Lenient<Vec<GoogleDetail<'a>>>>,
+}
+
+/// A field of the expected shape, or anything else in its place: another API's `details`
+/// must not make the whole body unreadable.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lenient<T> {
+    Expected(T),
+    Other(serde::de::IgnoredAny),
+}
+
+/// One of the `details` of a Google API error (`google.rpc.*`); only `QuotaFailure`
+/// violations are read.
+#[derive(Deserialize, Default)]
+struct GoogleDetail<'a> {
+    #[serde(borrow, default)]
+    violations: Option<Lenient<Vec<QuotaViolation<'a>>>>,
+}
+
+#[derive(Deserialize, Default)]
+struct QuotaViolation<'a> {
+    #[serde(borrow, default, rename = "quotaId")]
+    quota_id: Option<Text<'a>>,
 }
 
 /// A string field, or anything else in its place (`code` is `"3505"` in one API and `402`
@@ -187,6 +215,14 @@ impl Text<'_> {
         match self {
             Text::Borrowed(s) => s.eq_ignore_ascii_case(expected),
             Text::Owned(s) => s.eq_ignore_ascii_case(expected),
+            Text::Other(_) => false,
+        }
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        match self {
+            Text::Borrowed(s) => s.contains(needle),
+            Text::Owned(s) => s.contains(needle),
             Text::Other(_) => false,
         }
     }
@@ -235,8 +271,38 @@ impl Classify for ProviderClassifier {
         {
             return Some(Reason::InsufficientQuota);
         }
+        if status == StatusCode::TOO_MANY_REQUESTS && gemini_quota_is_gone(&detail) {
+            return Some(Reason::InsufficientQuota);
+        }
         (status == StatusCode::TOO_MANY_REQUESTS).then_some(Reason::RateLimited)
     }
+}
+
+/// Gemini sends every quota error as 429 `RESOURCE_EXHAUSTED`: a per-day quota (it comes
+/// back tomorrow, not in a second) or depleted prepaid credits is a quota that is gone; a
+/// per-minute quota, or an error without details, is a rate limit.
+fn gemini_quota_is_gone(detail: &ErrorDetail<'_>) -> bool {
+    if !is_any(&detail.status, &["RESOURCE_EXHAUSTED"]) {
+        return false;
+    }
+    let details = match &detail.details {
+        Some(Lenient::Expected(details)) => details.as_slice(),
+        _ => &[],
+    };
+    let per_day = details
+        .iter()
+        .filter_map(|d| match &d.violations {
+            Some(Lenient::Expected(violations)) => Some(violations),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|v| v.quota_id.as_ref())
+        .any(|id| id.contains("PerDay"));
+    per_day
+        || detail
+            .message
+            .as_ref()
+            .is_some_and(|m| m.contains_lowercase("prepayment credits are depleted"))
 }
 
 #[cfg(test)]

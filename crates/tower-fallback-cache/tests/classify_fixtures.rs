@@ -60,3 +60,30 @@ fn a_plain_invalid_request_is_not_a_reason_to_fall_back() {
         None
     );
 }
+
+#[test]
+fn gemini_quota_errors_are_told_apart_by_their_details() {
+    let classify = |body: &str| {
+        ProviderClassifier.classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new(),
+            body.as_bytes(),
+        )
+    };
+    let per_day = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"quota","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateContentInputTokensPerModelPerDay-PaidTier"}]}]}}"#;
+    assert_eq!(classify(per_day), Some(Reason::InsufficientQuota));
+    let per_minute = per_day.replace("PerDay", "PerMinute");
+    assert_eq!(classify(&per_minute), Some(Reason::RateLimited));
+    // Another shape of `details` (a string, an object) is not an error of the classifier.
+    for odd in [
+        r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"x","details":"PerDay"}}"#,
+        r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"x","details":[{"violations":{"quotaId":"PerDay"}}]}}"#,
+    ] {
+        assert_eq!(classify(odd), Some(Reason::RateLimited), "{odd}");
+    }
+    let openai_with_details = r#"{"error":{"type":"insufficient_quota","details":"none"}}"#;
+    assert_eq!(classify(openai_with_details), Some(Reason::InsufficientQuota));
+    // A per-day quota named by another status is not Gemini's.
+    let other_status = per_day.replace("RESOURCE_EXHAUSTED", "UNAVAILABLE");
+    assert_eq!(classify(&other_status), Some(Reason::RateLimited));
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use crate::breaker::{Breaker, QuotaBreaker};
+use crate::cacheable::Cacheable;
 use crate::classify::{Classify, ProviderClassifier, Reason};
 use crate::coalesce::InFlight;
 use crate::key::KeyRules;
@@ -48,6 +49,7 @@ pub const DEFAULT_MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
 /// The shared state of a layer and of every service it makes.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) cacheable: Cacheable,
     pub(crate) key_rules: KeyRules,
     pub(crate) partition: Partition,
     pub(crate) classifier: Arc<dyn Classify>,
@@ -136,6 +138,7 @@ impl std::fmt::Debug for FallbackCacheLayer {
         let s = &self.shared;
         f.debug_struct("FallbackCacheLayer")
             .field("store", &s.store)
+            .field("cacheable", &s.cacheable)
             .field("mode", &s.mode)
             .field(
                 "fallback_on",
@@ -158,6 +161,7 @@ impl std::fmt::Debug for FallbackCacheLayer {
 /// [`FallbackCacheLayer::new`].
 pub struct FallbackCacheBuilder {
     store: Option<Arc<dyn Store>>,
+    cacheable: Cacheable,
     key_rules: KeyRules,
     partition: Partition,
     classifier: Arc<dyn Classify>,
@@ -173,6 +177,7 @@ impl Default for FallbackCacheBuilder {
     fn default() -> Self {
         Self {
             store: None,
+            cacheable: Cacheable::default(),
             key_rules: KeyRules::default(),
             partition: Partition::default(),
             classifier: Arc::new(ProviderClassifier),
@@ -216,6 +221,16 @@ impl FallbackCacheBuilder {
     /// stored answer when there is one, and returned as it is otherwise.
     pub fn fallback_on<I: IntoIterator<Item = Reason>>(mut self, reasons: I) -> Self {
         self.fallback_on = reasons.into_iter().fold(0, |bits, r| bits | r.bit());
+        self
+    }
+
+    /// Which requests are keyed, stored and served from the cache (default
+    /// [`Cacheable::inference`]: the inference endpoints of OpenAI, Anthropic and Gemini).
+    /// Any other request is forwarded untouched and marked `BYPASS`: a stored answer
+    /// replayed for a request with side effects (a file upload, a batch, a run) would tell
+    /// the client that something happened that never did.
+    pub fn cacheable(mut self, rule: Cacheable) -> Self {
+        self.cacheable = rule;
         self
     }
 
@@ -269,6 +284,7 @@ impl FallbackCacheBuilder {
         FallbackCacheLayer {
             shared: Arc::new(Shared {
                 store,
+                cacheable: self.cacheable,
                 key_rules: self.key_rules,
                 partition: self.partition,
                 classifier: self.classifier,

@@ -87,6 +87,7 @@
 
 mod body;
 mod breaker;
+mod cacheable;
 mod classify;
 mod coalesce;
 mod entry;
@@ -104,6 +105,7 @@ mod status;
 pub mod store;
 
 pub use body::{RequestBody, ResponseBody};
+pub use cacheable::{Cacheable, InvalidPattern};
 pub use breaker::{DEFAULT_QUOTA_COOLDOWN, DEFAULT_QUOTA_COOLDOWN_MAX, QuotaBreaker};
 pub use classify::{Classify, ClassifyExt, OrElse, ParseReasonError, ProviderClassifier, Reason};
 pub use entry::{CachedResponse, EntryError};

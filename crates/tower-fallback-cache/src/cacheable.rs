@@ -1,0 +1,280 @@
+//! [`Cacheable`]: which requests may be answered from the cache at all.
+//!
+//! A stored answer replayed for a request with side effects (an upload, a batch, a run)
+//! tells the client that something happened that never did. So only requests whose answer
+//! is a pure function of the request are keyed: by default the inference endpoints of the
+//! OpenAI, Anthropic and Gemini APIs. Every other request is forwarded untouched and marked
+//! `BYPASS`.
+
+use std::fmt;
+
+use http::Method;
+
+/// The rule that says which requests are keyed, stored and served from the cache.
+///
+/// A rule is a list of patterns `[METHOD] PATH`: the method is `GET` or `POST` (`POST`
+/// when left out), the path is matched against the request's whole path (never its query),
+/// segment by segment. In a segment, `*` matches any run of characters; a segment `**`
+/// matches any number of segments, none included. A path with a dot segment (`.`, `..`,
+/// or one written with `%2e`) never matches.
+///
+/// The default, [`Cacheable::inference`], is [`Cacheable::INFERENCE`]. A request outside
+/// the rule is forwarded untouched and marked `BYPASS`.
+///
+/// ```
+/// use http::Method;
+/// use tower_fallback_cache::Cacheable;
+///
+/// let rule = Cacheable::inference();
+/// assert!(rule.allows(&Method::POST, "/v1/chat/completions"));
+/// assert!(rule.allows(&Method::POST, "/v1beta/models/gemini-2.5-flash:generateContent"));
+/// assert!(rule.allows(&Method::GET, "/v1/models"));
+/// assert!(!rule.allows(&Method::POST, "/v1/files"));
+/// assert!(!rule.allows(&Method::POST, "/v1/threads/thread_1/runs"));
+///
+/// let mine = Cacheable::patterns(["/v1/chat/completions", "GET /v1/models"]).unwrap();
+/// assert!(!mine.allows(&Method::POST, "/v1/embeddings"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cacheable {
+    rules: Vec<Rule>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Rule {
+    method: Method,
+    text: String,
+    segments: Vec<String>,
+}
+
+/// A pattern [`Cacheable::patterns`] cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cacheable pattern {pattern:?}: {why}")]
+pub struct InvalidPattern {
+    pattern: String,
+    why: &'static str,
+}
+
+impl Cacheable {
+    /// The default patterns: the inference endpoints of OpenAI (and the many compatible
+    /// servers, under any base path: `**/v1/...`; Azure's `openai/deployments/*/...`),
+    /// Anthropic and Gemini, and the GET of their model lists.
+    pub const INFERENCE: &'static [&'static str] = &[
+        // OpenAI and compatible servers
+        "**/v1/chat/completions",
+        "**/v1/completions",
+        "**/v1/responses",
+        "**/v1/embeddings",
+        "**/v1/moderations",
+        // Azure OpenAI deployments
+        "**/openai/deployments/*/chat/completions",
+        "**/openai/deployments/*/completions",
+        "**/openai/deployments/*/embeddings",
+        // Anthropic
+        "**/v1/messages",
+        "**/v1/messages/count_tokens",
+        // Gemini (v1, v1beta, v1alpha)
+        "**/v1*/models/*:generateContent",
+        "**/v1*/models/*:streamGenerateContent",
+        "**/v1*/models/*:embedContent",
+        "**/v1*/models/*:countTokens",
+        // Model lists (v1, v1beta)
+        "GET **/v1*/models",
+    ];
+
+    /// The default rule: the patterns of [`Cacheable::INFERENCE`].
+    pub fn inference() -> Self {
+        Self::patterns(Self::INFERENCE.iter().copied())
+            .unwrap_or_else(|_| Self { rules: Vec::new() })
+    }
+
+    /// Every GET and POST request (the behaviour before the rule existed). Only for an
+    /// upstream whose every GET and POST is free of side effects.
+    pub fn every_get_and_post() -> Self {
+        Self::patterns(["GET **", "POST **"]).unwrap_or_else(|_| Self { rules: Vec::new() })
+    }
+
+    /// A rule of the caller's own patterns (see [`Cacheable`] for their form).
+    pub fn patterns<I, T>(patterns: I) -> Result<Self, InvalidPattern>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let rules = patterns
+            .into_iter()
+            .map(|p| Rule::parse(p.as_ref()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { rules })
+    }
+
+    /// Whether a request with this method and path is keyed.
+    pub fn allows(&self, method: &Method, path: &str) -> bool {
+        if has_dot_segment(path) {
+            return false;
+        }
+        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        self.rules
+            .iter()
+            .any(|rule| rule.method == method && matches(&rule.segments, &segments))
+    }
+}
+
+impl Default for Cacheable {
+    fn default() -> Self {
+        Self::inference()
+    }
+}
+
+impl fmt::Debug for Cacheable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.rules.iter().map(|r| &r.text))
+            .finish()
+    }
+}
+
+impl Rule {
+    fn parse(text: &str) -> Result<Self, InvalidPattern> {
+        let invalid = |why| InvalidPattern {
+            pattern: text.to_owned(),
+            why,
+        };
+        let trimmed = text.trim();
+        let (method, path) = match trimmed.split_once(char::is_whitespace) {
+            Some((method, path)) => (method, path.trim()),
+            None => ("POST", trimmed),
+        };
+        let method = match method.to_ascii_uppercase().as_str() {
+            "GET" => Method::GET,
+            "POST" => Method::POST,
+            _ => return Err(invalid("the method is GET or POST (POST when left out)")),
+        };
+        let rest = if let Some(rest) = path.strip_prefix('/') {
+            rest
+        } else if path.starts_with("**") {
+            path
+        } else {
+            return Err(invalid("the path starts with / or **"));
+        };
+        let segments: Vec<String> = rest.split('/').map(str::to_owned).collect();
+        if segments.iter().any(|s| s.contains("**") && s != "**") {
+            return Err(invalid("** is a whole segment"));
+        }
+        Ok(Self {
+            text: format!("{method} {path}"),
+            method,
+            segments,
+        })
+    }
+}
+
+/// Whether the path's segments match the pattern's.
+fn matches(pattern: &[String], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((first, rest)) if first == "**" => {
+            (0..=path.len()).any(|skip| matches(rest, &path[skip..]))
+        }
+        Some((first, rest)) => match path.split_first() {
+            Some((segment, path_rest)) => {
+                segment_matches(first.as_bytes(), segment.as_bytes()) && matches(rest, path_rest)
+            }
+            None => false,
+        },
+    }
+}
+
+/// A glob within one segment: `*` matches any run of characters.
+fn segment_matches(pattern: &[u8], segment: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => segment.is_empty(),
+        Some((b'*', rest)) => (0..=segment.len()).any(|skip| segment_matches(rest, &segment[skip..])),
+        Some((c, rest)) => segment
+            .split_first()
+            .is_some_and(|(s, segment_rest)| s == c && segment_matches(rest, segment_rest)),
+    }
+}
+
+/// Whether a segment of the path is `.` or `..`, written plainly or percent-encoded: the
+/// upstream may resolve it, so what the pattern saw is not what the upstream serves.
+fn has_dot_segment(path: &str) -> bool {
+    path.split(['/', '\\']).any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    }) || path.to_ascii_lowercase().contains("%2f")
+        || path.to_ascii_lowercase().contains("%5c")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_rule_keys_inference_and_nothing_with_side_effects() {
+        let rule = Cacheable::inference();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/responses",
+            "/v1/embeddings",
+            "/v1/moderations",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/api/v1/chat/completions",
+            "/openai/deployments/gpt-4o/chat/completions",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            "/v1/models/text-embedding-004:embedContent",
+            "/v1beta/models/gemini-2.5-flash:countTokens",
+        ] {
+            assert!(rule.allows(&Method::POST, path), "{path}");
+            assert!(!rule.allows(&Method::GET, path), "GET {path}");
+        }
+        for path in ["/v1/models", "/v1beta/models"] {
+            assert!(rule.allows(&Method::GET, path), "{path}");
+        }
+        for path in [
+            "/v1/files",
+            "/v1/uploads",
+            "/v1/batches",
+            "/v1/fine_tuning/jobs",
+            "/v1/threads/thread_1/runs",
+            "/v1/threads/thread_1/messages",
+            "/v1/vector_stores",
+            "/v1/messages/batches",
+            "/v1/responses/resp_1/cancel",
+            "/v1/chat/completions/chatcmpl_1",
+            "/v1/audio/speech",
+            "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+            "/v1/chat/completions/../../files",
+            "/v1/files/../chat/completions",
+            "/v1/%2e%2e/v1/chat/completions",
+            "/v1/chat%2Fcompletions",
+            "/",
+            "",
+        ] {
+            assert!(!rule.allows(&Method::POST, path), "{path}");
+        }
+        assert!(!rule.allows(&Method::PUT, "/v1/chat/completions"));
+        assert!(!rule.allows(&Method::DELETE, "/v1/models"));
+    }
+
+    #[test]
+    fn patterns_of_ones_own() {
+        let rule = Cacheable::patterns(["/a/*/c", "GET /x/**", "  post   /p*q "]).expect("valid");
+        assert!(rule.allows(&Method::POST, "/a/b/c"));
+        assert!(!rule.allows(&Method::POST, "/a/b/b/c"));
+        assert!(rule.allows(&Method::GET, "/x"));
+        assert!(rule.allows(&Method::GET, "/x/y/z"));
+        assert!(!rule.allows(&Method::POST, "/x/y"));
+        assert!(rule.allows(&Method::POST, "/pq"));
+        assert!(rule.allows(&Method::POST, "/p-anything-q"));
+        assert_eq!(format!("{rule:?}"), r#"["POST /a/*/c", "GET /x/**", "POST /p*q"]"#);
+        for bad in ["PUT /a", "a/b", "/a**/b", ""] {
+            assert!(Cacheable::patterns([bad]).is_err(), "{bad}");
+        }
+        let all = Cacheable::every_get_and_post();
+        assert!(all.allows(&Method::POST, "/v1/files"));
+        assert!(!all.allows(&Method::PUT, "/v1/files"));
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Buf;
 use http::header::{AGE, CACHE_CONTROL, DATE, RETRY_AFTER};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -19,6 +19,7 @@ use crate::coalesce::{self, Turn};
 use crate::entry::CachedResponse;
 use crate::key::{CacheKey, KEY_VERSION};
 use crate::layer::{Mode, Shared};
+use crate::partition::credential_identity;
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{StoreError, log_store_error};
@@ -48,8 +49,8 @@ where
 
     // 1. Key, or bypass.
     let declared_len = content_length(&parts.headers);
-    let bypass_because = if parts.method != Method::GET && parts.method != Method::POST {
-        Some("method")
+    let bypass_because = if !shared.cacheable.allows(&parts.method, parts.uri.path()) {
+        Some("not cacheable")
     } else if cache_control_has(&parts.headers, "no-store") {
         Some("no-store")
     } else if declared_len.is_some_and(|len| len > shared.max_request_body as u64) {
@@ -76,6 +77,8 @@ where
     };
     let partition = shared.partition.of(&parts);
     let key = shared.key_rules.key(&partition, &parts, &bytes);
+    // The breaker follows the credential the upstream judges, not the answer partition.
+    let credential = credential_identity(&parts);
 
     // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
     // requests that miss together make one call.
@@ -105,8 +108,8 @@ where
         }
     }
 
-    // 3. The quota breaker: a suspended partition does not call the upstream.
-    let probe = match shared.breaker.admit(partition) {
+    // 3. The quota breaker: a suspended credential does not call the upstream.
+    let probe = match shared.breaker.admit(credential) {
         Admission::Call => None,
         Admission::Probe(probe) => Some(probe),
         Admission::Suspended {
@@ -210,7 +213,7 @@ where
         let last_error = CachedResponse::new(status, headers, vec![prefix.clone()]);
         shared
             .breaker
-            .quota_exhausted(partition, Arc::new(last_error), probe);
+            .quota_exhausted(credential, Arc::new(last_error), probe);
     }
 
     // 6. Fall back.

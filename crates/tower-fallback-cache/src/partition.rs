@@ -7,8 +7,9 @@ use http::request::Parts;
 
 const PARTITION_CONTEXT: &str = "fallback-cache partition v1";
 
-/// The headers that carry an API credential, in the order they are looked for: OpenAI and
-/// most compatible APIs, Azure OpenAI, Anthropic, Gemini.
+/// The headers that carry an API credential: OpenAI and most compatible APIs, Azure OpenAI,
+/// Anthropic, Gemini. Every one present is part of the partition, with the `key` query
+/// parameter (Gemini's other way to send its key).
 pub const CREDENTIAL_HEADERS: [&str; 4] =
     ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
 
@@ -51,9 +52,9 @@ impl fmt::Debug for PartitionId {
 /// The default, [`Partition::ByCredential`], gives each API credential its own answers.
 #[derive(Clone, Default)]
 pub enum Partition {
-    /// One partition per credential (`authorization`, `api-key`, `x-api-key` or
-    /// `x-goog-api-key`, the first present); requests without one share the anonymous
-    /// partition.
+    /// One partition per set of credentials: every one of `authorization`, `api-key`,
+    /// `x-api-key` and `x-goog-api-key` present, and the `key` query parameter. Requests
+    /// without any share the anonymous partition.
     #[default]
     ByCredential,
     /// Every request shares one partition: any caller may be served any caller's answer.
@@ -92,20 +93,74 @@ impl Partition {
     }
 }
 
+/// The identity of the credentials a request carries: blake3 over every credential header
+/// present (name and each value) and every `key` query parameter (Gemini). The same for
+/// the answer partition ([`Partition::ByCredential`]) and for the quota breaker.
 fn credential_partition(parts: &Parts) -> PartitionId {
+    // Deriving the context key is a hash of its own: done once, then cloned.
+    static CONTEXT: LazyLock<blake3::Hasher> =
+        LazyLock::new(|| blake3::Hasher::new_derive_key(PARTITION_CONTEXT));
+    let mut hasher: Option<blake3::Hasher> = None;
+    let mut add = |name: &[u8], value: &[u8]| {
+        let hasher = hasher.get_or_insert_with(|| CONTEXT.clone());
+        // Length-prefixed, so that no two lists of credentials hash alike.
+        for bytes in [name, value] {
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+    };
     for name in CREDENTIAL_HEADERS {
-        if let Some(value) = parts.headers.get(name) {
-            // Deriving the context key is a hash of its own: done once, then cloned.
-            static CONTEXT: LazyLock<blake3::Hasher> =
-                LazyLock::new(|| blake3::Hasher::new_derive_key(PARTITION_CONTEXT));
-            let mut hasher = CONTEXT.clone();
-            hasher.update(name.as_bytes());
-            hasher.update(b"=");
-            hasher.update(value.as_bytes());
-            return PartitionId(*hasher.finalize().as_bytes());
+        for value in parts.headers.get_all(name) {
+            add(name.as_bytes(), value.as_bytes());
         }
     }
-    PartitionId::anonymous()
+    for value in query_keys(parts.uri.query().unwrap_or_default()) {
+        add(b"?key", value.as_bytes());
+    }
+    hasher.map_or_else(PartitionId::anonymous, |hasher| {
+        PartitionId(*hasher.finalize().as_bytes())
+    })
+}
+
+/// The values of the `key` parameters of a query, as sent (Gemini's API key).
+fn query_keys(query: &str) -> impl Iterator<Item = &str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(name, _)| is_key(name.as_bytes()))
+        .map(|(_, value)| value)
+}
+
+/// Whether a query parameter's name is `key`, written plainly or percent-encoded (the
+/// upstream decodes it before it reads the key).
+fn is_key(mut name: &[u8]) -> bool {
+    let mut decoded = [0u8; 3];
+    for slot in &mut decoded {
+        let byte = match name {
+            [b'%', hi, lo, rest @ ..] => {
+                let hex = |b: u8| char::from(b).to_digit(16);
+                let (Some(hi), Some(lo)) = (hex(*hi), hex(*lo)) else {
+                    return false;
+                };
+                name = rest;
+                (hi * 16 + lo) as u8
+            }
+            [byte, rest @ ..] => {
+                name = rest;
+                *byte
+            }
+            [] => return false,
+        };
+        *slot = byte;
+    }
+    name.is_empty() && &decoded == b"key"
+}
+
+/// The identity of the credential the upstream judges, whatever the answer partition: the
+/// quota breaker is keyed on it, so one exhausted credential never suspends another, even
+/// when answers are shared ([`Partition::Shared`]) or partitioned by another rule.
+pub(crate) fn credential_identity(parts: &Parts) -> PartitionId {
+    credential_partition(parts)
 }
 
 impl fmt::Debug for Partition {
@@ -150,6 +205,45 @@ mod tests {
         }
         assert_eq!(p.of(&parts(&[])), PartitionId::anonymous());
         assert_ne!(PartitionId::anonymous(), PartitionId::SHARED);
+    }
+
+    #[test]
+    fn every_credential_counts_not_only_the_first() {
+        let p = Partition::ByCredential;
+        let azure = |key: &str| {
+            p.of(&parts(&[
+                ("authorization", "Bearer placeholder"),
+                ("api-key", key),
+            ]))
+        };
+        assert_ne!(azure("A"), azure("B"));
+        assert_eq!(azure("A"), azure("A"));
+        assert_ne!(
+            azure("A"),
+            p.of(&parts(&[("authorization", "Bearer placeholder")]))
+        );
+    }
+
+    #[test]
+    fn the_key_query_parameter_is_a_credential() {
+        let of = |uri: &str| {
+            let (parts, ()) = http::Request::post(uri)
+                .body(())
+                .expect("valid request")
+                .into_parts();
+            (Partition::ByCredential.of(&parts), credential_identity(&parts))
+        };
+        let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+        let (a, a_id) = of(&format!("{path}?key=A"));
+        let (b, b_id) = of(&format!("{path}?alt=sse&key=B"));
+        assert_ne!(a, b);
+        assert_ne!(a_id, b_id);
+        assert_ne!(a, PartitionId::anonymous());
+        assert_eq!(of(&format!("{path}?alt=sse&key=A")).0, a);
+        assert_eq!(of(&format!("{path}?%6Bey=A")).0, a);
+        assert_eq!(of(&format!("{path}?monkey=A")).0, PartitionId::anonymous());
+        assert_eq!(of(&format!("{path}?keys=A")).0, PartitionId::anonymous());
+        assert_eq!(of(path).0, PartitionId::anonymous());
     }
 
     #[test]

@@ -35,8 +35,9 @@ thread_local! {
     static BUFFERS: Cell<Buffers> = Cell::new(Buffers::default());
 }
 
-/// Calls `f` with the canonical form of `input` (dropping the top-level members whose names
-/// are in `ignore`), or with `None` when `input` is not a single valid JSON value.
+/// Calls `f` with the canonical form of `input` (dropping the members that the JSON pointers
+/// in `ignore` name, e.g. `/user` or `/metadata/trace_id`), or with `None` when `input` is
+/// not a single valid JSON value.
 pub(crate) fn with_canonical<R>(
     input: &[u8],
     ignore: &[String],
@@ -165,6 +166,7 @@ fn parse(input: &[u8], ignore: &[String], buffers: &mut Buffers) -> Option<()> {
         input,
         pos: 0,
         ignore,
+        path: Vec::new(),
         open_start: 0,
         b: buffers,
     };
@@ -179,6 +181,8 @@ struct Parser<'a, 'b> {
     input: &'a [u8],
     pos: usize,
     ignore: &'a [String],
+    /// The JSON pointer of the value being read (kept only when `ignore` is not empty).
+    path: Vec<u8>,
     /// Where the run of input read since the last segment starts: `open_start..pos` is in
     /// canonical form and not yet in [`Buffers::segments`].
     open_start: usize,
@@ -263,8 +267,16 @@ impl Parser<'_, '_> {
             self.pos += 1;
             return Some(());
         }
+        let mut index = 0usize;
         loop {
+            let mark = self.path.len();
+            if !self.ignore.is_empty() {
+                self.path.push(b'/');
+                self.path.extend_from_slice(index.to_string().as_bytes());
+                index += 1;
+            }
             self.value(depth + 1)?;
+            self.path.truncate(mark);
             self.skip_ws();
             match self.peek()? {
                 b',' => {
@@ -315,14 +327,25 @@ impl Parser<'_, '_> {
             }
             self.pos += 1;
             self.skip_ws();
+            let mark = self.path.len();
+            if !self.ignore.is_empty() {
+                self.path.push(b'/');
+                for &byte in unquoted(self.b.bytes(self.input, key)) {
+                    match byte {
+                        b'~' => self.path.extend_from_slice(b"~0"),
+                        b'/' => self.path.extend_from_slice(b"~1"),
+                        _ => self.path.push(byte),
+                    }
+                }
+            }
             self.value(depth + 1)?;
             self.seal();
-            let ignored = depth == 0
-                && !self.ignore.is_empty()
+            let ignored = !self.ignore.is_empty()
                 && self
                     .ignore
                     .iter()
-                    .any(|name| unquoted(self.b.bytes(self.input, key)) == name.as_bytes());
+                    .any(|pointer| pointer.as_bytes() == self.path.as_slice());
+            self.path.truncate(mark);
             if ignored {
                 self.b.segments.truncate(first_segment);
                 if after_comma && kept_before {
@@ -603,7 +626,8 @@ fn write_char(buf: &mut [u8; 6], ch: char) -> usize {
 }
 
 /// The raw bytes of a canonical key without its quotes. Keys with escapes never match an
-/// ignore-list name written plainly, which is the safe direction (the field stays in the key).
+/// ignore-list pointer written plainly, which is the safe direction (the field stays in the
+/// key).
 fn unquoted(key: &[u8]) -> &[u8] {
     &key[1..key.len() - 1]
 }
@@ -679,7 +703,7 @@ mod tests {
     #[test]
     fn ignore_list_drops_top_level_fields_only() {
         let mut out = Vec::new();
-        let ignore = vec!["user".to_owned()];
+        let ignore = vec!["/user".to_owned()];
         canonicalize(
             br#"{"user":"u1","model":"m","meta":{"user":"kept"}}"#,
             &ignore,
@@ -687,6 +711,26 @@ mod tests {
         )
         .expect("valid JSON");
         assert_eq!(out, br#"{"meta":{"user":"kept"},"model":"m"}"#);
+    }
+
+    #[test]
+    fn ignore_pointers_reach_into_objects_and_arrays() {
+        let ignore = vec![
+            "/metadata/trace".to_owned(),
+            "/messages/1/name".to_owned(),
+            "/a~1b/c~0d".to_owned(),
+        ];
+        let mut out = Vec::new();
+        canonicalize(
+            br#"{"metadata":{"trace":"t1","team":"x"},"messages":[{"name":"kept"},{"name":"n","role":"user"}],"a/b":{"c~d":1,"e":2},"trace":"kept"}"#,
+            &ignore,
+            &mut out,
+        )
+        .expect("valid JSON");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            r#"{"a/b":{"e":2},"messages":[{"name":"kept"},{"role":"user"}],"metadata":{"team":"x"},"trace":"kept"}"#
+        );
     }
 
     #[test]
@@ -700,7 +744,7 @@ mod tests {
 
     #[test]
     fn ignored_members_leave_no_comma_wherever_they_are() {
-        let ignore = vec!["user".to_owned()];
+        let ignore = vec!["/user".to_owned()];
         for input in [
             r#"{"user":"u","b":1,"a":2}"#,
             r#"{"b":1,"user":"u","a":2}"#,

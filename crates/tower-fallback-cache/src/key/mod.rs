@@ -19,11 +19,13 @@ const KEY_CONTEXT: &str = "fallback-cache request key v1";
 static KEY_HASHER: LazyLock<blake3::Hasher> =
     LazyLock::new(|| blake3::Hasher::new_derive_key(KEY_CONTEXT));
 
-/// The version of the key derivation, stored with every entry.
-pub(crate) const KEY_VERSION: u8 = 1;
+/// The version of the key derivation, stored with every entry. 2: every credential in the
+/// partition, the authority of an absolute URI and the media type in the key.
+pub(crate) const KEY_VERSION: u8 = 2;
 
-/// The 32-byte identity of a request: blake3 over its partition, method, path and query,
-/// the headers that change the answer, and its canonical body.
+/// The 32-byte identity of a request: blake3 over its partition, method, scheme and
+/// authority (when the URI is absolute), path and query, media type, the headers that
+/// change the answer, and its canonical body.
 ///
 /// Shown (and sent in `x-fallback-cache-key`) as 64 lowercase hex digits.
 ///
@@ -99,10 +101,14 @@ impl FromStr for CacheKey {
 
 /// Which parts of a request make its [`CacheKey`].
 ///
-/// Always: the partition, the method, the path and query as sent, and every field of the
-/// body. Configurable: the request headers that change the answer (by default
-/// `openai-organization`, `openai-project`, `openai-beta`, `anthropic-version`,
-/// `anthropic-beta`) and top-level body fields to ignore (none by default).
+/// Always: the partition, the method, the scheme and authority of an absolute URI (a
+/// [`ReqwestService`](crate::reqwest::ReqwestService) without a base URL sends each request
+/// where its URI says, so two hosts never share an answer), the path and query as sent, the
+/// media type (`content-type` without its parameters: the same bytes sent as JSON and as
+/// text are two requests), and every field of the body. Configurable: the request headers
+/// that change the answer (by default `openai-organization`, `openai-project`,
+/// `openai-beta`, `anthropic-version`, `anthropic-beta`) and body fields to ignore (none by
+/// default).
 ///
 /// A JSON body is hashed in canonical form (keys sorted, whitespace dropped, strings and
 /// numbers normalised), so the same request written two ways shares its answer. Any other
@@ -148,15 +154,41 @@ impl KeyRules {
         self
     }
 
-    /// Top-level body fields left out of the key (for example a per-call `user` or
-    /// `metadata` field that does not change the answer). Leaving out a field that does
-    /// change the answer makes different requests share one answer: use with care.
+    /// Body fields left out of the key, as JSON pointers (RFC 6901: `/user`, `/metadata`,
+    /// `/metadata/trace_id`; `~1` is a `/` in a name, `~0` a `~`), for per-call fields that
+    /// do not change the answer. A name without a leading `/` is a top-level field (`user`
+    /// is `/user`). A pointer names an object member; array elements are never dropped.
+    ///
+    /// Leaving out a field that does change the answer makes different requests share one
+    /// answer, and one caller may then be served an answer written for another: use with care.
+    ///
+    /// ```
+    /// use tower_fallback_cache::{KeyRules, PartitionId};
+    ///
+    /// let rules = KeyRules::default().ignore_fields(["user", "/metadata/trace_id"]);
+    /// let (parts, ()) = http::Request::post("/v1/chat/completions").body(()).unwrap().into_parts();
+    /// let key = |body: &str| rules.key(&PartitionId::SHARED, &parts, body.as_bytes());
+    /// assert_eq!(
+    ///     key(r#"{"model":"m","user":"a","metadata":{"trace_id":"1"}}"#),
+    ///     key(r#"{"model":"m","user":"b","metadata":{"trace_id":"2"}}"#),
+    /// );
+    /// ```
     pub fn ignore_fields<I, T>(mut self, fields: I) -> Self
     where
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        self.ignore_fields = fields.into_iter().map(Into::into).collect();
+        self.ignore_fields = fields
+            .into_iter()
+            .map(|field| {
+                let field: String = field.into();
+                if field.starts_with('/') {
+                    field
+                } else {
+                    format!("/{}", field.replace('~', "~0").replace('/', "~1"))
+                }
+            })
+            .collect();
         self
     }
 
@@ -165,11 +197,30 @@ impl KeyRules {
         let mut hasher = KEY_HASHER.clone();
         field(&mut hasher, partition.as_bytes());
         field(&mut hasher, parts.method.as_str().as_bytes());
+        // Empty for a relative URI (the common case: a base URL or a proxy decides the host).
+        let scheme = parts.uri.scheme_str().unwrap_or_default();
+        let authority = parts.uri.authority().map_or("", |a| a.as_str());
+        field(&mut hasher, scheme.as_bytes());
+        field(&mut hasher, authority.as_bytes());
         let target = parts
             .uri
             .path_and_query()
             .map_or("/", |path_and_query| path_and_query.as_str());
         field(&mut hasher, target.as_bytes());
+        let media_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map_or(&b""[..], |v| v.as_bytes());
+        let media_type = media_type
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        if media_type.iter().any(u8::is_ascii_uppercase) {
+            field(&mut hasher, &media_type.to_ascii_lowercase());
+        } else {
+            field(&mut hasher, media_type);
+        }
 
         let count: usize = self
             .headers
@@ -327,7 +378,11 @@ mod tests {
         let request = parts(
             "POST",
             "/v1/chat/completions?x=1",
-            &[("openai-project", "p1"), ("user-agent", "x")],
+            &[
+                ("openai-project", "p1"),
+                ("user-agent", "x"),
+                ("content-type", "Application/JSON; charset=utf-8"),
+            ],
         );
         let partition = PartitionId::derive(b"tenant");
         let mut expected = blake3::Hasher::new_derive_key("fallback-cache request key v1");
@@ -337,7 +392,10 @@ mod tests {
         };
         field(&mut expected, partition.as_bytes());
         field(&mut expected, b"POST");
+        field(&mut expected, b"");
+        field(&mut expected, b"");
         field(&mut expected, b"/v1/chat/completions?x=1");
+        field(&mut expected, b"application/json");
         expected.update(&1u64.to_le_bytes());
         field(&mut expected, b"openai-project=p1");
         field(&mut expected, canonical.as_bytes());
@@ -348,6 +406,47 @@ mod tests {
     }
 
     #[test]
+    fn absolute_uris_to_two_hosts_get_two_keys() {
+        let rules = KeyRules::default();
+        let key = |uri: &str| {
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", uri, &[]),
+                REQUEST.as_bytes(),
+            )
+        };
+        let a = key("https://a.example/v1/chat/completions");
+        assert_ne!(a, key("https://b.example/v1/chat/completions"));
+        assert_ne!(a, key("http://a.example/v1/chat/completions"));
+        assert_ne!(a, key("/v1/chat/completions"));
+        assert_eq!(a, key("https://a.example/v1/chat/completions"));
+    }
+
+    #[test]
+    fn the_media_type_is_part_of_the_key_and_its_parameters_are_not() {
+        let rules = KeyRules::default();
+        let key = |content_type: Option<&str>| {
+            let headers: Vec<(&str, &str)> =
+                content_type.map(|t| ("content-type", t)).into_iter().collect();
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", "/v1/chat/completions", &headers),
+                REQUEST.as_bytes(),
+            )
+        };
+        let json = key(Some("application/json"));
+        assert_eq!(json, key(Some("application/json; charset=utf-8")));
+        assert_eq!(json, key(Some("Application/JSON")));
+        for other in [
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            None,
+        ] {
+            assert_ne!(json, key(other), "{other:?}");
+        }
+    }
+
+    #[test]
     fn non_json_bodies_are_hashed_raw() {
         assert_ne!(key_of("not json"), key_of("not  json"));
         assert_eq!(key_of("not json"), key_of("not json"));
@@ -355,7 +454,7 @@ mod tests {
 
     #[test]
     fn ignore_list_drops_named_fields() {
-        let rules = KeyRules::default().ignore_fields(["user"]);
+        let rules = KeyRules::default().ignore_fields(["user", "/metadata/trace"]);
         let p = parts("POST", "/v1/chat/completions", &[]);
         assert_eq!(
             rules.key(&PartitionId::SHARED, &p, br#"{"model":"m","user":"a"}"#),
@@ -364,6 +463,14 @@ mod tests {
         assert_ne!(
             rules.key(&PartitionId::SHARED, &p, br#"{"model":"m","user":"a"}"#),
             rules.key(&PartitionId::SHARED, &p, br#"{"model":"n","user":"a"}"#),
+        );
+        assert_eq!(
+            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":1,"t":0}}"#),
+            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":2,"t":0}}"#),
+        );
+        assert_ne!(
+            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":1,"t":0}}"#),
+            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":1,"t":1}}"#),
         );
     }
 

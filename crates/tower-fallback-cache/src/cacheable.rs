@@ -188,7 +188,9 @@ fn matches(pattern: &[String], path: &[&str]) -> bool {
 fn segment_matches(pattern: &[u8], segment: &[u8]) -> bool {
     match pattern.split_first() {
         None => segment.is_empty(),
-        Some((b'*', rest)) => (0..=segment.len()).any(|skip| segment_matches(rest, &segment[skip..])),
+        Some((b'*', rest)) => {
+            (0..=segment.len()).any(|skip| segment_matches(rest, &segment[skip..]))
+        }
         Some((c, rest)) => segment
             .split_first()
             .is_some_and(|(s, segment_rest)| s == c && segment_matches(rest, segment_rest)),
@@ -269,7 +271,10 @@ mod tests {
         assert!(!rule.allows(&Method::POST, "/x/y"));
         assert!(rule.allows(&Method::POST, "/pq"));
         assert!(rule.allows(&Method::POST, "/p-anything-q"));
-        assert_eq!(format!("{rule:?}"), r#"["POST /a/*/c", "GET /x/**", "POST /p*q"]"#);
+        assert_eq!(
+            format!("{rule:?}"),
+            r#"["POST /a/*/c", "GET /x/**", "POST /p*q"]"#
+        );
         for bad in ["PUT /a", "a/b", "/a**/b", ""] {
             assert!(Cacheable::patterns([bad]).is_err(), "{bad}");
         }

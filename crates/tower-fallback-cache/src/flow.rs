@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Buf;
-use http::header::{AGE, CACHE_CONTROL, DATE, RETRY_AFTER};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::header::{
+    ACCEPT_ENCODING, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, DATE, RETRY_AFTER,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
@@ -145,7 +147,13 @@ where
         }
     };
 
-    // 4. Upstream.
+    // 4. Upstream. Asked for an uncompressed answer: a stored answer is served to clients
+    // whatever they accept, and a stream is judged complete on its events. An answer that
+    // comes encoded anyway is passed on as it is, never stored.
+    let mut parts = parts;
+    parts
+        .headers
+        .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let response = match inner
         .call(Request::from_parts(parts, RequestBody::full(bytes)))
         .await
@@ -172,6 +180,7 @@ where
         }
         Counters::add(&counters.misses);
         let (mut parts, body) = response.into_parts();
+        clean_upstream_head(status, &mut parts.headers, true);
         let body = if status.is_success() && storable(&parts.headers, shared.max_response_body) {
             let sink = CaptureSink {
                 key,
@@ -184,7 +193,7 @@ where
             let capture = Capture::new(sink, status, headers, shared.max_response_body);
             ResponseBody::capture(body, capture)
         } else {
-            tracing::debug!(%key, %status, "answer not storable (status, no-store or size)");
+            tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding or size)");
             ResponseBody::upstream(body)
         };
         mark(
@@ -199,6 +208,7 @@ where
         return Ok(Response::from_parts(parts, body));
     }
     let (mut parts, body) = response.into_parts();
+    clean_upstream_head(status, &mut parts.headers, true);
     let (prefix, error, rest) = match collect_up_to(body, ERROR_BODY_LIMIT).await {
         Collected::Complete(prefix) => (prefix, None, None),
         Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
@@ -269,6 +279,7 @@ where
     Counters::add(&shared.stats.counters().bypassed);
     tracing::debug!(why, "BYPASS");
     let (mut parts, body) = inner.call(request).await?.into_parts();
+    clean_upstream_head(parts.status, &mut parts.headers, false);
     parts.headers.insert(
         X_FALLBACK_CACHE,
         HeaderValue::from_static(CacheStatus::Bypass.as_str()),
@@ -381,11 +392,36 @@ fn mark(
     extensions.insert(key);
 }
 
-/// Whether an answer with these headers may be stored: not `no-store`, and not announced
-/// larger than the limit.
+/// Whether an answer with these headers may be stored: not `no-store`, not announced
+/// larger than the limit, and not encoded (asked for `identity`, an upstream that sends
+/// gzip anyway has its answer passed on, never replayed to a client that may not read it).
 fn storable(headers: &HeaderMap, max_response_body: usize) -> bool {
     let too_long = content_length(headers).is_some_and(|len| len > max_response_body as u64);
-    !too_long && !cache_control_has(headers, "no-store")
+    let encoded = headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    !too_long && !encoded && !cache_control_has(headers, "no-store")
+}
+
+/// The upstream's head made fit to go out: the cache's marks are the cache's, so the
+/// upstream's own `x-fallback-cache*` headers (and, when the layer marks the answer, its
+/// `age`) are dropped; a 204 or 304 carries no `content-length` (RFC 9110, 8.6).
+fn clean_upstream_head(status: StatusCode, headers: &mut HeaderMap, marked: bool) {
+    let marks: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-fallback-cache"))
+        .cloned()
+        .collect();
+    for name in marks {
+        headers.remove(name);
+    }
+    if marked {
+        headers.remove(AGE);
+    }
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        headers.remove(CONTENT_LENGTH);
+    }
 }
 
 fn cache_control_has(headers: &HeaderMap, directive: &str) -> bool {

@@ -105,8 +105,8 @@ mod status;
 pub mod store;
 
 pub use body::{RequestBody, ResponseBody};
-pub use cacheable::{Cacheable, InvalidPattern};
 pub use breaker::{DEFAULT_QUOTA_COOLDOWN, DEFAULT_QUOTA_COOLDOWN_MAX, QuotaBreaker};
+pub use cacheable::{Cacheable, InvalidPattern};
 pub use classify::{Classify, ClassifyExt, OrElse, ParseReasonError, ProviderClassifier, Reason};
 pub use entry::{CachedResponse, EntryError};
 pub use future::ResponseFuture;

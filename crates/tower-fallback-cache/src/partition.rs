@@ -231,7 +231,10 @@ mod tests {
                 .body(())
                 .expect("valid request")
                 .into_parts();
-            (Partition::ByCredential.of(&parts), credential_identity(&parts))
+            (
+                Partition::ByCredential.of(&parts),
+                credential_identity(&parts),
+            )
         };
         let path = "/v1beta/models/gemini-2.5-flash:generateContent";
         let (a, a_id) = of(&format!("{path}?key=A"));

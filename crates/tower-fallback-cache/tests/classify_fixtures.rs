@@ -82,7 +82,10 @@ fn gemini_quota_errors_are_told_apart_by_their_details() {
         assert_eq!(classify(odd), Some(Reason::RateLimited), "{odd}");
     }
     let openai_with_details = r#"{"error":{"type":"insufficient_quota","details":"none"}}"#;
-    assert_eq!(classify(openai_with_details), Some(Reason::InsufficientQuota));
+    assert_eq!(
+        classify(openai_with_details),
+        Some(Reason::InsufficientQuota)
+    );
     // A per-day quota named by another status is not Gemini's.
     let other_status = per_day.replace("RESOURCE_EXHAUSTED", "UNAVAILABLE");
     assert_eq!(classify(&other_status), Some(Reason::RateLimited));

@@ -426,8 +426,10 @@ mod tests {
     fn the_media_type_is_part_of_the_key_and_its_parameters_are_not() {
         let rules = KeyRules::default();
         let key = |content_type: Option<&str>| {
-            let headers: Vec<(&str, &str)> =
-                content_type.map(|t| ("content-type", t)).into_iter().collect();
+            let headers: Vec<(&str, &str)> = content_type
+                .map(|t| ("content-type", t))
+                .into_iter()
+                .collect();
             rules.key(
                 &PartitionId::SHARED,
                 &parts("POST", "/v1/chat/completions", &headers),
@@ -465,12 +467,28 @@ mod tests {
             rules.key(&PartitionId::SHARED, &p, br#"{"model":"n","user":"a"}"#),
         );
         assert_eq!(
-            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":1,"t":0}}"#),
-            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":2,"t":0}}"#),
+            rules.key(
+                &PartitionId::SHARED,
+                &p,
+                br#"{"metadata":{"trace":1,"t":0}}"#
+            ),
+            rules.key(
+                &PartitionId::SHARED,
+                &p,
+                br#"{"metadata":{"trace":2,"t":0}}"#
+            ),
         );
         assert_ne!(
-            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":1,"t":0}}"#),
-            rules.key(&PartitionId::SHARED, &p, br#"{"metadata":{"trace":1,"t":1}}"#),
+            rules.key(
+                &PartitionId::SHARED,
+                &p,
+                br#"{"metadata":{"trace":1,"t":0}}"#
+            ),
+            rules.key(
+                &PartitionId::SHARED,
+                &p,
+                br#"{"metadata":{"trace":1,"t":1}}"#
+            ),
         );
     }
 

@@ -56,7 +56,15 @@ pub(crate) fn router_with_shutdown(control: Control, shutdown: watch::Receiver<b
         .route("/_mock/state", get(state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState { control, shutdown })
+        .with_state(AppState {
+            control: control.clone(),
+            shutdown,
+        })
+        .merge(crate::actions::routes(control.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            control,
+            crate::actions::record_path,
+        ))
 }
 
 // ---------------------------------------------------------------------------------------------

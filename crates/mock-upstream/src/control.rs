@@ -2,8 +2,8 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -53,6 +53,8 @@ pub struct Control {
 struct Inner {
     settings: watch::Sender<Settings>,
     calls: AtomicU64,
+    /// The path and query of every request received, in order.
+    paths: Mutex<Vec<String>>,
     next_id: AtomicU64,
     id_suffix: String,
 }
@@ -70,6 +72,7 @@ impl Control {
             inner: Arc::new(Inner {
                 settings: watch::Sender::new(Settings::default()),
                 calls: AtomicU64::new(0),
+                paths: Mutex::default(),
                 next_id: AtomicU64::new(1),
                 id_suffix: unique_suffix(),
             }),
@@ -120,6 +123,22 @@ impl Control {
     pub fn reset(&self) {
         self.inner.settings.send_replace(Settings::default());
         self.inner.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// The path and query of every request received since creation, as it came on the
+    /// wire (before any routing), in order.
+    pub fn seen_paths(&self) -> Vec<String> {
+        self.inner
+            .paths
+            .lock()
+            .map(|paths| paths.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn record_path(&self, target: String) {
+        if let Ok(mut paths) = self.inner.paths.lock() {
+            paths.push(target);
+        }
     }
 
     pub(crate) fn settings(&self) -> Settings {

@@ -85,12 +85,16 @@ const ALL: &[Fixture] = &[
     Fixture {
         name: "gemini-429-per-minute-quota",
         status: 429,
-        body: include_str!("../../../tests/fixtures/provider-errors/gemini-429-per-minute-quota.json"),
+        body: include_str!(
+            "../../../tests/fixtures/provider-errors/gemini-429-per-minute-quota.json"
+        ),
     },
     Fixture {
         name: "gemini-429-prepayment-credits-depleted",
         status: 429,
-        body: include_str!("../../../tests/fixtures/provider-errors/gemini-429-prepayment-credits-depleted.json"),
+        body: include_str!(
+            "../../../tests/fixtures/provider-errors/gemini-429-prepayment-credits-depleted.json"
+        ),
     },
     Fixture {
         name: "mistral-402-payment_required",

@@ -48,6 +48,12 @@
 //!   not an object) gives `400 invalid_request_error`. Each response carries an
 //!   `x-mock-upstream-call: <n>` header (the call number since start or reset).
 //! - `GET /v1/models`: a small model list.
+//! - endpoints with side effects, `POST /v1/files`, `/v1/uploads`, `/v1/batches`,
+//!   `/v1/fine_tuning/jobs`, `/v1/threads/{id}/runs`, `/v1/vector_stores`: counted as a call;
+//!   `200 {"id","object"}`, or the fixture in error mode. `DELETE /v1/files/{id}`: `204` with
+//!   `content-length: 0` (as some servers send it).
+//! - every request's path and query, as it came on the wire, is kept:
+//!   [`Control::seen_paths`].
 //! - anything else: `404` (`405` for a known path with another method).
 //!
 //! Control (JSON bodies; every answer but `calls` is the new state
@@ -66,6 +72,7 @@
 //! The binary `mock-upstream --listen 127.0.0.1:9090` (env `MOCK_UPSTREAM_LISTEN`) serves the
 //! same routes and prints `mock-upstream listening on http://ADDR` once bound.
 
+mod actions;
 mod api;
 mod control;
 mod fixture;

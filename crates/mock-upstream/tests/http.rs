@@ -502,3 +502,48 @@ async fn router_can_be_served_by_hand() {
     assert_eq!(control.calls(), 1);
     server.abort();
 }
+
+#[tokio::test]
+async fn side_effect_endpoints_answer_and_every_path_is_recorded() {
+    let mock = MockUpstream::start().await.expect("mock starts");
+    let client = reqwest::Client::new();
+    let created = client
+        .post(format!("{}/v1/threads/thread_1/runs?x=1", mock.url()))
+        .body("{}")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(created.status(), 200);
+    let body: Value = created.json().await.expect("json");
+    assert_eq!(body["object"], "threads.thread_1.runs");
+    assert_eq!(body["id"], "threads.thread_1.runs-1");
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let refused = client
+        .post(format!("{}/v1/batches", mock.url()))
+        .body("{}")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused.text().await.expect("body"),
+        Fixture::insufficient_quota().body
+    );
+    let deleted = client
+        .delete(format!("{}/v1/files/file-1", mock.url()))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(mock.control().calls(), 3);
+    assert_eq!(
+        mock.control().seen_paths(),
+        [
+            "/v1/threads/thread_1/runs?x=1",
+            "/v1/batches",
+            "/v1/files/file-1"
+        ]
+    );
+}

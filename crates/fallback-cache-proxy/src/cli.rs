@@ -165,6 +165,36 @@ pub(crate) struct Cli {
     )]
     pub(crate) no_quota_breaker: String,
 
+    /// Which requests may be answered from the cache: a comma list of patterns
+    /// `[GET|POST] PATH` (POST when the method is left out; `*` matches within a path
+    /// segment, `**` any number of segments; the query is not matched), where `inference`
+    /// stands for the default: the inference endpoints of OpenAI, Anthropic and Gemini (chat
+    /// and legacy completions, responses, embeddings, moderations, messages, count_tokens,
+    /// generateContent, streamGenerateContent, embedContent, countTokens, GET of model
+    /// lists). Any other request is forwarded untouched (BYPASS): an answer replayed for an
+    /// endpoint with side effects (files, batches, runs) would tell the client that
+    /// something happened that never did. Example: "inference,POST /v1/rerank".
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_CACHEABLE",
+        value_name = "PATTERNS",
+        default_value = "inference"
+    )]
+    pub(crate) cacheable: String,
+
+    /// Request body fields left out of the cache key, as a comma list of JSON pointers
+    /// (e.g. /user,/metadata; a plain name is a top-level field). CAUTION: requests that
+    /// differ only in these fields share one answer, so a field that changes the answer
+    /// (or names whom it is for) serves one caller an answer written for another. Empty by
+    /// default: every field counts.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_KEY_IGNORE",
+        value_name = "POINTERS",
+        default_value = ""
+    )]
+    pub(crate) key_ignore: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -172,7 +202,7 @@ pub(crate) struct Cli {
 }
 
 /// Every setting, by flag name (its clap id is the same name with underscores).
-pub(crate) const SETTINGS: [&str; 15] = [
+pub(crate) const SETTINGS: [&str; 17] = [
     "listen",
     "upstream",
     "store",
@@ -188,6 +218,8 @@ pub(crate) const SETTINGS: [&str; 15] = [
     "quota-cooldown",
     "quota-cooldown-max",
     "no-quota-breaker",
+    "cacheable",
+    "key-ignore",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.
@@ -224,5 +256,14 @@ mod tests {
             assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
         }
         assert_eq!(env_var("max-memory"), "FALLBACK_CACHE_MAX_MEMORY");
+    }
+
+    #[test]
+    fn help_gives_the_reason_of_the_cacheable_rule_and_the_caveat_of_key_ignore() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--cacheable"), "{help}");
+        assert!(help.contains("side effects"), "{help}");
+        assert!(help.contains("--key-ignore"), "{help}");
+        assert!(help.contains("CAUTION"), "{help}");
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use tower_fallback_cache::{Mode, QuotaBreaker, Reason};
+use tower_fallback_cache::{Cacheable, KeyRules, Mode, QuotaBreaker, Reason};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
@@ -34,6 +34,10 @@ pub(crate) struct Config {
     pub(crate) upstream_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) quota_breaker: QuotaBreaker,
+    /// Which requests are keyed (`--cacheable`).
+    pub(crate) cacheable: Cacheable,
+    /// What a request's key covers (`--key-ignore`).
+    pub(crate) key_rules: KeyRules,
     /// Settings given that have no effect, to warn about once logging is up.
     pub(crate) ignored: Vec<String>,
 }
@@ -170,6 +174,8 @@ where
         upstream_timeout: raw("upstream-timeout").parse(parse::positive_duration)?,
         shutdown_timeout: raw("shutdown-timeout").parse(parse::duration)?,
         quota_breaker,
+        cacheable: raw("cacheable").parse(parse::cacheable)?,
+        key_rules: KeyRules::default().ignore_fields(raw("key-ignore").parse(parse::key_ignore)?),
         ignored,
     })
 }

@@ -10,12 +10,14 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use http::header::{
-    ACCEPT_ENCODING, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
+    ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
 use tower::ServiceExt;
 use tower_fallback_cache::reqwest::ReqwestService;
+
+use crate::target;
 use tower_fallback_cache::store::Store;
 use tower_fallback_cache::{
     CacheStatus, FallbackCache, Reason, Stats, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
@@ -84,12 +86,17 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
     // The path alone is logged: a query may carry a key (Gemini's `?key=`).
     let path = parts.uri.path().to_owned();
     // Only the path and query choose what is asked upstream: a request in absolute form
-    // (`GET http://elsewhere/...`) must not send the proxy elsewhere.
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .map_or_else(|| Uri::from_static("/"), Uri::from);
+    // (`GET http://elsewhere/...`) must not send the proxy elsewhere. Dot segments are
+    // resolved before the join to the upstream's base path, traversal is refused.
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = match target::resolve(target).map(|t| Uri::try_from(t.as_str())) {
+        Ok(Ok(uri)) => uri,
+        Ok(Err(_)) => return bad_request("the request target is not a valid URI"),
+        Err(refused) => {
+            tracing::debug!("{method} {path}: refused, {}", refused.message());
+            return bad_request(refused.message());
+        }
+    };
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
@@ -108,6 +115,10 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
+            // RFC 9110 forbids a length on these; hyper would send one it finds.
+            if parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED {
+                parts.headers.remove(CONTENT_LENGTH);
+            }
             if parts.extensions.get::<CacheStatus>() == Some(&CacheStatus::Fallback) {
                 let reason = parts.extensions.get::<Reason>().map_or("", |r| r.as_str());
                 if proxy.fallback_logged.first_in_a_while() {
@@ -195,6 +206,24 @@ fn describe(error: &reqwest::Error) -> String {
         parts.push("no answer in time (see --upstream-timeout)".to_owned());
     }
     parts.join(": ")
+}
+
+/// A 400 in OpenAI's error shape, for a request the proxy will not forward.
+fn bad_request(message: &str) -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("fallback-cache-proxy: {message}"),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": null,
+        }
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// A 502 in OpenAI's error shape, marked as a miss whose upstream was unreachable.

@@ -12,6 +12,7 @@ mod metrics;
 mod parse;
 mod server;
 mod store;
+mod target;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

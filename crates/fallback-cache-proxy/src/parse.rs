@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use tower_fallback_cache::Reason;
+use tower_fallback_cache::{Cacheable, Reason};
 
 /// `127.0.0.1:8080`, `[::1]:8080` or `localhost:8080`.
 pub(crate) fn listen(text: &str) -> Result<SocketAddr, String> {
@@ -124,6 +124,53 @@ pub(crate) fn fallback_on(text: &str) -> Result<Vec<Reason>, String> {
     Ok(reasons)
 }
 
+/// The cacheable rule: a comma list of patterns `[GET|POST] PATH` (see
+/// [`Cacheable`]), where the word `inference` stands for the default patterns.
+pub(crate) fn cacheable(text: &str) -> Result<Cacheable, String> {
+    let mut patterns: Vec<&str> = Vec::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        if part.eq_ignore_ascii_case("inference") {
+            patterns.extend(Cacheable::INFERENCE.iter().copied());
+        } else {
+            patterns.push(part);
+        }
+    }
+    if patterns.is_empty() {
+        return Err(
+            "expected inference, or a comma list of patterns such as POST /v1/chat/completions"
+                .to_owned(),
+        );
+    }
+    Cacheable::patterns(patterns).map_err(|error| error.to_string())
+}
+
+/// A comma list of JSON pointers into the request body (`/user,/metadata`), or top-level
+/// field names (`user`); empty for none.
+pub(crate) fn key_ignore(text: &str) -> Result<Vec<String>, String> {
+    let mut pointers = Vec::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        // RFC 6901: `~` only as `~0` or `~1`.
+        let bad_escape = part
+            .match_indices('~')
+            .any(|(at, _)| !matches!(part.as_bytes().get(at + 1), Some(b'0' | b'1')));
+        if part.starts_with('/') && bad_escape {
+            return Err(format!(
+                "{part:?} is not a JSON pointer: ~ is written ~0, and / in a name ~1"
+            ));
+        }
+        pointers.push(part.to_owned());
+    }
+    Ok(pointers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +232,37 @@ mod tests {
         assert_eq!(mode("cache-first"), Ok(ModeName::CacheFirst));
         assert_eq!(mode("Cache_First"), Ok(ModeName::CacheFirst));
         assert!(mode("always").is_err());
+    }
+
+    #[test]
+    fn the_cacheable_rule_extends_the_default() {
+        use http::Method;
+        let default = cacheable("inference").expect("valid");
+        assert_eq!(default, Cacheable::inference());
+        let more = cacheable("inference, POST /v1/rerank").expect("valid");
+        assert!(more.allows(&Method::POST, "/v1/rerank"));
+        assert!(more.allows(&Method::POST, "/v1/chat/completions"));
+        let only = cacheable("POST /v1/chat/completions").expect("valid");
+        assert!(!only.allows(&Method::POST, "/v1/embeddings"));
+        assert!(cacheable("").is_err());
+        assert!(
+            cacheable("PUT /v1/x")
+                .expect_err("bad method")
+                .contains("PUT /v1/x")
+        );
+    }
+
+    #[test]
+    fn key_ignore_takes_pointers_and_names() {
+        assert_eq!(
+            key_ignore("/user, metadata,/a~1b"),
+            Ok(vec![
+                "/user".to_owned(),
+                "metadata".to_owned(),
+                "/a~1b".to_owned()
+            ])
+        );
+        assert_eq!(key_ignore(""), Ok(Vec::new()));
+        assert!(key_ignore("/a~2b").is_err());
     }
 }

@@ -52,6 +52,8 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         .max_request_body(config.max_request_body)
         .max_response_body(config.max_response_body)
         .quota_breaker(config.quota_breaker)
+        .cacheable(config.cacheable.clone())
+        .key_rules(config.key_rules.clone())
         .build();
     let proxy = Arc::new(Proxy {
         service: layer.layer(upstream),

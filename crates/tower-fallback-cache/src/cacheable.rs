@@ -57,29 +57,27 @@ pub struct InvalidPattern {
 
 impl Cacheable {
     /// The default patterns: the inference endpoints of OpenAI (and the many compatible
-    /// servers, under any base path: `**/v1/...`; Azure's `openai/deployments/*/...`),
-    /// Anthropic and Gemini, and the GET of their model lists.
+    /// servers, under any base path: an SDK's `base_url` may or may not end in `/v1`, and
+    /// Azure's are under `openai/deployments/{name}`), Anthropic and Gemini, and the GET of
+    /// their model lists. Anthropic's `messages` keeps its `/v1`: `POST
+    /// /v1/threads/{id}/messages` adds a message to a thread.
     pub const INFERENCE: &'static [&'static str] = &[
-        // OpenAI and compatible servers
-        "**/v1/chat/completions",
-        "**/v1/completions",
-        "**/v1/responses",
-        "**/v1/embeddings",
-        "**/v1/moderations",
-        // Azure OpenAI deployments
-        "**/openai/deployments/*/chat/completions",
-        "**/openai/deployments/*/completions",
-        "**/openai/deployments/*/embeddings",
+        // OpenAI and compatible servers, Azure OpenAI
+        "**/chat/completions",
+        "**/completions",
+        "**/responses",
+        "**/embeddings",
+        "**/moderations",
         // Anthropic
         "**/v1/messages",
         "**/v1/messages/count_tokens",
         // Gemini (v1, v1beta, v1alpha)
-        "**/v1*/models/*:generateContent",
-        "**/v1*/models/*:streamGenerateContent",
-        "**/v1*/models/*:embedContent",
-        "**/v1*/models/*:countTokens",
-        // Model lists (v1, v1beta)
-        "GET **/v1*/models",
+        "**/models/*:generateContent",
+        "**/models/*:streamGenerateContent",
+        "**/models/*:embedContent",
+        "**/models/*:countTokens",
+        // Model lists
+        "GET **/models",
     ];
 
     /// The default rule: the patterns of [`Cacheable::INFERENCE`].
@@ -223,6 +221,9 @@ mod tests {
             "/v1/messages",
             "/v1/messages/count_tokens",
             "/api/v1/chat/completions",
+            "/chat/completions",
+            "/embeddings",
+            "/openai/deployments/gpt-4o/embeddings",
             "/openai/deployments/gpt-4o/chat/completions",
             "/v1beta/models/gemini-2.5-flash:generateContent",
             "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
@@ -232,7 +233,7 @@ mod tests {
             assert!(rule.allows(&Method::POST, path), "{path}");
             assert!(!rule.allows(&Method::GET, path), "GET {path}");
         }
-        for path in ["/v1/models", "/v1beta/models"] {
+        for path in ["/v1/models", "/v1beta/models", "/models"] {
             assert!(rule.allows(&Method::GET, path), "{path}");
         }
         for path in [
@@ -242,6 +243,9 @@ mod tests {
             "/v1/fine_tuning/jobs",
             "/v1/threads/thread_1/runs",
             "/v1/threads/thread_1/messages",
+            "/messages",
+            "/v1/uploads/upload_1/parts",
+            "/v1/images/generations",
             "/v1/vector_stores",
             "/v1/messages/batches",
             "/v1/responses/resp_1/cancel",

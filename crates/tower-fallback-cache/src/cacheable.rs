@@ -107,13 +107,24 @@ impl Cacheable {
 
     /// Whether a request with this method and path is keyed.
     pub fn allows(&self, method: &Method, path: &str) -> bool {
-        if has_dot_segment(path) {
+        if has_dot_segment(path) || contains_ignore_case(path, b"%2f") {
             return false;
         }
-        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        // On the stack: this runs for every request. A path of more segments than any API
+        // has is not cached.
+        let mut segments = [""; MAX_SEGMENTS];
+        let mut count = 0;
+        for segment in path.strip_prefix('/').unwrap_or(path).split('/') {
+            let Some(slot) = segments.get_mut(count) else {
+                return false;
+            };
+            *slot = segment;
+            count += 1;
+        }
+        let segments = &segments[..count];
         self.rules
             .iter()
-            .any(|rule| rule.method == method && matches(&rule.segments, &segments))
+            .any(|rule| rule.method == method && matches(&rule.segments, segments))
     }
 }
 
@@ -195,14 +206,62 @@ fn segment_matches(pattern: &[u8], segment: &[u8]) -> bool {
     }
 }
 
-/// Whether a segment of the path is `.` or `..`, written plainly or percent-encoded: the
-/// upstream may resolve it, so what the pattern saw is not what the upstream serves.
+/// The most segments a cached path may have.
+const MAX_SEGMENTS: usize = 32;
+
+/// Whether a segment of the path (split at `/`, `\` or their encodings) is `.` or `..`,
+/// written plainly or percent-encoded: the upstream may resolve it, so what the pattern saw
+/// is not what the upstream serves.
 fn has_dot_segment(path: &str) -> bool {
-    path.split(['/', '\\']).any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    }) || path.to_ascii_lowercase().contains("%2f")
-        || path.to_ascii_lowercase().contains("%5c")
+    let bytes = path.as_bytes();
+    let mut dots = 0;
+    let mut other = false;
+    let mut i = 0;
+    loop {
+        let separator = match bytes.get(i..) {
+            None | Some([]) => 1,
+            Some([b'/' | b'\\', ..]) => 1,
+            Some([b'%', a, b, ..])
+                if matches!((a, b.to_ascii_lowercase()), (b'2', b'f') | (b'5', b'c')) =>
+            {
+                3
+            }
+            _ => 0,
+        };
+        if separator > 0 {
+            if !other && (dots == 1 || dots == 2) {
+                return true;
+            }
+            if i >= bytes.len() {
+                return false;
+            }
+            dots = 0;
+            other = false;
+            i += separator;
+            continue;
+        }
+        match bytes.get(i..) {
+            Some([b'.', ..]) => {
+                dots += 1;
+                i += 1;
+            }
+            Some([b'%', b'2', e, ..]) if e.eq_ignore_ascii_case(&b'e') => {
+                dots += 1;
+                i += 3;
+            }
+            _ => {
+                other = true;
+                i += 1;
+            }
+        }
+    }
+}
+
+fn contains_ignore_case(haystack: &str, needle: &[u8]) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle))
 }
 
 #[cfg(test)]
@@ -256,6 +315,9 @@ mod tests {
             "/v1/files/../chat/completions",
             "/v1/%2e%2e/v1/chat/completions",
             "/v1/chat%2Fcompletions",
+            "/v1/chat/completions/.",
+            "/v1/files\\..\\chat/completions",
+            "/v1/x/%2E./chat/completions",
             "/",
             "",
         ] {

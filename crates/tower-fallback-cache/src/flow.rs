@@ -21,7 +21,7 @@ use crate::coalesce::{self, Turn};
 use crate::entry::CachedResponse;
 use crate::key::{CacheKey, KEY_VERSION};
 use crate::layer::{Mode, Shared};
-use crate::partition::credential_identity;
+use crate::partition::{Partition, credential_identity};
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{StoreError, log_store_error};
@@ -79,8 +79,12 @@ where
     };
     let partition = shared.partition.of(&parts);
     let key = shared.key_rules.key(&partition, &parts, &bytes);
-    // The breaker follows the credential the upstream judges, not the answer partition.
-    let credential = credential_identity(&parts);
+    // The breaker follows the credential the upstream judges, not the answer partition
+    // (by default they are one and the same hash).
+    let credential = match shared.partition {
+        Partition::ByCredential => partition,
+        _ => credential_identity(&parts),
+    };
 
     // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
     // requests that miss together make one call.

@@ -241,6 +241,8 @@ mod tests {
         let (b, b_id) = of(&format!("{path}?alt=sse&key=B"));
         assert_ne!(a, b);
         assert_ne!(a_id, b_id);
+        // The layer uses the partition as the identity when they are the same rule.
+        assert_eq!((a, b), (a_id, b_id));
         assert_ne!(a, PartitionId::anonymous());
         assert_eq!(of(&format!("{path}?alt=sse&key=A")).0, a);
         assert_eq!(of(&format!("{path}?%6Bey=A")).0, a);

@@ -67,8 +67,11 @@
 //! - Only `insufficient_quota` falls back by default; rate limits, 5xx and unreachable
 //!   upstreams can be added with [`FallbackCacheBuilder::fallback_on`], and the rules are
 //!   those of [`ProviderClassifier`] unless you give your own [`Classify`].
-//! - Answers are partitioned by credential: one API key is never served another's answer
-//!   (see [`Partition`]).
+//! - Only the inference endpoints of OpenAI, Anthropic and Gemini are cached by default;
+//!   anything else (an upload, a batch, a run) is forwarded untouched as `BYPASS`, since a
+//!   replayed answer would claim an action that never happened (see [`Cacheable`]).
+//! - Answers are partitioned by every credential a request carries: one API key is never
+//!   served another's answer (see [`Partition`]).
 //! - After an `insufficient_quota`, that credential's upstream calls are suspended for a
 //!   cooldown, and its requests are answered at once (see [`QuotaBreaker`]).
 //! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by

@@ -477,10 +477,10 @@ async fn an_answer_encoded_against_the_request_is_passed_on_but_never_stored() {
 #[tokio::test]
 async fn the_upstreams_own_marks_never_reach_the_client() {
     let (upstream, _) = upstream(|parts, _| {
-        let status = if parts.uri.path() == "/v1/chat/completions" {
-            StatusCode::OK
-        } else {
-            StatusCode::NO_CONTENT
+        let status = match parts.uri.path() {
+            "/v1/chat/completions" => StatusCode::OK,
+            "/v1beta/models" => StatusCode::NOT_MODIFIED,
+            _ => StatusCode::NO_CONTENT,
         };
         Response::builder()
             .status(status)
@@ -507,10 +507,18 @@ async fn the_upstreams_own_marks_never_reach_the_client() {
     );
     assert_eq!(miss.headers().get_all("x-fallback-cache").iter().count(), 1);
 
-    for uri in ["/v1/chat/completions/chatcmpl-1", "/v1/models"] {
-        let method = if uri == "/v1/models" { "GET" } else { "DELETE" };
+    for (uri, status) in [
+        ("/v1/chat/completions/chatcmpl-1", StatusCode::NO_CONTENT),
+        ("/v1/models", StatusCode::NO_CONTENT),
+        ("/v1beta/models", StatusCode::NOT_MODIFIED),
+    ] {
+        let method = if uri.ends_with("/models") {
+            "GET"
+        } else {
+            "DELETE"
+        };
         let (no_content, _) = send(&service, request(method, uri, &[], "")).await;
-        assert_eq!(no_content.status(), StatusCode::NO_CONTENT, "{uri}");
+        assert_eq!(no_content.status(), status, "{uri}");
         assert_eq!(header(&no_content, "content-length"), None, "{uri}");
         assert_eq!(
             header(&no_content, "x-fallback-cache-reason"),
@@ -519,7 +527,7 @@ async fn the_upstreams_own_marks_never_reach_the_client() {
         );
         assert_eq!(
             header(&no_content, "x-fallback-cache-key").map(str::len),
-            (uri == "/v1/models").then_some(64),
+            (method == "GET").then_some(64),
             "{uri}"
         );
     }

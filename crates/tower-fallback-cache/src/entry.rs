@@ -11,6 +11,7 @@
 //! files: it can read version 1 alongside its own format, or treat old entries as misses
 //! that are stored again on the next successful answer.
 
+#[cfg(feature = "codec")]
 mod codec;
 
 use std::time::{Duration, SystemTime};

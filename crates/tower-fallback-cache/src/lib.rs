@@ -73,8 +73,8 @@
 //!   cooldown, and its requests are answered at once (see [`QuotaBreaker`]).
 //! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
 //!   event; only complete answers are stored, never an error.
-//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`, on by
-//!   default: answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
+//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`:
+//!   answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
 //!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
 //!   in through the [`Store`] trait.
 //! - `reqwest::ReqwestService` (feature `reqwest`) puts a `reqwest::Client` behind the
@@ -83,6 +83,23 @@
 //! Bodies: the inner service receives a [`RequestBody`] and the caller a [`ResponseBody`];
 //! the bodies they wrap must be `Unpin`. An answer is stored once its body has been read to
 //! the end.
+//!
+//! # Features
+//!
+//! None is on by default: a memory-only build needs no store backend, no serializer and no
+//! HTTP client. The crate counts are those of
+//! `cargo tree -p tower-fallback-cache --no-default-features [--features F] -e normal`.
+//!
+//! | feature | what it adds | direct dependencies it adds | crates in the tree |
+//! | --- | --- | --- | --- |
+//! | (none) | the layer, [`store::MemoryStore`], [`store::Tiered`] | — (tokio with `sync` only) | 56 |
+//! | `codec` | `CachedResponse::encode` / `decode`, for a store of your own that keeps bytes | bincode | 58 |
+//! | `disk` | `store::DiskStore` (implies `codec`) | redb, bincode | 59 |
+//! | `redis` | `store::RedisStore` (implies `codec`; tokio `time`) | redis, bincode | 100 |
+//! | `reqwest` | `reqwest::ReqwestService` | reqwest, without a TLS backend or `stream` | 101 |
+//!
+//! The `reqwest` feature leaves TLS to the application: enable one in your own `reqwest`
+//! dependency (`features = ["rustls"]`, or `native-tls`), as the proxy does.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;

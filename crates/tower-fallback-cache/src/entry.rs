@@ -156,6 +156,7 @@ fn strip_unstored_headers(headers: &mut HeaderMap) {
 /// A stored entry could not be decoded. The entry is treated as a miss and counted, never
 /// served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EntryError {
     /// The bytes do not start with the entry magic: not an entry of this library.
     #[error("not a fallback-cache entry (bad magic)")]

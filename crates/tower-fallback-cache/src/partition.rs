@@ -50,6 +50,7 @@ impl fmt::Debug for PartitionId {
 ///
 /// The default, [`Partition::ByCredential`], gives each API credential its own answers.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub enum Partition {
     /// One partition per credential (`authorization`, `api-key`, `x-api-key` or
     /// `x-goog-api-key`, the first present); requests without one share the anonymous

@@ -84,7 +84,11 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 }
 
 /// How much a store holds.
+///
+/// Fields may be added in a minor release: build one with [`StoreUsage::new`] or from
+/// `StoreUsage::default()`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreUsage {
     /// Entries held, if known.
     pub entries: Option<u64>,
@@ -94,6 +98,7 @@ pub struct StoreUsage {
 
 /// A store operation failed. The layer counts it and carries on without the cache.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// A stored entry failed its checks; it is a miss, never served.
     #[error("corrupt entry: {0}")]
@@ -115,6 +120,13 @@ pub enum StoreError {
         /// The bound that was reached.
         timeout: Duration,
     },
+}
+
+impl StoreUsage {
+    /// A usage of `entries` entries and `bytes` bytes, each if known.
+    pub const fn new(entries: Option<u64>, bytes: Option<u64>) -> Self {
+        Self { entries, bytes }
+    }
 }
 
 impl StoreError {

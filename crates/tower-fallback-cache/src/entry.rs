@@ -17,7 +17,7 @@ mod codec;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode, header};
+use http::{HeaderMap, StatusCode};
 
 use crate::key::KEY_VERSION;
 
@@ -35,19 +35,11 @@ pub struct CachedResponse {
     key_version: u8,
 }
 
-/// Headers that belong to one connection or one transfer, never to a stored answer, plus
-/// `set-cookie` (a session of one client is not an answer for the next) and the layer's
-/// own marking headers.
-const NOT_STORED: [&str; 14] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Besides the [hop-by-hop headers](crate::headers::HOP_BY_HOP): headers of one transfer
+/// or one client, never of a stored answer: `content-length` (the replay sets its own),
+/// `set-cookie` (a session of one client is not an answer for the next) and the layer's own
+/// marking headers.
+const NOT_STORED: [&str; 5] = [
     "content-length",
     "set-cookie",
     "x-fallback-cache",
@@ -138,16 +130,7 @@ impl CachedResponse {
 }
 
 fn strip_unstored_headers(headers: &mut HeaderMap) {
-    let named_in_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named_in_connection {
-        headers.remove(name);
-    }
+    crate::headers::remove_hop_by_hop(headers);
     for name in NOT_STORED {
         headers.remove(name);
     }
@@ -182,6 +165,8 @@ pub enum EntryError {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderName;
+
     use super::*;
 
     #[test]

@@ -138,3 +138,8 @@ pub use stats::{Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 pub use store::Store;
 pub use throttle::LogThrottle;
+
+/// The README's snippets, compiled and run as doctests (they use every feature).
+#[cfg(all(doctest, feature = "reqwest", feature = "disk", feature = "redis"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

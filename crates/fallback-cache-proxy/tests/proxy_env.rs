@@ -76,7 +76,10 @@ async fn no_proxy_sends_the_named_hosts_straight_to_the_upstream() {
     let mock = MockUpstream::start().await.expect("mock upstream");
     let proxy = Proxy::start_with_env(
         &["--upstream", &mock.url(), "--store", "memory"],
-        &[("HTTP_PROXY", &outbound), ("NO_PROXY", "127.0.0.1,localhost")],
+        &[
+            ("HTTP_PROXY", &outbound),
+            ("NO_PROXY", "127.0.0.1,localhost"),
+        ],
     );
 
     let (status, body) = ask(&proxy).await;

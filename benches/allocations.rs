@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fallback_cache_tests::workload::{Answering, chat_answer, chat_post, chat_request, send};
+use fallback_cache_test_support::workload::{
+    Answering, chat_answer, chat_post, chat_request, send,
+};
 use http::{Request, Response};
 use http_body_util::Full;
 use tokio::runtime::Runtime;

@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fallback_cache_tests::workload::chat_request;
+use fallback_cache_test_support::workload::chat_request;
 use tower_fallback_cache::{KeyRules, PartitionId};
 
 fn key(c: &mut Criterion) {

@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use fallback_cache_tests::workload::{Answering, chat_answer, chat_post, chat_request, send};
+use fallback_cache_test_support::workload::{
+    Answering, chat_answer, chat_post, chat_request, send,
+};
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::runtime::Runtime;

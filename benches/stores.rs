@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use fallback_cache_tests::stores::{REDIS_URL_VAR, shared_redis, unique_prefix};
+use fallback_cache_test_support::stores::{REDIS_URL_VAR, shared_redis, unique_prefix};
 use http::{HeaderMap, StatusCode};
 use tokio::runtime::Runtime;
 use tower_fallback_cache::store::{DiskStore, MemoryStore, RedisStore, Store};

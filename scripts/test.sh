@@ -19,17 +19,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 # The official openai SDK, for the end-to-end tests that drive the proxy as a user would.
-VENV="${FALLBACK_CACHE_VENV:-$PWD/target/test-venv}"
-if ! "$VENV/bin/python" -c 'import openai' >/dev/null 2>&1; then
-  log "installing the openai Python SDK into $VENV"
-  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    log "installing python3-venv"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-  fi
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<3'
-fi
+VENV="$(scripts/venv.sh 'openai>=1.40,<3')"
 export FALLBACK_CACHE_TEST_PYTHON="$VENV/bin/python"
 
 # A redis-server of our own on a free loopback port, stopped on exit.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fallback_cache_tests::stores::{QUOTA_ERROR, Upstream, answer, marked, send};
+use fallback_cache_test_support::stores::{QUOTA_ERROR, Upstream, answer, marked, send};
 use proptest::prelude::*;
 use tower::Layer;
 use tower_fallback_cache::store::{Store, StoreError, StoreFuture};

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use fallback_cache_tests::stores::{Upstream, answer, send};
+use fallback_cache_test_support::stores::{Upstream, answer, send};
 use tower::Layer;
 use tower_fallback_cache::FallbackCacheLayer;
 use tower_fallback_cache::store::DiskStore;

@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fallback_cache_tests::stores::{
+use fallback_cache_test_support::stores::{
     QUOTA_ERROR, RedisServer, Upstream, answer, marked, send, shared_redis, unique_prefix,
 };
 use tower::Layer;

@@ -13,8 +13,7 @@ use tower_fallback_cache::{Cacheable, KeyRules, Mode, QuotaBreaker, Reason};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
-use crate::parse::{self, ModeName};
-use crate::store::StoreSpec;
+use crate::parse::{self, ModeName, StoreSpec};
 
 /// Everything the proxy runs with.
 #[derive(Debug, Clone)]

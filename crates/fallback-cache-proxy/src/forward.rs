@@ -15,6 +15,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
 use tower::ServiceExt;
+use tower_fallback_cache::headers::remove_hop_by_hop;
 use tower_fallback_cache::reqwest::ReqwestService;
 
 use crate::target;
@@ -39,44 +40,8 @@ pub(crate) struct Proxy {
     pub(crate) unreachable_logged: Throttle,
 }
 
-/// Lets a log line through at its level once per [`Throttle::QUIET`] seconds: during an
-/// outage every request fails the same way, and one line says so.
-#[derive(Debug, Default)]
-pub(crate) struct Throttle {
-    /// Seconds since the Unix epoch of the last line let through, plus one (0: never).
-    last: AtomicU64,
-}
-
-impl Throttle {
-    const QUIET: u64 = 10;
-
-    /// Whether this line is the first of a while.
-    fn first_in_a_while(&self) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        (last == 0 || now.saturating_sub(last) >= Self::QUIET)
-            && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
-/// Headers that describe one connection, not the message: never forwarded, either way.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION,
-    TE,
-    TRAILER,
-    TRANSFER_ENCODING,
-    UPGRADE,
-];
+/// The log throttle of the FALLBACK and unreachable-upstream lines (the library's).
+pub(crate) use tower_fallback_cache::LogThrottle as Throttle;
 
 /// Forwards any request to the upstream through the cache.
 pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
@@ -125,7 +90,7 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
                     tracing::info!(
                         "{method} {path}: upstream failed ({reason}), served the last good answer \
                          (more within {}s: at debug level)",
-                        Throttle::QUIET
+                        proxy.fallback_logged.quiet().as_secs()
                     );
                 } else {
                     tracing::debug!("{method} {path}: upstream failed ({reason}), FALLBACK");
@@ -141,7 +106,7 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
                     "{method} {path}: upstream {} unreachable, answered 502: {cause} \
                      (more within {}s: at debug level)",
                     proxy.upstream,
-                    Throttle::QUIET
+                    proxy.unreachable_logged.quiet().as_secs()
                 );
             } else {
                 tracing::debug!("{method} {path}: upstream unreachable, answered 502: {cause}");
@@ -160,20 +125,6 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
         "{method} {path}"
     );
     response
-}
-
-/// Removes the hop-by-hop headers, and those the `connection` header names.
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.into_iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
-    }
 }
 
 /// The error and its causes, without the URL (its query may hold a key).
@@ -254,15 +205,9 @@ fn bad_gateway(upstream: &str, cause: &str) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use http::{HeaderMap, HeaderName};
 
-    #[test]
-    fn a_throttle_lets_one_line_through_per_while() {
-        let throttle = Throttle::default();
-        assert!(throttle.first_in_a_while());
-        assert!(!throttle.first_in_a_while());
-        assert!(!throttle.first_in_a_while());
-    }
+    use super::*;
 
     #[test]
     fn hop_by_hop_headers_are_dropped_and_the_rest_kept() {

@@ -40,7 +40,10 @@ pub(crate) fn render(stats: &StatsSnapshot, usage: StoreUsage, proxy: ProxyCount
     ]
     .map(|(status, value)| (Some(format!("status=\"{status}\"")), value));
     let by_reason = |count: fn(&StatsSnapshot, Reason) -> u64| {
-        Reason::ALL.map(|reason| (Some(format!("reason=\"{reason}\"")), count(stats, reason)))
+        Reason::all()
+            .iter()
+            .map(|&reason| (Some(format!("reason=\"{reason}\"")), count(stats, reason)))
+            .collect::<Vec<_>>()
     };
     let one = |value: u64| [(None, value)];
 
@@ -146,10 +149,7 @@ mod tests {
     fn every_family_is_declared_and_every_sample_is_a_number() {
         let page = render(
             &StatsSnapshot::default(),
-            StoreUsage {
-                entries: Some(3),
-                bytes: Some(4096),
-            },
+            StoreUsage::new(Some(3), Some(4096)),
             ProxyCounts { bad_gateway: 2 },
         );
         assert!(

@@ -1,10 +1,14 @@
 //! Parsers of setting values. Each error says what a right value looks like; the caller
 //! puts the setting in front of it.
 
+use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tower_fallback_cache::{Cacheable, Reason};
+
+use tower_fallback_cache::reqwest::normalize_base_url;
 
 /// `127.0.0.1:8080`, `[::1]:8080` or `localhost:8080`.
 pub(crate) fn listen(text: &str) -> Result<SocketAddr, String> {
@@ -22,26 +26,10 @@ pub(crate) fn listen(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| expected.to_owned())
 }
 
-/// An absolute `http` or `https` URL without credentials, query or fragment. Returned
-/// without a trailing slash.
+/// An absolute `http` or `https` URL without credentials, query or fragment, checked as
+/// the library's `ReqwestService::base_url` checks it. Returned without a trailing slash.
 pub(crate) fn upstream(text: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(text)
-        .map_err(|error| format!("{error}: expected a URL such as https://api.openai.com"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err("the scheme must be http or https".to_owned());
-    }
-    if !url.has_host() {
-        return Err("expected a URL such as https://api.openai.com".to_owned());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("credentials go in the client's headers, not in the upstream URL".to_owned());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(
-            "the upstream takes no query or fragment: each request brings its own".to_owned(),
-        );
-    }
-    Ok(url.as_str().trim_end_matches('/').to_owned())
+    normalize_base_url(text).map_err(|error| error.reason().to_owned())
 }
 
 /// A duration in human form: `7d`, `12h`, `30m`, `90s`, `1h 30m`.
@@ -171,6 +159,61 @@ pub(crate) fn key_ignore(text: &str) -> Result<Vec<String>, String> {
     Ok(pointers)
 }
 
+/// Where answers are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoreSpec {
+    /// In process memory only: lost on restart.
+    Memory,
+    /// A redb file (`disk:PATH`).
+    Disk(PathBuf),
+    /// A Redis server (`redis://host:port/db` or `rediss://...`).
+    Redis(String),
+}
+
+impl StoreSpec {
+    /// `memory`, `disk:PATH`, or `redis://host:port/db`.
+    pub(crate) fn parse(text: &str) -> Result<StoreSpec, String> {
+        let expected = "expected disk:PATH, memory or redis://host:port/db";
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("memory") {
+            return Ok(StoreSpec::Memory);
+        }
+        if let Some(path) = text.strip_prefix("disk:") {
+            if path.is_empty() {
+                return Err(format!("{expected} (the path is missing)"));
+            }
+            return Ok(StoreSpec::Disk(PathBuf::from(path)));
+        }
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return Ok(StoreSpec::Redis(text.to_owned()));
+        }
+        Err(expected.to_owned())
+    }
+}
+
+/// Shown in logs: a Redis password is never shown.
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Disk(path) => write!(f, "disk:{}", path.display()),
+            StoreSpec::Redis(url) => f.write_str(&redact(url)),
+        }
+    }
+}
+
+/// A URL with its password replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "redis://(unparsable URL)".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +251,21 @@ mod tests {
         assert!(upstream("api.openai.com").is_err());
         assert!(upstream("ftp://api.openai.com").is_err());
         assert!(upstream("https://api.openai.com/?key=1").is_err());
+    }
+
+    #[test]
+    fn store_settings() {
+        assert_eq!(StoreSpec::parse("memory"), Ok(StoreSpec::Memory));
+        assert_eq!(
+            StoreSpec::parse("disk:./x.redb"),
+            Ok(StoreSpec::Disk("./x.redb".into()))
+        );
+        assert_eq!(
+            StoreSpec::parse("redis://127.0.0.1:6379/0"),
+            Ok(StoreSpec::Redis("redis://127.0.0.1:6379/0".into()))
+        );
+        assert!(StoreSpec::parse("disk:").is_err());
+        assert!(StoreSpec::parse("/tmp/x.redb").is_err());
     }
 
     #[test]

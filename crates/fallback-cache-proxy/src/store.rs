@@ -1,7 +1,6 @@
-//! [`StoreSpec`]: the `--store` setting, and opening the store it names.
+//! `open`: the store the `--store` setting ([`StoreSpec`], parsed in `parse.rs`) names.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tower_fallback_cache::Store;
@@ -9,61 +8,7 @@ use tower_fallback_cache::store::{MemoryStore, Tiered};
 
 use crate::config::Config;
 use crate::error::ProxyError;
-
-/// Where answers are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum StoreSpec {
-    /// In process memory only: lost on restart.
-    Memory,
-    /// A redb file (`disk:PATH`).
-    Disk(PathBuf),
-    /// A Redis server (`redis://host:port/db` or `rediss://...`).
-    Redis(String),
-}
-
-impl StoreSpec {
-    /// `memory`, `disk:PATH`, or `redis://host:port/db`.
-    pub(crate) fn parse(text: &str) -> Result<StoreSpec, String> {
-        let expected = "expected disk:PATH, memory or redis://host:port/db";
-        let text = text.trim();
-        if text.eq_ignore_ascii_case("memory") {
-            return Ok(StoreSpec::Memory);
-        }
-        if let Some(path) = text.strip_prefix("disk:") {
-            if path.is_empty() {
-                return Err(format!("{expected} (the path is missing)"));
-            }
-            return Ok(StoreSpec::Disk(PathBuf::from(path)));
-        }
-        if text.starts_with("redis://") || text.starts_with("rediss://") {
-            return Ok(StoreSpec::Redis(text.to_owned()));
-        }
-        Err(expected.to_owned())
-    }
-}
-
-/// Shown in logs: a Redis password is never shown.
-impl fmt::Display for StoreSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreSpec::Memory => f.write_str("memory"),
-            StoreSpec::Disk(path) => write!(f, "disk:{}", path.display()),
-            StoreSpec::Redis(url) => f.write_str(&redact(url)),
-        }
-    }
-}
-
-/// A URL with its password replaced by `***`.
-fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "redis://(unparsable URL)".to_owned(),
-    }
-}
+use crate::parse::{StoreSpec, redact};
 
 /// Opens the store the configuration names. A disk or Redis store gets a memory store of
 /// `--max-memory` in front, so that hot answers are served without I/O.
@@ -192,21 +137,6 @@ mod redis {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn store_settings() {
-        assert_eq!(StoreSpec::parse("memory"), Ok(StoreSpec::Memory));
-        assert_eq!(
-            StoreSpec::parse("disk:./x.redb"),
-            Ok(StoreSpec::Disk("./x.redb".into()))
-        );
-        assert_eq!(
-            StoreSpec::parse("redis://127.0.0.1:6379/0"),
-            Ok(StoreSpec::Redis("redis://127.0.0.1:6379/0".into()))
-        );
-        assert!(StoreSpec::parse("disk:").is_err());
-        assert!(StoreSpec::parse("/tmp/x.redb").is_err());
-    }
 
     #[test]
     fn a_redis_password_is_never_shown() {

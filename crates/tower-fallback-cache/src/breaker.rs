@@ -34,6 +34,7 @@ pub const DEFAULT_QUOTA_COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
 /// # let _ = (layer, without);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
 pub struct QuotaBreaker {
     enabled: bool,
     cooldown: Duration,

@@ -8,7 +8,10 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 /// Why an upstream call failed, as far as falling back is concerned.
+///
+/// More reasons may be added in a minor release: a `match` needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Reason {
     /// The account's quota or credit is gone (`insufficient_quota`, a billing error, a 402).
     /// It clears when someone pays, not in a second.
@@ -22,8 +25,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// Every reason, in declaration order.
-    pub const ALL: [Reason; 4] = [
+    /// How many reasons there are (the length of the counters kept per reason).
+    pub(crate) const COUNT: usize = Self::ALL.len();
+
+    const ALL: [Reason; 4] = [
         Reason::InsufficientQuota,
         Reason::RateLimited,
         Reason::ServerError,
@@ -39,6 +44,18 @@ impl Reason {
             Reason::ServerError => "server_error",
             Reason::Unreachable => "unreachable",
         }
+    }
+
+    /// Every reason, in declaration order. A later release may add reasons to the end.
+    ///
+    /// ```
+    /// use tower_fallback_cache::Reason;
+    ///
+    /// let names: Vec<&str> = Reason::all().iter().map(|r| r.as_str()).collect();
+    /// assert_eq!(names[0], "insufficient_quota");
+    /// ```
+    pub const fn all() -> &'static [Reason] {
+        &Self::ALL
     }
 
     pub(crate) const fn bit(self) -> u8 {

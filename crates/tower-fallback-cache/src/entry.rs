@@ -11,12 +11,13 @@
 //! files: it can read version 1 alongside its own format, or treat old entries as misses
 //! that are stored again on the next successful answer.
 
+#[cfg(feature = "codec")]
 mod codec;
 
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode, header};
+use http::{HeaderMap, StatusCode};
 
 use crate::key::KEY_VERSION;
 
@@ -34,19 +35,11 @@ pub struct CachedResponse {
     key_version: u8,
 }
 
-/// Headers that belong to one connection or one transfer, never to a stored answer, plus
-/// `set-cookie` (a session of one client is not an answer for the next) and the layer's
-/// own marking headers.
-const NOT_STORED: [&str; 14] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Besides the [hop-by-hop headers](crate::headers::HOP_BY_HOP): headers of one transfer
+/// or one client, never of a stored answer: `content-length` (the replay sets its own),
+/// `set-cookie` (a session of one client is not an answer for the next) and the layer's own
+/// marking headers.
+const NOT_STORED: [&str; 5] = [
     "content-length",
     "set-cookie",
     "x-fallback-cache",
@@ -137,16 +130,7 @@ impl CachedResponse {
 }
 
 fn strip_unstored_headers(headers: &mut HeaderMap) {
-    let named_in_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named_in_connection {
-        headers.remove(name);
-    }
+    crate::headers::remove_hop_by_hop(headers);
     for name in NOT_STORED {
         headers.remove(name);
     }
@@ -155,6 +139,7 @@ fn strip_unstored_headers(headers: &mut HeaderMap) {
 /// A stored entry could not be decoded. The entry is treated as a miss and counted, never
 /// served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EntryError {
     /// The bytes do not start with the entry magic: not an entry of this library.
     #[error("not a fallback-cache entry (bad magic)")]
@@ -180,6 +165,8 @@ pub enum EntryError {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderName;
+
     use super::*;
 
     #[test]

@@ -17,6 +17,7 @@ use crate::store::{MemoryStore, Store};
 
 /// When the upstream is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// Always call the upstream; serve a stored answer only when it fails (the default).
     #[default]
@@ -142,8 +143,9 @@ impl std::fmt::Debug for FallbackCacheLayer {
             .field("mode", &s.mode)
             .field(
                 "fallback_on",
-                &Reason::ALL
-                    .into_iter()
+                &Reason::all()
+                    .iter()
+                    .copied()
                     .filter(|r| s.falls_back_on(*r))
                     .collect::<Vec<_>>(),
             )
@@ -159,6 +161,7 @@ impl std::fmt::Debug for FallbackCacheLayer {
 
 /// Configures a [`FallbackCacheLayer`]. Every setting has a default; see
 /// [`FallbackCacheLayer::new`].
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct FallbackCacheBuilder {
     store: Option<Arc<dyn Store>>,
     cacheable: Cacheable,

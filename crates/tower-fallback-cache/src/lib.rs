@@ -76,8 +76,8 @@
 //!   cooldown, and its requests are answered at once (see [`QuotaBreaker`]).
 //! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
 //!   event; only complete answers are stored, never an error.
-//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`, on by
-//!   default: answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
+//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`:
+//!   answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
 //!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
 //!   in through the [`Store`] trait.
 //! - `reqwest::ReqwestService` (feature `reqwest`) puts a `reqwest::Client` behind the
@@ -86,6 +86,23 @@
 //! Bodies: the inner service receives a [`RequestBody`] and the caller a [`ResponseBody`];
 //! the bodies they wrap must be `Unpin`. An answer is stored once its body has been read to
 //! the end.
+//!
+//! # Features
+//!
+//! None is on by default: a memory-only build needs no store backend, no serializer and no
+//! HTTP client. The crate counts are those of
+//! `cargo tree -p tower-fallback-cache --no-default-features [--features F] -e normal`.
+//!
+//! | feature | what it adds | direct dependencies it adds | crates in the tree |
+//! | --- | --- | --- | --- |
+//! | (none) | the layer, [`store::MemoryStore`], [`store::Tiered`] | — (tokio with `sync` only) | 56 |
+//! | `codec` | `CachedResponse::encode` / `decode`, for a store of your own that keeps bytes | bincode | 58 |
+//! | `disk` | `store::DiskStore` (implies `codec`) | redb, bincode | 59 |
+//! | `redis` | `store::RedisStore` (implies `codec`; tokio `time`) | redis, bincode | 100 |
+//! | `reqwest` | `reqwest::ReqwestService` | reqwest, without a TLS backend or `stream` | 101 |
+//!
+//! The `reqwest` feature leaves TLS to the application: enable one in your own `reqwest`
+//! dependency (`features = ["rustls"]`, or `native-tls`), as the proxy does.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
@@ -96,6 +113,7 @@ mod coalesce;
 mod entry;
 mod flow;
 mod future;
+pub mod headers;
 mod key;
 mod layer;
 mod partition;
@@ -106,6 +124,7 @@ mod service;
 mod stats;
 mod status;
 pub mod store;
+mod throttle;
 
 pub use body::{RequestBody, ResponseBody};
 pub use breaker::{DEFAULT_QUOTA_COOLDOWN, DEFAULT_QUOTA_COOLDOWN_MAX, QuotaBreaker};
@@ -123,3 +142,9 @@ pub use service::FallbackCache;
 pub use stats::{Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 pub use store::Store;
+pub use throttle::LogThrottle;
+
+/// The README's snippets, compiled and run as doctests (they use every feature).
+#[cfg(all(doctest, feature = "reqwest", feature = "disk", feature = "redis"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -51,6 +51,7 @@ impl fmt::Debug for PartitionId {
 ///
 /// The default, [`Partition::ByCredential`], gives each API credential its own answers.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub enum Partition {
     /// One partition per set of credentials: every one of `authorization`, `api-key`,
     /// `x-api-key` and `x-goog-api-key` present, and the `key` query parameter. Requests

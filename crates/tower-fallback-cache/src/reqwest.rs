@@ -89,32 +89,7 @@ impl ReqwestService {
     /// `base` must be an absolute `http` or `https` URL without credentials, query or
     /// fragment.
     pub fn base_url(mut self, base: &str) -> Result<Self, InvalidBaseUrl> {
-        let invalid = |why: &str| InvalidBaseUrl {
-            url: base.to_owned(),
-            why: why.to_owned(),
-        };
-        let url = ::reqwest::Url::parse(base).map_err(|error| invalid(&error.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid("the scheme must be http or https"));
-        }
-        if !url.has_host() {
-            return Err(invalid("it names no host"));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            // The error is shown to people and logs: keep the secret out of it.
-            let mut redacted = url.clone();
-            let _ = redacted.set_username("");
-            let _ = redacted.set_password(None);
-            return Err(InvalidBaseUrl {
-                url: redacted.to_string(),
-                why: "credentials go in headers, not in the URL".to_owned(),
-            });
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("a base URL takes no query or fragment"));
-        }
-        let url = url.as_str();
-        self.base = Some(url.trim_end_matches('/').to_owned());
+        self.base = Some(normalize_base_url(base)?);
         Ok(self)
     }
 
@@ -132,12 +107,66 @@ impl ReqwestService {
     }
 }
 
+/// Checks an upstream base URL as [`ReqwestService::base_url`] does, and returns it without
+/// a trailing slash: an absolute `http` or `https` URL with a host, and without
+/// credentials, query or fragment. `fallback-cache-proxy` checks its `--upstream` with it.
+///
+/// ```
+/// use tower_fallback_cache::reqwest::normalize_base_url;
+///
+/// assert_eq!(normalize_base_url("https://api.openai.com/v1/").unwrap(), "https://api.openai.com/v1");
+/// let error = normalize_base_url("https://user:sk-secret@api.openai.com").unwrap_err();
+/// assert!(!error.to_string().contains("sk-secret"));
+/// ```
+pub fn normalize_base_url(base: &str) -> Result<String, InvalidBaseUrl> {
+    let invalid = |why: &str| InvalidBaseUrl {
+        url: base.to_owned(),
+        why: why.to_owned(),
+    };
+    let url = ::reqwest::Url::parse(base).map_err(|error| {
+        invalid(&format!(
+            "{error}: expected a URL such as https://api.openai.com/v1"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("the scheme must be http or https"));
+    }
+    if !url.has_host() {
+        return Err(invalid(
+            "it names no host: expected a URL such as https://api.openai.com/v1",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // The error is shown to people and logs: keep the secret out of it.
+        let mut redacted = url.clone();
+        let _ = redacted.set_username("");
+        let _ = redacted.set_password(None);
+        return Err(InvalidBaseUrl {
+            url: redacted.to_string(),
+            why: "credentials go in the client's headers, not in the upstream URL".to_owned(),
+        });
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            "a base URL takes no query or fragment: each request brings its own",
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
 /// A base URL that [`ReqwestService::base_url`] cannot use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid base URL {url:?}: {why}")]
 pub struct InvalidBaseUrl {
     url: String,
     why: String,
+}
+
+impl InvalidBaseUrl {
+    /// What is wrong with the URL, without the URL (for a message that names the setting).
+    pub fn reason(&self) -> &str {
+        &self.why
+    }
 }
 
 impl<B> Service<Request<B>> for ReqwestService

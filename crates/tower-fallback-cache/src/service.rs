@@ -24,6 +24,24 @@ pub struct FallbackCache<S> {
     shared: Arc<Shared>,
 }
 
+impl FallbackCache<()> {
+    /// A [`FallbackCacheLayer`] with the default settings, as tower-http's middlewares offer
+    /// (`RequestBodyLimit::layer`); [`FallbackCacheLayer::builder`] for any other.
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_fallback_cache::FallbackCache;
+    /// # let upstream = tower::service_fn(|_: http::Request<tower_fallback_cache::RequestBody<String>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// # });
+    ///
+    /// let service = ServiceBuilder::new().layer(FallbackCache::layer()).service(upstream);
+    /// ```
+    pub fn layer() -> FallbackCacheLayer {
+        FallbackCacheLayer::new()
+    }
+}
+
 impl<S> FallbackCache<S> {
     /// Wraps `inner` with the layer's configuration.
     pub fn new(inner: S, layer: &FallbackCacheLayer) -> Self {

@@ -30,8 +30,8 @@ pub(crate) struct Counters {
     pub(crate) stored: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) corrupt_entries: AtomicU64,
-    pub(crate) failures: [AtomicU64; 4],
-    pub(crate) fallbacks_by_reason: [AtomicU64; 4],
+    pub(crate) failures: [AtomicU64; Reason::COUNT],
+    pub(crate) fallbacks_by_reason: [AtomicU64; Reason::COUNT],
     pub(crate) breaker_openings: AtomicU64,
     pub(crate) breaker_closings: AtomicU64,
     pub(crate) suspended: AtomicU64,
@@ -61,10 +61,10 @@ pub struct StatsSnapshot {
     pub store_errors: u64,
     /// Stored entries that failed their checks (counted in `store_errors` too).
     pub corrupt_entries: u64,
-    /// Upstream failures by reason, indexed like [`Reason::ALL`].
-    pub failures: [u64; 4],
-    /// Fallbacks served by reason, indexed like [`Reason::ALL`].
-    pub fallbacks_by_reason: [u64; 4],
+    /// Upstream failures by reason: [`failures_for`](Self::failures_for).
+    failures: [u64; Reason::COUNT],
+    /// Fallbacks served by reason: [`fallbacks_for`](Self::fallbacks_for).
+    fallbacks_by_reason: [u64; Reason::COUNT],
     /// Times the quota breaker suspended a partition.
     pub breaker_openings: u64,
     /// Times a probe found the quota back and the breaker resumed a partition.

@@ -25,6 +25,7 @@ pub const X_FALLBACK_CACHE_REASON: HeaderName = HeaderName::from_static("x-fallb
 /// }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CacheStatus {
     /// Forwarded to the upstream; its answer (or its error) was returned.
     Miss,

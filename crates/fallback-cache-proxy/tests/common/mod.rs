@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 /// The API key every test client sends. It must never appear in the proxy's logs.
 pub const API_KEY: &str = "sk-e2e-secret-0123456789";
 
+/// The variables an HTTP client reads to send its requests through an outbound proxy.
+pub const OUTBOUND_PROXY_VARS: [&str; 4] = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"];
+
 /// A running `fallback-cache-proxy`, killed when dropped.
 pub struct Proxy {
     child: Child,
@@ -22,13 +25,24 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the proxy on a free port with `args`, at debug level, and waits until it
-    /// listens.
+    /// listens. Outbound proxy variables of the test's environment are not passed on: the
+    /// tests' upstreams are on loopback.
     pub fn start(args: &[&str]) -> Proxy {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        Proxy::start_with_env(args, &[])
+    }
+
+    /// [`Proxy::start`] with these environment variables set.
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Proxy {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"));
+        for var in OUTBOUND_PROXY_VARS {
+            command.env_remove(var).env_remove(var.to_lowercase());
+        }
+        let mut child = command
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "debug")
             .env_remove("FALLBACK_CACHE_CONFIG")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -77,6 +77,7 @@ impl CachedResponse {
     /// let stored = answer.encode();
     /// assert_eq!(CachedResponse::decode(&stored), Ok(answer));
     /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
     pub fn encode(&self) -> Vec<u8> {
         let since_epoch = self
             .stored_at
@@ -113,6 +114,7 @@ impl CachedResponse {
     /// entry, are cut short or too long, fail their checksum, or come from another format
     /// version are an [`EntryError`]; no input makes it panic or allocate more than the
     /// input's size in bytes.
+    #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
     pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
         let magic_len = bytes.len().min(MAGIC.len());
         if bytes[..magic_len] != MAGIC[..magic_len] {

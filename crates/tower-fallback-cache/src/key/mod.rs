@@ -114,6 +114,7 @@ impl FromStr for CacheKey {
 /// numbers normalised), so the same request written two ways shares its answer. Any other
 /// body is hashed as raw bytes.
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct KeyRules {
     headers: Vec<HeaderName>,
     ignore_fields: Vec<String>,

@@ -84,6 +84,7 @@ pub struct DiskStore {
 /// Configures a [`DiskStore`]; made by [`DiskStore::builder`].
 #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
 #[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `open` is called"]
 pub struct DiskStoreBuilder {
     path: PathBuf,
     max_bytes: u64,

@@ -11,8 +11,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -28,6 +27,7 @@ pub use tiered::Tiered;
 
 use crate::entry::{CachedResponse, EntryError};
 use crate::key::CacheKey;
+use crate::throttle::LogThrottle;
 
 /// An error type that any backend error fits in.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -84,7 +84,11 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 }
 
 /// How much a store holds.
+///
+/// Fields may be added in a minor release: build one with [`StoreUsage::new`] or from
+/// `StoreUsage::default()`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreUsage {
     /// Entries held, if known.
     pub entries: Option<u64>,
@@ -94,6 +98,7 @@ pub struct StoreUsage {
 
 /// A store operation failed. The layer counts it and carries on without the cache.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// A stored entry failed its checks; it is a miss, never served.
     #[error("corrupt entry: {0}")]
@@ -117,6 +122,13 @@ pub enum StoreError {
     },
 }
 
+impl StoreUsage {
+    /// A usage of `entries` entries and `bytes` bytes, each if known.
+    pub const fn new(entries: Option<u64>, bytes: Option<u64>) -> Self {
+        Self { entries, bytes }
+    }
+}
+
 impl StoreError {
     /// A backend error of the named store.
     pub fn backend(store: &'static str, source: impl Into<BoxError>) -> Self {
@@ -130,17 +142,8 @@ impl StoreError {
 /// Logs a store failure: a warning for the first of a burst, then debug lines until the
 /// store has been quiet for a while, so a dead store does not flood the log.
 pub(crate) fn log_store_error(operation: &'static str, error: &StoreError) {
-    static LAST_WARNING: AtomicU64 = AtomicU64::new(0);
-    const QUIET: u64 = 10;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNING.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= QUIET
-        && LAST_WARNING
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    static STORE_FAILED: LogThrottle = LogThrottle::new(LogThrottle::DEFAULT_QUIET);
+    if STORE_FAILED.first_in_a_while() {
         tracing::warn!(operation, %error, "cache store failed; serving without the cache");
     } else {
         tracing::debug!(operation, %error, "cache store failed");

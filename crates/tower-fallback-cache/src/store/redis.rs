@@ -61,6 +61,7 @@ pub struct RedisStore {
 /// Configures a [`RedisStore`]; made by [`RedisStore::builder`].
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
+#[must_use = "a builder does nothing until `connect` is called"]
 pub struct RedisStoreBuilder {
     url: String,
     prefix: String,

@@ -1,5 +1,7 @@
 //! A second process for the store tests (`tests/stores_disk.rs`, `tests/stores_redis.rs`):
-//! it stores answers through the layer, as an application or a proxy replica would.
+//! it stores answers through the layer, as an application or a proxy replica would. The
+//! binary is the root package's `store-worker` (`tests/bin/store-worker.rs`), so the tests
+//! find it as `CARGO_BIN_EXE_store-worker`; its logic is here.
 //!
 //! ```text
 //! store-worker fill PATH COUNT         store answers 0..COUNT in the DiskStore at PATH, then exit
@@ -16,16 +18,30 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fallback_cache_tests::stores::{Upstream, send};
+use crate::stores::{Upstream, send};
 use tower::Layer;
 use tower_fallback_cache::store::{DiskStore, RedisStore, Store};
 use tower_fallback_cache::{FallbackCacheLayer, X_FALLBACK_CACHE_KEY};
 
 type Failure = Box<dyn std::error::Error>;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+/// Runs the worker with the process's arguments; the exit code says whether it succeeded.
+pub fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("store-worker: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
+    runtime.block_on(run(&args))
+}
+
+async fn run(args: &[String]) -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let outcome = match args.as_slice() {
         ["fill", path, count] => fill(path, count).await,

@@ -17,7 +17,7 @@ use tower::{Service, ServiceExt};
 /// The OpenAI `insufficient_quota` error body, as `tests/fixtures/provider-errors/` holds it.
 pub const QUOTA_ERROR_FIXTURE: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/provider-errors/openai-429-insufficient_quota.json"
+    "/../../tests/fixtures/provider-errors/openai-429-insufficient_quota.json"
 ));
 
 /// A deterministic stream of words, so every run sends the same bytes.

@@ -1,4 +1,4 @@
-//! What the store tests (`tests/stores_*.rs`), the store worker (`src/bin/store-worker.rs`)
+//! What the store tests (`tests/stores_*.rs`), the store worker (`worker.rs`)
 //! and the store benches share: numbered requests and the answers an upstream gives them,
 //! an upstream that can run out of quota, and redis-server processes for tests.
 

@@ -546,6 +546,5 @@ fn backend(error: impl Into<super::BoxError>) -> StoreError {
     StoreError::backend("disk", error)
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -131,7 +131,12 @@ impl MemoryStore {
     /// Holds `entry` under `key` for `ttl`, evicting the least recently used answers if
     /// the bound is reached. Returns `false`, keeping nothing, for an answer heavier than
     /// the whole bound.
-    pub async fn put_entry(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> bool {
+    pub async fn put_entry(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+    ) -> bool {
         if entry.weight() as u64 > self.max_bytes {
             self.counts.refused.fetch_add(1, Ordering::Relaxed);
             // An older answer under the key must not outlive the newer one.

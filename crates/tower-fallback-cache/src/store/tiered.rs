@@ -152,7 +152,11 @@ impl<F: Store, B: Store> Tiered<F, B> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         Some(self.queue.jobs.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            runtime.spawn(drain(self.back.clone(), self.queue.counts.clone(), receiver));
+            runtime.spawn(drain(
+                self.back.clone(),
+                self.queue.counts.clone(),
+                receiver,
+            ));
             sender
         }))
     }
@@ -223,8 +227,7 @@ async fn drain<B: Store>(
                         break;
                     };
                     log_store_error("put (back tier)", &error);
-                    if matches!(error, StoreError::Corrupt(_)) || started.elapsed() >= RETRY_FOR
-                    {
+                    if matches!(error, StoreError::Corrupt(_)) || started.elapsed() >= RETRY_FOR {
                         counts.failed.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
@@ -480,14 +483,21 @@ mod tests {
         let tiered =
             Tiered::new(MemoryStore::new(1 << 20), Stuck::default()).back_queue_bytes(3 * one);
         for i in 0..5 {
-            tokio::time::timeout(Duration::from_secs(5), tiered.put(key(i), entry("an answer"), HOUR))
-                .await
-                .expect("put returns without the back")
-                .expect("tiered put");
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tiered.put(key(i), entry("an answer"), HOUR),
+            )
+            .await
+            .expect("put returns without the back")
+            .expect("tiered put");
             assert!(tiered.get(&key(i)).await.expect("get").is_some());
         }
         tokio::task::yield_now().await;
-        assert_eq!(tiered.back().puts.load(Ordering::SeqCst), 1, "one write at a time");
+        assert_eq!(
+            tiered.back().puts.load(Ordering::SeqCst),
+            1,
+            "one write at a time"
+        );
         // One is being written, two wait; the queue holds three answers' weight.
         assert_eq!(tiered.usage().dropped, Some(2));
     }

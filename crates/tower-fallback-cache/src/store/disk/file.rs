@@ -32,7 +32,7 @@ impl Fault {
     }
 
     pub(super) fn panicked(message: String) -> Self {
-        Fault::Damaged(format!("redb panicked: {message}"))
+        Fault::Damaged(format!("redb gave up on it: {message}"))
     }
 }
 
@@ -90,13 +90,12 @@ fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Opened, Fault> {
              stop it or choose another file",
             path.display()
         )),
-        redb::DatabaseError::RepairAborted => {
-            Fault::Damaged("redb could not repair it".to_owned())
-        }
+        redb::DatabaseError::RepairAborted => Fault::Damaged("redb could not repair it".to_owned()),
         redb::DatabaseError::Storage(storage) => match Fault::of(storage) {
-            Fault::Failed(why) => {
-                Fault::Failed(format!("cannot open {} as a disk store: {why}", path.display()))
-            }
+            Fault::Failed(why) => Fault::Failed(format!(
+                "cannot open {} as a disk store: {why}",
+                path.display()
+            )),
             damaged => damaged,
         },
         other => Fault::Failed(format!(

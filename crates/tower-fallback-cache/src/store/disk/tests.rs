@@ -107,7 +107,11 @@ async fn a_removed_answer_is_gone_before_and_after_its_commit() {
     store.flush().await.expect("flush");
     assert_eq!(body_at(&store, 1).await, None);
     let usage = store.usage();
-    assert_eq!((usage.entries, usage.bytes), (Some(0), Some(0)), "{usage:?}");
+    assert_eq!(
+        (usage.entries, usage.bytes),
+        (Some(0), Some(0)),
+        "{usage:?}"
+    );
 }
 
 #[tokio::test]

@@ -45,7 +45,10 @@ pub(super) enum Command {
     /// Answered once every command before it is committed (or has failed).
     Flush(tokio::sync::oneshot::Sender<()>),
     /// A read found the file of this opening damaged.
-    Damaged { opening: u64, reason: String },
+    Damaged {
+        opening: u64,
+        reason: String,
+    },
 }
 
 /// Whether the writer can use the file.
@@ -53,7 +56,9 @@ pub(super) enum Command {
 enum State {
     Open,
     /// Closed after a failure; opened again at this moment.
-    Closed { reopen_at: Instant },
+    Closed {
+        reopen_at: Instant,
+    },
     /// Damaged and left alone ([`OnCorrupt::Refuse`]), or it could not be replaced.
     OutOfUse,
 }
@@ -194,7 +199,8 @@ impl Writer {
         let outcome = match (writes, self.shared.database()) {
             (0, _) => None,
             (_, Some((db, _))) => Some(
-                guarded(|| self.write(&db, &batch)).unwrap_or_else(|panic| Err(Fault::panicked(panic))),
+                guarded(|| self.write(&db, &batch))
+                    .unwrap_or_else(|panic| Err(Fault::panicked(panic))),
             ),
             (_, None) => Some(Err(Fault::Failed("the file is closed".to_owned()))),
         };
@@ -216,7 +222,9 @@ impl Writer {
                 self.failed(&why, puts(&batch));
             }
             Some(Err(Fault::Damaged(reason))) => {
-                self.shared.failed.fetch_add(puts(&batch), Ordering::Relaxed);
+                self.shared
+                    .failed
+                    .fetch_add(puts(&batch), Ordering::Relaxed);
                 self.damaged(&reason);
             }
         }
@@ -281,7 +289,10 @@ impl Writer {
                     }
                     Command::Damaged { .. } => continue,
                 };
-                if pending.get(&key).is_some_and(|p| p.generation == generation) {
+                if pending
+                    .get(&key)
+                    .is_some_and(|p| p.generation == generation)
+                {
                     pending.remove(&key);
                 }
             }
@@ -343,8 +354,7 @@ impl Writer {
         self.opening += 1;
         self.shared.entries.store(entries, Ordering::Relaxed);
         self.shared.bytes.store(bytes, Ordering::Relaxed);
-        self.shared
-            .set_database(Some((Arc::new(db), self.opening)));
+        self.shared.set_database(Some((Arc::new(db), self.opening)));
         self.state = State::Open;
     }
 

@@ -11,7 +11,7 @@ use fallback_cache_test_support::stores::{
     QUOTA_ERROR, RedisServer, Upstream, answer, marked, send, shared_redis, unique_prefix,
 };
 use tower::Layer;
-use tower_fallback_cache::store::{RedisStore, Store};
+use tower_fallback_cache::store::{MemoryStore, RedisStore, Store, Tiered};
 use tower_fallback_cache::{
     CacheKey, CachedResponse, FallbackCacheLayer, QuotaBreaker, X_FALLBACK_CACHE_KEY,
 };
@@ -204,4 +204,59 @@ async fn a_redis_that_stops_answering_costs_a_request_at_most_the_timeout() {
         "waited {waited:?} for a paused Redis"
     );
     assert_eq!(layer.stats().snapshot().store_errors, 1);
+}
+
+#[tokio::test]
+async fn a_paused_redis_behind_the_memory_tier_delays_no_answer_and_gets_them_on_resume() {
+    let server = RedisServer::start();
+    // A long operation timeout: an answer that waited for Redis would take all of it.
+    let timeout = Duration::from_secs(2);
+    let redis = RedisStore::builder(server.url())
+        .prefix(unique_prefix("sigstop"))
+        .timeout(timeout)
+        .connect()
+        .await
+        .expect("connect");
+    let layer = FallbackCacheLayer::builder()
+        .store(Tiered::new(MemoryStore::new(16 << 20), redis.clone()))
+        .build();
+    let upstream = Upstream::new();
+    let service = layer.layer(upstream.clone());
+
+    server.pause();
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let started = Instant::now();
+        let sent = tokio::time::timeout(Duration::from_secs(30), send(&service, i));
+        let (status, headers, body) = sent.await.expect("the answer ends");
+        let took = started.elapsed();
+        assert_eq!((status.as_u16(), marked(&headers)), (200, "MISS"));
+        assert_eq!(body, answer(i));
+        assert!(
+            took < timeout / 2,
+            "answer {i} took {took:?} with Redis paused: it waited for the Redis write"
+        );
+        keys.push(key_of(&headers));
+    }
+    let stats = layer.stats().snapshot();
+    assert_eq!((stats.stored, stats.store_errors), (5, 0), "{stats:?}");
+
+    // Meanwhile the memory tier has them.
+    upstream.set_out_of_quota(true);
+    let (status, headers, body) = send(&service, 4).await;
+    assert_eq!((status.as_u16(), marked(&headers)), (200, "FALLBACK"));
+    assert_eq!(body, answer(4));
+
+    server.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, key) in keys.iter().enumerate() {
+        while !matches!(redis.get(key).await, Ok(Some(_))) {
+            assert!(
+                Instant::now() < deadline,
+                "answer {i} did not reach Redis after it resumed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(redis.health().is_healthy(), "{:?}", redis.health());
 }

@@ -64,6 +64,27 @@ pub(crate) struct Cli {
     )]
     pub(crate) max_memory: String,
 
+    /// Bound of the disk store (--store disk:PATH): past it the oldest answers are evicted.
+    /// The file is larger by redb's pages and free space.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_MAX_DISK",
+        value_name = "SIZE",
+        default_value = "1GiB"
+    )]
+    pub(crate) max_disk: String,
+
+    /// What to do with a disk store file found damaged, at start or in use: move-aside
+    /// (rename it to PATH.damaged-<unix ms>, keep serving with a fresh file) or refuse
+    /// (do not start; a file damaged in use is no longer written).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_ON_CORRUPT",
+        value_name = "ACTION",
+        default_value = "move-aside"
+    )]
+    pub(crate) on_corrupt: String,
+
     /// fallback: always ask the upstream, serve a stored answer only when it fails.
     /// cache-first: serve a stored answer younger than --fresh-for without asking (HIT).
     #[arg(
@@ -208,6 +229,8 @@ pub(crate) const SETTINGS: [&str; 17] = [
     "store",
     "ttl",
     "max-memory",
+    "max-disk",
+    "on-corrupt",
     "mode",
     "fresh-for",
     "fallback-on",

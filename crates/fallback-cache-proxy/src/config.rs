@@ -13,7 +13,7 @@ use tower_fallback_cache::{Cacheable, KeyRules, Mode, QuotaBreaker, Reason};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
-use crate::parse::{self, ModeName, StoreSpec};
+use crate::parse::{self, ModeName, OnCorrupt, StoreSpec};
 
 /// Everything the proxy runs with.
 #[derive(Debug, Clone)]
@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) store_setting: String,
     pub(crate) ttl: Duration,
     pub(crate) max_memory: u64,
+    pub(crate) max_disk: u64,
+    pub(crate) on_corrupt: OnCorrupt,
     pub(crate) mode: Mode,
     pub(crate) fallback_on: Vec<Reason>,
     pub(crate) max_request_body: usize,
@@ -166,6 +168,8 @@ where
         store: store.parse(StoreSpec::parse)?,
         ttl: raw("ttl").parse(parse::positive_duration)?,
         max_memory: raw("max-memory").parse(parse::size)?,
+        max_disk: raw("max-disk").parse(parse::size)?,
+        on_corrupt: raw("on-corrupt").parse(OnCorrupt::parse)?,
         mode,
         fallback_on: raw("fallback-on").parse(parse::fallback_on)?,
         max_request_body: raw("max-request-body").parse(parse::buffer_size)?,

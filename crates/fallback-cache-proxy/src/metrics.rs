@@ -16,7 +16,12 @@ pub(crate) struct ProxyCounts {
 }
 
 /// The metrics page.
-pub(crate) fn render(stats: &StatsSnapshot, usage: StoreUsage, proxy: ProxyCounts) -> String {
+pub(crate) fn render(
+    stats: &StatsSnapshot,
+    usage: StoreUsage,
+    healthy: bool,
+    proxy: ProxyCounts,
+) -> String {
     let mut page = String::with_capacity(2048);
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(Option<String>, u64)]| {
         let _ = writeln!(page, "# HELP {name} {help}");
@@ -138,6 +143,36 @@ pub(crate) fn render(stats: &StatsSnapshot, usage: StoreUsage, proxy: ProxyCount
         "Bytes of answers held by the store, as it weighs them.",
         &known(usage.bytes),
     );
+    family(
+        "fallback_cache_store_evicted_total",
+        "counter",
+        "Answers the store evicted to stay within its bound (the store of record: disk or Redis behind the memory tier).",
+        &known(usage.evicted),
+    );
+    family(
+        "fallback_cache_store_refused_writes_total",
+        "counter",
+        "Answers the store refused: too much waited to be written (the disk is behind), or one answer was larger than the whole store.",
+        &known(usage.refused),
+    );
+    family(
+        "fallback_cache_store_dropped_writes_total",
+        "counter",
+        "Answers kept in memory only because the queue to the disk or Redis store was full.",
+        &known(usage.dropped),
+    );
+    family(
+        "fallback_cache_store_failed_writes_total",
+        "counter",
+        "Answers accepted for the disk or Redis store whose write then failed (a full disk, Redis down past the retries).",
+        &known(usage.failed),
+    );
+    family(
+        "fallback_cache_store_healthy",
+        "gauge",
+        "1 while the store can keep answers, 0 while it is degraded (see /healthz for the reason).",
+        &one(u64::from(healthy)),
+    );
     page
 }
 
@@ -149,7 +184,12 @@ mod tests {
     fn every_family_is_declared_and_every_sample_is_a_number() {
         let page = render(
             &StatsSnapshot::default(),
-            StoreUsage::new(Some(3), Some(4096)),
+            {
+                let mut usage = StoreUsage::new(Some(3), Some(4096));
+                usage.dropped = Some(5);
+                usage
+            },
+            false,
             ProxyCounts { bad_gateway: 2 },
         );
         assert!(
@@ -166,6 +206,11 @@ mod tests {
         );
         assert!(page.contains("fallback_cache_store_entries 3\n"), "{page}");
         assert!(page.contains("fallback_cache_store_bytes 4096\n"), "{page}");
+        assert!(
+            page.contains("fallback_cache_store_dropped_writes_total 5\n"),
+            "{page}"
+        );
+        assert!(page.contains("fallback_cache_store_healthy 0\n"), "{page}");
         for line in page.lines().filter(|line| !line.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').expect("a sample is `name value`");
             assert!(value.parse::<u64>().is_ok(), "{line}");
@@ -182,6 +227,7 @@ mod tests {
         let page = render(
             &StatsSnapshot::default(),
             StoreUsage::default(),
+            true,
             ProxyCounts::default(),
         );
         assert!(page.contains("# TYPE fallback_cache_store_bytes gauge\n"));

@@ -191,6 +191,26 @@ impl StoreSpec {
     }
 }
 
+/// `--on-corrupt`: what to do with a disk store file found damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnCorrupt {
+    /// Rename it aside (kept for inspection) and start a fresh file.
+    MoveAside,
+    /// Refuse to start; a file damaged in use is no longer written.
+    Refuse,
+}
+
+impl OnCorrupt {
+    /// `move-aside` or `refuse`.
+    pub(crate) fn parse(text: &str) -> Result<OnCorrupt, String> {
+        match text.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "move-aside" => Ok(OnCorrupt::MoveAside),
+            "refuse" => Ok(OnCorrupt::Refuse),
+            _ => Err("expected move-aside or refuse".to_owned()),
+        }
+    }
+}
+
 /// Shown in logs: a Redis password is never shown.
 impl fmt::Display for StoreSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

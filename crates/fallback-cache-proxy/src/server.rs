@@ -102,15 +102,19 @@ fn router(proxy: Arc<Proxy>) -> Router {
         .with_state(proxy)
 }
 
-/// 200 once the store is open, which it is before the first request is accepted.
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok`, or `degraded: <reason>` while the store cannot keep answers (a full disk, a
+/// damaged file, a Redis that does not answer). 200 either way: requests are still
+/// answered, by the upstream and the memory tier, so a load balancer should keep sending
+/// them; monitoring reads the body or `fallback_cache_store_healthy`.
+async fn healthz(State(proxy): State<Arc<Proxy>>) -> String {
+    format!("{}\n", proxy.store.health())
 }
 
 async fn metrics_page(State(proxy): State<Arc<Proxy>>) -> Response {
     let page = metrics::render(
         &proxy.stats.snapshot(),
         proxy.store.usage(),
+        proxy.store.health().is_healthy(),
         ProxyCounts {
             bad_gateway: proxy.bad_gateway.load(Ordering::Relaxed),
         },

@@ -10,6 +10,15 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::parse::{StoreSpec, redact};
 
+/// The memory the proxy lets each of its write queues and redb's page cache hold: a
+/// quarter of `--max-memory`, at least 1 MiB and at most 64 MiB (the library's default).
+/// So the answers the proxy holds stay within about twice `--max-memory` (see the README).
+pub(crate) fn queue_bound(max_memory: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    (max_memory / 4).clamp(MIB, 64 * MIB)
+}
+
+
 /// Opens the store the configuration names. A disk or Redis store gets a memory store of
 /// `--max-memory` in front, so that hot answers are served without I/O.
 pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> {
@@ -26,12 +35,12 @@ pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> 
         StoreSpec::Memory => Ok(Arc::new(front)),
         StoreSpec::Disk(path) => {
             check_directory(path).map_err(fail)?;
-            let back = disk::open(path.clone()).await.map_err(fail)?;
-            Ok(tiered(front, back, config.ttl))
+            let back = disk::open(path.clone(), config).await.map_err(fail)?;
+            Ok(tiered(front, back, config))
         }
         StoreSpec::Redis(url) => {
             let back = redis::open(url).await.map_err(fail)?;
-            Ok(tiered(front, back, config.ttl))
+            Ok(tiered(front, back, config))
         }
     }
 }
@@ -67,10 +76,15 @@ fn check_directory(path: &Path) -> Result<(), String> {
     }
 }
 
-/// `--max-memory` of hot answers in front of the store of record. An answer read from the
-/// back is kept in front at most as long as any answer is served.
-fn tiered(front: MemoryStore, back: Arc<dyn Store>, ttl: std::time::Duration) -> Arc<dyn Store> {
-    Arc::new(Tiered::new(front, back).fill_ttl(ttl))
+/// `--max-memory` of hot answers in front of the store of record, which is written behind
+/// it on a queue bounded by [`queue_bound`]. An answer read from the back is kept in front
+/// at most as long as any answer is served.
+fn tiered(front: MemoryStore, back: Arc<dyn Store>, config: &Config) -> Arc<dyn Store> {
+    Arc::new(
+        Tiered::new(front, back)
+            .fill_ttl(config.ttl)
+            .back_queue_bytes(queue_bound(config.max_memory)),
+    )
 }
 
 #[cfg(feature = "disk")]
@@ -79,11 +93,24 @@ mod disk {
     use std::sync::Arc;
 
     use tower_fallback_cache::Store;
-    use tower_fallback_cache::store::DiskStore;
+    use tower_fallback_cache::store::{self, DiskStore};
+
+    use super::queue_bound;
+    use crate::parse::OnCorrupt;
+    use crate::config::Config;
 
     /// Opens (or creates) the file, off the async threads: redb may check a large file.
-    pub(super) async fn open(path: PathBuf) -> Result<Arc<dyn Store>, String> {
-        let opened = tokio::task::spawn_blocking(move || DiskStore::open(path))
+    pub(super) async fn open(path: PathBuf, config: &Config) -> Result<Arc<dyn Store>, String> {
+        let bound = queue_bound(config.max_memory);
+        let builder = DiskStore::builder(path)
+            .max_bytes(config.max_disk)
+            .max_queued_bytes(bound)
+            .page_cache_bytes(bound)
+            .on_corrupt(match config.on_corrupt {
+                OnCorrupt::MoveAside => store::OnCorrupt::MoveAside,
+                OnCorrupt::Refuse => store::OnCorrupt::Refuse,
+            });
+        let opened = tokio::task::spawn_blocking(move || builder.open())
             .await
             .map_err(|error| format!("opening the store failed: {error}"))?;
         match opened {
@@ -100,7 +127,9 @@ mod disk {
 
     use tower_fallback_cache::Store;
 
-    pub(super) async fn open(_: PathBuf) -> Result<Arc<dyn Store>, String> {
+    use crate::config::Config;
+
+    pub(super) async fn open(_: PathBuf, _: &Config) -> Result<Arc<dyn Store>, String> {
         Err("this build has no disk store (cargo feature \"disk\"); use --store memory".to_owned())
     }
 }
@@ -137,6 +166,18 @@ mod redis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parse::OnCorrupt;
+
+    #[test]
+    fn corrupt_actions_and_queue_bounds() {
+        assert_eq!(OnCorrupt::parse("move-aside"), Ok(OnCorrupt::MoveAside));
+        assert_eq!(OnCorrupt::parse("Refuse"), Ok(OnCorrupt::Refuse));
+        assert!(OnCorrupt::parse("delete").is_err());
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(queue_bound(MIB), MIB);
+        assert_eq!(queue_bound(16 * MIB), 4 * MIB);
+        assert_eq!(queue_bound(4096 * MIB), 64 * MIB);
+    }
 
     #[test]
     fn a_redis_password_is_never_shown() {

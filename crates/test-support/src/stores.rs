@@ -232,6 +232,26 @@ impl RedisServer {
         }
     }
 
+    /// Pauses the server process (SIGSTOP): it holds every connection open and answers
+    /// nothing until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Sends one command and returns the first line of the reply (`+OK`, `:1`, `$-1`...).
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
         redis_command(self.port, args)

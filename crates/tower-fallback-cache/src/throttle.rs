@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct LogThrottle {
     /// Seconds since the Unix epoch of the last line let through, plus one (0: never).
     last: AtomicU64,
+    /// Lines held back since the last one let through.
+    unlogged: AtomicU64,
     quiet_secs: u64,
 }
 
@@ -33,6 +35,7 @@ impl LogThrottle {
     pub const fn new(quiet: Duration) -> Self {
         Self {
             last: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
             quiet_secs: quiet.as_secs(),
         }
     }
@@ -56,6 +59,18 @@ impl LogThrottle {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
+
+    /// Like [`first_in_a_while`](Self::first_in_a_while), counting what it holds back:
+    /// `Some(n)` when this line may be logged at its level, `n` being how many lines were
+    /// held back since the last one; `None` when it is held back (log it lower, or not).
+    pub fn admit(&self) -> Option<u64> {
+        if self.first_in_a_while() {
+            Some(self.unlogged.swap(0, Ordering::Relaxed))
+        } else {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 impl Default for LogThrottle {
@@ -78,5 +93,16 @@ mod tests {
         let never_quiet = LogThrottle::new(Duration::ZERO);
         assert!(never_quiet.first_in_a_while());
         assert!(never_quiet.first_in_a_while());
+    }
+
+    #[test]
+    fn admit_counts_what_it_holds_back() {
+        let throttle = LogThrottle::default();
+        assert_eq!(throttle.admit(), Some(0));
+        for _ in 0..44 {
+            assert_eq!(throttle.admit(), None);
+        }
+        throttle.last.store(1, Ordering::Relaxed);
+        assert_eq!(throttle.admit(), Some(44));
     }
 }

@@ -1,22 +1,25 @@
 //! [`DiskStore`]: answers in a redb file that outlives the process.
 
+mod file;
+mod guard;
 mod record;
 mod writer;
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
-use super::{Store, StoreError, StoreFuture, StoreUsage};
+use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use file::{Fault, move_aside, open_file};
+use guard::guarded;
 use record::Record;
 use writer::{Command, Writer};
 
@@ -25,13 +28,27 @@ pub const DEFAULT_DISK_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// How often a disk store removes expired answers by default: every 5 minutes.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
-/// Answers not yet written may hold at most this much memory; past it a `put` is refused
-/// (and counted by the layer) rather than letting a slow disk grow the process.
-const MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
+/// Answers not yet written may hold at most this much memory by default; past it a `put`
+/// is refused (and counted) rather than letting a slow disk grow the process.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Memory redb may use to cache the file's pages (its own default is 1 GiB). Hot answers
-/// belong in a [`MemoryStore`](super::MemoryStore) in front ([`Tiered`](super::Tiered)).
-const PAGE_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Memory redb may use to cache the file's pages by default (its own default is 1 GiB).
+/// Hot answers belong in a [`MemoryStore`](super::MemoryStore) in front
+/// ([`Tiered`](super::Tiered)).
+pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What a [`DiskStore`] does with a file it finds damaged, at open or in use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnCorrupt {
+    /// Rename it to `<name>.damaged-<unix ms>` (kept for inspection, named in one log
+    /// line) and start a fresh file: the store keeps serving, without the old answers.
+    #[default]
+    MoveAside,
+    /// Leave it as it is: [`DiskStoreBuilder::open`] fails with one line, and a file
+    /// found damaged in use is no longer written (the store reports itself degraded).
+    Refuse,
+}
 
 /// key -> record: the expiry (unix ms), the write sequence, then the encoded answer.
 const ENTRIES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("entries");
@@ -53,6 +70,15 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// (checked on read, and removed by a periodic sweep), and the oldest answers are evicted
 /// when the store outgrows `max_bytes`. The file is created readable by its owner only
 /// (mode 0600).
+///
+/// Faults heal where they can. A commit that fails (a full disk) costs the answers in it,
+/// is counted ([`StoreUsage::failed`]) and logged at most once per 10 s; the file is then
+/// closed and opened again every half second, keeping what was committed, and answers
+/// that arrive meanwhile wait (within the queue bound) to be written once it opens.
+/// [`health`](Store::health) says `Degraded` from the failure until a commit succeeds.
+/// Every redb call is guarded: a panic inside redb (a damaged page) is a store error,
+/// never a panic of the caller, and a file found damaged is handled as
+/// [`OnCorrupt`] says (by default moved aside, and a fresh file started).
 ///
 /// Dropping the store commits what is queued, then closes the file; [`flush`](Store::flush)
 /// waits until every accepted answer is committed. Only one store, in one process, can
@@ -89,20 +115,52 @@ pub struct DiskStoreBuilder {
     path: PathBuf,
     max_bytes: u64,
     sweep_interval: Duration,
+    max_queued_bytes: u64,
+    page_cache_bytes: u64,
+    on_corrupt: OnCorrupt,
 }
 
 /// What the request path and the writer thread share.
 struct Shared {
-    db: Database,
+    /// The open file and its number (each reopening counts one); `None` while it is
+    /// closed after a failure.
+    db: RwLock<Option<(Arc<Database>, u64)>>,
     /// Answers accepted but not yet committed, so that a read right after a put sees it.
     pending: Mutex<HashMap<CacheKey, Pending>>,
     next_generation: AtomicU64,
     queued_bytes: AtomicU64,
+    max_queued_bytes: u64,
     /// Committed entries and their weight.
     entries: AtomicU64,
     bytes: AtomicU64,
-    /// The last failed commit, reported by the next `put` or `flush`.
+    /// The last failed commit, reported by the next `flush`.
     write_error: Mutex<Option<String>>,
+    health: HealthCell,
+    /// The file was found damaged and is left alone ([`OnCorrupt::Refuse`]).
+    out_of_use: AtomicBool,
+    evicted: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+    path: PathBuf,
+    page_cache_bytes: usize,
+    on_corrupt: OnCorrupt,
+}
+
+impl Shared {
+    /// The open file, if it is open.
+    fn database(&self) -> Option<(Arc<Database>, u64)> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_database(&self, db: Option<(Arc<Database>, u64)>) -> Option<(Arc<Database>, u64)> {
+        std::mem::replace(
+            &mut *self.db.write().unwrap_or_else(PoisonError::into_inner),
+            db,
+        )
+    }
 }
 
 /// A write on its way to the file. `None`: the key was removed.
@@ -124,6 +182,9 @@ impl DiskStore {
             path: path.as_ref().to_path_buf(),
             max_bytes: DEFAULT_DISK_MAX_BYTES,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            page_cache_bytes: DEFAULT_PAGE_CACHE_BYTES,
+            on_corrupt: OnCorrupt::default(),
         }
     }
 
@@ -142,6 +203,27 @@ impl DiskStore {
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The error of an operation on a store that cannot use its file now.
+    fn unusable(&self) -> StoreError {
+        let why = match self.shared.health.get() {
+            StoreHealth::Degraded(reason) => reason,
+            _ => "the file is being reopened".to_owned(),
+        };
+        backend(io::Error::other(why))
+    }
+
+    /// A read found the file damaged: the writer deals with it (once per opening).
+    fn report_damage(&self, opening: u64, reason: String) -> StoreError {
+        let _ = self.send(Command::Damaged {
+            opening,
+            reason: reason.clone(),
+        });
+        backend(io::Error::other(format!(
+            "{} is damaged: {reason}",
+            self.path.display()
+        )))
     }
 
     fn send(&self, command: Command) -> Result<(), StoreError> {
@@ -166,10 +248,17 @@ impl DiskStore {
             .shared
             .queued_bytes
             .fetch_add(weight, Ordering::Relaxed);
-        if queued.saturating_add(weight) > MAX_QUEUED_BYTES {
+        if self.shared.out_of_use.load(Ordering::Relaxed) {
             self.shared
                 .queued_bytes
                 .fetch_sub(weight, Ordering::Relaxed);
+            return Err(self.unusable());
+        }
+        if queued.saturating_add(weight) > self.shared.max_queued_bytes {
+            self.shared
+                .queued_bytes
+                .fetch_sub(weight, Ordering::Relaxed);
+            self.shared.refused.fetch_add(1, Ordering::Relaxed);
             return Err(backend(io::Error::other(format!(
                 "the disk is behind: {queued} bytes wait to be written, so this answer is not stored"
             ))));
@@ -191,7 +280,7 @@ impl DiskStore {
             self.lock_pending().remove(&key);
             return Err(error);
         }
-        self.take_write_error()
+        Ok(())
     }
 
     fn take_write_error(&self) -> Result<(), StoreError> {
@@ -218,17 +307,44 @@ impl DiskStore {
                 _ => None,
             });
         }
-        let txn = self.shared.db.begin_read().map_err(redb_error)?;
-        let table = txn.open_table(ENTRIES).map_err(redb_error)?;
-        let Some(record) = table.get(key.as_bytes()).map_err(redb_error)? else {
-            return Ok(None);
+        let Some((db, opening)) = self.shared.database() else {
+            return Err(self.unusable());
         };
-        let record = Record::parse(record.value())?;
-        if record.expires_at <= unix_millis(SystemTime::now()) {
-            return Ok(None);
+        match guarded(|| read_entry(&db, key)) {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(ReadError::Entry(error))) => Err(error),
+            Ok(Err(ReadError::Redb(error))) => match Fault::of(error) {
+                Fault::Damaged(reason) => Err(self.report_damage(opening, reason)),
+                Fault::Failed(why) => Err(backend(io::Error::other(why))),
+            },
+            Err(panic) => match Fault::panicked(panic) {
+                Fault::Damaged(reason) | Fault::Failed(reason) => {
+                    Err(self.report_damage(opening, reason))
+                }
+            },
         }
-        Ok(Some(Arc::new(CachedResponse::decode(record.entry)?)))
     }
+}
+
+/// Why a read found nothing usable.
+enum ReadError {
+    Redb(redb::Error),
+    Entry(StoreError),
+}
+
+fn read_entry(db: &Database, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, ReadError> {
+    let redb = |error: redb::Error| ReadError::Redb(error);
+    let txn = db.begin_read().map_err(|e| redb(e.into()))?;
+    let table = txn.open_table(ENTRIES).map_err(|e| redb(e.into()))?;
+    let Some(record) = table.get(key.as_bytes()).map_err(|e| redb(e.into()))? else {
+        return Ok(None);
+    };
+    let record = Record::parse(record.value()).map_err(|e| ReadError::Entry(e.into()))?;
+    if record.expires_at <= unix_millis(SystemTime::now()) {
+        return Ok(None);
+    }
+    let entry = CachedResponse::decode(record.entry).map_err(|e| ReadError::Entry(e.into()))?;
+    Ok(Some(Arc::new(entry)))
 }
 
 impl DiskStoreBuilder {
@@ -247,34 +363,90 @@ impl DiskStoreBuilder {
         self
     }
 
+    /// The most bytes of answers that may wait to be written (default 64 MiB), as
+    /// [`CachedResponse::weight`] counts them; past it a `put` is refused and counted
+    /// ([`StoreUsage::refused`]), so a slow disk cannot grow the process.
+    pub fn max_queued_bytes(mut self, bytes: u64) -> Self {
+        self.max_queued_bytes = bytes;
+        self
+    }
+
+    /// Memory redb may use to cache the file's pages (default 64 MiB).
+    pub fn page_cache_bytes(mut self, bytes: u64) -> Self {
+        self.page_cache_bytes = bytes;
+        self
+    }
+
+    /// What to do with a file found damaged (default [`OnCorrupt::MoveAside`]).
+    pub fn on_corrupt(mut self, on_corrupt: OnCorrupt) -> Self {
+        self.on_corrupt = on_corrupt;
+        self
+    }
+
     /// Opens the file, creating it (mode 0600) if it does not exist, and starts the writer.
     ///
     /// Fails when the directory does not exist, the file cannot be read or written, is not
-    /// a store, or is open in another process.
+    /// a store of this version, or is open in another process. A damaged file is moved
+    /// aside and a fresh one started (one warning names both), or refused, as
+    /// [`on_corrupt`](Self::on_corrupt) says.
     pub fn open(self) -> Result<DiskStore, StoreError> {
-        let db = open_database(&self.path)?;
-        let (entries, bytes) = writer::prepare(&db).map_err(|error| {
-            backend(io::Error::other(format!(
-                "{} cannot be used as a disk store: {error}",
-                self.path.display()
-            )))
-        })?;
+        let page_cache_bytes = usize::try_from(self.page_cache_bytes).unwrap_or(usize::MAX);
+        let (db, entries, bytes) = match open_file(&self.path, page_cache_bytes) {
+            Ok(opened) => opened,
+            Err(Fault::Failed(why)) => return Err(backend(io::Error::other(why))),
+            Err(Fault::Damaged(reason)) => match self.on_corrupt {
+                OnCorrupt::Refuse => {
+                    return Err(backend(io::Error::other(format!(
+                        "{} is damaged ({reason}); move it away to start a fresh file",
+                        self.path.display()
+                    ))));
+                }
+                OnCorrupt::MoveAside => {
+                    let aside = move_aside(&self.path).map_err(|error| {
+                        backend(io::Error::other(format!(
+                            "{} is damaged ({reason}) and cannot be moved aside: {error}",
+                            self.path.display()
+                        )))
+                    })?;
+                    tracing::warn!(
+                        "disk store: {} is damaged ({reason}); moved it to {} and started a fresh file",
+                        self.path.display(),
+                        aside.display()
+                    );
+                    match open_file(&self.path, page_cache_bytes) {
+                        Ok(opened) => opened,
+                        Err(Fault::Failed(why) | Fault::Damaged(why)) => {
+                            return Err(backend(io::Error::other(why)));
+                        }
+                    }
+                }
+            },
+        };
         let shared = Arc::new(Shared {
-            db,
+            db: RwLock::new(Some((Arc::new(db), 0))),
             pending: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
+            max_queued_bytes: self.max_queued_bytes,
             entries: AtomicU64::new(entries),
             bytes: AtomicU64::new(bytes),
             write_error: Mutex::new(None),
+            health: HealthCell::default(),
+            out_of_use: AtomicBool::new(false),
+            evicted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            path: self.path.clone(),
+            page_cache_bytes,
+            on_corrupt: self.on_corrupt,
         });
         let (commands, receiver) = mpsc::channel();
-        let writer = Writer {
-            shared: shared.clone(),
-            commands: receiver,
-            max_bytes: self.max_bytes,
-            sweep_interval: self.sweep_interval,
-        };
+        let writer = Writer::new(
+            shared.clone(),
+            receiver,
+            self.max_bytes,
+            self.sweep_interval,
+        );
         let writer = thread::Builder::new()
             .name("fallback-cache-disk-writer".into())
             .spawn(move || writer.run())
@@ -287,41 +459,6 @@ impl DiskStoreBuilder {
             max_bytes: self.max_bytes,
         })
     }
-}
-
-fn open_database(path: &Path) -> Result<Database, StoreError> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(path).map_err(|error| {
-        let parent = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        let message = match parent {
-            Some(dir) if error.kind() == io::ErrorKind::NotFound && !dir.exists() => format!(
-                "cannot create {}: the directory {} does not exist",
-                path.display(),
-                dir.display()
-            ),
-            _ => format!("cannot open {}: {error}", path.display()),
-        };
-        backend(io::Error::new(error.kind(), message))
-    })?;
-    let opened = redb::backends::FileBackend::new(file).and_then(|file| {
-        redb::Builder::new()
-            .set_cache_size(PAGE_CACHE_BYTES)
-            .create_with_backend(file)
-    });
-    opened.map_err(|error| {
-        let message = match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => format!(
-                "{} is already open, by another process or another store in this one; \
-                 stop it or choose another file",
-                path.display()
-            ),
-            other => format!("cannot open {} as a disk store: {other}", path.display()),
-        };
-        backend(io::Error::other(message))
-    })
 }
 
 impl Drop for DiskStore {
@@ -372,10 +509,19 @@ impl Store for DiskStore {
     }
 
     fn usage(&self) -> StoreUsage {
+        let load = |counter: &AtomicU64| Some(counter.load(Ordering::Relaxed));
         StoreUsage {
-            entries: Some(self.shared.entries.load(Ordering::Relaxed)),
-            bytes: Some(self.shared.bytes.load(Ordering::Relaxed)),
+            entries: load(&self.shared.entries),
+            bytes: load(&self.shared.bytes),
+            evicted: load(&self.shared.evicted),
+            refused: load(&self.shared.refused),
+            dropped: None,
+            failed: load(&self.shared.failed),
         }
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.shared.health.get()
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
@@ -399,10 +545,6 @@ fn unix_millis(time: SystemTime) -> u64 {
 
 fn backend(error: impl Into<super::BoxError>) -> StoreError {
     StoreError::backend("disk", error)
-}
-
-fn redb_error(error: impl Into<redb::Error>) -> StoreError {
-    backend(error.into())
 }
 
 #[cfg(test)]

@@ -1,16 +1,24 @@
 //! [`MemoryStore`]: answers in process memory, on moka.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
 
-use super::{Store, StoreFuture, StoreUsage};
+use super::{Store, StoreError, StoreFuture, StoreUsage};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 
 /// Answers in process memory: bounded in bytes, each entry with its own time to live.
+///
+/// Kept by recency: a new answer is always admitted, and when the bound is reached the
+/// answer least recently stored or served is evicted first. For a fallback cache the
+/// newest answer is the one that matters (moka's default admission policy would keep old
+/// answers that were read often and turn new ones away).
 ///
 /// Built on `moka::future::Cache` holding `Arc<CachedResponse>`, so a hit decodes and
 /// copies nothing. Lost when the process ends; put it in front of a disk or Redis store
@@ -26,6 +34,16 @@ use crate::key::CacheKey;
 pub struct MemoryStore {
     cache: Cache<CacheKey, Timed>,
     max_bytes: u64,
+    counts: Arc<Counts>,
+}
+
+/// What became of the answers given to the store.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Evicted to stay within the bound.
+    evicted: AtomicU64,
+    /// Heavier than the whole bound: never kept.
+    refused: AtomicU64,
 }
 
 /// An entry with the time to live it was put with.
@@ -57,14 +75,31 @@ impl MemoryStore {
     /// A store that holds at most `max_bytes`, as [`CachedResponse::weight`] counts them.
     /// An answer heavier than the whole bound is not kept.
     pub fn new(max_bytes: u64) -> Self {
+        let counts = Arc::new(Counts::default());
+        let evictions = counts.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
+            .eviction_policy(EvictionPolicy::lru())
             .weigher(|_: &CacheKey, value: &Timed| {
                 u32::try_from(value.entry.weight()).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
+            .eviction_listener(move |_, _, cause| {
+                if cause == RemovalCause::Size {
+                    evictions.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
-        Self { cache, max_bytes }
+        Self {
+            cache,
+            max_bytes,
+            counts,
+        }
+    }
+
+    /// Answers evicted to stay within the bound since the store was made.
+    pub fn evicted(&self) -> u64 {
+        self.counts.evicted.load(Ordering::Relaxed)
     }
 
     /// The bound this store was built with.
@@ -93,12 +128,23 @@ impl MemoryStore {
         self.cache.get(key).await.map(|timed| timed.entry)
     }
 
-    /// Holds `entry` under `key` for `ttl`.
-    pub async fn put_entry(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) {
+    /// Holds `entry` under `key` for `ttl`, evicting the least recently used answers if
+    /// the bound is reached. Returns `false`, keeping nothing, for an answer heavier than
+    /// the whole bound.
+    pub async fn put_entry(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+    ) -> bool {
         if entry.weight() as u64 > self.max_bytes {
-            return;
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            // An older answer under the key must not outlive the newer one.
+            self.cache.invalidate(&key).await;
+            return false;
         }
         self.cache.insert(key, Timed { entry, ttl }).await;
+        true
     }
 }
 
@@ -119,8 +165,18 @@ impl Store for MemoryStore {
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            self.put_entry(key, entry, ttl).await;
-            Ok(())
+            let weight = entry.weight();
+            if self.put_entry(key, entry, ttl).await {
+                Ok(())
+            } else {
+                Err(StoreError::backend(
+                    "memory",
+                    format!(
+                        "an answer of {weight} bytes is larger than the whole store ({} bytes): not kept",
+                        self.max_bytes
+                    ),
+                ))
+            }
         })
     }
 
@@ -135,6 +191,9 @@ impl Store for MemoryStore {
         StoreUsage {
             entries: Some(self.cache.entry_count()),
             bytes: Some(self.cache.weighted_size()),
+            evicted: Some(self.evicted()),
+            refused: Some(self.counts.refused.load(Ordering::Relaxed)),
+            ..StoreUsage::default()
         }
     }
 }
@@ -193,14 +252,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_entry_heavier_than_the_bound_is_not_kept() {
+    async fn an_entry_heavier_than_the_bound_is_refused_not_claimed() {
         let store = MemoryStore::new(1024);
         store
             .put(key(1), entry(4096), Duration::from_secs(60))
             .await
-            .expect("memory put");
+            .expect_err("larger than the store");
         store.run_pending_tasks().await;
         assert!(store.get(&key(1)).await.expect("memory get").is_none());
+        assert_eq!(store.usage().refused, Some(1));
+    }
+
+    #[tokio::test]
+    async fn the_newest_answers_are_kept_and_the_evictions_counted() {
+        let max = 64 * 1024;
+        let store = MemoryStore::new(max);
+        // The first answers are read often, as in fallback mode nothing reads the new ones.
+        for i in 0..10 {
+            store
+                .put(key(i), entry(1024), Duration::from_secs(60))
+                .await
+                .expect("memory put");
+            for _ in 0..20 {
+                store.get(&key(i)).await.expect("memory get");
+            }
+        }
+        for i in 10..500 {
+            store
+                .put(key(i), entry(1024), Duration::from_secs(60))
+                .await
+                .expect("memory put");
+        }
+        store.run_pending_tasks().await;
+        for i in 490..500 {
+            assert!(
+                store.get(&key(i)).await.expect("memory get").is_some(),
+                "answer {i}, one of the newest, was not kept"
+            );
+        }
+        assert!(store.get(&key(0)).await.expect("memory get").is_none());
+        let usage = store.usage();
+        assert_eq!(
+            usage.evicted.map(|evicted| evicted + store.entry_count()),
+            Some(500),
+            "{usage:?}"
+        );
     }
 
     #[tokio::test]

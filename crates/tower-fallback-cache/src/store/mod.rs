@@ -2,6 +2,7 @@
 
 #[cfg(feature = "disk")]
 mod disk;
+mod health;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -21,9 +22,14 @@ pub use self::redis::{
 };
 #[cfg(feature = "disk")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
-pub use disk::{DEFAULT_DISK_MAX_BYTES, DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder};
+pub use disk::{
+    DEFAULT_DISK_MAX_BYTES, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PAGE_CACHE_BYTES,
+    DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt,
+};
+pub use health::StoreHealth;
+pub(crate) use health::HealthCell;
 pub use memory::MemoryStore;
-pub use tiered::Tiered;
+pub use tiered::{DEFAULT_BACK_QUEUE_BYTES, Tiered};
 
 use crate::entry::{CachedResponse, EntryError};
 use crate::key::CacheKey;
@@ -59,6 +65,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Whether the store can keep answers now: [`StoreHealth::Degraded`] with the reason
+    /// while it cannot (a full disk, a damaged file, an unreachable Redis). Requests are
+    /// served either way. Healthy by default.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Healthy
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -81,9 +94,15 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn flush(&self) -> StoreFuture<'_, ()> {
         (**self).flush()
     }
+
+    fn health(&self) -> StoreHealth {
+        (**self).health()
+    }
 }
 
-/// How much a store holds.
+/// How much a store holds, and what became of the answers it was given. For a
+/// [`Tiered`] store, these are the figures of the store of record (the back), with the
+/// writes its queue dropped.
 ///
 /// Fields may be added in a minor release: build one with [`StoreUsage::new`] or from
 /// `StoreUsage::default()`.
@@ -94,6 +113,16 @@ pub struct StoreUsage {
     pub entries: Option<u64>,
     /// Bytes held (as the store weighs them), if known.
     pub bytes: Option<u64>,
+    /// Answers evicted to keep within the store's bound, since it was opened, if counted.
+    pub evicted: Option<u64>,
+    /// Writes refused because too much waited to be written ("the disk is behind"), or
+    /// because one answer is larger than the whole store, if counted.
+    pub refused: Option<u64>,
+    /// Writes dropped because the queue to a slow back store was full, if counted.
+    pub dropped: Option<u64>,
+    /// Writes accepted that then failed (a commit on a full disk, a back store error),
+    /// if counted.
+    pub failed: Option<u64>,
 }
 
 /// A store operation failed. The layer counts it and carries on without the cache.
@@ -139,13 +168,18 @@ impl StoreError {
     }
 }
 
-/// Logs a store failure: a warning for the first of a burst, then debug lines until the
-/// store has been quiet for a while, so a dead store does not flood the log.
+/// Logs a store failure: a warning for the first of a burst with how many failures went
+/// unlogged before it, then debug lines until [`LogThrottle::DEFAULT_QUIET`] has passed, so a
+/// dead store does not flood the log.
 pub(crate) fn log_store_error(operation: &'static str, error: &StoreError) {
-    static STORE_FAILED: LogThrottle = LogThrottle::new(LogThrottle::DEFAULT_QUIET);
-    if STORE_FAILED.first_in_a_while() {
-        tracing::warn!(operation, %error, "cache store failed; serving without the cache");
-    } else {
-        tracing::debug!(operation, %error, "cache store failed");
+    static THROTTLE: LogThrottle = LogThrottle::new(LogThrottle::DEFAULT_QUIET);
+    match THROTTLE.admit() {
+        Some(unlogged) => tracing::warn!(
+            operation,
+            %error,
+            unlogged,
+            "cache store failed; serving without the cache"
+        ),
+        None => tracing::debug!(operation, %error, "cache store failed"),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, RedisResult};
 
-use super::{Store, StoreError, StoreFuture};
+use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 
@@ -28,7 +28,8 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 /// so Redis expires it.
 ///
 /// Every operation is bounded by a timeout (default 250 ms): a slow or dead Redis makes a
-/// request lose the cache (the layer counts a [`StoreError::Timeout`] and forwards the
+/// request lose the cache (and the store report itself degraded until an operation
+/// succeeds) (the layer counts a [`StoreError::Timeout`] and forwards the
 /// request), never wait. The connection is a redis
 /// [`ConnectionManager`], which reconnects by itself when Redis comes back. Keys are the
 /// prefix (default `fallback-cache:`) followed by the request key in hex; values are the
@@ -56,6 +57,7 @@ pub struct RedisStore {
     connection: ConnectionManager,
     prefix: Arc<str>,
     timeout: Duration,
+    health: Arc<HealthCell>,
 }
 
 /// Configures a [`RedisStore`]; made by [`RedisStore::builder`].
@@ -110,12 +112,17 @@ impl RedisStore {
             store: "redis",
             timeout: self.timeout,
         };
-        match tokio::time::timeout(self.timeout, operation).await {
+        let outcome = match tokio::time::timeout(self.timeout, operation).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if error.is_timeout() => Err(timed_out()),
             Ok(Err(error)) => Err(StoreError::backend("redis", error)),
             Err(_) => Err(timed_out()),
+        };
+        match &outcome {
+            Ok(_) => self.health.succeeded(),
+            Err(error) => self.health.failed(error),
         }
+        outcome
     }
 }
 
@@ -177,6 +184,7 @@ impl RedisStoreBuilder {
             connection,
             prefix: self.prefix.into(),
             timeout: self.timeout,
+            health: Arc::default(),
         })
     }
 }
@@ -215,6 +223,11 @@ impl Store for RedisStore {
             let command = redis::cmd("DEL").arg(self.redis_key(key)).clone();
             self.bounded(command.exec_async(&mut connection)).await
         })
+    }
+
+    /// Degraded from a failed or timed-out operation until one succeeds.
+    fn health(&self) -> StoreHealth {
+        self.health.get()
     }
 }
 

@@ -1,21 +1,43 @@
 //! [`Tiered`]: a fast store in front of a lasting one.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use super::{Store, StoreError, StoreFuture, StoreUsage};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::layer::DEFAULT_TTL;
+
+/// How many bytes of answers may wait for the back store by default: 64 MiB.
+pub const DEFAULT_BACK_QUEUE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How long a write the back store fails is tried again before it is given up.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+/// The first pause before a failed write is tried again; it doubles up to a second.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Two stores as one: typically a [`MemoryStore`](super::MemoryStore) in front of a disk or
 /// Redis store, so that a hot answer is served from memory and every answer outlives the
 /// process.
 ///
 /// Reads go to the front first; an answer found only in the back is copied to the front
-/// (read-through). Writes and removals go to both (write-through). [`usage`](Store::usage)
-/// and [`flush`](Store::flush) are those of the back, the store of record. A failing
-/// front is logged and skipped; an error of the back is the store's error.
+/// (read-through). A write goes to the front at once and to the back behind it, on a
+/// bounded queue that a background task drains, so a slow back store (a paused Redis, a
+/// disk that is behind) never delays an answer: `put` returns once the front has the
+/// answer. A write the back fails is tried again for up to 30 s; when the queue holds
+/// more than its bound ([`back_queue_bytes`](Self::back_queue_bytes), 64 MiB by default),
+/// a new write is dropped for the back (still in front) and counted
+/// ([`StoreUsage::dropped`]). Removals follow the writes on the same queue.
+/// [`flush`](Store::flush) waits until the queue is drained and the back has flushed;
+/// [`usage`](Store::usage) and [`health`](Store::health) are those of the back, the
+/// store of record. A failing front is logged and skipped.
+///
+/// The queue's task is started by the first write, on the Tokio runtime it runs in;
+/// outside a Tokio runtime, writes go to the back directly.
 ///
 /// ```
 /// use tower_fallback_cache::{FallbackCacheLayer, store::{MemoryStore, Tiered}};
@@ -33,11 +55,52 @@ use crate::layer::DEFAULT_TTL;
 /// # }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Tiered<F, B> {
     front: F,
-    back: B,
+    back: Arc<B>,
     fill_ttl: Duration,
+    queue: Arc<Queue>,
+}
+
+impl<F: Clone, B> Clone for Tiered<F, B> {
+    fn clone(&self) -> Self {
+        Self {
+            front: self.front.clone(),
+            back: self.back.clone(),
+            fill_ttl: self.fill_ttl,
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+/// The way to the back store. Dropped with the last clone of the store, which closes the
+/// channel: the task then writes what is left and ends.
+#[derive(Debug)]
+struct Queue {
+    max_bytes: u64,
+    jobs: OnceLock<mpsc::UnboundedSender<Job>>,
+    counts: Arc<QueueCounts>,
+}
+
+#[derive(Debug, Default)]
+struct QueueCounts {
+    bytes: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// One thing for the back store to do, in the order the store was asked.
+enum Job {
+    Put {
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        weight: u64,
+    },
+    Remove(CacheKey),
+    /// Answered once every job before it is done.
+    Flush(oneshot::Sender<()>),
 }
 
 impl<F: Store, B: Store> Tiered<F, B> {
@@ -45,16 +108,28 @@ impl<F: Store, B: Store> Tiered<F, B> {
     pub fn new(front: F, back: B) -> Self {
         Self {
             front,
-            back,
+            back: Arc::new(back),
             fill_ttl: DEFAULT_TTL,
+            queue: Arc::new(Queue::new(DEFAULT_BACK_QUEUE_BYTES)),
         }
     }
 
     /// How long an answer read from the back is kept in front (default 7 days, the
     /// layer's default TTL). The back does not say how long its answer has left, so this
     /// should be at most the layer's TTL; the layer checks every answer's age anyway.
+    #[must_use]
     pub fn fill_ttl(mut self, ttl: Duration) -> Self {
         self.fill_ttl = ttl;
+        self
+    }
+
+    /// The most bytes of answers (as [`CachedResponse::weight`] counts them) that may wait
+    /// to be written to the back (default 64 MiB). Past it a write reaches the front only,
+    /// and is counted as dropped. The answers waiting are mostly the same allocations the
+    /// front holds.
+    #[must_use]
+    pub fn back_queue_bytes(mut self, bytes: u64) -> Self {
+        self.queue = Arc::new(Queue::new(bytes));
         self
     }
 
@@ -67,6 +142,110 @@ impl<F: Store, B: Store> Tiered<F, B> {
     pub fn back(&self) -> &B {
         &self.back
     }
+
+    /// The sender of the back's queue, its task started on first use; `None` outside a
+    /// Tokio runtime.
+    fn jobs(&self) -> Option<&mpsc::UnboundedSender<Job>> {
+        if let Some(jobs) = self.queue.jobs.get() {
+            return Some(jobs);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.queue.jobs.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            runtime.spawn(drain(
+                self.back.clone(),
+                self.queue.counts.clone(),
+                receiver,
+            ));
+            sender
+        }))
+    }
+
+    /// Queues a write for the back, or drops it when the queue is full.
+    fn queue_put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> Option<()> {
+        let jobs = self.jobs()?;
+        let counts = &self.queue.counts;
+        let weight = entry.weight() as u64;
+        let queued = counts.bytes.fetch_add(weight, Ordering::Relaxed);
+        if queued.saturating_add(weight) > self.queue.max_bytes {
+            counts.bytes.fetch_sub(weight, Ordering::Relaxed);
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
+            log_store_error(
+                "put (back tier)",
+                &StoreError::backend(
+                    "tiered",
+                    format!(
+                        "{queued} bytes wait for the back store: this answer is kept in front only"
+                    ),
+                ),
+            );
+            return Some(());
+        }
+        let job = Job::Put {
+            key,
+            entry,
+            ttl,
+            weight,
+        };
+        if jobs.send(job).is_err() {
+            counts.bytes.fetch_sub(weight, Ordering::Relaxed);
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(())
+    }
+}
+
+impl Queue {
+    fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            jobs: OnceLock::new(),
+            counts: Arc::new(QueueCounts::default()),
+        }
+    }
+}
+
+/// The queue's task: does each job in turn, trying a failed write again with a growing
+/// pause, for up to [`RETRY_FOR`].
+async fn drain<B: Store>(
+    back: Arc<B>,
+    counts: Arc<QueueCounts>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Put {
+                key,
+                entry,
+                ttl,
+                weight,
+            } => {
+                let started = Instant::now();
+                let mut delay = FIRST_RETRY_DELAY;
+                loop {
+                    let Err(error) = back.put(key, entry.clone(), ttl).await else {
+                        break;
+                    };
+                    log_store_error("put (back tier)", &error);
+                    if matches!(error, StoreError::Corrupt(_)) || started.elapsed() >= RETRY_FOR {
+                        counts.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                counts.bytes.fetch_sub(weight, Ordering::Relaxed);
+            }
+            Job::Remove(key) => {
+                if let Err(error) = back.remove(&key).await {
+                    log_store_error("remove (back tier)", &error);
+                }
+            }
+            Job::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
 }
 
 impl<F: Store, B: Store> Store for Tiered<F, B> {
@@ -75,12 +254,12 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             match self.front.get(key).await {
                 Ok(Some(entry)) => return Ok(Some(entry)),
                 Ok(None) => {}
-                Err(error) => crate::store::log_store_error("get (front tier)", &error),
+                Err(error) => log_store_error("get (front tier)", &error),
             }
             let found = self.back.get(key).await?;
             if let Some(entry) = &found {
                 if let Err(error) = self.front.put(*key, entry.clone(), self.fill_ttl).await {
-                    crate::store::log_store_error("put (front tier)", &error);
+                    log_store_error("put (front tier)", &error);
                 }
             }
             Ok(found)
@@ -90,7 +269,10 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let front = self.front.put(key, entry.clone(), ttl).await;
-            self.back.put(key, entry, ttl).await?;
+            if self.queue_put(key, entry.clone(), ttl).is_none() {
+                // No runtime to run the queue on: the back is written in line.
+                self.back.put(key, entry, ttl).await?;
+            }
             front_error_logged("put (front tier)", front);
             Ok(())
         })
@@ -98,9 +280,14 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            // Removed from the back first: otherwise a read between the two could copy the
-            // answer back to the front.
-            let back = self.back.remove(key).await;
+            let queued = self
+                .jobs()
+                .is_some_and(|jobs| jobs.send(Job::Remove(*key)).is_ok());
+            let back = if queued {
+                Ok(())
+            } else {
+                self.back.remove(key).await
+            };
             let front = self.front.remove(key).await;
             back?;
             front_error_logged("remove (front tier)", front);
@@ -109,17 +296,39 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
     }
 
     fn usage(&self) -> StoreUsage {
-        self.back.usage()
+        let mut usage = self.back.usage();
+        let counts = &self.queue.counts;
+        let add = |own: &AtomicU64, back: Option<u64>| {
+            Some(own.load(Ordering::Relaxed) + back.unwrap_or(0))
+        };
+        usage.dropped = add(&counts.dropped, usage.dropped);
+        usage.failed = add(&counts.failed, usage.failed);
+        usage
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
-        self.back.flush()
+        Box::pin(async move {
+            if let Some(jobs) = self.queue.jobs.get() {
+                let (done, drained) = oneshot::channel();
+                if jobs.send(Job::Flush(done)).is_ok() {
+                    let _ = drained.await;
+                }
+            }
+            self.back.flush().await
+        })
+    }
+
+    fn health(&self) -> StoreHealth {
+        match self.back.health() {
+            StoreHealth::Healthy => self.front.health(),
+            degraded => degraded,
+        }
     }
 }
 
 fn front_error_logged(operation: &'static str, result: Result<(), StoreError>) {
     if let Err(error) = result {
-        crate::store::log_store_error(operation, &error);
+        log_store_error(operation, &error);
     }
 }
 
@@ -200,6 +409,7 @@ mod tests {
             .put(key(2), entry("both"), HOUR)
             .await
             .expect("tiered put");
+        tiered.flush().await.expect("flush");
         assert!(
             tiered
                 .front()
@@ -217,10 +427,11 @@ mod tests {
                 .is_some()
         );
         tiered.back().run_pending_tasks().await;
-        assert_eq!(tiered.usage(), tiered.back().usage());
         assert_eq!(tiered.usage().entries, Some(1));
+        assert_eq!(tiered.usage().dropped, Some(0));
 
         tiered.remove(&key(2)).await.expect("tiered remove");
+        tiered.flush().await.expect("flush");
         assert!(
             tiered
                 .front()
@@ -243,5 +454,51 @@ mod tests {
     async fn a_miss_in_both_is_a_miss() {
         let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20));
         assert!(tiered.get(&key(3)).await.expect("tiered get").is_none());
+    }
+
+    /// A back store that never answers a write, as a paused Redis.
+    #[derive(Debug, Default)]
+    struct Stuck {
+        puts: AtomicU64,
+    }
+
+    impl Store for Stuck {
+        fn get<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn put(&self, _: CacheKey, _: Arc<CachedResponse>, _: Duration) -> StoreFuture<'_, ()> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::pending())
+        }
+
+        fn remove<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_back_that_never_answers_delays_no_write_and_a_full_queue_drops() {
+        let one = entry("an answer").weight() as u64;
+        let tiered =
+            Tiered::new(MemoryStore::new(1 << 20), Stuck::default()).back_queue_bytes(3 * one);
+        for i in 0..5 {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tiered.put(key(i), entry("an answer"), HOUR),
+            )
+            .await
+            .expect("put returns without the back")
+            .expect("tiered put");
+            assert!(tiered.get(&key(i)).await.expect("get").is_some());
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            tiered.back().puts.load(Ordering::SeqCst),
+            1,
+            "one write at a time"
+        );
+        // One is being written, two wait; the queue holds three answers' weight.
+        assert_eq!(tiered.usage().dropped, Some(2));
     }
 }

@@ -106,12 +106,11 @@ async fn a_removed_answer_is_gone_before_and_after_its_commit() {
     assert_eq!(body_at(&store, 1).await, None);
     store.flush().await.expect("flush");
     assert_eq!(body_at(&store, 1).await, None);
+    let usage = store.usage();
     assert_eq!(
-        store.usage(),
-        StoreUsage {
-            entries: Some(0),
-            bytes: Some(0)
-        }
+        (usage.entries, usage.bytes),
+        (Some(0), Some(0)),
+        "{usage:?}"
     );
 }
 
@@ -187,7 +186,8 @@ async fn a_corrupt_value_is_an_error_never_an_answer() {
     store.put(key(1), entry("intact"), HOUR).await.expect("put");
     store.flush().await.expect("flush");
 
-    let txn = store.shared.db.begin_write().expect("write txn");
+    let (db, _) = store.shared.database().expect("the file is open");
+    let txn = db.begin_write().expect("write txn");
     {
         let mut table = txn.open_table(ENTRIES).expect("entries table");
         let mut record = table

@@ -1,6 +1,7 @@
 //! The thread that writes a [`DiskStore`](super::DiskStore)'s answers to its file: it
-//! commits queued writes in batches, evicts the oldest answers past `max_bytes`, and sweeps
-//! expired ones.
+//! commits queued writes in batches, evicts the oldest answers past `max_bytes`, sweeps
+//! expired ones, and heals the file: it reopens it after a failed commit, and moves a
+//! damaged one aside.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -9,10 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
-use super::{BY_AGE, BY_EXPIRY, ENTRIES, META, Record, Shared, unix_millis};
+use super::file::{Fault, move_aside, open_file};
+use super::guard::guarded;
+use super::{BY_AGE, BY_EXPIRY, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::store::BoxError;
+use crate::throttle::LogThrottle;
 
 /// Writes in one transaction at most: a batch shares one commit (and its fsync) without
 /// letting a transaction grow without bound.
@@ -21,6 +24,10 @@ const MAX_BATCH: usize = 512;
 const SWEEP_BATCH: usize = 4096;
 /// The layout of the tables, kept in the file so a future layout can tell it apart.
 const LAYOUT: u64 = 1;
+/// How long after a failure the file is opened again.
+const REOPEN_AFTER: Duration = Duration::from_millis(500);
+/// How long closing the file waits for reads in progress to let go of it.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A request to the writer, in the order the store accepted them.
 pub(super) enum Command {
@@ -37,18 +44,54 @@ pub(super) enum Command {
     },
     /// Answered once every command before it is committed (or has failed).
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// A read found the file of this opening damaged.
+    Damaged {
+        opening: u64,
+        reason: String,
+    },
+}
+
+/// Whether the writer can use the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Closed after a failure; opened again at this moment.
+    Closed {
+        reopen_at: Instant,
+    },
+    /// Damaged and left alone ([`OnCorrupt::Refuse`]), or it could not be replaced.
+    OutOfUse,
 }
 
 pub(super) struct Writer {
-    pub(super) shared: Arc<Shared>,
-    pub(super) commands: Receiver<Command>,
-    pub(super) max_bytes: u64,
-    pub(super) sweep_interval: Duration,
+    shared: Arc<Shared>,
+    commands: Receiver<Command>,
+    max_bytes: u64,
+    sweep_interval: Duration,
+    state: State,
+    /// Commands that came while the file was closed, written once it opens.
+    backlog: Vec<Command>,
+    /// Which opening of the file is in use.
+    opening: u64,
+    warnings: LogThrottle,
+}
+
+/// Why the tables of a file could not be prepared.
+pub(super) enum PrepareError {
+    /// The file was written with another table layout.
+    Layout(u64),
+    Redb(redb::Error),
+}
+
+impl<E: Into<redb::Error>> From<E> for PrepareError {
+    fn from(error: E) -> Self {
+        PrepareError::Redb(error.into())
+    }
 }
 
 /// Creates the tables of a new file, checks the layout of an existing one, and returns the
 /// entries and bytes it holds.
-pub(super) fn prepare(db: &Database) -> Result<(u64, u64), BoxError> {
+pub(super) fn prepare(db: &Database) -> Result<(u64, u64), PrepareError> {
     let txn = db.begin_write()?;
     let usage = {
         let mut tables = Tables::open(&txn)?;
@@ -58,9 +101,7 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, u64), BoxError> {
                 tables.meta.insert("layout", LAYOUT)?;
             }
             Some(LAYOUT) => {}
-            Some(other) => {
-                return Err(format!("its layout {other} was written by another version").into());
-            }
+            Some(other) => return Err(PrepareError::Layout(other)),
         }
         (tables.entries.len()?, Totals::load(&tables)?.bytes)
     };
@@ -69,111 +110,313 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, u64), BoxError> {
 }
 
 impl Writer {
-    pub(super) fn run(self) {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        commands: Receiver<Command>,
+        max_bytes: u64,
+        sweep_interval: Duration,
+    ) -> Self {
+        Self {
+            shared,
+            commands,
+            max_bytes,
+            sweep_interval,
+            state: State::Open,
+            backlog: Vec::new(),
+            opening: 0,
+            warnings: LogThrottle::default(),
+        }
+    }
+
+    pub(super) fn run(mut self) {
         // Answers that expired while no process had the file open go first.
-        let mut next_sweep = Some(Instant::now());
+        let mut next_sweep = Instant::now();
         loop {
             let now = Instant::now();
-            if next_sweep.is_some_and(|at| at <= now) {
-                self.sweep();
-                next_sweep = Instant::now().checked_add(self.sweep_interval);
+            if let State::Closed { reopen_at } = self.state {
+                if reopen_at <= now {
+                    self.reopen();
+                }
             }
-            let received = match next_sweep {
-                Some(at) => self
-                    .commands
-                    .recv_timeout(at.saturating_duration_since(now)),
-                None => self
-                    .commands
-                    .recv()
-                    .map_err(|_| RecvTimeoutError::Disconnected),
+            if self.state == State::Open && next_sweep <= now {
+                self.sweep();
+                next_sweep = now + self.sweep_interval;
+            }
+            let wake = match self.state {
+                State::Closed { reopen_at } => reopen_at.min(next_sweep),
+                _ => next_sweep,
             };
-            match received {
+            match self
+                .commands
+                .recv_timeout(wake.saturating_duration_since(Instant::now()))
+            {
                 Ok(first) => {
                     let mut batch = vec![first];
                     batch.extend(self.commands.try_iter().take(MAX_BATCH - 1));
-                    self.commit(batch);
+                    self.handle(batch);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                // Every sender is gone and the queue is empty: all is committed.
-                Err(RecvTimeoutError::Disconnected) => return,
+                // Every sender is gone and the queue is empty: write what waits, and stop.
+                Err(RecvTimeoutError::Disconnected) => {
+                    if matches!(self.state, State::Closed { .. }) {
+                        self.reopen();
+                    }
+                    if !self.backlog.is_empty() {
+                        let backlog = std::mem::take(&mut self.backlog);
+                        self.handle(backlog);
+                    }
+                    return;
+                }
             }
         }
     }
 
-    fn commit(&self, batch: Vec<Command>) {
-        let mut flushes = Vec::new();
-        let mut writes = Vec::with_capacity(batch.len());
+    fn handle(&mut self, batch: Vec<Command>) {
+        let mut commands = Vec::with_capacity(batch.len());
         for command in batch {
             match command {
-                Command::Flush(done) => flushes.push(done),
-                write => writes.push(write),
+                Command::Damaged { opening, reason } => {
+                    // Reports about a file already replaced are old news.
+                    if opening == self.opening && self.state == State::Open {
+                        self.damaged(&reason);
+                    }
+                }
+                other => commands.push(other),
             }
         }
-        // A flush with nothing before it has nothing to commit.
-        let written = (!writes.is_empty()).then(|| self.write(&writes));
-        // Committed or lost, these writes are no longer pending, unless the key was written
-        // again since.
+        match self.state {
+            State::Open => self.commit(commands),
+            State::Closed { .. } => self.backlog.extend(commands),
+            State::OutOfUse => self.settle(commands, false),
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Command>) {
+        let writes = batch
+            .iter()
+            .filter(|command| matches!(command, Command::Put { .. } | Command::Remove { .. }))
+            .count();
+        let outcome = match (writes, self.shared.database()) {
+            (0, _) => None,
+            (_, Some((db, _))) => Some(
+                guarded(|| self.write(&db, &batch))
+                    .unwrap_or_else(|panic| Err(Fault::panicked(panic))),
+            ),
+            (_, None) => Some(Err(Fault::Failed("the file is closed".to_owned()))),
+        };
+        match outcome {
+            None => {}
+            Some(Ok((entries, bytes, evicted))) => {
+                self.shared.entries.store(entries, Ordering::Relaxed);
+                self.shared.bytes.store(bytes, Ordering::Relaxed);
+                self.shared.evicted.fetch_add(evicted, Ordering::Relaxed);
+                if !self.shared.health.get().is_healthy() {
+                    tracing::info!(
+                        "disk store: writes to {} work again",
+                        self.shared.path.display()
+                    );
+                }
+                self.shared.health.succeeded();
+            }
+            Some(Err(Fault::Failed(why))) => {
+                self.failed(&why, puts(&batch));
+            }
+            Some(Err(Fault::Damaged(reason))) => {
+                self.shared
+                    .failed
+                    .fetch_add(puts(&batch), Ordering::Relaxed);
+                self.damaged(&reason);
+            }
+        }
+        self.settle(batch, true);
+    }
+
+    /// A commit failed: counted, logged once per interval, and the file closed until it
+    /// is opened again (redb refuses every later commit on a file that had an I/O error).
+    fn failed(&mut self, why: &str, lost: u64) {
+        self.shared.failed.fetch_add(lost, Ordering::Relaxed);
+        self.shared.health.failed(format!(
+            "writes to {} fail: {why}",
+            self.shared.path.display()
+        ));
+        *self
+            .shared
+            .write_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(why.to_owned());
+        match self.warnings.admit() {
+            Some(unlogged) => tracing::warn!(
+                unlogged,
+                "disk store: a commit failed, {lost} answers not stored: {why}"
+            ),
+            None => tracing::debug!("disk store: a commit failed: {why}"),
+        }
+        self.close();
+        self.state = State::Closed {
+            reopen_at: Instant::now() + REOPEN_AFTER,
+        };
+    }
+
+    /// Commands done with, committed or not: no longer pending (unless the key was written
+    /// again since), no longer counted as queued, flushes answered.
+    fn settle(&self, batch: Vec<Command>, attempted: bool) {
+        let mut queued = 0;
+        let mut flushes = Vec::new();
         {
             let mut pending = self
                 .shared
                 .pending
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            for write in &writes {
-                let (key, generation) = match write {
+            for command in batch {
+                let (key, generation) = match command {
                     Command::Put {
-                        key, generation, ..
+                        key,
+                        generation,
+                        weight,
+                        ..
+                    } => {
+                        queued += weight;
+                        if !attempted {
+                            self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        (key, generation)
                     }
-                    | Command::Remove { key, generation } => (key, *generation),
-                    Command::Flush(_) => continue,
+                    Command::Remove { key, generation } => (key, generation),
+                    Command::Flush(done) => {
+                        flushes.push(done);
+                        continue;
+                    }
+                    Command::Damaged { .. } => continue,
                 };
-                if pending.get(key).is_some_and(|p| p.generation == generation) {
-                    pending.remove(key);
+                if pending
+                    .get(&key)
+                    .is_some_and(|p| p.generation == generation)
+                {
+                    pending.remove(&key);
                 }
             }
         }
-        let queued: u64 = writes
-            .iter()
-            .map(|write| match write {
-                Command::Put { weight, .. } => *weight,
-                _ => 0,
-            })
-            .sum();
         self.shared
             .queued_bytes
             .fetch_sub(queued, Ordering::Relaxed);
-        if let Some(written) = written {
-            self.settle(written);
-        }
         for done in flushes {
             let _ = done.send(());
         }
     }
 
-    /// Records the usage after a commit, or the error a later `put` or `flush` reports.
-    fn settle(&self, result: Result<(u64, u64), redb::Error>) {
-        match result {
-            Ok((entries, bytes)) => {
-                self.shared.entries.store(entries, Ordering::Relaxed);
-                self.shared.bytes.store(bytes, Ordering::Relaxed);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "disk store: a commit failed; its answers are not stored");
-                *self
-                    .shared
-                    .write_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+    /// Closes the file: out of the readers' reach, then dropped once the reads in progress
+    /// let go of it.
+    fn close(&self) {
+        let Some((mut db, _)) = self.shared.set_database(None) else {
+            return;
+        };
+        let deadline = Instant::now() + CLOSE_WAIT;
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    // redb may panic dropping a database it found damaged.
+                    let _ = guarded(move || drop(db));
+                    return;
+                }
+                Err(shared) if Instant::now() < deadline => {
+                    db = shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // The last read to finish closes it.
+                Err(_) => return,
             }
         }
     }
 
-    fn write(&self, writes: &[Command]) -> Result<(u64, u64), redb::Error> {
+    /// Opens the file again after a failure; on success the backlog is written.
+    fn reopen(&mut self) {
+        match open_file(&self.shared.path, self.shared.page_cache_bytes) {
+            Ok((db, entries, bytes)) => {
+                self.install(db, entries, bytes);
+                tracing::debug!("disk store: {} opened again", self.shared.path.display());
+                let backlog = std::mem::take(&mut self.backlog);
+                if !backlog.is_empty() {
+                    self.handle(backlog);
+                }
+            }
+            Err(Fault::Failed(why)) => {
+                tracing::debug!("disk store: reopening failed: {why}");
+                self.state = State::Closed {
+                    reopen_at: Instant::now() + REOPEN_AFTER,
+                };
+            }
+            Err(Fault::Damaged(reason)) => self.damaged(&reason),
+        }
+    }
+
+    fn install(&mut self, db: Database, entries: u64, bytes: u64) {
+        self.opening += 1;
+        self.shared.entries.store(entries, Ordering::Relaxed);
+        self.shared.bytes.store(bytes, Ordering::Relaxed);
+        self.shared.set_database(Some((Arc::new(db), self.opening)));
+        self.state = State::Open;
+    }
+
+    /// The file is damaged: moved aside and replaced by a fresh one, or left alone, as the
+    /// store was told; either way in one log line.
+    fn damaged(&mut self, reason: &str) {
+        let path = self.shared.path.clone();
+        self.shared
+            .health
+            .failed(format!("{} is damaged: {reason}", path.display()));
+        self.close();
+        if self.shared.on_corrupt == OnCorrupt::Refuse {
+            tracing::error!(
+                "disk store: {} is damaged ({reason}); left as it is: no answer is kept on disk until it is moved away and the store opened again",
+                path.display()
+            );
+            self.out_of_use();
+            return;
+        }
+        let replaced = move_aside(&path)
+            .map_err(|error| format!("it cannot be moved aside: {error}"))
+            .and_then(|aside| {
+                open_file(&path, self.shared.page_cache_bytes)
+                    .map(|opened| (aside, opened))
+                    .map_err(|(Fault::Failed(why) | Fault::Damaged(why))| {
+                        format!("a fresh file cannot be started: {why}")
+                    })
+            });
+        match replaced {
+            Ok((aside, (db, entries, bytes))) => {
+                tracing::error!(
+                    "disk store: {} is damaged ({reason}); moved it to {} and started a fresh file",
+                    path.display(),
+                    aside.display()
+                );
+                self.install(db, entries, bytes);
+                self.shared.health.succeeded();
+            }
+            Err(why) => {
+                tracing::error!(
+                    "disk store: {} is damaged ({reason}) and {why}; no answer is kept on disk",
+                    path.display()
+                );
+                self.out_of_use();
+            }
+        }
+    }
+
+    fn out_of_use(&mut self) {
+        self.state = State::OutOfUse;
+        self.shared.out_of_use.store(true, Ordering::Relaxed);
+        let backlog = std::mem::take(&mut self.backlog);
+        self.settle(backlog, false);
+    }
+
+    /// Commits the writes of a batch; returns the entries, bytes and evictions after it.
+    fn write(&self, db: &Database, writes: &[Command]) -> Result<(u64, u64, u64), Fault> {
         let now = unix_millis(SystemTime::now());
-        let txn = self.shared.db.begin_write()?;
+        let txn = db.begin_write().map_err(Fault::of)?;
         let usage = {
-            let mut tables = Tables::open(&txn)?;
-            let mut totals = Totals::load(&tables)?;
+            let mut tables = Tables::open(&txn).map_err(Fault::of)?;
+            let mut totals = Totals::load(&tables).map_err(Fault::of)?;
             for write in writes {
                 match write {
                     Command::Put {
@@ -182,7 +425,7 @@ impl Writer {
                         expires_at,
                         ..
                     } => {
-                        tables.remove(key, &mut totals)?;
+                        tables.remove(key, &mut totals).map_err(Fault::of)?;
                         if *expires_at <= now {
                             continue;
                         }
@@ -191,43 +434,63 @@ impl Writer {
                         // An answer heavier than the whole store would evict everything
                         // else and then itself.
                         if weight > self.max_bytes {
+                            self.shared.refused.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        tables.insert(key, &record, *expires_at, &mut totals, weight)?;
+                        tables
+                            .insert(key, &record, *expires_at, &mut totals, weight)
+                            .map_err(Fault::of)?;
                     }
-                    Command::Remove { key, .. } => tables.remove(key, &mut totals)?,
-                    Command::Flush(_) => {}
+                    Command::Remove { key, .. } => {
+                        tables.remove(key, &mut totals).map_err(Fault::of)?;
+                    }
+                    Command::Flush(_) | Command::Damaged { .. } => {}
                 }
             }
-            tables.evict_to(self.max_bytes, &mut totals)?;
-            totals.save(&mut tables)?;
-            (tables.entries.len()?, totals.bytes)
+            let evicted = tables
+                .evict_to(self.max_bytes, &mut totals)
+                .map_err(Fault::of)?;
+            totals.save(&mut tables).map_err(Fault::of)?;
+            (
+                tables.entries.len().map_err(Fault::of)?,
+                totals.bytes,
+                evicted,
+            )
         };
-        txn.commit()?;
+        txn.commit().map_err(Fault::of)?;
         Ok(usage)
     }
 
-    fn sweep(&self) {
+    fn sweep(&mut self) {
         loop {
-            match self.sweep_some() {
-                Ok((usage, more)) => {
-                    self.settle(Ok(usage));
+            let Some((db, _)) = self.shared.database() else {
+                return;
+            };
+            let swept = guarded(|| self.sweep_some(&db))
+                .unwrap_or_else(|panic| Err(Fault::panicked(panic)));
+            drop(db);
+            match swept {
+                Ok(((entries, bytes), more)) => {
+                    self.shared.entries.store(entries, Ordering::Relaxed);
+                    self.shared.bytes.store(bytes, Ordering::Relaxed);
                     if !more {
                         return;
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "disk store: the sweep of expired answers failed");
-                    return;
-                }
+                Err(Fault::Damaged(reason)) => return self.damaged(&reason),
+                Err(Fault::Failed(why)) => return self.failed(&why, 0),
             }
         }
     }
 
     /// Removes up to `SWEEP_BATCH` expired answers; `true` when more are left.
-    fn sweep_some(&self) -> Result<((u64, u64), bool), redb::Error> {
+    fn sweep_some(&self, db: &Database) -> Result<((u64, u64), bool), Fault> {
+        self.sweep_unmapped(db).map_err(Fault::of)
+    }
+
+    fn sweep_unmapped(&self, db: &Database) -> Result<((u64, u64), bool), redb::Error> {
         let now = unix_millis(SystemTime::now());
-        let txn = self.shared.db.begin_write()?;
+        let txn = db.begin_write()?;
         let (usage, more) = {
             let mut tables = Tables::open(&txn)?;
             let mut totals = Totals::load(&tables)?;
@@ -255,6 +518,14 @@ impl Writer {
         txn.commit()?;
         Ok((usage, more))
     }
+}
+
+/// The answers in a batch.
+fn puts(batch: &[Command]) -> u64 {
+    batch
+        .iter()
+        .filter(|command| matches!(command, Command::Put { .. }))
+        .count() as u64
 }
 
 /// The store's tables, open in one write transaction.
@@ -321,8 +592,10 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    /// Evicts the oldest answers until the store weighs at most `max_bytes`.
-    fn evict_to(&mut self, max_bytes: u64, totals: &mut Totals) -> Result<(), redb::Error> {
+    /// Evicts the oldest answers until the store weighs at most `max_bytes`; returns how
+    /// many.
+    fn evict_to(&mut self, max_bytes: u64, totals: &mut Totals) -> Result<u64, redb::Error> {
+        let mut evicted = 0;
         while totals.bytes > max_bytes {
             let Some((sequence, key)) = self
                 .by_age
@@ -334,9 +607,10 @@ impl<'txn> Tables<'txn> {
             // The key may have been written again since: only this write is evicted.
             if self.record_header(&key)?.map(|(_, seq)| seq) == Some(sequence) {
                 self.remove(&key, totals)?;
+                evicted += 1;
             }
         }
-        Ok(())
+        Ok(evicted)
     }
 }
 

@@ -1,0 +1,427 @@
+//! Stores meeting real faults through the proxy: a full disk that gets space back, a file
+//! with damaged pages, and a small memory store under many answers. Every request is
+//! answered, the proxy says what is wrong (`/healthz`, `/metrics`, one log line), and the
+//! store heals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{API_KEY, Proxy};
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+/// One chat completion through the proxy: (status, `x-fallback-cache`, body).
+async fn chat(client: &reqwest::Client, proxy: &Proxy, prompt: &str) -> (u16, String, String) {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let response = client
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|error| {
+            panic!("no HTTP response to {prompt:?}: {error}\n{}", proxy.logs())
+        });
+    let status = response.status().as_u16();
+    let cache = response
+        .headers()
+        .get("x-fallback-cache")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("(not marked)")
+        .to_owned();
+    let body = response.text().await.unwrap_or_else(|error| {
+        panic!(
+            "the answer to {prompt:?} was cut: {error}\n{}",
+            proxy.logs()
+        )
+    });
+    (status, cache, body)
+}
+
+async fn healthz(proxy: &Proxy) -> String {
+    let response = reqwest::get(format!("{}/healthz", proxy.url()))
+        .await
+        .expect("GET /healthz");
+    assert_eq!(
+        response.status(),
+        200,
+        "healthz answers 200, degraded or not"
+    );
+    response.text().await.expect("healthz body")
+}
+
+/// Waits until `/healthz` says `ok`, at most `limit`.
+async fn until_healthy(proxy: &Proxy, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let health = healthz(proxy).await;
+        if health == "ok\n" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {health:?} after {limit:?}\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn disk_store(path: &Path) -> String {
+    format!("disk:{}", path.display())
+}
+
+fn assert_no_panic(proxy: &Proxy) {
+    let logs = proxy.logs();
+    assert!(!logs.contains("panicked"), "a panic in the log:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_memory_store_keeps_the_newest_answers() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--max-memory",
+        "1MiB",
+    ]);
+    let client = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for i in 0..3000 {
+        let (status, cache, body) = chat(&client, &proxy, &format!("question {i}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+        if i >= 2900 {
+            answers.push(body);
+        }
+    }
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let mut served = 0;
+    for (i, answer) in (2900..3000).zip(&answers) {
+        let (status, cache, body) = chat(&client, &proxy, &format!("question {i}")).await;
+        if cache == "FALLBACK" {
+            assert_eq!((status, &body), (200, answer));
+            served += 1;
+        }
+    }
+    assert!(
+        served >= 95,
+        "{served} of the 100 newest answers served as FALLBACK"
+    );
+
+    // What was stored is what is held plus what was evicted: nothing is claimed that was
+    // not kept.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = common::metrics(proxy.url()).await;
+        let stored = metrics["fallback_cache_stored_total"];
+        let held = metrics["fallback_cache_store_entries"];
+        let evicted = metrics["fallback_cache_store_evicted_total"];
+        assert_eq!(stored, 3000);
+        if held + evicted == stored {
+            assert!(evicted > 0, "{metrics:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored {stored}, held {held}, evicted {evicted}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A tmpfs of its own, unmounted when dropped (pass or fail).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size`; `None` (with the reason printed) where mounting is not
+    /// allowed, except under CI, where the test must run.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        let why = match mounted {
+            Ok(output) if output.status.success() => return Some(Tmpfs { dir }),
+            Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            Err(error) => error.to_string(),
+        };
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!("cannot mount a tmpfs ({why}); CI runs as root and must run this test");
+        }
+        eprintln!("skipped: cannot mount a tmpfs ({why}); run as root to test a full disk");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Fills the file system `file` is on, 16 KiB at a time, until it is full.
+fn fill_up(file: &Path) {
+    use std::io::Write;
+    let mut filler = std::fs::File::create(file).expect("the filler file");
+    let chunk = vec![0x5a; 16 * 1024];
+    while filler
+        .write_all(&chunk)
+        .and_then(|()| filler.sync_all())
+        .is_ok()
+    {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_storing_resumes_once_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let path = tmpfs.path().join("answers.redb");
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let args = ["--upstream", &mock.url(), "--store", &disk_store(&path)];
+    let mut proxy = Proxy::start(&args);
+    let client = reqwest::Client::new();
+    assert_eq!(healthz(&proxy).await, "ok\n");
+
+    let started = Instant::now();
+    let filler = tmpfs.path().join("filler");
+    fill_up(&filler);
+    let mut degraded = None;
+    for i in 0..3000 {
+        let (status, cache, _) = chat(&client, &proxy, &format!("before {i}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"));
+        let health = healthz(&proxy).await;
+        if health.starts_with("degraded: ") {
+            degraded = Some(health);
+            break;
+        }
+    }
+    let degraded = degraded.unwrap_or_else(|| {
+        panic!(
+            "/healthz never said degraded on a full disk\n{}",
+            proxy.logs()
+        )
+    });
+    assert!(degraded.contains(&path.display().to_string()), "{degraded}");
+    // More answers on the full disk: each commit fails, and is not logged each time.
+    for i in 0..40 {
+        let (status, cache, _) = chat(&client, &proxy, &format!("while full {i}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(healthz(&proxy).await.starts_with("degraded: "));
+    let metrics = common::metrics(proxy.url()).await;
+    assert!(
+        metrics["fallback_cache_store_failed_writes_total"] > 1,
+        "{metrics:?}"
+    );
+    assert_eq!(metrics["fallback_cache_store_healthy"], 0);
+    let warnings = proxy
+        .logs()
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("commit failed"))
+        .count();
+    let intervals = started.elapsed().as_secs() / 10 + 1;
+    assert!(
+        (1..=intervals as usize).contains(&warnings),
+        "{warnings} warnings in {:?}\n{}",
+        started.elapsed(),
+        proxy.logs()
+    );
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let (status, cache, body) = chat(&client, &proxy, &format!("after {i}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"));
+        answers.push(body);
+    }
+    until_healthy(&proxy, Duration::from_secs(10)).await;
+    assert_eq!(
+        common::metrics(proxy.url()).await["fallback_cache_store_healthy"],
+        1
+    );
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+    assert_no_panic(&proxy);
+
+    // A new process on the same file serves all 20 from the disk.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let restarted = Proxy::start(&args);
+    for (i, answer) in answers.iter().enumerate() {
+        let (status, cache, body) = chat(&client, &restarted, &format!("after {i}")).await;
+        assert_eq!(
+            (status, cache.as_str()),
+            (200, "FALLBACK"),
+            "answer {i}\n{}",
+            restarted.logs()
+        );
+        assert_eq!(&body, answer);
+    }
+    assert_no_panic(&restarted);
+}
+
+/// A file of the proxy's holding 20 answers (closed cleanly), and the answers.
+async fn file_with_twenty_answers(mock: &MockUpstream, dir: &Path) -> (PathBuf, Vec<String>) {
+    let path = dir.join("answers.redb");
+    let mut proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &disk_store(&path)]);
+    let client = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let (status, _, body) = chat(&client, &proxy, &format!("kept {i}")).await;
+        assert_eq!(status, 200);
+        answers.push(body);
+    }
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+    (path, answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_pages_cost_answers_never_a_response_or_a_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (original, answers) = file_with_twenty_answers(&mock, dir.path()).await;
+    let intact = std::fs::read(&original).expect("the store file");
+    let len = intact.len();
+    // The header, the first pages, and offsets spread over the whole file.
+    let mut offsets = vec![
+        0, 3, 9, 16, 40, 100, 300, 511, 600, 1000, 2000, 4096, 4200, 8192,
+    ];
+    offsets.extend((1..=24).map(|n| n * len / 25 + n * 37));
+    let client = reqwest::Client::new();
+    let mut moved_aside = 0;
+    for (variant, &at) in offsets.iter().enumerate() {
+        let at = at % len;
+        let copy = dir.path().join(format!("variant-{variant}"));
+        std::fs::create_dir(&copy).expect("variant dir");
+        let path = copy.join("answers.redb");
+        let mut damaged = intact.clone();
+        damaged[at] ^= 0xff;
+        std::fs::write(&path, &damaged).expect("the damaged copy");
+
+        mock.control()
+            .set_mode(Mode::Error(Fixture::insufficient_quota()));
+        // Without the quota breaker: the new answer below must reach the upstream.
+        let mut proxy = Proxy::start(&[
+            "--upstream",
+            &mock.url(),
+            "--store",
+            &disk_store(&path),
+            "--no-quota-breaker",
+        ]);
+        for (i, answer) in answers.iter().enumerate() {
+            let (status, cache, body) = chat(&client, &proxy, &format!("kept {i}")).await;
+            match (status, cache.as_str()) {
+                (200, "FALLBACK") => assert_eq!(&body, answer, "variant {variant} (byte {at})"),
+                (429, "MISS") => assert!(body.contains("insufficient_quota"), "{body}"),
+                other => panic!("variant {variant} (byte {at}): answer {i} was {other:?}"),
+            }
+        }
+        // A new answer is written, to the file or to a fresh one in its place.
+        mock.control().set_mode(Mode::Ok);
+        let (status, cache, _) = chat(&client, &proxy, &format!("new in {variant}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"));
+        let exited = proxy.stop();
+        let logs = proxy.logs();
+        assert!(exited.success(), "variant {variant} (byte {at}):\n{logs}");
+        assert_no_panic(&proxy);
+        let asides = logs
+            .lines()
+            .filter(|line| line.contains("moved it to"))
+            .count();
+        assert!(asides <= 1, "variant {variant} (byte {at}):\n{logs}");
+        moved_aside += asides;
+        if asides == 1 {
+            let kept = std::fs::read_dir(&copy)
+                .expect("variant dir")
+                .filter_map(Result::ok)
+                .any(|file| file.file_name().to_string_lossy().contains(".damaged-"));
+            assert!(kept, "the damaged file is kept for inspection");
+        } else {
+            assert!(
+                !logs.contains("not stored") && !logs.contains("commit failed"),
+                "variant {variant} (byte {at}): writes failed on a file left in use\n{logs}"
+            );
+        }
+        // The file in place holds the new answer, unless the damage is found only now (a
+        // page no request had read): then it is moved aside, in one line.
+        mock.control()
+            .set_mode(Mode::Error(Fixture::insufficient_quota()));
+        let reopened = Proxy::start(&["--upstream", &mock.url(), "--store", &disk_store(&path)]);
+        let (status, cache, _) = chat(&client, &reopened, &format!("new in {variant}")).await;
+        let found_now = reopened
+            .logs()
+            .lines()
+            .filter(|line| line.contains("moved it to"))
+            .count();
+        assert!(
+            (status, cache.as_str()) == (200, "FALLBACK")
+                || ((status, cache.as_str()) == (429, "MISS") && found_now == 1),
+            "variant {variant} (byte {at}): the new answer was not kept\n{}\n{}",
+            logs,
+            reopened.logs()
+        );
+        assert_no_panic(&reopened);
+    }
+    eprintln!("{} variants, {moved_aside} moved aside", offsets.len());
+}
+
+#[test]
+fn with_refuse_a_damaged_file_stops_the_start_with_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mock = runtime
+        .block_on(MockUpstream::start())
+        .expect("mock upstream");
+    let (path, _) = runtime.block_on(async {
+        let (made, answers) = file_with_twenty_answers(&mock, dir.path()).await;
+        assert_eq!(made, path);
+        (made, answers)
+    });
+    let mut bytes = std::fs::read(&path).expect("the store file");
+    bytes[1] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("damage it");
+
+    let store = disk_store(&path);
+    let (status, stderr) = common::run_to_end(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &mock.url(),
+            "--store",
+            &store,
+            "--on-corrupt",
+            "refuse",
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("is damaged"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&path).expect("still there"),
+        bytes,
+        "left as it was"
+    );
+}

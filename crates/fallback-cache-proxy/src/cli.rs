@@ -223,7 +223,7 @@ pub(crate) struct Cli {
 }
 
 /// Every setting, by flag name (its clap id is the same name with underscores).
-pub(crate) const SETTINGS: [&str; 17] = [
+pub(crate) const SETTINGS: &[&str] = &[
     "listen",
     "upstream",
     "store",
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn every_setting_is_a_flag() {
         let command = Cli::command();
-        for name in SETTINGS {
+        for &name in SETTINGS {
             let arg = command
                 .get_arguments()
                 .find(|arg| arg.get_id() == id(name).as_str())

@@ -212,7 +212,7 @@ fn read_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ProxyError> 
     let mut settings = BTreeMap::new();
     for (key, value) in table {
         let normal = key.replace('_', "-");
-        let Some(name) = cli::SETTINGS.into_iter().find(|name| *name == normal) else {
+        let Some(name) = cli::SETTINGS.iter().copied().find(|name| *name == normal) else {
             return Err(error(format!(
                 "unknown setting {key:?}; the settings are {}",
                 cli::SETTINGS.join(", ")

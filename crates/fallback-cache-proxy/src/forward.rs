@@ -9,11 +9,8 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use http::header::{
-    ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderValue, StatusCode, Uri, Version};
 use tower::ServiceExt;
 use tower_fallback_cache::headers::remove_hop_by_hop;
 use tower_fallback_cache::reqwest::ReqwestService;

@@ -18,7 +18,6 @@ pub(crate) fn queue_bound(max_memory: u64) -> u64 {
     (max_memory / 4).clamp(MIB, 64 * MIB)
 }
 
-
 /// Opens the store the configuration names. A disk or Redis store gets a memory store of
 /// `--max-memory` in front, so that hot answers are served without I/O.
 pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> {
@@ -96,8 +95,8 @@ mod disk {
     use tower_fallback_cache::store::{self, DiskStore};
 
     use super::queue_bound;
-    use crate::parse::OnCorrupt;
     use crate::config::Config;
+    use crate::parse::OnCorrupt;
 
     /// Opens (or creates) the file, off the async threads: redb may check a large file.
     pub(super) async fn open(path: PathBuf, config: &Config) -> Result<Arc<dyn Store>, String> {

@@ -2,9 +2,8 @@
 //! failing store's warnings to one per interval.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Whether a store can keep answers now. Requests are answered either way: a degraded
 /// store costs the cache, never a request.

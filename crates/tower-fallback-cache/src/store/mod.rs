@@ -26,8 +26,8 @@ pub use disk::{
     DEFAULT_DISK_MAX_BYTES, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PAGE_CACHE_BYTES,
     DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt,
 };
-pub use health::StoreHealth;
 pub(crate) use health::HealthCell;
+pub use health::StoreHealth;
 pub use memory::MemoryStore;
 pub use tiered::{DEFAULT_BACK_QUEUE_BYTES, Tiered};
 
@@ -154,7 +154,14 @@ pub enum StoreError {
 impl StoreUsage {
     /// A usage of `entries` entries and `bytes` bytes, each if known.
     pub const fn new(entries: Option<u64>, bytes: Option<u64>) -> Self {
-        Self { entries, bytes }
+        Self {
+            entries,
+            bytes,
+            evicted: None,
+            refused: None,
+            dropped: None,
+            failed: None,
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,6 +21,9 @@ use tower_fallback_cache::{
     CacheStatus, FallbackCache, Reason, Stats, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
 };
 
+use crate::client_body::{ClientBody, ClientFault};
+use crate::conn::Conns;
+
 /// What every request handler shares.
 #[derive(Debug)]
 pub(crate) struct Proxy {
@@ -35,6 +38,14 @@ pub(crate) struct Proxy {
     pub(crate) fallback_logged: Throttle,
     /// When an unreachable upstream was last logged at warn level.
     pub(crate) unreachable_logged: Throttle,
+    /// The longest a request body may stall between two chunks.
+    pub(crate) body_timeout: Duration,
+    /// Requests whose body failed on the client's side, answered 4xx.
+    pub(crate) client_faults: AtomicU64,
+    /// When a client's fault was last logged at info level.
+    pub(crate) client_fault_logged: Throttle,
+    /// The open client connections.
+    pub(crate) conns: Arc<Conns>,
 }
 
 /// Lets a log line through at its level once per [`Throttle::QUIET`] seconds: during an
@@ -49,7 +60,7 @@ impl Throttle {
     const QUIET: u64 = 10;
 
     /// Whether this line is the first of a while.
-    fn first_in_a_while(&self) -> bool {
+    pub(crate) fn first_in_a_while(&self) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
@@ -99,11 +110,17 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
         .headers
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 
+    let (body, fault) = ClientBody::new(body, proxy.body_timeout);
     let result = proxy
         .service
         .clone()
         .oneshot(Request::from_parts(parts, body))
         .await;
+    // The call failed because the client's body did: the client's fault, not the upstream's.
+    let result = match (result, fault.get()) {
+        (Err(_), Some(fault)) => Err(Err(fault.clone())),
+        (result, _) => result.map_err(Ok),
+    };
     let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
@@ -122,7 +139,20 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
             }
             Response::from_parts(parts, Body::new(body))
         }
-        Err(error) => {
+        Err(Err(fault)) => {
+            proxy.client_faults.fetch_add(1, Ordering::Relaxed);
+            if proxy.client_fault_logged.first_in_a_while() {
+                tracing::info!(
+                    "{method} {path}: client fault, answered {}: {fault} (more within {}s: at debug level)",
+                    client_fault_status(&fault).as_u16(),
+                    Throttle::QUIET
+                );
+            } else {
+                tracing::debug!("{method} {path}: client fault: {fault}");
+            }
+            client_fault(&fault)
+        }
+        Err(Ok(error)) => {
             proxy.bad_gateway.fetch_add(1, Ordering::Relaxed);
             let cause = describe(&error);
             if proxy.unreachable_logged.first_in_a_while() {
@@ -220,6 +250,32 @@ fn bad_gateway(upstream: &str, cause: &str) -> Response {
         X_FALLBACK_CACHE_REASON,
         HeaderValue::from_static(Reason::Unreachable.as_str()),
     );
+    response
+}
+
+fn client_fault_status(fault: &ClientFault) -> StatusCode {
+    match fault {
+        ClientFault::Broken(_) => StatusCode::BAD_REQUEST,
+        ClientFault::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+    }
+}
+
+/// A 400 (a broken body) or 408 (a stalled one) in OpenAI's error shape; the connection is
+/// closed after it, since what is left of the body cannot be read.
+fn client_fault(fault: &ClientFault) -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "message": fault.to_string(),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "request_body_error",
+        }
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = client_fault_status(fault);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

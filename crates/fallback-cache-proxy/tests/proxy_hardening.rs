@@ -315,6 +315,11 @@ async fn five_thousand_credentials_out_of_quota_do_not_grow_the_proxy() {
     run(200, 5200).await;
     let after = proxy.rss();
     let grown = after.saturating_sub(before);
+    eprintln!(
+        "5,000 credentials out of quota: RSS {} -> {} MiB",
+        before >> 20,
+        after >> 20
+    );
     assert!(
         grown < 64 * 1024 * 1024,
         "RSS grew by {} MiB ({} -> {} MiB)",

@@ -338,3 +338,116 @@ async fn five_thousand_credentials_out_of_quota_do_not_grow_the_proxy() {
         .count();
     assert!(info_lines <= 2, "{info_lines} INFO lines about suspensions");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_a_408_within_the_body_timeout() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--body-timeout",
+        "1s",
+    ]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    stream
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"model\":",
+        )
+        .await
+        .expect("sent");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = common::metrics(proxy.url()).await;
+    assert_eq!(metrics["fallback_cache_client_faults_total"], 1);
+    assert_eq!(
+        metrics["fallback_cache_upstream_unreachable_responses_total"],
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_with_every_one_busy_healthz_still_answers() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    mock.control().set_event_delay(Duration::from_millis(500));
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--max-connections",
+        "2",
+    ]);
+    // Two slow streams keep both places busy.
+    let mut streams = Vec::new();
+    for i in 0..2 {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", proxy.url()))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"slow {i}"}}]}}"#
+            ))
+            .send()
+            .await
+            .expect("a stream starts");
+        assert_eq!(response.status(), 200);
+        streams.push(response);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let health = client
+        .get(format!("{}/healthz", proxy.url()))
+        .send()
+        .await
+        .expect("/healthz answers");
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.expect("body"), "ok\n");
+    let (status, body) = chat(&client, &proxy, "sk-third").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_connections_at_once() {
+    let mut proxy = Proxy::start(&["--store", "memory", "--shutdown-timeout", "30s"]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\n\r\n")
+        .await
+        .expect("request sent");
+    let mut buf = [0u8; 1024];
+    let read = stream.read(&mut buf).await.expect("the answer");
+    assert!(String::from_utf8_lossy(&buf[..read]).starts_with("HTTP/1.1 200"));
+    // The connection stays open, idle, as keep-alive connections do; another is opened and
+    // never used.
+    let unused = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    // And a third has sent half a request head.
+    let mut half = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: pro")
+        .await
+        .expect("half a head");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    proxy.terminate();
+    let status = proxy.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the idle connections held the shutdown for {:?}",
+        started.elapsed()
+    );
+    drop((stream, unused, half));
+}

@@ -9,6 +9,7 @@
 //!   longest is closed to make room. When every connection has a request in flight, up to
 //!   [`OVERFLOW`] more are accepted for one request each: `/healthz` and `/metrics` are
 //!   answered, anything else gets a 503; past those, new connections are closed at once.
+//!   An overflow connection is closed after `--header-timeout` without a request.
 //!
 //! Closing is hyper's graceful shutdown, which closes an idle connection at once and lets
 //! a request in flight finish first. The request body's own stall is `--body-timeout`, in
@@ -207,7 +208,13 @@ impl Conn {
     /// Completes when the connection should close, with the reason.
     pub(crate) async fn watch(&self, timeouts: Timeouts) -> &'static str {
         let header = u64::try_from(timeouts.header.as_millis()).unwrap_or(u64::MAX);
-        let idle = u64::try_from(timeouts.idle.as_millis()).unwrap_or(u64::MAX);
+        // An overflow place is for one prompt request: it may not be held idle for long.
+        let idle = if self.overflow {
+            timeouts.idle.min(timeouts.header)
+        } else {
+            timeouts.idle
+        };
+        let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);

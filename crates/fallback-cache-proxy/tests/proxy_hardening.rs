@@ -80,7 +80,7 @@ async fn a_slowloris_client_is_closed_within_the_header_timeout() {
             Err(_) => {}
         }
         assert!(
-            started.elapsed() < Duration::from_secs(6),
+            started.elapsed() < Duration::from_secs(8),
             "the slow connection is still open after {:?}",
             started.elapsed()
         );
@@ -88,7 +88,7 @@ async fn a_slowloris_client_is_closed_within_the_header_timeout() {
     assert!(closed, "the whole head was sent byte by byte and never cut");
     let elapsed = started.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(5),
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(6),
         "closed after {elapsed:?}, the header timeout is 2s"
     );
 }
@@ -116,7 +116,7 @@ async fn an_idle_keep_alive_connection_is_closed_within_the_idle_timeout() {
         .await
         .expect("the idle connection is closed");
     assert!(
-        closed >= Duration::from_millis(700) && closed < Duration::from_secs(3),
+        closed >= Duration::from_millis(700) && closed < Duration::from_secs(4),
         "closed {closed:?} after its answer, the idle timeout is 1s"
     );
 }

@@ -154,6 +154,47 @@ pub(crate) struct Cli {
     )]
     pub(crate) shutdown_timeout: String,
 
+    /// Longest a client may take to send a request's headers, from their first byte; then
+    /// the connection is closed (slow clients and slowloris attacks).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s"
+    )]
+    pub(crate) header_timeout: String,
+
+    /// Longest a request body may stall between two chunks; then the request is answered
+    /// 408 and the connection closed.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_BODY_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
+    pub(crate) body_timeout: String,
+
+    /// Longest a keep-alive connection may stay open with no request; then it is closed.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s"
+    )]
+    pub(crate) idle_timeout: String,
+
+    /// Most client connections open at once. Past it, the connection idle the longest is
+    /// closed to make room; when none is idle, up to 64 more connections are answered
+    /// /healthz and /metrics (anything else 503), and further ones are closed at once.
+    /// Keep it below the open-file limit (ulimit -n) less about 100.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_MAX_CONNECTIONS",
+        value_name = "COUNT",
+        default_value = "1024"
+    )]
+    pub(crate) max_connections: String,
+
     /// After an insufficient_quota for a credential, how long its upstream calls are
     /// suspended: its requests get the cached answer at once, or the last quota error with
     /// retry-after, and one probe per cooldown asks the upstream whether the quota is back.
@@ -165,7 +206,8 @@ pub(crate) struct Cli {
     )]
     pub(crate) quota_cooldown: String,
 
-    /// The longest cooldown: it doubles up to this while the quota stays exhausted.
+    /// The longest cooldown: it doubles up to this while the quota stays exhausted (at
+    /// most 30d).
     #[arg(
         long,
         env = "FALLBACK_CACHE_QUOTA_COOLDOWN_MAX",
@@ -238,6 +280,10 @@ pub(crate) const SETTINGS: &[&str] = &[
     "max-response-body",
     "upstream-timeout",
     "shutdown-timeout",
+    "header-timeout",
+    "body-timeout",
+    "idle-timeout",
+    "max-connections",
     "quota-cooldown",
     "quota-cooldown-max",
     "no-quota-breaker",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use tower_fallback_cache::{Cacheable, KeyRules, Mode, QuotaBreaker, Reason};
+use tower_fallback_cache::{Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
@@ -34,6 +34,10 @@ pub(crate) struct Config {
     pub(crate) max_response_body: usize,
     pub(crate) upstream_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) header_timeout: Duration,
+    pub(crate) body_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
     pub(crate) quota_breaker: QuotaBreaker,
     /// Which requests are keyed (`--cacheable`).
     pub(crate) cacheable: Cacheable,
@@ -142,9 +146,9 @@ where
             Mode::Fallback
         }
     };
-    let cooldown = raw("quota-cooldown").parse(parse::positive_duration)?;
+    let cooldown = raw("quota-cooldown").parse(cooldown)?;
     let cooldown_max = raw("quota-cooldown-max");
-    let cooldown_max_value = cooldown_max.parse(parse::positive_duration)?;
+    let cooldown_max_value = cooldown_max.parse(self::cooldown)?;
     if cooldown_max_value < cooldown {
         return Err(ProxyError::Invalid {
             setting: cooldown_max.setting(),
@@ -176,11 +180,27 @@ where
         max_response_body: raw("max-response-body").parse(parse::buffer_size)?,
         upstream_timeout: raw("upstream-timeout").parse(parse::positive_duration)?,
         shutdown_timeout: raw("shutdown-timeout").parse(parse::duration)?,
+        header_timeout: raw("header-timeout").parse(parse::positive_duration)?,
+        body_timeout: raw("body-timeout").parse(parse::positive_duration)?,
+        idle_timeout: raw("idle-timeout").parse(parse::positive_duration)?,
+        max_connections: raw("max-connections").parse(parse::count)?,
         quota_breaker,
         cacheable: raw("cacheable").parse(parse::cacheable)?,
         key_rules: KeyRules::default().ignore_fields(raw("key-ignore").parse(parse::key_ignore)?),
         ignored,
     })
+}
+
+/// A quota cooldown: above 0, at most the breaker's longest (30 days).
+fn cooldown(text: &str) -> Result<Duration, String> {
+    let cooldown = parse::positive_duration(text)?;
+    if cooldown > MAX_QUOTA_COOLDOWN {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_QUOTA_COOLDOWN)
+        ));
+    }
+    Ok(cooldown)
 }
 
 /// A clap error as one line (`--help` and `--version` are passed on whole: they are not
@@ -269,6 +289,10 @@ mod tests {
         assert_eq!(config.fallback_on, vec![Reason::InsufficientQuota]);
         assert_eq!(config.max_request_body, 4 * 1024 * 1024);
         assert_eq!(config.max_response_body, 8 * 1024 * 1024);
+        assert_eq!(config.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.body_timeout, Duration::from_secs(30));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_connections, 1024);
         assert!(config.ignored.is_empty());
     }
 
@@ -388,6 +412,17 @@ mod tests {
         assert!(
             error.to_string().contains("--quota-cooldown-max 1m"),
             "{error}"
+        );
+        let error = load_args(&[
+            "--quota-cooldown",
+            "300000000000y",
+            "--quota-cooldown-max",
+            "300000000000y",
+        ])
+        .expect_err("longer than the breaker's longest");
+        assert_eq!(
+            error.to_string(),
+            "--quota-cooldown 300000000000y: must be at most 30days"
         );
         let error = load_args(&["--no-quota-breaker", "maybe"]).expect_err("not a switch");
         assert!(

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderValue, StatusCode, Uri, Version};
 use tower::ServiceExt;
 use tower_fallback_cache::headers::remove_hop_by_hop;
@@ -20,6 +20,9 @@ use tower_fallback_cache::store::Store;
 use tower_fallback_cache::{
     CacheStatus, FallbackCache, Reason, Stats, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
 };
+
+use crate::client_body::{ClientBody, ClientFault};
+use crate::conn::Conns;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -35,6 +38,14 @@ pub(crate) struct Proxy {
     pub(crate) fallback_logged: Throttle,
     /// When an unreachable upstream was last logged at warn level.
     pub(crate) unreachable_logged: Throttle,
+    /// The longest a request body may stall between two chunks.
+    pub(crate) body_timeout: Duration,
+    /// Requests whose body failed on the client's side, answered 4xx.
+    pub(crate) client_faults: AtomicU64,
+    /// When a client's fault was last logged at info level.
+    pub(crate) client_fault_logged: Throttle,
+    /// The open client connections.
+    pub(crate) conns: Arc<Conns>,
 }
 
 /// The log throttle of the FALLBACK and unreachable-upstream lines (the library's).
@@ -68,11 +79,17 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
         .headers
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 
+    let (body, fault) = ClientBody::new(body, proxy.body_timeout);
     let result = proxy
         .service
         .clone()
         .oneshot(Request::from_parts(parts, body))
         .await;
+    // The call failed because the client's body did: the client's fault, not the upstream's.
+    let result = match (result, fault.get()) {
+        (Err(_), Some(fault)) => Err(Err(fault.clone())),
+        (result, _) => result.map_err(Ok),
+    };
     let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
@@ -95,7 +112,20 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
             }
             Response::from_parts(parts, Body::new(body))
         }
-        Err(error) => {
+        Err(Err(fault)) => {
+            proxy.client_faults.fetch_add(1, Ordering::Relaxed);
+            if proxy.client_fault_logged.first_in_a_while() {
+                tracing::info!(
+                    "{method} {path}: client fault, answered {}: {fault} (more within {}s: at debug level)",
+                    client_fault_status(&fault).as_u16(),
+                    proxy.client_fault_logged.quiet().as_secs()
+                );
+            } else {
+                tracing::debug!("{method} {path}: client fault: {fault}");
+            }
+            client_fault(&fault)
+        }
+        Err(Ok(error)) => {
             proxy.bad_gateway.fetch_add(1, Ordering::Relaxed);
             let cause = describe(&error);
             if proxy.unreachable_logged.first_in_a_while() {
@@ -197,6 +227,32 @@ fn bad_gateway(upstream: &str, cause: &str) -> Response {
         X_FALLBACK_CACHE_REASON,
         HeaderValue::from_static(Reason::Unreachable.as_str()),
     );
+    response
+}
+
+fn client_fault_status(fault: &ClientFault) -> StatusCode {
+    match fault {
+        ClientFault::Broken(_) => StatusCode::BAD_REQUEST,
+        ClientFault::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+    }
+}
+
+/// A 400 (a broken body) or 408 (a stalled one) in OpenAI's error shape; the connection is
+/// closed after it, since what is left of the body cannot be read.
+fn client_fault(fault: &ClientFault) -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "message": fault.to_string(),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "request_body_error",
+        }
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = client_fault_status(fault);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

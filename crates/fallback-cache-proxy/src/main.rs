@@ -5,7 +5,9 @@
 //! `fallback-cache-proxy --help` and the README for the settings.
 
 mod cli;
+mod client_body;
 mod config;
+mod conn;
 mod error;
 mod forward;
 mod metrics;

@@ -13,6 +13,10 @@ pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8"
 pub(crate) struct ProxyCounts {
     /// Requests answered 502: the upstream could not be reached and nothing was cached.
     pub(crate) bad_gateway: u64,
+    /// Requests whose body failed on the client's side (answered 400 or 408).
+    pub(crate) client_faults: u64,
+    /// Connections open now.
+    pub(crate) connections: u64,
 }
 
 /// The metrics page.
@@ -81,6 +85,18 @@ pub(crate) fn render(
         "counter",
         "Requests answered 502 because the upstream could not be reached and no stored answer could be served.",
         &one(proxy.bad_gateway),
+    );
+    family(
+        "fallback_cache_client_faults_total",
+        "counter",
+        "Requests whose body failed on the client's side (malformed, cut short, or stalled past --body-timeout), answered 400 or 408; not upstream failures.",
+        &one(proxy.client_faults),
+    );
+    family(
+        "fallback_cache_open_connections",
+        "gauge",
+        "Client connections open now.",
+        &one(proxy.connections),
     );
     family(
         "fallback_cache_stored_total",
@@ -190,7 +206,10 @@ mod tests {
                 usage
             },
             false,
-            ProxyCounts { bad_gateway: 2 },
+            ProxyCounts {
+                bad_gateway: 2,
+                ..ProxyCounts::default()
+            },
         );
         assert!(
             page.contains("fallback_cache_requests_total{status=\"FALLBACK\"} 0\n"),

@@ -57,6 +57,15 @@ pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A whole number above 0: `1024`.
+pub(crate) fn count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(count) => Ok(count),
+        Err(_) => Err("expected a whole number such as 1024".to_owned()),
+    }
+}
+
 /// A size in human form: `256MiB`, `4 MiB`, `1GiB`, `500kB`, or bytes. Not zero.
 pub(crate) fn size(text: &str) -> Result<u64, String> {
     let size: bytesize::ByteSize = text

@@ -1,22 +1,33 @@
 //! The server: opens the store, builds the layer in front of the upstream client, serves
 //! until SIGTERM or Ctrl-C, drains the requests in flight, flushes the store.
+//!
+//! The accept loop is its own (not `axum::serve`): each connection is watched for its
+//! timeouts and counted against `--max-connections` ([`crate::conn`]), and an accept error
+//! (out of file descriptors) backs off instead of spinning.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use http::header::CONTENT_TYPE;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
-use tower::Layer;
+use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tower::{Layer, ServiceExt};
 use tower_fallback_cache::FallbackCacheLayer;
 use tower_fallback_cache::reqwest::ReqwestService;
 
 use crate::config::Config;
+use crate::conn::{Admission, BusyBody, Conn, Conns, Timeouts, Watched};
 use crate::error::ProxyError;
 use crate::forward::{Proxy, Throttle, forward};
 use crate::metrics::{self, ProxyCounts};
@@ -63,6 +74,10 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         bad_gateway: AtomicU64::new(0),
         fallback_logged: Throttle::default(),
         unreachable_logged: Throttle::default(),
+        body_timeout: config.body_timeout,
+        client_faults: AtomicU64::new(0),
+        client_fault_logged: Throttle::default(),
+        conns: Arc::new(Conns::new(config.max_connections)),
     });
 
     let listener = TcpListener::bind(config.listen)
@@ -78,7 +93,19 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         config.store
     );
 
-    serve(listener, router(proxy), config.shutdown_timeout).await?;
+    let timeouts = Timeouts {
+        header: config.header_timeout,
+        idle: config.idle_timeout,
+    };
+    let conns = proxy.conns.clone();
+    serve(
+        listener,
+        router(proxy),
+        conns,
+        timeouts,
+        config.shutdown_timeout,
+    )
+    .await?;
 
     match tokio::time::timeout(
         config.shutdown_timeout.max(Duration::from_secs(1)),
@@ -117,40 +144,216 @@ async fn metrics_page(State(proxy): State<Arc<Proxy>>) -> Response {
         proxy.store.health().is_healthy(),
         ProxyCounts {
             bad_gateway: proxy.bad_gateway.load(Ordering::Relaxed),
+            client_faults: proxy.client_faults.load(Ordering::Relaxed),
+            connections: proxy.conns.open() as u64,
         },
     );
     ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response()
 }
 
-/// Serves until SIGTERM or Ctrl-C, then stops accepting and waits for the requests in
-/// flight, at most `drain_for` (a second signal stops waiting).
-async fn serve(listener: TcpListener, app: Router, drain_for: Duration) -> Result<(), ProxyError> {
-    let draining = Arc::new(Notify::new());
-    let signal = {
-        let draining = draining.clone();
-        async move {
-            stop_signal().await;
-            tracing::info!(
-                "shutting down: no new connections; waiting up to {} for requests in flight",
-                humantime::format_duration(drain_for)
-            );
-            draining.notify_one();
-        }
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-    let deadline = async {
-        draining.notified().await;
-        tokio::select! {
-            () = tokio::time::sleep(drain_for) => {
-                tracing::warn!("requests still in flight after {}: cutting them", humantime::format_duration(drain_for));
+/// Serves until SIGTERM or Ctrl-C, then stops accepting, closes the idle connections and
+/// waits for the requests in flight, at most `drain_for` (a second signal stops waiting).
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    conns: Arc<Conns>,
+    timeouts: Timeouts,
+    drain_for: Duration,
+) -> Result<(), ProxyError> {
+    let (stop, stopping) = watch::channel(false);
+    let signal = stop_signal();
+    tokio::pin!(signal);
+    let accept_errors = Throttle::default();
+    let refusals = Throttle::default();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let stream = tokio::select! {
+            () = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    stream
+                }
+                Err(error) if is_connection_error(&error) => continue,
+                Err(error) => {
+                    // Out of file descriptors or memory: wait for some to be freed, longer
+                    // each time, instead of spinning on the same error.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    if accept_errors.first_in_a_while() {
+                        tracing::warn!(
+                            "accept error: {error}; retrying in {} and backing off (open connections: {}; see --max-connections)",
+                            humantime::format_duration(backoff),
+                            conns.open()
+                        );
+                    } else {
+                        tracing::debug!("accept error: {error}");
+                    }
+                    tokio::select! {
+                        () = &mut signal => break,
+                        () = tokio::time::sleep(backoff) => continue,
+                    }
+                }
+            },
+        };
+        match conns.admit() {
+            Admission::Serve(conn) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    app.clone(),
+                    conn,
+                    conns.clone(),
+                    timeouts,
+                    stopping.clone(),
+                ));
             }
-            () = stop_signal() => tracing::warn!("second signal: cutting the requests in flight"),
+            Admission::Refuse => {
+                if refusals.first_in_a_while() {
+                    tracing::warn!(
+                        "too many connections ({} open, every one busy): new ones are closed at once (more at debug level)",
+                        conns.open()
+                    );
+                }
+                drop(stream);
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        "shutting down: no new connections; closing idle ones; waiting up to {} for requests in flight",
+        humantime::format_duration(drain_for)
+    );
+    drop(stopping);
+    let _ = stop.send(true);
+    // Each connection holds a receiver: `closed` completes once the last one has ended.
+    tokio::select! {
+        () = stop.closed() => {}
+        () = tokio::time::sleep(drain_for) => {
+            tracing::warn!("requests still in flight after {}: cutting them", humantime::format_duration(drain_for));
+        }
+        () = stop_signal() => tracing::warn!("second signal: cutting the requests in flight"),
+    }
+    Ok(())
+}
+
+/// Errors of one connection that was being accepted: the next accept is fine.
+fn is_connection_error(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Serves one connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it ends, its
+/// watchdog closes it, or the server stops.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+    timeouts: Timeouts,
+    mut stopping: watch::Receiver<bool>,
+) {
+    // Answers are streamed event by event: each write goes out at once.
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(Watched {
+        io: stream,
+        conn: conn.clone(),
+    });
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let app = app.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(app, &conn, request).await) }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let mut closing: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(error) = ended {
+                    tracing::debug!("connection ended: {error}");
+                }
+                break;
+            }
+            why = conn.watch(timeouts), if closing.is_none() => {
+                tracing::debug!("closing a connection: {why}");
+                connection.as_mut().graceful_shutdown();
+                closing = Some(tokio::time::Instant::now());
+            }
+            _ = stopping.changed(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some(tokio::time::Instant::now());
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now) + CLOSE_GRACE), if closing.is_some() => {
+                // Asked to close with no request in flight, yet still open (half a request
+                // head): drop it.
+                if conn.is_idle() {
+                    break;
+                }
+                closing = Some(tokio::time::Instant::now());
+            }
+        }
+    }
+    conns.remove(&conn);
+}
+
+/// How long a connection asked to close with no request in flight may take to do so.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// One request: the connection is busy until the answer's body is done.
+async fn handle(
+    app: Router,
+    conn: &Arc<Conn>,
+    request: Request<Incoming>,
+) -> Response<BusyBody<Body>> {
+    let busy = conn.begin();
+    let response = if conn.overflow && !matches!(request.uri().path(), "/healthz" | "/metrics") {
+        too_many_connections()
+    } else {
+        let request = request.map(Body::new);
+        match app.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
         }
     };
-    tokio::select! {
-        result = server => result.map_err(ProxyError::Serve),
-        () = deadline => Ok(()),
+    let (mut parts, body) = response.into_parts();
+    if conn.overflow {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    Response::from_parts(
+        parts,
+        BusyBody {
+            inner: body,
+            _busy: busy,
+        },
+    )
+}
+
+/// The answer on a connection accepted past `--max-connections` to anything but the
+/// admin endpoints.
+fn too_many_connections() -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "message": "fallback-cache-proxy has too many connections open (--max-connections); retry shortly",
+            "type": "server_overloaded",
+            "param": null,
+            "code": "too_many_connections",
+        }
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.

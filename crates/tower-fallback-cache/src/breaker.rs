@@ -6,10 +6,14 @@
 //! is suspended its requests are answered at once, from the cache or with the last quota
 //! error; one probe per cooldown goes to the upstream to see whether the quota is back.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, StatusCode};
+use moka::notification::RemovalCause;
 
 use crate::entry::CachedResponse;
 use crate::partition::PartitionId;
@@ -19,6 +23,22 @@ use crate::stats::{Counters, Stats};
 pub const DEFAULT_QUOTA_COOLDOWN: Duration = Duration::from_secs(60);
 /// The default longest cooldown: 15 minutes.
 pub const DEFAULT_QUOTA_COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
+/// The longest cooldown the breaker accepts: 30 days. Longer settings are cut to it, so
+/// no setting can overflow the clock arithmetic.
+pub const MAX_QUOTA_COOLDOWN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The largest quota error body kept to answer a suspended partition's requests; a longer
+/// one is replaced by a short error of the same status and type.
+const LAST_ERROR_LIMIT: usize = 8 * 1024;
+/// What the kept errors of every suspended partition may weigh together, in bytes. Past
+/// it the least recently used suspensions are forgotten (their next request calls the
+/// upstream, which suspends them again).
+const STATE_BYTES: u64 = 16 * 1024 * 1024;
+/// What one suspension weighs beyond its error's body and headers.
+const ENTRY_OVERHEAD: usize = 256;
+/// The most INFO lines about suspensions and resumptions: one of each per minute, the rest
+/// at debug level.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How the quota breaker behaves: on by default, a 60 s cooldown that doubles while the
 /// quota stays exhausted, up to 15 minutes.
@@ -65,15 +85,17 @@ impl QuotaBreaker {
         }
     }
 
-    /// The first cooldown after a quota error (default 60 s).
+    /// The first cooldown after a quota error (default 60 s; at most
+    /// [`MAX_QUOTA_COOLDOWN`], a longer one is cut to it).
     pub fn cooldown(mut self, cooldown: Duration) -> Self {
-        self.cooldown = cooldown;
+        self.cooldown = cooldown.min(MAX_QUOTA_COOLDOWN);
         self
     }
 
-    /// The longest cooldown, reached by doubling while probes keep failing (default 15 min).
+    /// The longest cooldown, reached by doubling while probes keep failing (default 15 min;
+    /// at most [`MAX_QUOTA_COOLDOWN`], a longer one is cut to it).
     pub fn max_cooldown(mut self, max: Duration) -> Self {
-        self.max_cooldown = max;
+        self.max_cooldown = max.min(MAX_QUOTA_COOLDOWN);
         self
     }
 
@@ -83,22 +105,57 @@ impl QuotaBreaker {
     }
 }
 
-/// The breaker's state: the partitions that are suspended now.
+/// The breaker's state: the partitions suspended now, in a map bounded by weight whose
+/// entries expire once their cooldown has long passed. A request takes no lock to be
+/// admitted (and none at all while nothing is suspended).
 pub(crate) struct Breaker {
     policy: QuotaBreaker,
-    /// How many partitions are suspended, so the common case (none) takes no lock.
-    open: AtomicUsize,
-    partitions: Mutex<HashMap<PartitionId, Suspension>>,
+    partitions: moka::sync::Cache<PartitionId, Arc<Suspension>>,
     stats: Stats,
+    openings: Summary,
+    closings: Summary,
 }
 
 struct Suspension {
     until: Instant,
     cooldown: Duration,
-    /// The last quota error the upstream sent for this partition.
+    /// The last quota error the upstream sent for this partition (at most
+    /// [`LAST_ERROR_LIMIT`] of body).
     last_error: Arc<CachedResponse>,
     /// A probe request is at the upstream now.
-    probing: bool,
+    probing: AtomicBool,
+}
+
+/// A suspension is forgotten `max_cooldown` after its cooldown ended, unless a request came
+/// (then it was probed, and renewed or closed).
+struct ForgetAfter {
+    max_cooldown: Duration,
+}
+
+impl moka::Expiry<PartitionId, Arc<Suspension>> for ForgetAfter {
+    fn expire_after_create(
+        &self,
+        _: &PartitionId,
+        suspension: &Arc<Suspension>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(
+            suspension
+                .until
+                .saturating_duration_since(created_at)
+                .saturating_add(self.max_cooldown),
+        )
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &PartitionId,
+        suspension: &Arc<Suspension>,
+        updated_at: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, suspension, updated_at)
+    }
 }
 
 /// What a request of a partition may do.
@@ -116,11 +173,36 @@ pub(crate) enum Admission {
 
 impl Breaker {
     pub(crate) fn new(policy: QuotaBreaker, stats: Stats) -> Self {
+        Self::weighing(policy, stats, STATE_BYTES)
+    }
+
+    fn weighing(policy: QuotaBreaker, stats: Stats, max_bytes: u64) -> Self {
+        let gauge = stats.clone();
+        let partitions = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &PartitionId, suspension: &Arc<Suspension>| {
+                u32::try_from(suspension.last_error.weight() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+            })
+            .expire_after(ForgetAfter {
+                max_cooldown: policy.max_cooldown,
+            })
+            .eviction_listener(move |_, _, cause| {
+                // A replaced suspension is the same partition, still suspended.
+                if cause != RemovalCause::Replaced {
+                    let _ = gauge.counters().suspended_partitions.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |open| open.checked_sub(1),
+                    );
+                }
+            })
+            .build();
         Self {
             policy,
-            open: AtomicUsize::new(0),
-            partitions: Mutex::new(HashMap::new()),
+            partitions,
             stats,
+            openings: Summary::default(),
+            closings: Summary::default(),
         }
     }
 
@@ -128,35 +210,38 @@ impl Breaker {
         self.policy
     }
 
-    fn partitions(&self) -> MutexGuard<'_, HashMap<PartitionId, Suspension>> {
-        // The map holds no invariant a panic elsewhere could break half-way.
-        self.partitions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     pub(crate) fn admit(self: &Arc<Self>, partition: PartitionId) -> Admission {
-        if !self.policy.enabled || self.open.load(Ordering::Acquire) == 0 {
+        if !self.policy.enabled
+            || self
+                .stats
+                .counters()
+                .suspended_partitions
+                .load(Ordering::Relaxed)
+                == 0
+        {
             return Admission::Call;
         }
-        let mut partitions = self.partitions();
-        let Some(suspension) = partitions.get_mut(&partition) else {
+        let Some(suspension) = self.partitions.get(&partition) else {
             return Admission::Call;
         };
         let now = Instant::now();
-        if now < suspension.until || suspension.probing {
-            return Admission::Suspended {
-                last_error: suspension.last_error.clone(),
-                retry_after: suspension.until.saturating_duration_since(now),
-            };
+        if now >= suspension.until
+            && suspension
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            tracing::debug!(?partition, "quota cooldown over: probing the upstream");
+            return Admission::Probe(Probe {
+                breaker: self.clone(),
+                partition,
+                settled: false,
+            });
         }
-        suspension.probing = true;
-        tracing::debug!(?partition, "quota cooldown over: probing the upstream");
-        Admission::Probe(Probe {
-            breaker: self.clone(),
-            partition,
-            settled: false,
-        })
+        Admission::Suspended {
+            last_error: suspension.last_error.clone(),
+            retry_after: suspension.until.saturating_duration_since(now),
+        }
     }
 
     /// The upstream said `insufficient_quota` (with this error) to a request of the
@@ -171,80 +256,159 @@ impl Breaker {
             return;
         }
         let now = Instant::now();
-        let mut partitions = self.partitions();
-        let was_probe = probe.is_some();
-        match partitions.get_mut(&partition) {
-            Some(suspension) => {
-                suspension.last_error = last_error;
-                if was_probe {
-                    suspension.cooldown = (suspension.cooldown * 2).min(self.policy.max_cooldown);
-                    suspension.until = now + suspension.cooldown;
-                    suspension.probing = false;
-                    tracing::debug!(?partition, cooldown = ?suspension.cooldown, "quota still exhausted: cooldown extended");
-                }
-            }
-            None => {
-                if partitions.len() >= 4096 {
-                    self.forget_stale(&mut partitions, now);
-                }
-                let cooldown = self.policy.cooldown.min(self.policy.max_cooldown);
-                partitions.insert(
-                    partition,
-                    Suspension {
-                        until: now + cooldown,
-                        cooldown,
-                        last_error,
-                        probing: false,
-                    },
-                );
-                self.open.fetch_add(1, Ordering::Release);
-                let counters = self.stats.counters();
-                Counters::add(&counters.breaker_openings);
-                Counters::add(&counters.suspended_partitions);
-                tracing::info!(
+        let last_error = bounded(last_error);
+        let suspension = |cooldown: Duration| {
+            Arc::new(Suspension {
+                // Never past the clock's range: the cooldown is at most MAX_QUOTA_COOLDOWN.
+                until: now.checked_add(cooldown).unwrap_or(now),
+                cooldown,
+                last_error: last_error.clone(),
+                probing: AtomicBool::new(false),
+            })
+        };
+        let first = self.policy.cooldown.min(self.policy.max_cooldown);
+        match (self.partitions.get(&partition), probe) {
+            (Some(current), Some(mut probe)) => {
+                let cooldown = current
+                    .cooldown
+                    .saturating_mul(2)
+                    .min(self.policy.max_cooldown);
+                self.partitions.insert(partition, suspension(cooldown));
+                probe.settled = true;
+                tracing::debug!(
                     ?partition,
                     ?cooldown,
-                    "insufficient_quota: upstream calls suspended for this credential"
+                    "quota still exhausted: cooldown extended"
                 );
             }
+            // Already suspended: a request admitted just before.
+            (Some(_), None) => {}
+            (None, probe) => {
+                if let Some(mut probe) = probe {
+                    // Forgotten while probing (the map is bounded): suspended anew.
+                    probe.settled = true;
+                }
+                let entry = self
+                    .partitions
+                    .entry(partition)
+                    .or_insert_with(|| suspension(first));
+                if entry.is_fresh() {
+                    let counters = self.stats.counters();
+                    Counters::add(&counters.breaker_openings);
+                    Counters::add(&counters.suspended_partitions);
+                    tracing::debug!(?partition, cooldown = ?first, "insufficient_quota: upstream calls suspended for this credential");
+                    if let Some(count) = self.openings.due() {
+                        tracing::info!(
+                            "insufficient_quota: upstream calls suspended for {count} credential(s) \
+                             since the last report, {} suspended now (cooldown {}; more at debug level)",
+                            counters.suspended_partitions.load(Ordering::Relaxed),
+                            humantime_secs(first),
+                        );
+                    }
+                }
+            }
         }
-        if let Some(mut probe) = probe {
-            probe.settled = true;
-        }
-    }
-
-    /// Partitions whose cooldown ended long ago and that nobody asked for since.
-    fn forget_stale(&self, partitions: &mut HashMap<PartitionId, Suspension>, now: Instant) {
-        let before = partitions.len();
-        partitions.retain(|_, s| s.probing || now < s.until + self.policy.max_cooldown);
-        self.closed(before - partitions.len());
     }
 
     fn close(&self, partition: PartitionId) {
-        if self.partitions().remove(&partition).is_some() {
-            self.closed(1);
+        if self.partitions.remove(&partition).is_some() {
             Counters::add(&self.stats.counters().breaker_closings);
-            tracing::info!(
+            tracing::debug!(
                 ?partition,
                 "the upstream answered again: upstream calls resumed for this credential"
             );
-        }
-    }
-
-    fn closed(&self, count: usize) {
-        if count > 0 {
-            self.open.fetch_sub(count, Ordering::Release);
-            self.stats
-                .counters()
-                .suspended_partitions
-                .fetch_sub(count as u64, Ordering::Relaxed);
+            if let Some(count) = self.closings.due() {
+                tracing::info!(
+                    "the upstream answered again: upstream calls resumed for {count} credential(s) \
+                     since the last report (more at debug level)"
+                );
+            }
         }
     }
 
     fn release(&self, partition: PartitionId) {
-        if let Some(suspension) = self.partitions().get_mut(&partition) {
-            suspension.probing = false;
+        if let Some(suspension) = self.partitions.get(&partition) {
+            suspension.probing.store(false, Ordering::Release);
         }
+    }
+
+    /// The number of suspensions held now (after pending evictions are applied).
+    #[cfg(test)]
+    fn held(&self) -> u64 {
+        self.partitions.run_pending_tasks();
+        self.partitions.entry_count()
+    }
+}
+
+/// A quota error as kept: whole up to [`LAST_ERROR_LIMIT`] of body, else a short error of
+/// the same status and type in OpenAI's shape.
+fn bounded(error: Arc<CachedResponse>) -> Arc<CachedResponse> {
+    if error.body_len() <= LAST_ERROR_LIMIT {
+        // Copied out, so that a small error does not keep a larger buffer alive.
+        let frames = error
+            .frames()
+            .iter()
+            .map(|frame| Bytes::copy_from_slice(frame))
+            .collect();
+        return Arc::new(CachedResponse::new(
+            error.status(),
+            error.headers().clone(),
+            frames,
+        ));
+    }
+    let mut headers = error.headers().clone();
+    headers.remove(CONTENT_LENGTH);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let status = if error.status().is_client_error() || error.status().is_server_error() {
+        error.status()
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    let body = Bytes::from_static(
+        br#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+    );
+    Arc::new(CachedResponse::new(status, headers, vec![body]))
+}
+
+fn humantime_secs(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
+}
+
+/// Counts events and lets one INFO line through per [`SUMMARY_INTERVAL`], saying how many
+/// happened since the last one.
+#[derive(Debug)]
+struct Summary {
+    started: Instant,
+    /// Milliseconds since `started` of the last line let through, plus one (0: never).
+    last: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl Default for Summary {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Summary {
+    /// Counts one event; the count to report when a line is due.
+    fn due(&self) -> Option<u64> {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        let interval = u64::try_from(SUMMARY_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        let due = last == 0 || now.saturating_sub(last) >= interval;
+        (due && self
+            .last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then(|| self.pending.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -271,5 +435,68 @@ impl Drop for Probe {
             // away): the next request probes.
             self.breaker.release(self.partition);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    fn quota_error(body_len: usize) -> Arc<CachedResponse> {
+        let body = format!(
+            r#"{{"error":{{"message":"{}","type":"insufficient_quota","code":"insufficient_quota"}}}}"#,
+            "x".repeat(body_len)
+        );
+        Arc::new(CachedResponse::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            HeaderMap::new(),
+            vec![Bytes::from(body)],
+        ))
+    }
+
+    fn partition(i: u64) -> PartitionId {
+        PartitionId::derive(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn the_longest_cooldowns_neither_overflow_nor_panic() {
+        let policy = QuotaBreaker::new()
+            .cooldown(Duration::MAX)
+            .max_cooldown(Duration::MAX);
+        assert_eq!(policy.cooldown, MAX_QUOTA_COOLDOWN);
+        let breaker = Arc::new(Breaker::new(policy, Stats::default()));
+        breaker.quota_exhausted(partition(1), quota_error(10), None);
+        match breaker.admit(partition(1)) {
+            Admission::Suspended { retry_after, .. } => {
+                assert!(retry_after > Duration::from_secs(29 * 24 * 3600));
+            }
+            _ => panic!("suspended"),
+        }
+    }
+
+    #[test]
+    fn the_map_is_bounded_and_long_errors_are_not_kept() {
+        let stats = Stats::default();
+        let max_bytes = 1024 * 1024;
+        let breaker = Arc::new(Breaker::weighing(
+            QuotaBreaker::new(),
+            stats.clone(),
+            max_bytes,
+        ));
+        for i in 0..5_000 {
+            breaker.quota_exhausted(partition(i), quota_error(9000), None);
+        }
+        let held = breaker.held();
+        assert!(
+            held > 0 && held <= max_bytes / ENTRY_OVERHEAD as u64,
+            "{held}"
+        );
+        let Some(kept) = breaker.partitions.iter().next() else {
+            panic!("something is kept")
+        };
+        assert!(kept.1.last_error.body_len() <= LAST_ERROR_LIMIT);
+        assert_eq!(stats.snapshot().breaker_openings, 5_000);
+        assert_eq!(stats.snapshot().suspended_partitions, held);
     }
 }

@@ -1,5 +1,10 @@
 //! Coalescing of identical requests in cache-first mode: while one request for a key is
 //! at the upstream, the others wait for its answer to be stored and are served from it.
+//!
+//! A follower waits at most the layer's `coalesce_wait`, then calls the upstream itself.
+//! When the leader ends without a stored answer, the followers join again: the first to
+//! come becomes the next leader and the rest wait for it, so a failed call is retried by
+//! one request, not by all of them at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,7 +43,7 @@ impl InFlight {
         Turn::Lead(Leader {
             in_flight: self.clone(),
             key,
-            _done: done,
+            done,
         })
     }
 }
@@ -48,12 +53,20 @@ impl InFlight {
 pub(crate) struct Leader {
     in_flight: Arc<InFlight>,
     key: CacheKey,
-    _done: watch::Sender<()>,
+    done: watch::Sender<()>,
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.in_flight.calls().remove(&self.key);
+        let mut calls = self.in_flight.calls();
+        // Only this leader's own call: a follower that gave up waiting may lead the key's
+        // next call while this one is still held.
+        if calls
+            .get(&self.key)
+            .is_some_and(|call| call.same_channel(&self.done.subscribe()))
+        {
+            calls.remove(&self.key);
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The flow of one request through the layer: key, cache-first, quota breaker, upstream,
 //! classify, fall back, mark. ARCHITECTURE.md tells it step by step.
 
+use std::future::poll_fn;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Buf;
 use http::header::{
@@ -94,20 +95,33 @@ where
             if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
                 return Ok(hit);
             }
-            match shared.in_flight.join(key) {
-                Turn::Lead(lead) => {
-                    // The previous leader may have stored the answer between our lookup
-                    // and our turn.
-                    if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
-                        return Ok(hit);
+            // A follower waits for the leader at most `coalesce_wait` in all; when the
+            // leader's answer is not stored, the followers join again and one leads.
+            let waited = Instant::now();
+            loop {
+                match shared.in_flight.join(key) {
+                    Turn::Lead(lead) => {
+                        // The previous leader may have stored the answer between our
+                        // lookup and our turn.
+                        if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                            return Ok(hit);
+                        }
+                        leader = Some(lead);
+                        break;
                     }
-                    leader = Some(lead);
-                }
-                Turn::Follow(call) => {
-                    coalesce::wait(call).await;
-                    if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
-                        Counters::add(&counters.coalesced);
-                        return Ok(hit);
+                    Turn::Follow(call) => {
+                        let left = shared.coalesce_wait.saturating_sub(waited.elapsed());
+                        if tokio::time::timeout(left, coalesce::wait(call))
+                            .await
+                            .is_err()
+                        {
+                            tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
+                            break;
+                        }
+                        if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                            Counters::add(&counters.coalesced);
+                            return Ok(hit);
+                        }
                     }
                 }
             }
@@ -138,7 +152,9 @@ where
                 Some(reason),
                 None,
             );
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let seconds = retry_after
+                .as_secs()
+                .saturating_add(u64::from(retry_after.subsec_nanos() > 0));
             parts
                 .headers
                 .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
@@ -153,15 +169,22 @@ where
 
     // 4. Upstream. Asked for an uncompressed answer: a stored answer is served to clients
     // whatever they accept, and a stream is judged complete on its events. An answer that
-    // comes encoded anyway is passed on as it is, never stored.
+    // comes encoded anyway is passed on as it is, never stored. Its readiness is awaited
+    // here, not in `poll_ready`: the answers above never wait behind upstream
+    // backpressure, and a readiness error is a failed call.
     let mut parts = parts;
     parts
         .headers
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let response = match inner
-        .call(Request::from_parts(parts, RequestBody::full(bytes)))
-        .await
-    {
+    let called = match poll_fn(|cx| inner.poll_ready(cx)).await {
+        Ok(()) => {
+            inner
+                .call(Request::from_parts(parts, RequestBody::full(bytes)))
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    let response = match called {
         Ok(response) => response,
         Err(error) => {
             let reason = Reason::Unreachable;
@@ -282,6 +305,7 @@ where
 {
     Counters::add(&shared.stats.counters().bypassed);
     tracing::debug!(why, "BYPASS");
+    poll_fn(|cx| inner.poll_ready(cx)).await?;
     let (mut parts, body) = inner.call(request).await?.into_parts();
     clean_upstream_head(parts.status, &mut parts.headers, false);
     parts.headers.insert(

@@ -30,8 +30,10 @@ pub enum Mode {
     /// forwarded, the others wait until its answer is stored and are served it as `HIT`.
     /// A streamed answer is stored once the stream has ended, so the waiting requests get
     /// their first event only then, replayed from the cache. If the first request's answer
-    /// is not stored (an error, a cut stream, a client that went away), each waiting
-    /// request calls the upstream itself.
+    /// is not stored (an error, a cut stream, a client that went away), one waiting
+    /// request makes the next call and the others wait for it in turn. No request waits
+    /// longer than [`FallbackCacheBuilder::coalesce_wait`] in all (default 30 s): past it,
+    /// it calls the upstream itself.
     CacheFirst {
         /// How long a stored answer is served without asking the upstream.
         fresh_for: Duration,
@@ -46,6 +48,8 @@ pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
 /// The default largest answer that is stored: 8 MiB.
 pub const DEFAULT_MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
+/// The default longest wait of a cache-first request for an identical request's call: 30 s.
+pub const DEFAULT_COALESCE_WAIT: Duration = Duration::from_secs(30);
 
 /// The shared state of a layer and of every service it makes.
 pub(crate) struct Shared {
@@ -62,6 +66,7 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) breaker: Arc<Breaker>,
     pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) coalesce_wait: Duration,
 }
 
 impl Shared {
@@ -174,6 +179,7 @@ pub struct FallbackCacheBuilder {
     max_request_body: usize,
     max_response_body: usize,
     quota_breaker: QuotaBreaker,
+    coalesce_wait: Duration,
 }
 
 impl Default for FallbackCacheBuilder {
@@ -190,6 +196,7 @@ impl Default for FallbackCacheBuilder {
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             quota_breaker: QuotaBreaker::default(),
+            coalesce_wait: DEFAULT_COALESCE_WAIT,
         }
     }
 }
@@ -278,6 +285,13 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// In cache-first mode, the longest a request waits for an identical request's upstream
+    /// call before calling the upstream itself (default 30 s). See [`Mode::CacheFirst`].
+    pub fn coalesce_wait(mut self, wait: Duration) -> Self {
+        self.coalesce_wait = wait;
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> FallbackCacheLayer {
         let store = self
@@ -298,6 +312,7 @@ impl FallbackCacheBuilder {
                 max_response_body: self.max_response_body,
                 breaker: Arc::new(Breaker::new(self.quota_breaker, stats.clone())),
                 in_flight: Arc::default(),
+                coalesce_wait: self.coalesce_wait,
                 stats,
             }),
         }

@@ -127,15 +127,17 @@ pub mod store;
 mod throttle;
 
 pub use body::{RequestBody, ResponseBody};
-pub use breaker::{DEFAULT_QUOTA_COOLDOWN, DEFAULT_QUOTA_COOLDOWN_MAX, QuotaBreaker};
+pub use breaker::{
+    DEFAULT_QUOTA_COOLDOWN, DEFAULT_QUOTA_COOLDOWN_MAX, MAX_QUOTA_COOLDOWN, QuotaBreaker,
+};
 pub use cacheable::{Cacheable, InvalidPattern};
 pub use classify::{Classify, ClassifyExt, OrElse, ParseReasonError, ProviderClassifier, Reason};
 pub use entry::{CachedResponse, EntryError};
 pub use future::ResponseFuture;
 pub use key::{CacheKey, KeyRules, ParseKeyError};
 pub use layer::{
-    DEFAULT_MAX_MEMORY, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY, DEFAULT_TTL,
-    FallbackCacheBuilder, FallbackCacheLayer, Mode,
+    DEFAULT_COALESCE_WAIT, DEFAULT_MAX_MEMORY, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
+    DEFAULT_TTL, FallbackCacheBuilder, FallbackCacheLayer, Mode,
 };
 pub use partition::{CREDENTIAL_HEADERS, Partition, PartitionId};
 pub use service::FallbackCache;

@@ -19,6 +19,18 @@ use crate::layer::{FallbackCacheLayer, Shared};
 /// Made by [`FallbackCacheLayer`]. The inner service receives a [`RequestBody`] and its
 /// response body is handed on as a [`ResponseBody`]. Both bodies must be `Unpin` (hyper's,
 /// axum's, reqwest's and http-body-util's bodies are).
+///
+/// # Readiness
+///
+/// `poll_ready` is always ready. Each call takes a clone of the inner service and waits
+/// for that clone's readiness only when it forwards the request: an answer that needs no
+/// upstream call (a `HIT`, a suspended partition's `FALLBACK` or quota error) never waits
+/// behind the inner service's backpressure (a `ConcurrencyLimit`, a `RateLimit`). An
+/// error of the inner service's readiness is treated as an error of its call:
+/// [`Reason::Unreachable`](crate::Reason::Unreachable), answered from the cache when the
+/// layer falls back on it, else returned. Backpressure therefore shows as requests waiting
+/// inside their response futures, not as a service that is not ready; put a load shed or
+/// a concurrency limit in front of this layer to bound those.
 pub struct FallbackCache<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -109,15 +121,16 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<ResB, S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service's readiness is awaited inside the response future,
+    /// and only when the request is forwarded (see the type's documentation).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        // The service that was made ready is the one that is called: keep it, leave the
-        // clone behind.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        // A clone of the inner service goes with the request; it is made ready (and
+        // called) only if the upstream is asked.
+        let inner = self.inner.clone();
         ResponseFuture::new(Box::pin(serve(self.shared.clone(), inner, request)))
     }
 }

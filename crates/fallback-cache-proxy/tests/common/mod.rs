@@ -28,12 +28,35 @@ impl Proxy {
     /// listens. Outbound proxy variables of the test's environment are not passed on: the
     /// tests' upstreams are on loopback.
     pub fn start(args: &[&str]) -> Proxy {
-        Proxy::start_with_env(args, &[])
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy")),
+            args,
+            &[],
+        )
     }
 
     /// [`Proxy::start`] with these environment variables set.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Proxy {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"));
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy")),
+            args,
+            envs,
+        )
+    }
+
+    /// As [`Proxy::start`], with the process's open-file limit set to `limit` (through
+    /// `sh -c 'ulimit -n LIMIT; exec proxy ...'`: the child is the proxy itself).
+    pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Proxy {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_fallback-cache-proxy"),
+        ]);
+        Self::spawn(command, args, &[])
+    }
+
+    fn spawn(mut command: Command, args: &[&str], envs: &[(&str, &str)]) -> Proxy {
         for var in OUTBOUND_PROXY_VARS {
             command.env_remove(var).env_remove(var.to_lowercase());
         }
@@ -100,6 +123,29 @@ impl Proxy {
     /// The process id, to send signals to.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The resident memory of the process (`VmRSS` of `/proc/PID/status`), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status");
+        let line = status
+            .lines()
+            .find(|line| line.starts_with("VmRSS:"))
+            .expect("a VmRSS line");
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS in kB");
+        kib * 1024
+    }
+
+    /// The open file descriptors of the process (entries of `/proc/PID/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("/proc/PID/fd")
+            .count()
     }
 
     /// Sends SIGTERM.

@@ -1,0 +1,352 @@
+//! The connections the proxy holds: how many, and how long each may stay without a
+//! request or with half of one.
+//!
+//! Each connection has a watchdog that closes it when
+//! - it has no request in flight and sent nothing for `--idle-timeout` (keep-alive), or
+//! - it began a request's headers and did not finish them within `--header-timeout`
+//!   (slowloris; HTTP/1 only: an HTTP/2 connection's idle frames are not a request), or
+//! - a new connection needed its place: past `--max-connections`, the connection idle the
+//!   longest is closed to make room. When every connection has a request in flight, up to
+//!   [`OVERFLOW`] more are accepted for one request each: `/healthz` and `/metrics` are
+//!   answered, anything else gets a 503; past those, new connections are closed at once.
+//!   An overflow connection is closed after `--header-timeout` without a request.
+//!
+//! Closing is hyper's graceful shutdown, which closes an idle connection at once and lets
+//! a request in flight finish first. The request body's own stall is `--body-timeout`, in
+//! [`crate::client_body`].
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// Connections accepted past `--max-connections` when none can be closed to make room:
+/// each answers one request (`/healthz`, `/metrics`, or a 503) and closes.
+pub(crate) const OVERFLOW: usize = 64;
+
+/// The timeouts every connection is watched with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) header: Duration,
+    pub(crate) idle: Duration,
+}
+
+/// The open connections.
+pub(crate) struct Conns {
+    limit: usize,
+    epoch: Instant,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<u64, Arc<Conn>>,
+    /// Connections counted against the limit: neither overflow nor asked to close.
+    counted: usize,
+    overflow: usize,
+}
+
+/// What to do with a connection just accepted.
+pub(crate) enum Admission {
+    /// Serve it.
+    Serve(Arc<Conn>),
+    /// Too many: close it.
+    Refuse,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("limit", &self.limit)
+            .field("open", &self.open())
+            .finish()
+    }
+}
+
+impl Conns {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a place for a new connection: a free one, the place of the connection idle
+    /// the longest, or one of the overflow places.
+    pub(crate) fn admit(&self) -> Admission {
+        let mut state = self.state();
+        let mut overflow = false;
+        if state.counted >= self.limit {
+            let idlest = state
+                .open
+                .values()
+                .filter(|conn| !conn.overflow && !conn.evicted() && conn.busy() == 0)
+                .min_by_key(|conn| conn.idle_since.load(Ordering::Relaxed))
+                .cloned();
+            match idlest {
+                Some(conn) => {
+                    conn.evict.store(true, Ordering::Release);
+                    conn.changed.notify_one();
+                    state.counted -= 1;
+                }
+                None if state.overflow < OVERFLOW => overflow = true,
+                None => return Admission::Refuse,
+            }
+        }
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            epoch: self.epoch,
+            overflow,
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(millis(self.epoch)),
+            head_started: AtomicU64::new(0),
+            read_any: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+            evict: AtomicBool::new(false),
+            changed: Notify::new(),
+        });
+        if overflow {
+            state.overflow += 1;
+        } else {
+            state.counted += 1;
+        }
+        state.open.insert(conn.id, conn.clone());
+        Admission::Serve(conn)
+    }
+
+    /// The connection has closed.
+    pub(crate) fn remove(&self, conn: &Conn) {
+        let mut state = self.state();
+        if state.open.remove(&conn.id).is_some() {
+            if conn.overflow {
+                state.overflow -= 1;
+            } else if !conn.evicted() {
+                state.counted -= 1;
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.state().open.len()
+    }
+}
+
+fn millis(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+/// One connection's state, shared by its IO, its requests and its watchdog.
+pub(crate) struct Conn {
+    id: u64,
+    epoch: Instant,
+    /// Accepted past the limit: one request, and only `/healthz` or `/metrics` served.
+    pub(crate) overflow: bool,
+    /// Requests in flight (from their headers to the end of their answer).
+    busy: AtomicUsize,
+    /// Milliseconds since `epoch` (plus one) when the last request ended.
+    idle_since: AtomicU64,
+    /// Milliseconds since `epoch` (plus one) of the first byte read since then (0: none).
+    head_started: AtomicU64,
+    read_any: AtomicBool,
+    http2: AtomicBool,
+    evict: AtomicBool,
+    changed: Notify,
+}
+
+impl Conn {
+    fn busy(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    fn evicted(&self) -> bool {
+        self.evict.load(Ordering::Acquire)
+    }
+
+    /// A request's headers are in: the connection is busy until the guard is dropped
+    /// (with the answer's body).
+    pub(crate) fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(0, Ordering::Release);
+        self.changed.notify_one();
+        Busy { conn: self.clone() }
+    }
+
+    /// Bytes came in.
+    fn read(&self, first: &[u8]) {
+        if !self.read_any.swap(true, Ordering::Relaxed) && first.starts_with(b"PRI * HTTP/2") {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        if self.busy() == 0
+            && !self.http2.load(Ordering::Relaxed)
+            && self.head_started.load(Ordering::Acquire) == 0
+        {
+            self.head_started
+                .store(millis(self.epoch), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Completes when the connection should close, with the reason.
+    pub(crate) async fn watch(&self, timeouts: Timeouts) -> &'static str {
+        let header = u64::try_from(timeouts.header.as_millis()).unwrap_or(u64::MAX);
+        // An overflow place is for one prompt request: it may not be held idle for long.
+        let idle = if self.overflow {
+            timeouts.idle.min(timeouts.header)
+        } else {
+            timeouts.idle
+        };
+        let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.evicted() {
+                return "making room for a new connection (--max-connections)";
+            }
+            let now = millis(self.epoch);
+            let deadline = if self.busy() > 0 {
+                None
+            } else {
+                let head = self.head_started.load(Ordering::Acquire);
+                if head != 0 {
+                    let at = head.saturating_add(header);
+                    if now >= at {
+                        return "request headers not received within --header-timeout";
+                    }
+                    Some(at)
+                } else {
+                    let at = self.idle_since.load(Ordering::Acquire).saturating_add(idle);
+                    if now >= at {
+                        return "idle for --idle-timeout";
+                    }
+                    Some(at)
+                }
+            };
+            match deadline {
+                Some(at) => {
+                    let wait = Duration::from_millis(at - now);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = &mut changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    /// Whether no request is in flight.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.busy() == 0
+    }
+}
+
+/// A request in flight on a connection.
+pub(crate) struct Busy {
+    conn: Arc<Conn>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        conn.idle_since.store(millis(conn.epoch), Ordering::Release);
+        conn.busy.fetch_sub(1, Ordering::AcqRel);
+        conn.changed.notify_one();
+    }
+}
+
+/// An answer's body, holding its connection busy until it is sent (or dropped).
+pub(crate) struct BusyBody<B> {
+    pub(crate) inner: B,
+    pub(crate) _busy: Busy,
+}
+
+impl<B: Body + Unpin> Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection's socket, telling its [`Conn`] when bytes come in.
+pub(crate) struct Watched<T> {
+    pub(crate) io: T,
+    pub(crate) conn: Arc<Conn>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.conn.read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}

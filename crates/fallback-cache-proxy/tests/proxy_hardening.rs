@@ -1,0 +1,453 @@
+//! Hard to knock over: slow and idle clients, a flood of connections, broken request
+//! bodies, extreme settings, and a flood of credentials out of quota.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Proxy;
+use mock_upstream::MockUpstream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
+
+fn addr(proxy: &Proxy) -> String {
+    proxy.url().trim_start_matches("http://").to_owned()
+}
+
+/// A chat request through the proxy; its status and body.
+async fn chat(client: &reqwest::Client, proxy: &Proxy, key: &str) -> (u16, String) {
+    let response = client
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(CHAT)
+        .send()
+        .await
+        .expect("answered");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// Reads until the peer closes; how long that took. Gives up after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_closed_within_the_header_timeout() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--header-timeout",
+        "2s",
+    ]);
+    let mut slow = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    let head =
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n";
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    let mut closed = false;
+    for byte in head {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        // Normal requests keep succeeding meanwhile.
+        let (status, body) = chat(&client, &proxy, "sk-normal").await;
+        assert_eq!(status, 200, "{body}");
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut probe)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => panic!("the proxy answered half a request head"),
+            Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the slow connection is still open after {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(closed, "the whole head was sent byte by byte and never cut");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(6),
+        "closed after {elapsed:?}, the header timeout is 2s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_within_the_idle_timeout() {
+    let proxy = Proxy::start(&["--store", "memory", "--idle-timeout", "1s"]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\n\r\n")
+        .await
+        .expect("request sent");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).ends_with("ok\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the answer comes")
+            .expect("read");
+        assert!(read > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..read]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let closed = closed_within(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the idle connection is closed");
+    assert!(
+        closed >= Duration::from_millis(700) && closed < Duration::from_secs(4),
+        "closed {closed:?} after its answer, the idle timeout is 1s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_3000_idle_connections_healthz_and_a_real_request_answer_within_2s() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    // Fewer descriptors than idle connections: without a cap, accept runs out of them.
+    let proxy = Proxy::start_with_fd_limit(2048, &["--upstream", &mock.url(), "--store", "memory"]);
+    let target = addr(&proxy);
+    let mut idle = Vec::with_capacity(3000);
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..3000 {
+        let target = target.clone();
+        connects.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(target)).await
+        });
+        if connects.len() >= 200 {
+            if let Some(Ok(Ok(Ok(stream)))) = connects.join_next().await {
+                idle.push(stream);
+            }
+        }
+    }
+    while let Some(joined) = connects.join_next().await {
+        if let Ok(Ok(Ok(stream))) = joined {
+            idle.push(stream);
+        }
+    }
+    assert!(idle.len() >= 2900, "{} connections opened", idle.len());
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let health = client
+        .get(format!("{}/healthz", proxy.url()))
+        .send()
+        .await
+        .expect("/healthz answers within 2s");
+    assert_eq!(health.status(), 200);
+    let (status, body) = chat(&client, &proxy, "sk-real").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Answer "), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(!proxy.logs().contains("panicked"), "{}", proxy.logs());
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_a_400_and_no_upstream_failure() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--fallback-on",
+        "insufficient-quota,unreachable",
+    ]);
+    let before = common::metrics(proxy.url()).await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    stream
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n\
+              authorization: Bearer sk-a\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\n{\"mod\r\nZZ\r\nnot a chunk\r\n0\r\n\r\n",
+        )
+        .await
+        .expect("sent");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("request_body_error"), "{answer}");
+
+    let after = common::metrics(proxy.url()).await;
+    for (name, value) in &after {
+        if name.starts_with("fallback_cache_upstream_failures_total")
+            || name.starts_with("fallback_cache_upstream_unreachable_responses_total")
+        {
+            assert_eq!(Some(value), before.get(name), "{name}");
+        }
+    }
+    assert_eq!(after["fallback_cache_client_faults_total"], 1);
+    assert!(proxy.logs().contains("client fault"), "{}", proxy.logs());
+    assert!(!proxy.logs().contains("unreachable, answered 502"));
+}
+
+#[test]
+fn cooldowns_past_the_longest_are_refused_in_one_line() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--quota-cooldown",
+            "300000000000y",
+            "--quota-cooldown-max",
+            "300000000000y",
+        ])
+        .env_remove("FALLBACK_CACHE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the proxy accepted a cooldown of 300000000000 years and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: --quota-cooldown 300000000000y: must be at most 30days\n"
+    );
+}
+
+/// An upstream whose every answer is a 60 KB `insufficient_quota`.
+async fn verbose_quota_upstream() -> String {
+    let message = "Your quota is gone. ".repeat(3000);
+    let body = serde_json::json!({"error": {
+        "message": message,
+        "type": "insufficient_quota",
+        "param": null,
+        "code": "insufficient_quota",
+    }})
+    .to_string();
+    assert!(body.len() > 60_000);
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move {
+            (
+                http::StatusCode::TOO_MANY_REQUESTS,
+                [("content-type", "application/json")],
+                body,
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_credentials_out_of_quota_do_not_grow_the_proxy() {
+    let upstream = verbose_quota_upstream().await;
+    let proxy = Proxy::start(&["--upstream", &upstream, "--store", "memory"]);
+    let client = reqwest::Client::new();
+    let run = |from: usize, to: usize| {
+        let client = client.clone();
+        let proxy_url = proxy.url().to_owned();
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in from..to {
+                let client = client.clone();
+                let url = format!("{proxy_url}/v1/chat/completions");
+                tasks.spawn(async move {
+                    let response = client
+                        .post(url)
+                        .header("authorization", format!("Bearer sk-tenant-{i}"))
+                        .header("content-type", "application/json")
+                        .body(CHAT)
+                        .send()
+                        .await
+                        .expect("answered");
+                    assert_eq!(response.status(), 429);
+                    let body = response.bytes().await.expect("body");
+                    assert!(body.len() > 60_000, "the upstream's error, whole");
+                });
+                if tasks.len() >= 16 {
+                    tasks.join_next().await.expect("a task").expect("passes");
+                }
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.expect("passes");
+            }
+        }
+    };
+    run(0, 200).await;
+    let before = proxy.rss();
+    run(200, 5200).await;
+    let after = proxy.rss();
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "5,000 credentials out of quota: RSS {} -> {} MiB",
+        before >> 20,
+        after >> 20
+    );
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "RSS grew by {} MiB ({} -> {} MiB)",
+        grown >> 20,
+        before >> 20,
+        after >> 20
+    );
+    let metrics = common::metrics(proxy.url()).await;
+    assert_eq!(metrics["fallback_cache_quota_breaker_openings_total"], 5200);
+    assert!(metrics["fallback_cache_suspended_partitions"] <= 5200);
+    // One INFO line about suspensions, not one per credential.
+    let logs = proxy.logs();
+    let info_lines = logs
+        .lines()
+        .filter(|line| line.contains(" INFO ") && line.contains("suspended"))
+        .count();
+    assert!(info_lines <= 2, "{info_lines} INFO lines about suspensions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_a_408_within_the_body_timeout() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--body-timeout",
+        "1s",
+    ]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    stream
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"model\":",
+        )
+        .await
+        .expect("sent");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = common::metrics(proxy.url()).await;
+    assert_eq!(metrics["fallback_cache_client_faults_total"], 1);
+    assert_eq!(
+        metrics["fallback_cache_upstream_unreachable_responses_total"],
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_with_every_one_busy_healthz_still_answers() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    mock.control().set_event_delay(Duration::from_millis(500));
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--max-connections",
+        "2",
+    ]);
+    // Two slow streams keep both places busy.
+    let mut streams = Vec::new();
+    for i in 0..2 {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", proxy.url()))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"slow {i}"}}]}}"#
+            ))
+            .send()
+            .await
+            .expect("a stream starts");
+        assert_eq!(response.status(), 200);
+        streams.push(response);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let health = client
+        .get(format!("{}/healthz", proxy.url()))
+        .send()
+        .await
+        .expect("/healthz answers");
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.expect("body"), "ok\n");
+    let (status, body) = chat(&client, &proxy, "sk-third").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_connections_at_once() {
+    let mut proxy = Proxy::start(&["--store", "memory", "--shutdown-timeout", "30s"]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\n\r\n")
+        .await
+        .expect("request sent");
+    let mut buf = [0u8; 1024];
+    let read = stream.read(&mut buf).await.expect("the answer");
+    assert!(String::from_utf8_lossy(&buf[..read]).starts_with("HTTP/1.1 200"));
+    // The connection stays open, idle, as keep-alive connections do; another is opened and
+    // never used.
+    let unused = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    // And a third has sent half a request head.
+    let mut half = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: pro")
+        .await
+        .expect("half a head");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    proxy.terminate();
+    let status = proxy.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the idle connections held the shutdown for {:?}",
+        started.elapsed()
+    );
+    drop((stream, unused, half));
+}

@@ -1,0 +1,315 @@
+//! Hard to knock over: settings at their extremes, leaders that never finish or fail,
+//! and an inner service that is busy or broken.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tower::limit::ConcurrencyLimit;
+use tower::{Layer, Service, ServiceExt};
+use tower_fallback_cache::{FallbackCacheLayer, Mode, QuotaBreaker, Reason, RequestBody};
+
+type Req = Request<RequestBody<Full<Bytes>>>;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+fn answer_to(body: &[u8]) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"answer_to":"{}"}}"#,
+        blake3::hash(body).to_hex()
+    ))
+}
+
+fn question(text: &str) -> String {
+    format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{text}"}}]}}"#)
+}
+
+/// An upstream that answers each request with an answer of its body after `delay`; a
+/// question containing "hang" is held for a minute. The first `failures` calls get a 500,
+/// and every call gets the quota error while `quota` is set. `broken` makes `poll_ready`
+/// fail. Counts its calls.
+#[derive(Clone, Default)]
+struct Upstream {
+    calls: Arc<AtomicUsize>,
+    quota: Arc<AtomicBool>,
+    broken: Arc<AtomicBool>,
+    failures: usize,
+    delay: Duration,
+}
+
+impl Upstream {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<Req> for Upstream {
+    type Response = Response<UpstreamBody>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(std::io::Error::other("the upstream's pool is closed")));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let call = this.calls.fetch_add(1, Ordering::SeqCst);
+            let body = read_body(request.into_body()).await;
+            if body.windows(4).any(|w| w == b"hang") {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            tokio::time::sleep(this.delay).await;
+            if this.quota.load(Ordering::SeqCst) {
+                return Ok(provider_error("openai-429-insufficient_quota"));
+            }
+            if call < this.failures {
+                return Ok(provider_error("openai-503-server_is_overloaded"));
+            }
+            Ok(json_response(StatusCode::OK, answer_to(&body)))
+        })
+    }
+}
+
+fn cache_first() -> Mode {
+    Mode::CacheFirst {
+        fresh_for: Duration::from_secs(600),
+    }
+}
+
+#[tokio::test]
+async fn the_longest_quota_cooldowns_serve_quota_errors_without_panicking() {
+    let upstream = Upstream::default();
+    upstream.quota.store(true, Ordering::SeqCst);
+    let layer = FallbackCacheLayer::builder()
+        .quota_breaker(
+            QuotaBreaker::new()
+                .cooldown(Duration::MAX)
+                .max_cooldown(Duration::MAX),
+        )
+        .build();
+    let service = layer.layer(upstream.clone());
+    for i in 0..3 {
+        let response = service
+            .clone()
+            .oneshot(chat_request("sk-a", &question(&format!("q{i}"))))
+            .await
+            .expect("answered");
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+        if i > 0 {
+            let retry_after: u64 = response.headers()["retry-after"]
+                .to_str()
+                .expect("ascii")
+                .parse()
+                .expect("seconds");
+            assert!(retry_after > 29 * 24 * 3600, "{retry_after}");
+        }
+        read_body(response.into_body()).await;
+    }
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_caller_never_reads_does_not_hold_its_followers() {
+    let upstream = Upstream::default();
+    let layer = FallbackCacheLayer::builder()
+        .mode(cache_first())
+        .coalesce_wait(Duration::from_millis(300))
+        .build();
+    let service = layer.layer(upstream.clone());
+    let body = question("read me");
+    let held = service
+        .clone()
+        .oneshot(chat_request("sk-a", &body))
+        .await
+        .expect("the leader's answer");
+    assert_eq!(held.headers()["x-fallback-cache"], "MISS");
+    // `held` is kept, its body never read: the leader's answer is never stored.
+
+    let started = Instant::now();
+    let follower = tokio::time::timeout(
+        Duration::from_secs(5),
+        service.clone().oneshot(chat_request("sk-a", &body)),
+    )
+    .await
+    .expect("the follower is not held by the leader")
+    .expect("answered");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(follower.status(), StatusCode::OK);
+    assert_eq!(follower.headers()["x-fallback-cache"], "MISS");
+    assert_eq!(
+        read_body(follower.into_body()).await,
+        answer_to(body.as_bytes())
+    );
+    assert_eq!(upstream.calls(), 2);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_behind_a_leader_whose_answer_is_not_stored_make_one_more_call() {
+    let upstream = Upstream {
+        failures: 1,
+        delay: Duration::from_millis(200),
+        ..Upstream::default()
+    };
+    let layer = FallbackCacheLayer::builder().mode(cache_first()).build();
+    let service = layer.layer(upstream.clone());
+    let body = question("everyone at once");
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let service = service.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = service
+                .oneshot(chat_request("sk-a", &body))
+                .await
+                .expect("answered");
+            let status = response.status();
+            (status, read_body(response.into_body()).await)
+        }));
+    }
+    let mut failed = 0;
+    for task in tasks {
+        let (status, answer) = task.await.expect("completes");
+        if status == StatusCode::OK {
+            assert_eq!(answer, answer_to(body.as_bytes()));
+        } else {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1, "only the first leader got the 503");
+    assert!(
+        upstream.calls() <= 3,
+        "{} upstream calls for 100 identical requests",
+        upstream.calls()
+    );
+}
+
+/// Holds the only slot of a `ConcurrencyLimit(1)` with a call that hangs.
+async fn hold_the_only_slot<S>(service: &S, upstream: &Upstream) -> tokio::task::JoinHandle<()>
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let calls = upstream.calls();
+    let busy = service.clone();
+    let task = tokio::spawn(async move {
+        let _ = busy
+            .oneshot(chat_request("sk-b", &question("hang on")))
+            .await;
+    });
+    while upstream.calls() == calls {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task
+}
+
+#[tokio::test]
+async fn a_busy_inner_service_does_not_delay_a_hit() {
+    let upstream = Upstream::default();
+    let layer = FallbackCacheLayer::builder().mode(cache_first()).build();
+    let service = layer.layer(ConcurrencyLimit::new(upstream.clone(), 1));
+    let body = question("stored");
+    store_answer(&service, "sk-a", &body).await;
+    let busy = hold_the_only_slot(&service, &upstream).await;
+
+    let response = tokio::time::timeout(
+        Duration::from_secs(1),
+        service.clone().oneshot(chat_request("sk-a", &body)),
+    )
+    .await
+    .expect("a HIT does not wait for the inner service")
+    .expect("answered");
+    assert_eq!(response.headers()["x-fallback-cache"], "HIT");
+    assert_eq!(
+        read_body(response.into_body()).await,
+        answer_to(body.as_bytes())
+    );
+    busy.abort();
+}
+
+#[tokio::test]
+async fn a_busy_inner_service_does_not_delay_a_suspended_partitions_fallback() {
+    let upstream = Upstream::default();
+    let layer = FallbackCacheLayer::new();
+    let service = layer.layer(ConcurrencyLimit::new(upstream.clone(), 1));
+    let body = question("stored");
+    store_answer(&service, "sk-a", &body).await;
+    upstream.quota.store(true, Ordering::SeqCst);
+    let opened = store_answer(&service, "sk-a", &question("opens the breaker")).await;
+    assert!(String::from_utf8_lossy(&opened).contains("insufficient_quota"));
+    upstream.quota.store(false, Ordering::SeqCst);
+    let busy = hold_the_only_slot(&service, &upstream).await;
+
+    let response = tokio::time::timeout(
+        Duration::from_secs(1),
+        service.clone().oneshot(chat_request("sk-a", &body)),
+    )
+    .await
+    .expect("a suspended partition's answer does not wait for the inner service")
+    .expect("answered");
+    assert_eq!(response.headers()["x-fallback-cache"], "FALLBACK");
+    assert_eq!(
+        read_body(response.into_body()).await,
+        answer_to(body.as_bytes())
+    );
+    let quota_error = tokio::time::timeout(
+        Duration::from_secs(1),
+        service
+            .clone()
+            .oneshot(chat_request("sk-a", &question("nothing stored"))),
+    )
+    .await
+    .expect("nor does its quota error")
+    .expect("answered");
+    assert_eq!(quota_error.status(), StatusCode::TOO_MANY_REQUESTS);
+    busy.abort();
+}
+
+#[tokio::test]
+async fn a_readiness_error_falls_back_when_unreachable_is_configured() {
+    let upstream = Upstream::default();
+    let layer = FallbackCacheLayer::builder()
+        .fallback_on([Reason::InsufficientQuota, Reason::Unreachable])
+        .build();
+    let service = layer.layer(upstream.clone());
+    let body = question("stored");
+    store_answer(&service, "sk-a", &body).await;
+    upstream.broken.store(true, Ordering::SeqCst);
+
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk-a", &body))
+        .await
+        .expect("served from the cache");
+    assert_eq!(response.headers()["x-fallback-cache"], "FALLBACK");
+    assert_eq!(response.headers()["x-fallback-cache-reason"], "unreachable");
+    assert_eq!(
+        read_body(response.into_body()).await,
+        answer_to(body.as_bytes())
+    );
+    let error = service
+        .clone()
+        .oneshot(chat_request("sk-a", &question("nothing stored")))
+        .await
+        .expect_err("nothing to fall back on: the error");
+    assert_eq!(error.to_string(), "the upstream's pool is closed");
+    assert_eq!(
+        layer.stats().snapshot().failures_for(Reason::Unreachable),
+        2
+    );
+}

@@ -142,7 +142,8 @@ where
         }
     };
 
-    // 4. Upstream.
+    // 4. Upstream. The judge of the answer comes from the request's protocol (its path).
+    let rules = shared.protocols.completeness(&parts);
     let response = match inner
         .call(Request::from_parts(parts, RequestBody::full(bytes)))
         .await
@@ -178,7 +179,7 @@ where
                 leader,
             };
             let headers = parts.headers.clone();
-            let capture = Capture::new(sink, status, headers, shared.max_response_body);
+            let capture = Capture::new(sink, status, headers, shared.max_response_body, rules);
             ResponseBody::capture(body, capture)
         } else {
             tracing::debug!(%key, %status, "answer not storable (status, no-store or size)");

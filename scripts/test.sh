@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the tests need
-# (redis-server from Debian, the official openai Python SDK in a virtualenv), starts a
+# (redis-server from Debian, the official openai and anthropic Python SDKs in a virtualenv,
+# nodejs and npm from Debian and the openai Node SDK under target/), starts a
 # redis-server on a free loopback port, runs `cargo test`, and stops what it started.
 #
 #   scripts/test.sh            # everything
@@ -18,19 +19,38 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
-# The official openai SDK, for the end-to-end tests that drive the proxy as a user would.
+# The official openai and anthropic Python SDKs, for the end-to-end tests that drive the
+# proxy as a user would.
 VENV="${FALLBACK_CACHE_VENV:-$PWD/target/test-venv}"
-if ! "$VENV/bin/python" -c 'import openai' >/dev/null 2>&1; then
-  log "installing the openai Python SDK into $VENV"
-  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    log "installing python3-venv"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+if ! "$VENV/bin/python" -c 'import openai, anthropic' >/dev/null 2>&1; then
+  log "installing the openai and anthropic Python SDKs into $VENV"
+  if [ ! -x "$VENV/bin/python" ]; then
+    if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+      log "installing python3-venv"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    fi
+    python3 -m venv "$VENV"
   fi
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<3' 'anthropic>=0.40,<1'
 fi
 export FALLBACK_CACHE_TEST_PYTHON="$VENV/bin/python"
+
+# The official openai Node SDK (Debian's nodejs and npm, the SDK under target/).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  log "installing nodejs and npm"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+NODE_SDK="$PWD/target/node-sdk"
+if [ ! -d "$NODE_SDK/node_modules/openai" ]; then
+  log "installing the openai Node SDK into $NODE_SDK"
+  mkdir -p "$NODE_SDK"
+  [ -f "$NODE_SDK/package.json" ] || echo '{"name":"fallback-cache-e2e","private":true}' >"$NODE_SDK/package.json"
+  (cd "$NODE_SDK" && npm install --silent --no-audit --no-fund 'openai@>=4.80 <6')
+fi
+export FALLBACK_CACHE_TEST_NODE="$(command -v node)"
+export FALLBACK_CACHE_TEST_NODE_MODULES="$NODE_SDK"
 
 # A redis-server of our own on a free loopback port, stopped on exit.
 REDIS_DIR="$(mktemp -d)"

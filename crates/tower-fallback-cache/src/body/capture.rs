@@ -9,7 +9,7 @@ use http::{HeaderMap, StatusCode};
 use crate::coalesce::Leader;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::protocol::{Completeness, EventSplitter, Verdict, parse_event};
+use crate::protocol::{Completeness, EventSplitter, Verdict, parse_event_from};
 use crate::stats::{Counters, Stats};
 use crate::store::{Store, StoreFuture};
 
@@ -93,8 +93,8 @@ impl Capture {
             return Step::More;
         };
         let (frames, rules, verdict) = (&mut self.frames, &mut self.rules, &mut self.verdict);
-        splitter.push(chunk, |event| {
-            *verdict = judge(rules.as_mut(), &event);
+        splitter.push(chunk, |event, first_line_end| {
+            *verdict = judge(rules.as_mut(), &event, first_line_end);
             frames.push(event);
             *verdict == Verdict::Pending
         });
@@ -125,7 +125,7 @@ impl Capture {
         if let Some(splitter) = self.events.take() {
             if self.verdict == Verdict::Pending {
                 if let Some(last) = splitter.finish() {
-                    self.verdict = judge(self.rules.as_mut(), &last);
+                    self.verdict = judge(self.rules.as_mut(), &last, None);
                     self.frames.push(last);
                 }
             }
@@ -180,8 +180,8 @@ impl Capture {
 }
 
 /// The verdict of the rules on one raw event; events that carry nothing decide nothing.
-fn judge(rules: &mut dyn Completeness, raw: &[u8]) -> Verdict {
-    match parse_event(raw) {
+fn judge(rules: &mut dyn Completeness, raw: &[u8], first_line_end: Option<usize>) -> Verdict {
+    match parse_event_from(raw, first_line_end) {
         Some(event) => rules.event(&event),
         None => Verdict::Pending,
     }

@@ -6,7 +6,10 @@
 //! chunk with an `error` fails it; so does a body that ends before a `finishReason`. The
 //! live API ends its lines in CRLF.
 
+use std::sync::LazyLock;
+
 use http::request::Parts;
+use memchr::memmem::Finder;
 
 use super::json::says_failed;
 use super::{Completeness, Event, Protocol, Verdict, path};
@@ -41,7 +44,9 @@ impl Completeness for GenerateContentStream {
         if event.name() == "error" || says_failed(data) {
             return Verdict::Failed;
         }
-        if memchr::memmem::find(data, b"\"finishReason\"").is_some() {
+        static FINISH_REASON: LazyLock<Finder<'static>> =
+            LazyLock::new(|| Finder::new(b"\"finishReason\""));
+        if !self.finished && FINISH_REASON.find(data).is_some() {
             self.finished = true;
         }
         Verdict::Pending

@@ -2,6 +2,9 @@
 //! fields that say an answer failed.
 
 use std::fmt;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 use http::HeaderMap;
 use serde::Deserialize;
@@ -39,7 +42,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// common event carries no `"error"` at all and is judged by one fast search; an event that
 /// does is parsed (data that is not JSON says nothing).
 pub(crate) fn says_failed(data: &[u8]) -> bool {
-    if memchr::memmem::find(data, b"\"error\"").is_none() {
+    static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+    if ERROR.find(data).is_none() {
         return false;
     }
     serde_json::from_slice::<Outcome>(data).is_ok_and(|o| o.failed)

@@ -31,7 +31,7 @@ pub use json::default_body_is_good;
 pub use openai::OpenAi;
 pub use sse::Event;
 
-pub(crate) use sse::{EventSplitter, parse_event};
+pub(crate) use sse::{EventSplitter, parse_event_from};
 
 /// One API family: which requests it speaks for, and when their answers are complete.
 ///
@@ -217,15 +217,15 @@ pub(crate) mod tests {
         let mut rules = protocol.completeness(&request);
         let mut splitter = EventSplitter::default();
         let mut verdict = Verdict::Pending;
-        let mut judge = |raw: Bytes| {
-            if let Some(event) = parse_event(&raw) {
+        let mut judge = |raw: Bytes, first_line_end: Option<usize>| {
+            if let Some(event) = parse_event_from(&raw, first_line_end) {
                 verdict = rules.event(&event);
             }
             verdict == Verdict::Pending
         };
         if splitter.push(&Bytes::copy_from_slice(stream.as_bytes()), &mut judge) {
             if let Some(last) = splitter.finish() {
-                judge(last);
+                judge(last, None);
             }
         }
         Some(match verdict {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the tests need
-# (redis-server from Debian, the official openai Python SDK in a virtualenv), starts a
+# (redis-server from Debian, the official openai and anthropic Python SDKs in a virtualenv,
+# nodejs and npm from Debian and the openai Node SDK under target/), starts a
 # redis-server on a free loopback port, runs `cargo test`, and stops what it started.
 #
 #   scripts/test.sh            # everything
@@ -18,9 +19,26 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
-# The official openai SDK, for the end-to-end tests that drive the proxy as a user would.
-VENV="$(scripts/venv.sh 'openai>=1.40,<3')"
+# The official openai and anthropic Python SDKs, for the end-to-end tests that drive the
+# proxy as a user would.
+VENV="$(scripts/venv.sh 'openai>=1.40,<3' 'anthropic>=0.40,<1')"
 export FALLBACK_CACHE_TEST_PYTHON="$VENV/bin/python"
+
+# The official openai Node SDK (Debian's nodejs and npm, the SDK under target/).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  log "installing nodejs and npm"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+NODE_SDK="$PWD/target/node-sdk"
+if [ ! -d "$NODE_SDK/node_modules/openai" ]; then
+  log "installing the openai Node SDK into $NODE_SDK"
+  mkdir -p "$NODE_SDK"
+  [ -f "$NODE_SDK/package.json" ] || echo '{"name":"fallback-cache-e2e","private":true}' >"$NODE_SDK/package.json"
+  (cd "$NODE_SDK" && npm install --silent --no-audit --no-fund 'openai@>=4.80 <6')
+fi
+export FALLBACK_CACHE_TEST_NODE="$(command -v node)"
+export FALLBACK_CACHE_TEST_NODE_MODULES="$NODE_SDK"
 
 # A redis-server of our own on a free loopback port, stopped on exit.
 REDIS_DIR="$(mktemp -d)"

@@ -28,8 +28,8 @@ const QUOTED_CHARS: usize = 64;
 pub(crate) const CALL_HEADER: &str = "x-mock-upstream-call";
 
 #[derive(Clone)]
-struct AppState {
-    control: Control,
+pub(crate) struct AppState {
+    pub(crate) control: Control,
     /// Turns `true` when the owning [`crate::MockUpstream`] shuts down.
     shutdown: watch::Receiver<bool>,
 }
@@ -48,9 +48,13 @@ pub fn router(control: Control) -> Router {
 pub(crate) fn router_with_shutdown(control: Control, shutdown: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(crate::protocols::responses))
+        .route("/v1/messages", post(crate::protocols::messages))
+        .route("/v1beta/models/{model}", post(crate::protocols::gemini))
         .route("/v1/models", get(models))
         .route("/_mock/mode", post(set_mode))
         .route("/_mock/delay", post(set_delay))
+        .route("/_mock/stream", post(set_stream))
         .route("/_mock/calls", get(calls))
         .route("/_mock/reset", post(reset))
         .route("/_mock/state", get(state))
@@ -88,13 +92,19 @@ pub fn answer_text(request_body: &[u8]) -> String {
     format!("Answer {} to: {}", &hash[..16], quoted)
 }
 
+/// The text of the last message: chat and Anthropic `messages`, Responses `input` (a string
+/// or a list of messages), Gemini `contents` (their `parts`).
 fn last_message_text(request: &Value) -> String {
-    let content = request
-        .get("messages")
-        .and_then(Value::as_array)
-        .and_then(|m| m.last())
-        .and_then(|m| m.get("content"));
-    content_text(content)
+    if let Some(input @ Value::String(_)) = request.get("input") {
+        return content_text(Some(input));
+    }
+    let last = ["messages", "input", "contents"]
+        .iter()
+        .find_map(|field| request.get(*field).and_then(Value::as_array)?.last());
+    match last {
+        Some(message) => content_text(message.get("content").or_else(|| message.get("parts"))),
+        None => String::new(),
+    }
 }
 
 fn content_text(content: Option<&Value>) -> String {
@@ -237,13 +247,12 @@ async fn chat_completions(State(app): State<AppState>, body: Bytes) -> Response 
     let response = match settings.mode {
         Mode::Error(fixture) => fixture_response(fixture),
         Mode::Hang => unreachable_hang(),
-        Mode::Ok => answer(&id, &body, &settings, None),
-        Mode::Cut { after_events } => answer(&id, &body, &settings, Some(after_events)),
+        _ => answer(&id, &body, &settings),
     };
     with_call(response, call)
 }
 
-fn with_call(mut response: Response, call: u64) -> Response {
+pub(crate) fn with_call(mut response: Response, call: u64) -> Response {
     response
         .headers_mut()
         .insert(CALL_HEADER, HeaderValue::from(call));
@@ -251,7 +260,7 @@ fn with_call(mut response: Response, call: u64) -> Response {
 }
 
 /// `wait_while_hanging` never returns a hanging mode; answer 500 rather than panic anyway.
-fn unreachable_hang() -> Response {
+pub(crate) fn unreachable_hang() -> Response {
     openai_error(
         StatusCode::INTERNAL_SERVER_ERROR,
         "mock-upstream: internal error (hang)",
@@ -260,7 +269,7 @@ fn unreachable_hang() -> Response {
 }
 
 /// Waits as long as the mode is [`Mode::Hang`]. `None` when the server shuts down meanwhile.
-async fn wait_while_hanging(app: &AppState) -> Option<Settings> {
+pub(crate) async fn wait_while_hanging(app: &AppState) -> Option<Settings> {
     let mut settings_rx = app.control.subscribe();
     let mut shutdown = app.shutdown.clone();
     let released = settings_rx.wait_for(|s| s.mode != Mode::Hang);
@@ -280,7 +289,7 @@ async fn wait_while_hanging(app: &AppState) -> Option<Settings> {
     }
 }
 
-fn fixture_response(fixture: Fixture) -> Response {
+pub(crate) fn fixture_response(fixture: Fixture) -> Response {
     let status = StatusCode::from_u16(fixture.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,
@@ -290,7 +299,7 @@ fn fixture_response(fixture: Fixture) -> Response {
         .into_response()
 }
 
-fn answer(id: &str, body: &[u8], settings: &Settings, cut_after: Option<usize>) -> Response {
+fn answer(id: &str, body: &[u8], settings: &Settings) -> Response {
     let request: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) | Err(_) => return invalid_json(),
@@ -314,15 +323,10 @@ fn answer(id: &str, body: &[u8], settings: &Settings, cut_after: Option<usize>) 
 
     if stream {
         let events = sse_events(id, created, model, &pieces, usage, include_usage);
-        let mut response = aborting_or_clean(events, settings.event_delay, cut_after);
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
+        let failure = Bytes::from_static(
+            b"data: {\"error\":{\"message\":\"The server had an error while processing your request. Sorry about that!\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
         );
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        response
+        stream_response(events, 1, failure, settings)
     } else {
         let completion = Completion {
             id,
@@ -344,27 +348,107 @@ fn answer(id: &str, body: &[u8], settings: &Settings, cut_after: Option<usize>) 
             service_tier: "default",
             system_fingerprint: SYSTEM_FINGERPRINT,
         };
-        let json = to_json(&completion);
-        let mut response = match cut_after {
-            None => Response::new(Body::from(json)),
-            Some(_) => {
-                let half = json.len() / 2;
-                aborting_response(vec![Bytes::from(json).slice(..half)], Duration::ZERO)
-            }
-        };
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        response
+        json_answer(to_json(&completion), settings, || {
+            to_json(&serde_json::json!({
+                "error": {
+                    "message": "The server had an error while processing your request. Sorry about that!",
+                    "type": "server_error", "param": null, "code": null,
+                }
+            }))
+        })
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+/// A non-streamed answer under the current mode: `json` whole (`Ok`), its first half then
+/// an aborted connection (`Cut`), its first half then a clean end (`EndEarly`), or the body
+/// `failed` gives (`Fail`). `content-type: application/json`.
+pub(crate) fn json_answer(
+    json: Vec<u8>,
+    settings: &Settings,
+    failed: impl FnOnce() -> Vec<u8>,
+) -> Response {
+    let half = json.len() / 2;
+    let mut response = match settings.mode {
+        Mode::Cut { .. } => {
+            aborting_response(vec![Bytes::from(json).slice(..half)], Duration::ZERO)
+        }
+        Mode::EndEarly { .. } => Response::new(Body::from(Bytes::from(json).slice(..half))),
+        Mode::Fail { .. } => Response::new(Body::from(failed())),
+        _ => Response::new(Body::from(json)),
+    };
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A streamed answer under the current mode. `events` are the answer's events in LF form,
+/// the last `closing` of them its closing events; `failure` is the API's failure event.
+/// `Cut` aborts the connection after that many events; `EndEarly` ends the body cleanly
+/// before the closing events; `Fail` sends `failure` instead of them. Then the settings:
+/// a comment event first, CRLF line endings, a pause before the end of the body.
+pub(crate) fn stream_response(
+    mut events: Vec<Bytes>,
+    closing: usize,
+    failure: Bytes,
+    settings: &Settings,
+) -> Response {
+    let answer_len = events.len().saturating_sub(closing);
+    let mut abort = false;
+    match settings.mode {
+        Mode::Cut { after_events } => {
+            events.truncate(after_events);
+            abort = true;
+        }
+        Mode::EndEarly { after_events } => events.truncate(after_events.min(answer_len)),
+        Mode::Fail { after_events } => {
+            events.truncate(after_events.min(answer_len));
+            events.push(failure);
+        }
+        Mode::Ok | Mode::Error(_) | Mode::Hang => {}
+    }
+    if settings.comment_first {
+        events.insert(0, Bytes::from_static(b": PROCESSING\n\n"));
+    }
+    if settings.crlf {
+        for event in &mut events {
+            *event = to_crlf(event);
+        }
+    }
+    let tail = if abort {
+        Duration::ZERO
+    } else {
+        settings.tail_delay
+    };
+    let mut response = Response::new(event_body(events, settings.event_delay, abort, tail));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// `event` with each LF line ending turned into CRLF.
+fn to_crlf(event: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(event.len() + 8);
+    for &byte in event {
+        if byte == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(byte);
+    }
+    Bytes::from(out)
+}
+
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("the wire structs always serialize")
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -465,32 +549,27 @@ fn sse_events<'a>(
     events
 }
 
-/// A streamed body: one event per frame, `delay` between two events; with `cut_after`, the
-/// body errors (connection aborted) after that many events.
-fn aborting_or_clean(events: Vec<Bytes>, delay: Duration, cut_after: Option<usize>) -> Response {
-    match cut_after {
-        Some(n) => aborting_response(events.into_iter().take(n).collect(), delay),
-        None => Response::new(event_body(events, delay, false)),
-    }
-}
-
 /// Sends `frames` then aborts the connection.
 fn aborting_response(frames: Vec<Bytes>, delay: Duration) -> Response {
-    Response::new(event_body(frames, delay, true))
+    Response::new(event_body(frames, delay, true, Duration::ZERO))
 }
 
-fn event_body(frames: Vec<Bytes>, delay: Duration, abort_at_end: bool) -> Body {
+/// A body of `frames`, `delay` between two; then either an aborted connection
+/// (`abort_at_end`) or, `tail` after the last frame, a clean end.
+fn event_body(frames: Vec<Bytes>, delay: Duration, abort_at_end: bool, tail: Duration) -> Body {
     struct St {
         frames: std::vec::IntoIter<Bytes>,
         sent: usize,
         delay: Duration,
         abort_at_end: bool,
+        tail: Duration,
     }
     let st = St {
         frames: frames.into_iter(),
         sent: 0,
         delay,
         abort_at_end,
+        tail,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         match st.frames.next() {
@@ -511,6 +590,10 @@ fn event_body(frames: Vec<Bytes>, delay: Duration, abort_at_end: bool) -> Body {
                     )),
                     st,
                 ))
+            }
+            None if !st.tail.is_zero() => {
+                tokio::time::sleep(std::mem::take(&mut st.tail)).await;
+                None
             }
             None => None,
         }
@@ -549,7 +632,7 @@ fn openai_error(status: StatusCode, message: &str, kind: &str) -> Response {
     )
 }
 
-fn invalid_json() -> Response {
+pub(crate) fn invalid_json() -> Response {
     openai_error(
         StatusCode::BAD_REQUEST,
         "We could not parse the JSON body of your request. (HINT: This likely means you aren't \
@@ -557,6 +640,11 @@ fn invalid_json() -> Response {
          sent was not valid JSON.)",
         "invalid_request_error",
     )
+}
+
+/// An error in OpenAI's shape, `invalid_request_error`.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
+    openai_error(status, message, "invalid_request_error")
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
@@ -592,9 +680,20 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
 #[serde(tag = "mode", rename_all = "lowercase")]
 enum ModeWire {
     Ok,
-    Error { fixture: String },
+    Error {
+        fixture: String,
+    },
     Hang,
-    Cut { after_events: usize },
+    Cut {
+        after_events: usize,
+    },
+    #[serde(rename = "end_early")]
+    EndEarly {
+        after_events: usize,
+    },
+    Fail {
+        after_events: usize,
+    },
 }
 
 impl From<&Mode> for ModeWire {
@@ -608,6 +707,12 @@ impl From<&Mode> for ModeWire {
             Mode::Cut { after_events } => ModeWire::Cut {
                 after_events: *after_events,
             },
+            Mode::EndEarly { after_events } => ModeWire::EndEarly {
+                after_events: *after_events,
+            },
+            Mode::Fail { after_events } => ModeWire::Fail {
+                after_events: *after_events,
+            },
         }
     }
 }
@@ -617,6 +722,14 @@ impl From<&Mode> for ModeWire {
 struct DelayWire {
     event_delay_ms: Option<u64>,
     response_delay_ms: Option<u64>,
+    tail_delay_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamWire {
+    crlf: Option<bool>,
+    comment_first: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -625,6 +738,9 @@ struct StateWire {
     mode: ModeWire,
     event_delay_ms: u128,
     response_delay_ms: u128,
+    tail_delay_ms: u128,
+    crlf: bool,
+    comment_first: bool,
     calls: u64,
 }
 
@@ -636,6 +752,9 @@ fn state_response(control: &Control) -> Response {
             mode: ModeWire::from(&s.mode),
             event_delay_ms: s.event_delay.as_millis(),
             response_delay_ms: s.response_delay.as_millis(),
+            tail_delay_ms: s.tail_delay.as_millis(),
+            crlf: s.crlf,
+            comment_first: s.comment_first,
             calls: control.calls(),
         },
     )
@@ -654,6 +773,8 @@ async fn set_mode(State(app): State<AppState>, body: Bytes) -> Response {
         ModeWire::Ok => Mode::Ok,
         ModeWire::Hang => Mode::Hang,
         ModeWire::Cut { after_events } => Mode::Cut { after_events },
+        ModeWire::EndEarly { after_events } => Mode::EndEarly { after_events },
+        ModeWire::Fail { after_events } => Mode::Fail { after_events },
         ModeWire::Error { fixture } => match Fixture::by_name(&fixture) {
             Some(f) => Mode::Error(f),
             None => {
@@ -680,6 +801,23 @@ async fn set_delay(State(app): State<AppState>, body: Bytes) -> Response {
     }
     if let Some(ms) = wire.response_delay_ms {
         app.control.set_response_delay(Duration::from_millis(ms));
+    }
+    if let Some(ms) = wire.tail_delay_ms {
+        app.control.set_tail_delay(Duration::from_millis(ms));
+    }
+    state_response(&app.control)
+}
+
+async fn set_stream(State(app): State<AppState>, body: Bytes) -> Response {
+    let wire: StreamWire = match serde_json::from_slice(&body) {
+        Ok(w) => w,
+        Err(e) => return bad_control_request(&format!("invalid stream request: {e}")),
+    };
+    if let Some(crlf) = wire.crlf {
+        app.control.set_crlf(crlf);
+    }
+    if let Some(comment_first) = wire.comment_first {
+        app.control.set_comment_first(comment_first);
     }
     state_response(&app.control)
 }

@@ -30,6 +30,23 @@ pub enum Mode {
         /// Number of SSE events sent before the connection is aborted.
         after_events: usize,
     },
+    /// Streamed calls: send at most `after_events` events of the answer, never its closing
+    /// event (`[DONE]`, `response.completed`, `message_stop`, the chunk with a
+    /// `finishReason`), then end the body cleanly. Non-streamed calls: a 200 with the first
+    /// half of the JSON body, ended cleanly (not valid JSON).
+    EndEarly {
+        /// Number of SSE events sent before the body ends.
+        after_events: usize,
+    },
+    /// Streamed calls: send at most `after_events` events of the answer (never its closing
+    /// one), then the API's failure event (chat: `data: {"error": ...}`; Responses:
+    /// `response.failed`; Anthropic: `event: error`, `overloaded_error`; Gemini:
+    /// `data: {"error": ...}`), then end the body cleanly. Non-streamed calls: a 200 whose
+    /// body says it failed (Responses: `status: "failed"`; the others a top-level `error`).
+    Fail {
+        /// Number of SSE events sent before the failure event.
+        after_events: usize,
+    },
 }
 
 /// Snapshot of everything a call needs to know.
@@ -38,6 +55,9 @@ pub(crate) struct Settings {
     pub(crate) mode: Mode,
     pub(crate) event_delay: Duration,
     pub(crate) response_delay: Duration,
+    pub(crate) tail_delay: Duration,
+    pub(crate) crlf: bool,
+    pub(crate) comment_first: bool,
 }
 
 /// In-process handle on the behaviour of a mock upstream.
@@ -112,13 +132,40 @@ impl Control {
         self.inner.settings.borrow().response_delay
     }
 
-    /// Number of API calls (`POST /v1/chat/completions`) received since creation or the last
+    /// Sets the pause between the last event of a streamed answer and the end of its body
+    /// (real servers end the body a few milliseconds after `[DONE]`).
+    pub fn set_tail_delay(&self, delay: Duration) {
+        self.inner.settings.send_modify(|s| s.tail_delay = delay);
+    }
+
+    /// The pause between the last event of a streamed answer and the end of its body.
+    pub fn tail_delay(&self) -> Duration {
+        self.inner.settings.borrow().tail_delay
+    }
+
+    /// Ends every line of a streamed answer with CRLF (as the live Gemini API does) instead
+    /// of LF.
+    pub fn set_crlf(&self, crlf: bool) {
+        self.inner.settings.send_modify(|s| s.crlf = crlf);
+    }
+
+    /// Sends an SSE comment event (`: PROCESSING`, as OpenRouter does) before the first
+    /// event of a streamed answer.
+    pub fn set_comment_first(&self, comment_first: bool) {
+        self.inner
+            .settings
+            .send_modify(|s| s.comment_first = comment_first);
+    }
+
+    /// Number of API calls (`POST /v1/chat/completions`, `/v1/responses`, `/v1/messages`,
+    /// `/v1beta/models/{model}:{method}`) received since creation or the last
     /// [`reset`](Control::reset), whatever the mode and whatever their outcome.
     pub fn calls(&self) -> u64 {
         self.inner.calls.load(Ordering::SeqCst)
     }
 
-    /// Back to the default state: [`Mode::Ok`], no delays, zero calls. Completion ids keep
+    /// Back to the default state: [`Mode::Ok`], no delays, LF lines, no comment, zero
+    /// calls. Completion ids keep
     /// counting, so they stay unique across resets.
     pub fn reset(&self) {
         self.inner.settings.send_replace(Settings::default());

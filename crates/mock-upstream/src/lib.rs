@@ -47,6 +47,15 @@
 //! - `POST /v1/chat/completions`: counted as one call, whatever the outcome. Invalid JSON (or
 //!   not an object) gives `400 invalid_request_error`. Each response carries an
 //!   `x-mock-upstream-call: <n>` header (the call number since start or reset).
+//! - `POST /v1/responses`: the OpenAI Responses API, a `response` object, or its events with
+//!   `"stream": true` (`response.created` ... `response.completed`).
+//! - `POST /v1/messages`: the Anthropic Messages API, a `message`, or its events with
+//!   `"stream": true` (`message_start` ... `message_stop`, a `ping` among them).
+//! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: the
+//!   Gemini API (the answer's text in chunks, the last with `finishReason: "STOP"`).
+//! - Every API route counts as one call, answers the same text for the same body, and
+//!   follows the mode: a provider error (use that API's [`Fixture`]: Anthropic's
+//!   `credit_balance_too_low`, Gemini's `RESOURCE_EXHAUSTED`), hang, cut, end early, fail.
 //! - `GET /v1/models`: a small model list.
 //! - endpoints with side effects, `POST /v1/files`, `/v1/uploads`, `/v1/batches`,
 //!   `/v1/fine_tuning/jobs`, `/v1/threads/{id}/runs`, `/v1/vector_stores`: counted as a call;
@@ -61,10 +70,14 @@
 //! gives `400`):
 //!
 //! - `POST /_mock/mode`: `{"mode":"ok"}`, `{"mode":"error","fixture":"openai-429-insufficient_quota"}`
-//!   (any [`Fixture::all`] name), `{"mode":"hang"}` or `{"mode":"cut","after_events":2}`.
+//!   (any [`Fixture::all`] name), `{"mode":"hang"}`, `{"mode":"cut","after_events":2}`,
+//!   `{"mode":"end_early","after_events":2}` or `{"mode":"fail","after_events":2}`.
 //!   See [`Mode`].
-//! - `POST /_mock/delay`: `{"event_delay_ms":50,"response_delay_ms":0}`; a missing field keeps
-//!   its value.
+//! - `POST /_mock/delay`: `{"event_delay_ms":50,"response_delay_ms":0,"tail_delay_ms":50}`
+//!   (`tail`: between the last event of a stream and the end of its body); a missing field
+//!   keeps its value.
+//! - `POST /_mock/stream`: `{"crlf":true,"comment_first":true}`: CRLF line endings, an SSE
+//!   comment before the first event; a missing field keeps its value.
 //! - `GET /_mock/calls`: `{"calls":N}`.
 //! - `GET /_mock/state`: the state.
 //! - `POST /_mock/reset`: mode `ok`, no delays, zero calls.
@@ -76,6 +89,7 @@ mod actions;
 mod api;
 mod control;
 mod fixture;
+mod protocols;
 mod server;
 
 pub use api::{answer_text, router};

@@ -387,7 +387,10 @@ async fn calls_counter_counts_and_reset_resets() {
         .expect("state");
     assert_eq!(
         state,
-        json!({"mode": "ok", "event_delay_ms": 0, "response_delay_ms": 0, "calls": 0})
+        json!({
+            "mode": "ok", "event_delay_ms": 0, "response_delay_ms": 0, "tail_delay_ms": 0,
+            "crlf": false, "comment_first": false, "calls": 0,
+        })
     );
     assert_eq!(remote_calls(&mock).await, 0);
     assert_eq!(

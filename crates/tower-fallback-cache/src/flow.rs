@@ -172,6 +172,8 @@ where
     // comes encoded anyway is passed on as it is, never stored. Its readiness is awaited
     // here, not in `poll_ready`: the answers above never wait behind upstream
     // backpressure, and a readiness error is a failed call.
+    // The judge of the answer comes from the request's protocol (its path).
+    let rules = shared.protocols.completeness(&parts);
     let mut parts = parts;
     parts
         .headers
@@ -217,7 +219,7 @@ where
                 leader,
             };
             let headers = parts.headers.clone();
-            let capture = Capture::new(sink, status, headers, shared.max_response_body);
+            let capture = Capture::new(sink, status, headers, shared.max_response_body, rules);
             ResponseBody::capture(body, capture)
         } else {
             tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding or size)");

@@ -11,6 +11,7 @@ use crate::classify::{Classify, ProviderClassifier, Reason};
 use crate::coalesce::InFlight;
 use crate::key::KeyRules;
 use crate::partition::Partition;
+use crate::protocol::{Protocol, Protocols};
 use crate::service::FallbackCache;
 use crate::stats::Stats;
 use crate::store::{MemoryStore, Store};
@@ -58,6 +59,7 @@ pub(crate) struct Shared {
     pub(crate) key_rules: KeyRules,
     pub(crate) partition: Partition,
     pub(crate) classifier: Arc<dyn Classify>,
+    pub(crate) protocols: Protocols,
     pub(crate) mode: Mode,
     pub(crate) fallback_on: u8,
     pub(crate) ttl: Duration,
@@ -160,6 +162,7 @@ impl std::fmt::Debug for FallbackCacheLayer {
             .field("max_request_body", &s.max_request_body)
             .field("max_response_body", &s.max_response_body)
             .field("quota_breaker", &s.breaker.policy())
+            .field("protocols", &s.protocols)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +176,7 @@ pub struct FallbackCacheBuilder {
     key_rules: KeyRules,
     partition: Partition,
     classifier: Arc<dyn Classify>,
+    protocols: Protocols,
     mode: Mode,
     fallback_on: u8,
     ttl: Duration,
@@ -190,6 +194,7 @@ impl Default for FallbackCacheBuilder {
             key_rules: KeyRules::default(),
             partition: Partition::default(),
             classifier: Arc::new(ProviderClassifier),
+            protocols: Protocols::builtin(),
             mode: Mode::default(),
             fallback_on: Reason::InsufficientQuota.bit(),
             ttl: DEFAULT_TTL,
@@ -264,6 +269,22 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// Teaches the layer an API: `protocol` is asked before the ones already set (by
+    /// default the built-in [`OpenAi`](crate::protocol::OpenAi),
+    /// [`Anthropic`](crate::protocol::Anthropic) and [`Gemini`](crate::protocol::Gemini))
+    /// whether it speaks for a request, and if it does, its rules decide when the answer is
+    /// whole and may be stored. See [`Protocol`].
+    pub fn protocol<P: Protocol>(mut self, protocol: P) -> Self {
+        self.protocols = self.protocols.with(protocol);
+        self
+    }
+
+    /// Replaces the list of protocols (default [`Protocols::builtin`]).
+    pub fn protocols(mut self, protocols: Protocols) -> Self {
+        self.protocols = protocols;
+        self
+    }
+
     /// The largest request body that is keyed (default 4 MiB). A larger request is
     /// forwarded whole and unaltered, marked `BYPASS`.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
@@ -305,6 +326,7 @@ impl FallbackCacheBuilder {
                 key_rules: self.key_rules,
                 partition: self.partition,
                 classifier: self.classifier,
+                protocols: self.protocols,
                 mode: self.mode,
                 fallback_on: self.fallback_on,
                 ttl: self.ttl,

@@ -75,7 +75,9 @@
 //! - After an `insufficient_quota`, that credential's upstream calls are suspended for a
 //!   cooldown, and its requests are answered at once (see [`QuotaBreaker`]).
 //! - Streamed answers (`text/event-stream`) are captured as they pass and replayed event by
-//!   event; only complete answers are stored, never an error.
+//!   event; only whole, good answers are stored, never an error: the rules of each API
+//!   (OpenAI chat, completions and Responses, Anthropic Messages, Gemini) are in
+//!   [`protocol`], and a [`protocol::Protocol`] of your own teaches the layer another.
 //! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`:
 //!   answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
 //!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
@@ -117,6 +119,7 @@ pub mod headers;
 mod key;
 mod layer;
 mod partition;
+pub mod protocol;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;

@@ -322,7 +322,7 @@ async fn a_stream_over_the_limit_is_delivered_whole_and_not_stored() {
 }
 
 #[tokio::test]
-async fn a_non_openai_event_stream_is_stored_when_it_ends_cleanly() {
+async fn an_anthropic_event_stream_is_stored_at_message_stop() {
     let upstream = StreamingUpstream::default();
     let layer = FallbackCacheLayer::new();
     let service = layer.layer(upstream.clone().into_service());
@@ -333,7 +333,7 @@ async fn a_non_openai_event_stream_is_stored_when_it_ends_cleanly() {
     ];
     let response = service
         .clone()
-        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .oneshot(messages_request())
         .await
         .expect("ok");
     let tx = upstream.last_sender();
@@ -345,14 +345,18 @@ async fn a_non_openai_event_stream_is_stored_when_it_ends_cleanly() {
     assert_eq!(layer.stats().snapshot().stored, 1);
 
     upstream.run_out_of_quota();
-    let replay = service
-        .oneshot(chat_request("sk", STREAM_REQUEST))
-        .await
-        .expect("ok");
+    let replay = service.oneshot(messages_request()).await.expect("ok");
     assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
     let mut body = replay.into_body();
     for event in &events {
         assert_eq!(next_data(&mut body).await.as_ref(), Some(event));
     }
     assert!(next_data(&mut body).await.is_none());
+}
+
+/// A streamed Anthropic Messages request.
+fn messages_request() -> Request<Full<Bytes>> {
+    let mut request = chat_request("sk", STREAM_REQUEST);
+    *request.uri_mut() = http::Uri::from_static("/v1/messages");
+    request
 }

@@ -5,7 +5,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{Capture, Resumed, size_hint_plus, to_bytes_frame};
+use super::{Capture, Resumed, Step, size_hint_plus, to_bytes_frame};
 use crate::entry::CachedResponse;
 use crate::store::StoreFuture;
 
@@ -90,9 +90,9 @@ where
                 done,
             } => loop {
                 if let Some(write) = storing.as_mut() {
-                    // The write is finished before the end of the answer is handed on, so
-                    // the answer is in the store once the client has read it all. Its
-                    // outcome is counted and logged by the write itself.
+                    // The write is finished before the frame that completed the answer is
+                    // handed on, so the answer is in the store once the client has read its
+                    // terminal event. Its outcome is counted and logged by the write itself.
                     let _ = ready!(write.as_mut().poll(cx));
                     *storing = None;
                     if let Some(frame) = held.take() {
@@ -106,9 +106,14 @@ where
                     Some(Ok(frame)) => {
                         let frame = to_bytes_frame(frame);
                         if let (Some(data), Some(copy)) = (frame.data_ref(), capture.as_mut()) {
-                            if !copy.push(data) {
+                            let step = copy.push(data);
+                            if step == Step::Refused {
                                 *capture = None;
-                            } else if copy.is_complete() {
+                            } else if step == Step::Complete || copy.is_complete() {
+                                // The terminal event (or the last announced byte) is in this
+                                // frame: the answer is stored now, before the frame is
+                                // handed on, whatever the rest of the body does and however
+                                // early the client stops reading after it.
                                 *storing = capture.take().and_then(|copy| copy.finish());
                                 if storing.is_some() {
                                     *held = Some(frame);

@@ -1,0 +1,74 @@
+//! Anthropic: the Messages API (`POST /v1/messages`).
+//!
+//! A stream is complete at `message_stop`; `event: error` anywhere (`overloaded_error`
+//! after the 200), or a body that ends before `message_stop`, fails it. `ping` events decide
+//! nothing.
+
+use http::request::Parts;
+
+use super::json::type_of;
+use super::{Completeness, Event, Protocol, Verdict, path};
+
+/// The Anthropic Messages API: requests whose path ends with `/messages` (not those of
+/// OpenAI's Assistants threads, `/threads/{id}/messages`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Anthropic;
+
+impl Protocol for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn matches(&self, request: &Parts) -> bool {
+        let path = path(request);
+        path.ends_with("/messages") && !path.contains("/threads/")
+    }
+
+    fn completeness(&self, _request: &Parts) -> Box<dyn Completeness> {
+        Box::new(MessagesStream)
+    }
+}
+
+/// Complete at `message_stop`; `error` fails it.
+struct MessagesStream;
+
+impl Completeness for MessagesStream {
+    fn event(&mut self, event: &Event<'_>) -> Verdict {
+        let typed;
+        let kind = if event.has_name() {
+            event.name()
+        } else {
+            typed = type_of(event.data());
+            typed.as_deref().unwrap_or("")
+        };
+        match kind {
+            "message_stop" => Verdict::Complete,
+            "error" => Verdict::Failed,
+            _ => Verdict::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::judge;
+    use super::*;
+
+    #[test]
+    fn messages_streams_end_at_message_stop_and_fail_on_error() {
+        let path = "/v1/messages";
+        let complete = include_str!("../../../../tests/fixtures/anthropic-message-stream.sse");
+        assert_eq!(judge(&Anthropic, path, complete), Some(true));
+        assert_eq!(
+            judge(&Anthropic, path, &complete.replace('\n', "\r\n")),
+            Some(true)
+        );
+        let error = include_str!("../../../../tests/fixtures/anthropic-message-stream-error.sse");
+        assert_eq!(judge(&Anthropic, path, error), Some(false));
+        let (cut, _) = complete.split_at(complete.find("event: message_stop").expect("terminal"));
+        assert_eq!(judge(&Anthropic, path, cut), Some(false));
+        let comment_first = format!(": keep-alive\n\n{cut}");
+        assert_eq!(judge(&Anthropic, path, &comment_first), Some(false));
+        assert!(!Anthropic.matches(&super::super::tests::request("/v1/threads/t/messages")));
+    }
+}

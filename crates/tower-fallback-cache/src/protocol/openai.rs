@@ -1,0 +1,150 @@
+//! OpenAI: chat completions, legacy completions and the Responses API, and the many servers
+//! that speak them (Azure OpenAI, OpenRouter, vLLM, LiteLLM, ...).
+//!
+//! | endpoint (path ends with) | complete | failed |
+//! | --- | --- | --- |
+//! | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
+//! | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event |
+
+use http::request::Parts;
+
+use super::json::{says_failed, type_of};
+use super::{Completeness, Event, Protocol, Verdict, path};
+
+/// The OpenAI API family (see the [module](self) table).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenAi;
+
+/// The endpoints of the family whose answers the rules judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `/chat/completions` and the legacy `/completions`: closed by `data: [DONE]`.
+    Completions,
+    /// `/responses`: closed by a terminal `response.*` event.
+    Responses,
+}
+
+fn endpoint(request: &Parts) -> Option<Endpoint> {
+    let path = path(request);
+    if path.ends_with("/completions") {
+        Some(Endpoint::Completions)
+    } else if path.ends_with("/responses") {
+        Some(Endpoint::Responses)
+    } else {
+        None
+    }
+}
+
+impl Protocol for OpenAi {
+    fn name(&self) -> &'static str {
+        "openai"
+    }
+
+    fn matches(&self, request: &Parts) -> bool {
+        endpoint(request).is_some()
+    }
+
+    fn completeness(&self, request: &Parts) -> Box<dyn Completeness> {
+        match endpoint(request) {
+            Some(Endpoint::Responses) => Box::new(ResponsesStream),
+            _ => Box::new(CompletionsStream),
+        }
+    }
+}
+
+/// Chat and legacy completions: complete at `data: [DONE]`; an event carrying an `error`
+/// fails the answer.
+struct CompletionsStream;
+
+impl Completeness for CompletionsStream {
+    fn event(&mut self, event: &Event<'_>) -> Verdict {
+        let data = event.data();
+        if data == b"[DONE]" {
+            Verdict::Complete
+        } else if event.name() == "error" || says_failed(data) {
+            Verdict::Failed
+        } else {
+            Verdict::Pending
+        }
+    }
+}
+
+/// Responses: complete at `response.completed` or `response.incomplete` (the terminal
+/// answer the API gives, e.g. at `max_output_tokens`); `response.failed` and `error`
+/// fail it.
+struct ResponsesStream;
+
+impl Completeness for ResponsesStream {
+    fn event(&mut self, event: &Event<'_>) -> Verdict {
+        let typed;
+        let kind = if event.has_name() {
+            event.name()
+        } else {
+            // A server that sends no `event:` lines: the type is in the data.
+            typed = type_of(event.data());
+            typed.as_deref().unwrap_or("")
+        };
+        match kind {
+            "response.completed" | "response.incomplete" => Verdict::Complete,
+            "response.failed" | "error" => Verdict::Failed,
+            _ => Verdict::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::judge;
+    use super::*;
+
+    #[test]
+    fn chat_streams_end_at_done_and_fail_on_an_error_event() {
+        let chat = "/v1/chat/completions";
+        let fixture = include_str!("../../../../tests/fixtures/openai-chat-completion-stream.sse");
+        assert_eq!(judge(&OpenAi, chat, fixture), Some(true));
+        let comment =
+            include_str!("../../../../tests/fixtures/openai-chat-completion-stream-comment.sse");
+        assert_eq!(judge(&OpenAi, chat, comment), Some(true));
+        let (cut, _) = comment.split_at(comment.find("data: [DONE]").expect("[DONE]"));
+        assert_eq!(judge(&OpenAi, chat, cut), Some(false));
+        let error =
+            include_str!("../../../../tests/fixtures/openai-chat-completion-stream-error.sse");
+        assert_eq!(judge(&OpenAi, chat, error), Some(false));
+        let error_then_done = format!("{error}data: [DONE]\n\n");
+        assert_eq!(judge(&OpenAi, chat, &error_then_done), Some(false));
+        let azure = "/openai/deployments/gpt/chat/completions";
+        assert_eq!(
+            judge(&OpenAi, azure, &fixture.replace('\n', "\r\n")),
+            Some(true)
+        );
+        assert_eq!(judge(&OpenAi, "/v1/completions", fixture), Some(true));
+    }
+
+    #[test]
+    fn responses_streams_end_at_a_terminal_event() {
+        let path = "/v1/responses";
+        let complete = include_str!("../../../../tests/fixtures/openai-responses-stream.sse");
+        assert_eq!(judge(&OpenAi, path, complete), Some(true));
+        let incomplete =
+            include_str!("../../../../tests/fixtures/openai-responses-stream-incomplete.sse");
+        assert_eq!(judge(&OpenAi, path, incomplete), Some(true));
+        let failed = include_str!("../../../../tests/fixtures/openai-responses-stream-failed.sse");
+        assert_eq!(judge(&OpenAi, path, failed), Some(false));
+        let (cut, _) = complete.split_at(
+            complete
+                .find("event: response.completed")
+                .expect("terminal"),
+        );
+        assert_eq!(judge(&OpenAi, path, cut), Some(false));
+        // Without `event:` lines, the type in the data decides.
+        let data_only: String = complete
+            .split_inclusive('\n')
+            .filter(|line| !line.starts_with("event:"))
+            .collect();
+        assert_eq!(judge(&OpenAi, path, &data_only), Some(true));
+        let error = format!(
+            "{cut}event: error\ndata: {{\"type\":\"error\",\"code\":\"server_error\"}}\n\n"
+        );
+        assert_eq!(judge(&OpenAi, path, &error), Some(false));
+    }
+}

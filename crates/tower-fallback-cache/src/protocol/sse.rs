@@ -1,0 +1,295 @@
+//! Server-sent events: the split of a stream into events, and the fields of one event.
+//!
+//! An event ends at a blank line; a line ends in CRLF, LF or CR (the three forms of the
+//! SSE specification: the fixtures use LF, the live Gemini API CRLF).
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+
+/// One event of a server-sent event stream, as a [`Completeness`](super::Completeness)
+/// judge sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    name: Option<&'a str>,
+    data: Cow<'a, [u8]>,
+}
+
+impl<'a> Event<'a> {
+    /// An event with this `event:` name (`None`: no `event:` field) and data.
+    pub fn new(name: Option<&'a str>, data: &'a [u8]) -> Self {
+        Self {
+            name,
+            data: Cow::Borrowed(data),
+        }
+    }
+
+    /// The event's type: its `event:` field, or `"message"` when it has none (as the SSE
+    /// specification says).
+    pub fn name(&self) -> &str {
+        self.name.unwrap_or("message")
+    }
+
+    /// Whether the event has an `event:` field.
+    pub fn has_name(&self) -> bool {
+        self.name.is_some()
+    }
+
+    /// Its data: the values of its `data:` lines, joined by `\n`.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// [`parse_event_from`] without a hint: the full reading.
+#[cfg(test)]
+pub(crate) fn parse_event(raw: &[u8]) -> Option<Event<'_>> {
+    parse_event_from(raw, None)
+}
+
+/// The fields of one raw event (its lines and the blank line that ends it). `None` for an
+/// event that carries nothing: only comments (`: OPENROUTER PROCESSING`) or only `id:` and
+/// `retry:` fields, and for `ping` events (Anthropic's keep-alive).
+///
+/// `first_line_end`, when the splitter knows it, is where the event's first line ends: an
+/// event of one line (`data: {...}` and its blank line, the common case) is then read
+/// without another scan of its bytes.
+pub(crate) fn parse_event_from(raw: &[u8], first_line_end: Option<usize>) -> Option<Event<'_>> {
+    if let Some(eol) = first_line_end {
+        let terminator = raw.get(eol..).unwrap_or_default();
+        if terminator.len() <= 4 && terminator.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            return single_line(&raw[..eol]);
+        }
+    }
+    let mut name: Option<&str> = None;
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memchr2(b'\r', b'\n', rest) {
+            Some(i) => {
+                let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                (&rest[..i], &rest[i + skip..])
+            }
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = next;
+        if line.is_empty() || line[0] == b':' {
+            continue;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &line[line.len()..]),
+        };
+        match field {
+            b"data" => match &mut data {
+                None => data = Some(Cow::Borrowed(value)),
+                Some(joined) => {
+                    let joined = joined.to_mut();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(value);
+                }
+            },
+            b"event" => name = Some(std::str::from_utf8(value).unwrap_or("")),
+            _ => {}
+        }
+    }
+    if name == Some("ping") || (name.is_none() && data.is_none()) {
+        return None;
+    }
+    Some(Event {
+        name,
+        data: data.unwrap_or(Cow::Borrowed(&[])),
+    })
+}
+
+/// The fields of an event of one line.
+fn single_line(line: &[u8]) -> Option<Event<'_>> {
+    if line.first() == Some(&b':') {
+        return None;
+    }
+    let (field, value) = match memchr::memchr(b':', line) {
+        Some(colon) => {
+            let value = &line[colon + 1..];
+            (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => (line, &line[line.len()..]),
+    };
+    match field {
+        b"data" => Some(Event::new(None, value)),
+        b"event" => match std::str::from_utf8(value).unwrap_or("") {
+            "ping" => None,
+            name => Some(Event::new(Some(name), &[])),
+        },
+        _ => None,
+    }
+}
+
+/// Splits an event stream into its events, whatever the chunking.
+#[derive(Default)]
+pub(crate) struct EventSplitter {
+    partial: BytesMut,
+    /// Where to resume looking for the end of the event in `partial`.
+    scanned: usize,
+}
+
+impl EventSplitter {
+    /// Cuts the complete events out of `chunk` (with what came before it) and hands each to
+    /// `event`, with where its first line ends when known, until `event` returns `false`.
+    /// Returns `false` if it did.
+    pub(crate) fn push(
+        &mut self,
+        chunk: &Bytes,
+        mut event: impl FnMut(Bytes, Option<usize>) -> bool,
+    ) -> bool {
+        if self.partial.is_empty() {
+            // The common case, a frame of whole events: they are cut out of the frame
+            // itself, without a copy.
+            let mut start = 0;
+            while let Some((end, first_line_end)) = event_end(chunk, start) {
+                if !event(chunk.slice(start..end), Some(first_line_end - start)) {
+                    return false;
+                }
+                start = end;
+            }
+            self.partial.extend_from_slice(&chunk[start..]);
+            self.scanned = 0;
+            return true;
+        }
+        // An event split across frames: gathered in `partial`.
+        self.partial.extend_from_slice(chunk);
+        while let Some((end, first_line_end)) = event_end(&self.partial, self.scanned) {
+            // Scanning resumed past the start: earlier line endings were not seen.
+            let first_line_end = (self.scanned == 0).then_some(first_line_end);
+            self.scanned = 0;
+            if !event(self.partial.split_to(end).freeze(), first_line_end) {
+                return false;
+            }
+        }
+        // A blank line that ends later starts in the last three bytes at the earliest
+        // (`\r\n\r` waits for its `\n`).
+        self.scanned = self.partial.len().saturating_sub(3);
+        true
+    }
+
+    /// The unterminated last event, if any bytes are left.
+    pub(crate) fn finish(mut self) -> Option<Bytes> {
+        (!self.partial.is_empty()).then(|| self.partial.split().freeze())
+    }
+}
+
+/// The end of the first complete event in `bytes` at or after `from`: just after the blank
+/// line that ends it (two line endings in a row, each CRLF, LF or CR), and where the first
+/// line ending seen from `from` starts. `None` if there is none yet, or if the bytes end in
+/// a CR that may be the first half of a CRLF.
+fn event_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
+    let tail = bytes.get(from..)?;
+    let mut first = None;
+    for at in memchr::memchr2_iter(b'\r', b'\n', tail) {
+        let i = from + at;
+        let first = *first.get_or_insert(i);
+        // The line ending at `i` ends just before `next`.
+        let next = match (bytes[i], bytes.get(i + 1)) {
+            (b'\r', Some(b'\n')) => {
+                // CRLF: the LF is the next match and ends the line.
+                continue;
+            }
+            (b'\r', None) => return None,
+            _ => i + 1,
+        };
+        // A blank line: another line ending right after.
+        match (bytes.get(next), bytes.get(next + 1)) {
+            (Some(b'\n'), _) => return Some((next + 1, first)),
+            (Some(b'\r'), Some(b'\n')) => return Some((next + 2, first)),
+            (Some(b'\r'), None) => return None,
+            (Some(b'\r'), Some(_)) => return Some((next + 1, first)),
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut splitter = EventSplitter::default();
+        let mut events = Vec::new();
+        for chunk in chunks {
+            splitter.push(&Bytes::copy_from_slice(chunk), |e, first_line_end| {
+                // The fast reading of one-line events agrees with the full one.
+                assert_eq!(parse_event_from(&e, first_line_end), parse_event(&e));
+                events.push(e.to_vec());
+                true
+            });
+        }
+        events.extend(splitter.finish().map(|e| e.to_vec()));
+        events
+    }
+
+    fn one_byte_at_a_time(stream: &[u8]) -> Vec<Vec<u8>> {
+        let chunks: Vec<&[u8]> = stream.chunks(1).collect();
+        split(&chunks)
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_in_every_line_ending() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let events = [
+                format!("event: a{eol}data: 1{eol}{eol}"),
+                format!(": comment{eol}{eol}"),
+                format!("data: 2{eol}data: 3{eol}{eol}"),
+            ];
+            let stream = events.concat();
+            let expected: Vec<Vec<u8>> = events.iter().map(|e| e.as_bytes().to_vec()).collect();
+            assert_eq!(split(&[stream.as_bytes()]), expected, "{eol:?}");
+            assert_eq!(one_byte_at_a_time(stream.as_bytes()), expected, "{eol:?}");
+        }
+    }
+
+    #[test]
+    fn mixed_line_endings_split_as_the_specification_says() {
+        let stream = b"data: a\n\r\ndata: b\r\n\ndata: c\r\rdata: d\n\r";
+        let expected: Vec<Vec<u8>> = vec![
+            b"data: a\n\r\n".to_vec(),
+            b"data: b\r\n\n".to_vec(),
+            b"data: c\r\r".to_vec(),
+            b"data: d\n\r".to_vec(),
+        ];
+        assert_eq!(split(&[stream]), expected);
+        assert_eq!(one_byte_at_a_time(stream), expected);
+    }
+
+    #[test]
+    fn fields_are_read_in_every_line_ending() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let raw = format!(
+                ": hi{eol}event: message_stop{eol}data: {{}}{eol}data: x{eol}id: 7{eol}{eol}"
+            );
+            let event = parse_event(raw.as_bytes()).expect("an event");
+            assert_eq!(event.name(), "message_stop");
+            assert_eq!(event.data(), b"{}\nx");
+        }
+        let plain = parse_event(b"data:[DONE]\n\n").expect("an event");
+        assert_eq!((plain.name(), plain.data()), ("message", &b"[DONE]"[..]));
+        assert!(!plain.has_name());
+    }
+
+    #[test]
+    fn comments_ids_and_pings_carry_nothing() {
+        assert_eq!(parse_event(b": OPENROUTER PROCESSING\n\n"), None);
+        assert_eq!(parse_event(b"id: 1\nretry: 10\n\n"), None);
+        assert_eq!(
+            parse_event(b"event: ping\ndata: {\"type\": \"ping\"}\n\n"),
+            None
+        );
+        assert_eq!(parse_event(b"\n\n"), None);
+    }
+}

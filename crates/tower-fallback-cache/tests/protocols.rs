@@ -1,0 +1,499 @@
+//! Only whole, good answers are stored, for every provider protocol: a complete stream is
+//! stored and replayed event for event; a stream cut before its closing event, one that
+//! fails or carries an error event, one that starts with a comment and is then cut, a 200
+//! that is not JSON or says it failed: never served, and never in place of a good answer.
+//! Each in LF and CRLF.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+use tower::{Layer, ServiceExt, service_fn};
+use tower_fallback_cache::{FallbackCacheLayer, QuotaBreaker, Reason, RequestBody};
+
+/// A layer that falls back on every provider's quota error (Gemini's is a 429
+/// `RESOURCE_EXHAUSTED`, classified `rate_limited`), and keeps calling the upstream after
+/// one, so that each step of a test reaches it.
+fn layer() -> FallbackCacheLayer {
+    FallbackCacheLayer::builder()
+        .fallback_on([Reason::InsufficientQuota, Reason::RateLimited])
+        .quota_breaker(QuotaBreaker::disabled())
+        .build()
+}
+
+type Req = Request<RequestBody<Full<Bytes>>>;
+type Sender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// One API: where its requests go, its complete stream, and its error fixture.
+struct Api {
+    name: &'static str,
+    path: &'static str,
+    complete: &'static str,
+    /// The API's own failing stream (a fixture), if there is one.
+    failing: Option<&'static str>,
+    /// An error event of this API, inserted mid-stream.
+    error_event: &'static str,
+    /// The quota error of this API.
+    quota: &'static str,
+}
+
+const APIS: [Api; 4] = [
+    Api {
+        name: "openai chat",
+        path: "/v1/chat/completions",
+        complete: "openai-chat-completion-stream-comment.sse",
+        failing: Some("openai-chat-completion-stream-error.sse"),
+        error_event: "data: {\"error\":{\"message\":\"Provider disconnected\",\"code\":502}}\n\n",
+        quota: "openai-429-insufficient_quota",
+    },
+    Api {
+        name: "openai responses",
+        path: "/v1/responses",
+        complete: "openai-responses-stream.sse",
+        failing: Some("openai-responses-stream-failed.sse"),
+        error_event: "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"boom\",\"param\":null,\"sequence_number\":5}\n\n",
+        quota: "openai-429-insufficient_quota",
+    },
+    Api {
+        name: "anthropic messages",
+        path: "/v1/messages",
+        complete: "anthropic-message-stream.sse",
+        failing: Some("anthropic-message-stream-error.sse"),
+        error_event: "event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n",
+        quota: "anthropic-400-credit_balance_too_low",
+    },
+    Api {
+        name: "gemini",
+        path: "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+        complete: "gemini-stream-generate-content.sse",
+        failing: None,
+        error_event: "data: {\"error\": {\"code\": 503, \"message\": \"The model is overloaded.\", \"status\": \"UNAVAILABLE\"}}\n\n",
+        quota: "gemini-429-resource_exhausted",
+    },
+];
+
+/// The events of a stream, each with its blank line; in CRLF when `crlf`.
+fn events(text: &str, crlf: bool) -> Vec<Bytes> {
+    text.split_inclusive("\n\n")
+        .map(|event| {
+            let event = if crlf {
+                event.replace('\n', "\r\n")
+            } else {
+                event.to_owned()
+            };
+            Bytes::from(event)
+        })
+        .collect()
+}
+
+fn fixture_events(name: &str, crlf: bool) -> Vec<Bytes> {
+    events(
+        &String::from_utf8(fixture(name)).expect("utf-8 fixture"),
+        crlf,
+    )
+}
+
+/// The events of `api`'s complete stream before its closing one, and the closing one.
+fn without_terminal(api: &Api, crlf: bool) -> Vec<Bytes> {
+    let mut all = fixture_events(api.complete, crlf);
+    all.pop();
+    all
+}
+
+/// What the upstream answers next.
+#[derive(Clone)]
+enum Next {
+    /// A 200 `text/event-stream`, each event a frame, then a clean end.
+    Stream(Vec<Bytes>),
+    /// A 200 with this content type and body.
+    Plain(&'static str, Bytes),
+    /// A 200 event stream fed by the test through the sender it finds in `senders`.
+    Open,
+    /// The API's quota error.
+    Quota(&'static str),
+}
+
+#[derive(Clone)]
+struct Upstream {
+    next: Arc<Mutex<Next>>,
+    senders: Arc<Mutex<Vec<Sender>>>,
+}
+
+impl Upstream {
+    fn new() -> Self {
+        Self {
+            next: Arc::new(Mutex::new(Next::Open)),
+            senders: Arc::default(),
+        }
+    }
+
+    fn answer(&self, next: Next) {
+        *self.next.lock().expect("not poisoned") = next;
+    }
+
+    fn service(
+        self,
+    ) -> impl tower::Service<
+        Req,
+        Response = Response<UpstreamBody>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        let this = self;
+        service_fn(move |_: Req| {
+            let next = this.next.lock().expect("not poisoned").clone();
+            let senders = this.senders.clone();
+            async move {
+                let sse = |body: UpstreamBody| {
+                    Response::builder()
+                        .header("content-type", "text/event-stream; charset=utf-8")
+                        .body(body)
+                        .expect("valid response")
+                };
+                Ok::<_, Infallible>(match next {
+                    Next::Stream(events) => {
+                        let frames = events
+                            .into_iter()
+                            .map(|e| Ok::<_, std::io::Error>(http_body::Frame::data(e)));
+                        sse(
+                            http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+                                .boxed(),
+                        )
+                    }
+                    Next::Plain(content_type, body) => Response::builder()
+                        .header("content-type", content_type)
+                        .body(full(body))
+                        .expect("valid response"),
+                    Next::Open => {
+                        let (tx, body) = ChannelBody::new();
+                        senders.lock().expect("not poisoned").push(tx);
+                        sse(body.boxed())
+                    }
+                    Next::Quota(name) => provider_error(name),
+                })
+            }
+        })
+    }
+}
+
+fn request(path: &str, prompt: &str) -> Request<Full<Bytes>> {
+    let body = format!(
+        r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    Request::post(path)
+        .header("authorization", "Bearer sk-test")
+        .header("x-api-key", "sk-test")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid request")
+}
+
+/// Every frame of a body, each as it came.
+async fn frames<B>(body: B) -> Vec<Bytes>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut body = body;
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("no body error").into_data() {
+            frames.push(data);
+        }
+    }
+    frames
+}
+
+/// Asks `path` for `prompt` through `service` and reads the whole answer: its cache status
+/// and its frames.
+async fn ask<S, B>(service: &S, path: &str, prompt: &str) -> (String, Vec<Bytes>)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let response = service
+        .clone()
+        .oneshot(request(path, prompt))
+        .await
+        .expect("the layer answers");
+    let status = response.headers()["x-fallback-cache"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    (status, frames(response.into_body()).await)
+}
+
+/// The failing variants of `api`'s stream: (what, events).
+fn failing_variants(api: &Api, crlf: bool) -> Vec<(&'static str, Vec<Bytes>)> {
+    let head = without_terminal(api, crlf);
+    let mut variants = vec![("cut before the closing event", head.clone())];
+    if let Some(failing) = api.failing {
+        variants.push(("its failing fixture", fixture_events(failing, crlf)));
+    }
+    let at = (head.len() / 2).max(1);
+    let mut mid = head[..at].to_vec();
+    mid.extend(events(api.error_event, crlf));
+    mid.extend(head[at..].iter().cloned());
+    if api.name != "gemini" {
+        // A closing event after the error does not make the answer good.
+        mid.push(
+            fixture_events(api.complete, crlf)
+                .pop()
+                .expect("a closing event"),
+        );
+    }
+    variants.push(("an error event mid-stream", mid));
+    let mut comment_first = events(": OPENROUTER PROCESSING\n\n", crlf);
+    comment_first.extend(head[..at].iter().cloned());
+    variants.push(("a comment first, then cut", comment_first));
+    variants
+}
+
+#[tokio::test]
+async fn every_protocol_stores_its_complete_stream_and_never_a_failing_one() {
+    for crlf in [false, true] {
+        for api in &APIS {
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            let complete = fixture_events(api.complete, crlf);
+            let ctx = format!("{} ({})", api.name, if crlf { "CRLF" } else { "LF" });
+
+            // A good answer, stored.
+            upstream.answer(Next::Stream(complete.clone()));
+            let (status, got) = ask(&service, api.path, "good").await;
+            assert_eq!((status.as_str(), &got), ("MISS", &complete), "{ctx}");
+            assert_eq!(layer.stats().snapshot().stored, 1, "{ctx}: not stored");
+
+            for (what, variant) in failing_variants(api, crlf) {
+                // The same request gets a failing answer: the client sees it as it is...
+                upstream.answer(Next::Stream(variant.clone()));
+                let (status, got) = ask(&service, api.path, "good").await;
+                assert_eq!((status.as_str(), &got), ("MISS", &variant), "{ctx}: {what}");
+                // ...and a request that never had a good answer gets none stored.
+                ask(&service, api.path, what).await;
+                assert_eq!(
+                    layer.stats().snapshot().stored,
+                    1,
+                    "{ctx}: {what}: a failing answer was stored"
+                );
+
+                upstream.answer(Next::Quota(api.quota));
+                let (status, got) = ask(&service, api.path, "good").await;
+                assert_eq!(status, "FALLBACK", "{ctx}: {what}");
+                assert_eq!(got, complete, "{ctx}: {what}: the good answer was replaced");
+                let (status, _) = ask(&service, api.path, what).await;
+                assert_eq!(status, "MISS", "{ctx}: {what}: a failing answer was served");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_is_stored_at_its_closing_event_even_if_the_client_leaves_then() {
+    for api in APIS.iter().filter(|api| api.name != "gemini") {
+        let upstream = Upstream::new();
+        let layer = layer();
+        let service = layer.layer(upstream.clone().service());
+        let complete = fixture_events(api.complete, false);
+
+        upstream.answer(Next::Open);
+        let response = service
+            .clone()
+            .oneshot(request(api.path, "leave"))
+            .await
+            .expect("the layer answers");
+        let mut body = response.into_body();
+        let tx = upstream
+            .senders
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .expect("a call");
+        // The upstream sends every event, then keeps its body open (a real server ends it
+        // a little later); the client reads up to the closing event and leaves, as the
+        // Python SDK's sync client does at `data: [DONE]`.
+        for event in &complete {
+            tx.send(Ok(event.clone())).await.expect("open");
+        }
+        for event in &complete {
+            let frame = body.frame().await.expect("a frame").expect("no error");
+            assert_eq!(frame.into_data().ok().as_ref(), Some(event), "{}", api.name);
+        }
+        drop(body);
+        assert_eq!(
+            layer.stats().snapshot().stored,
+            1,
+            "{}: the answer whose closing event the client read was not stored",
+            api.name
+        );
+        drop(tx);
+
+        upstream.answer(Next::Quota(api.quota));
+        let (status, got) = ask(&service, api.path, "leave").await;
+        assert_eq!(
+            (status.as_str(), got),
+            ("FALLBACK", complete),
+            "{}",
+            api.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_closing_event_leaves_nothing_stored() {
+    for api in &APIS {
+        let upstream = Upstream::new();
+        let layer = layer();
+        let service = layer.layer(upstream.clone().service());
+        let head = without_terminal(api, false);
+
+        upstream.answer(Next::Open);
+        let response = service
+            .clone()
+            .oneshot(request(api.path, "gone"))
+            .await
+            .expect("the layer answers");
+        let mut body = response.into_body();
+        let tx = upstream
+            .senders
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .expect("a call");
+        for event in &head {
+            tx.send(Ok(event.clone())).await.expect("open");
+            body.frame().await.expect("a frame").expect("no error");
+        }
+        drop(body);
+        // The closing event comes after the client left: the copy is gone with it.
+        let _ = tx
+            .send(Ok(fixture_events(api.complete, false).pop().expect("last")))
+            .await;
+        drop(tx);
+        assert_eq!(layer.stats().snapshot().stored, 0, "{}", api.name);
+    }
+}
+
+#[tokio::test]
+async fn a_plain_answer_that_is_not_json_or_says_it_failed_is_never_served() {
+    let responses_good = Bytes::from(fixture("openai-responses.json"));
+    let failed = String::from_utf8(fixture("openai-responses.json"))
+        .expect("utf-8")
+        .replacen("\"status\": \"completed\"", "\"status\": \"failed\"", 1)
+        .replacen("\"error\": null", "\"error\": {\"code\": \"server_error\", \"message\": \"The model failed to generate a response.\"}", 1);
+    assert!(
+        failed.contains("\"status\": \"failed\""),
+        "the fixture changed"
+    );
+    let cases: [(&str, Bytes, &str, Bytes); 4] = [
+        (
+            "/v1/responses",
+            responses_good.clone(),
+            "a Responses object with status failed",
+            Bytes::from(failed),
+        ),
+        (
+            "/v1/chat/completions",
+            chat_completion(),
+            "invalid JSON",
+            chat_completion().slice(..100),
+        ),
+        (
+            "/v1/messages",
+            Bytes::from(fixture("anthropic-message.json")),
+            "a top-level error",
+            Bytes::from_static(
+                br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            ),
+        ),
+        (
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            Bytes::from(fixture("gemini-generate-content.json")),
+            "a top-level error",
+            Bytes::from_static(br#"{"error":{"code":503,"status":"UNAVAILABLE"}}"#),
+        ),
+    ];
+    for (path, good, what, bad) in cases {
+        let upstream = Upstream::new();
+        let layer = layer();
+        let service = layer.layer(upstream.clone().service());
+        upstream.answer(Next::Plain("application/json", good.clone()));
+        ask(&service, path, "good").await;
+        upstream.answer(Next::Plain("application/json", bad.clone()));
+        let (status, got) = ask(&service, path, "good").await;
+        assert_eq!(
+            (status.as_str(), got.concat()),
+            ("MISS", bad.to_vec()),
+            "{path}: {what}"
+        );
+        ask(&service, path, "bad").await;
+        assert_eq!(
+            layer.stats().snapshot().stored,
+            1,
+            "{path}: {what} was stored"
+        );
+
+        upstream.answer(Next::Quota("openai-429-insufficient_quota"));
+        let (status, got) = ask(&service, path, "good").await;
+        assert_eq!(
+            (status.as_str(), got.concat()),
+            ("FALLBACK", good.to_vec()),
+            "{path}: {what}"
+        );
+        let (status, _) = ask(&service, path, "bad").await;
+        assert_eq!(status, "MISS", "{path}: {what} was served");
+    }
+}
+
+#[tokio::test]
+async fn an_event_stream_of_an_unknown_api_is_stored_only_with_a_rule_for_it() {
+    use http::request::Parts;
+    use tower_fallback_cache::protocol::{Completeness, Event, Protocol, Verdict};
+
+    #[derive(Debug)]
+    struct Generate;
+    struct EndsWithEnd;
+    impl Completeness for EndsWithEnd {
+        fn event(&mut self, event: &Event<'_>) -> Verdict {
+            match event.name() {
+                "end" => Verdict::Complete,
+                _ => Verdict::Pending,
+            }
+        }
+    }
+    impl Protocol for Generate {
+        fn name(&self) -> &'static str {
+            "generate"
+        }
+        fn matches(&self, request: &Parts) -> bool {
+            request.uri.path() == "/v1/generate"
+        }
+        fn completeness(&self, _: &Parts) -> Box<dyn Completeness> {
+            Box::new(EndsWithEnd)
+        }
+    }
+
+    let stream = events("data: a\n\ndata: b\n\nevent: end\ndata: {}\n\n", false);
+    for (layer, stored) in [
+        (layer(), 0),
+        (FallbackCacheLayer::builder().protocol(Generate).build(), 1),
+    ] {
+        let upstream = Upstream::new();
+        let service = layer.layer(upstream.clone().service());
+        upstream.answer(Next::Stream(stream.clone()));
+        ask(&service, "/v1/generate", "x").await;
+        assert_eq!(layer.stats().snapshot().stored, stored);
+    }
+}

@@ -37,6 +37,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Listening for the signals before announcing the address: a caller that stops the mock
+    // as soon as it has used it must find the handlers in place.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let stopped = futures_poll_once(stop.as_mut()).await.is_some();
     {
         let mut stdout = std::io::stdout().lock();
         // Nobody reading stdout is not a reason to stop serving.
@@ -44,10 +49,24 @@ async fn main() -> ExitCode {
         let _ = stdout.flush();
     }
 
-    shutdown_signal().await;
+    if !stopped {
+        stop.await;
+    }
     tracing::info!("shutting down");
     drop(mock);
     ExitCode::SUCCESS
+}
+
+/// Polls `future` once, so that what it registers on its first poll (signal handlers) is in
+/// place; `Some` if it completed already.
+async fn futures_poll_once<F: Future + Unpin>(mut future: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM.

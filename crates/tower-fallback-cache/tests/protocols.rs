@@ -485,10 +485,30 @@ async fn an_event_stream_of_an_unknown_api_is_stored_only_with_a_rule_for_it() {
         }
     }
 
+    // A new API is taught in two places: its endpoint is cacheable, and its protocol
+    // says when an answer is whole. Cacheable alone stores nothing.
+    let cacheable = || {
+        tower_fallback_cache::Cacheable::patterns(
+            tower_fallback_cache::Cacheable::INFERENCE
+                .iter()
+                .copied()
+                .chain(["POST /v1/generate"]),
+        )
+        .expect("valid patterns")
+    };
     let stream = events("data: a\n\ndata: b\n\nevent: end\ndata: {}\n\n", false);
     for (layer, stored) in [
-        (layer(), 0),
-        (FallbackCacheLayer::builder().protocol(Generate).build(), 1),
+        (
+            FallbackCacheLayer::builder().cacheable(cacheable()).build(),
+            0,
+        ),
+        (
+            FallbackCacheLayer::builder()
+                .cacheable(cacheable())
+                .protocol(Generate)
+                .build(),
+            1,
+        ),
     ] {
         let upstream = Upstream::new();
         let service = layer.layer(upstream.clone().service());

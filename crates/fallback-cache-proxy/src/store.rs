@@ -17,14 +17,16 @@ pub(crate) enum StoreSpec {
     Memory,
     /// A redb file (`disk:PATH`).
     Disk(PathBuf),
-    /// A Redis server (`redis://host:port/db` or `rediss://...`).
+    /// A Redis server (`redis://host:port/db` or `rediss://...`), or a Redis Cluster
+    /// (`redis+cluster://host:port,host:port`, `rediss+cluster://...`, or several
+    /// `redis://` URLs separated by commas).
     Redis(String),
 }
 
 impl StoreSpec {
-    /// `memory`, `disk:PATH`, or `redis://host:port/db`.
+    /// `memory`, `disk:PATH`, `redis://host:port/db` or a cluster's nodes.
     pub(crate) fn parse(text: &str) -> Result<StoreSpec, String> {
-        let expected = "expected disk:PATH, memory or redis://host:port/db";
+        let expected = "expected disk:PATH, memory, redis://host:port/db or redis+cluster://host:port,host:port";
         let text = text.trim();
         if text.eq_ignore_ascii_case("memory") {
             return Ok(StoreSpec::Memory);
@@ -35,12 +37,32 @@ impl StoreSpec {
             }
             return Ok(StoreSpec::Disk(PathBuf::from(path)));
         }
-        if text.starts_with("redis://") || text.starts_with("rediss://") {
+        if REDIS_SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
+            if text.contains(',')
+                && !text.contains("+cluster://")
+                && text.split(',').any(|node| {
+                    !REDIS_SCHEMES[..2]
+                        .iter()
+                        .any(|scheme| node.trim().starts_with(scheme))
+                })
+            {
+                return Err(format!(
+                    "{expected} (several nodes: each a redis:// URL, or redis+cluster://host:port,host:port)"
+                ));
+            }
             return Ok(StoreSpec::Redis(text.to_owned()));
         }
         Err(expected.to_owned())
     }
 }
+
+/// The URL schemes of a Redis store: one node first, then a cluster.
+const REDIS_SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis+cluster://",
+    "rediss+cluster://",
+];
 
 /// `--on-corrupt`: what to do with a disk store file found damaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +103,19 @@ impl fmt::Display for StoreSpec {
     }
 }
 
-/// A URL with its password replaced by `***`.
+/// A URL with its password replaced by `***` (each node's, for a cluster).
 fn redact(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact).collect::<Vec<_>>().join(",");
+    }
+    // A cluster URL's first node carries the password; the others are bare `host:port`.
+    if !url.contains("://") {
+        return if url.contains('@') {
+            "(unparsable node)".to_owned()
+        } else {
+            url.to_owned()
+        };
+    }
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
@@ -113,7 +146,9 @@ pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> 
             Ok(tiered(front, back, config))
         }
         StoreSpec::Redis(url) => {
-            let back = redis::open(url).await.map_err(fail)?;
+            let back = redis::open(url, config.redis_ca_file.as_deref())
+                .await
+                .map_err(fail)?;
             Ok(tiered(front, back, config))
         }
     }
@@ -121,9 +156,10 @@ pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> 
 
 /// The setting with a Redis password hidden, for an error message.
 fn redact_setting(setting: &str) -> String {
-    match setting
-        .find("redis://")
-        .or_else(|| setting.find("rediss://"))
+    match REDIS_SCHEMES
+        .iter()
+        .filter_map(|scheme| setting.find(scheme))
+        .min()
     {
         Some(at) => {
             let (head, url) = setting.split_at(at);
@@ -211,11 +247,17 @@ mod disk {
 mod redis {
     use std::sync::Arc;
 
+    use std::path::Path;
     use tower_fallback_cache::Store;
+
     use tower_fallback_cache::store::RedisStore;
 
-    pub(super) async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
-        match RedisStore::builder(url).connect().await {
+    pub(super) async fn open(url: &str, ca_file: Option<&Path>) -> Result<Arc<dyn Store>, String> {
+        let mut builder = RedisStore::builder(url);
+        if let Some(path) = ca_file {
+            builder = builder.ca_file(path);
+        }
+        match builder.connect().await {
             Ok(store) => Ok(Arc::new(store)),
             Err(error) => Err(error.to_string()),
         }
@@ -226,9 +268,11 @@ mod redis {
 mod redis {
     use std::sync::Arc;
 
+    use std::path::Path;
+
     use tower_fallback_cache::Store;
 
-    pub(super) async fn open(_: &str) -> Result<Arc<dyn Store>, String> {
+    pub(super) async fn open(_: &str, _: Option<&Path>) -> Result<Arc<dyn Store>, String> {
         Err(
             "this build has no Redis store (cargo feature \"redis\"); use --store disk:PATH"
                 .to_owned(),
@@ -251,6 +295,12 @@ mod tests {
             StoreSpec::parse("redis://127.0.0.1:6379/0"),
             Ok(StoreSpec::Redis("redis://127.0.0.1:6379/0".into()))
         );
+        let cluster = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001";
+        assert_eq!(
+            StoreSpec::parse(cluster),
+            Ok(StoreSpec::Redis(cluster.into()))
+        );
+        assert!(StoreSpec::parse("redis://a:1,b:2").is_err());
         assert!(StoreSpec::parse("disk:").is_err());
         assert!(StoreSpec::parse("/tmp/x.redb").is_err());
     }
@@ -275,6 +325,8 @@ mod tests {
         let setting = redact_setting("store = \"redis://:hunter2@host/0\" in proxy.toml");
         assert!(!setting.contains("hunter2"), "{setting}");
         assert!(setting.ends_with("\" in proxy.toml"), "{setting}");
+        let cluster = StoreSpec::Redis("redis+cluster://:hunter2@h1:7000,h2:7001".into());
+        assert_eq!(cluster.to_string(), "redis+cluster://:***@h1:7000,h2:7001");
     }
 
     #[test]

@@ -5,7 +5,14 @@
 //! ```
 //!
 //! The Redis benches run against `FALLBACK_CACHE_TEST_REDIS_URL`, or a redis-server of their
-//! own when one is on PATH; without either they are skipped.
+//! own when one is on PATH; without either they are skipped. The Redis Cluster and TLS
+//! Redis benches run against the servers `scripts/test.sh` starts
+//! (`FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL`, `FALLBACK_CACHE_TEST_REDIS_TLS_URL` with
+//! `FALLBACK_CACHE_TEST_REDIS_CA_FILE`), and are skipped without them:
+//!
+//! ```text
+//! scripts/test.sh --run cargo bench -p fallback-cache-tests --bench stores
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -130,6 +137,41 @@ fn stores(c: &mut Criterion) {
             .expect("redis store")
     });
     get_and_put(c, &runtime, "redis", &redis);
+
+    match std::env::var("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL") {
+        Ok(url) if !url.is_empty() => {
+            let cluster = runtime.block_on(async {
+                RedisStore::builder(url)
+                    .prefix(unique_prefix("bench"))
+                    .connect()
+                    .await
+                    .expect("redis cluster store")
+            });
+            get_and_put(c, &runtime, "redis cluster (3 nodes)", &cluster);
+        }
+        _ => eprintln!(
+            "redis cluster: skipped (no FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL; scripts/test.sh sets it)"
+        ),
+    }
+    match (
+        std::env::var("FALLBACK_CACHE_TEST_REDIS_TLS_URL"),
+        std::env::var("FALLBACK_CACHE_TEST_REDIS_CA_FILE"),
+    ) {
+        (Ok(url), Ok(ca_file)) if !url.is_empty() => {
+            let tls = runtime.block_on(async {
+                RedisStore::builder(url)
+                    .prefix(unique_prefix("bench"))
+                    .ca_file(ca_file)
+                    .connect()
+                    .await
+                    .expect("TLS redis store")
+            });
+            get_and_put(c, &runtime, "redis tls", &tls);
+        }
+        _ => eprintln!(
+            "redis tls: skipped (no FALLBACK_CACHE_TEST_REDIS_TLS_URL and _CA_FILE; scripts/test.sh sets them)"
+        ),
+    }
 }
 
 criterion_group!(benches, stores);

@@ -36,7 +36,8 @@ pub(crate) struct Cli {
     pub(crate) upstream: String,
 
     /// Where answers are kept: disk:PATH (a redb file that survives restarts), memory, or
-    /// redis://host:port/db (shared by every replica). Disk and Redis get a memory store of
+    /// redis://host:port/db (shared by every replica; rediss:// for TLS; a Redis Cluster as
+    /// redis+cluster://host:port,host:port). Disk and Redis get a memory store of
     /// --max-memory in front.
     #[arg(
         long,
@@ -45,6 +46,16 @@ pub(crate) struct Cli {
         default_value = "disk:./fallback-cache.redb"
     )]
     pub(crate) store: String,
+
+    /// The CA certificates (PEM) a rediss:// store's certificate is verified against, for a
+    /// private CA; empty: the system roots.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_REDIS_CA_FILE",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub(crate) redis_ca_file: String,
 
     /// How long an answer is kept and may be served (e.g. 7d, 12h, 30m).
     #[arg(
@@ -269,6 +280,7 @@ pub(crate) const SETTINGS: &[&str] = &[
     "listen",
     "upstream",
     "store",
+    "redis-ca-file",
     "ttl",
     "max-memory",
     "max-disk",

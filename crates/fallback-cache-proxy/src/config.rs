@@ -24,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) store: StoreSpec,
     /// The store setting as the user wrote it, for errors about it.
     pub(crate) store_setting: String,
+    /// `--redis-ca-file`: the CA a `rediss://` store is verified against, or the system roots.
+    pub(crate) redis_ca_file: Option<PathBuf>,
     pub(crate) ttl: Duration,
     pub(crate) max_memory: u64,
     pub(crate) max_disk: u64,
@@ -170,6 +172,9 @@ where
         upstream: raw("upstream").parse(parse::upstream)?,
         store_setting: store.setting(),
         store: store.parse(StoreSpec::parse)?,
+        redis_ca_file: Some(raw("redis-ca-file").value.trim().to_owned())
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from),
         ttl: raw("ttl").parse(parse::positive_duration)?,
         max_memory: raw("max-memory").parse(parse::size)?,
         max_disk: raw("max-disk").parse(parse::size)?,

@@ -175,14 +175,16 @@ pub(crate) enum StoreSpec {
     Memory,
     /// A redb file (`disk:PATH`).
     Disk(PathBuf),
-    /// A Redis server (`redis://host:port/db` or `rediss://...`).
+    /// A Redis server (`redis://host:port/db` or `rediss://...`), or a Redis Cluster
+    /// (`redis+cluster://host:port,host:port`, `rediss+cluster://...`, or several
+    /// `redis://` URLs separated by commas).
     Redis(String),
 }
 
 impl StoreSpec {
-    /// `memory`, `disk:PATH`, or `redis://host:port/db`.
+    /// `memory`, `disk:PATH`, `redis://host:port/db` or a cluster's nodes.
     pub(crate) fn parse(text: &str) -> Result<StoreSpec, String> {
-        let expected = "expected disk:PATH, memory or redis://host:port/db";
+        let expected = "expected disk:PATH, memory, redis://host:port/db or redis+cluster://host:port,host:port";
         let text = text.trim();
         if text.eq_ignore_ascii_case("memory") {
             return Ok(StoreSpec::Memory);
@@ -193,12 +195,32 @@ impl StoreSpec {
             }
             return Ok(StoreSpec::Disk(PathBuf::from(path)));
         }
-        if text.starts_with("redis://") || text.starts_with("rediss://") {
+        if REDIS_SCHEMES.iter().any(|scheme| text.starts_with(scheme)) {
+            if text.contains(',')
+                && !text.contains("+cluster://")
+                && text.split(',').any(|node| {
+                    !REDIS_SCHEMES[..2]
+                        .iter()
+                        .any(|scheme| node.trim().starts_with(scheme))
+                })
+            {
+                return Err(format!(
+                    "{expected} (several nodes: each a redis:// URL, or redis+cluster://host:port,host:port)"
+                ));
+            }
             return Ok(StoreSpec::Redis(text.to_owned()));
         }
         Err(expected.to_owned())
     }
 }
+
+/// The URL schemes of a Redis store: one node first, then a cluster.
+const REDIS_SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis+cluster://",
+    "rediss+cluster://",
+];
 
 /// `--on-corrupt`: what to do with a disk store file found damaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,8 +253,19 @@ impl fmt::Display for StoreSpec {
     }
 }
 
-/// A URL with its password replaced by `***`.
+/// A URL with its password replaced by `***` (each node's, for a cluster).
 pub(crate) fn redact(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact).collect::<Vec<_>>().join(",");
+    }
+    // A cluster URL's first node carries the password; the others are bare `host:port`.
+    if !url.contains("://") {
+        return if url.contains('@') {
+            "(unparsable node)".to_owned()
+        } else {
+            url.to_owned()
+        };
+    }
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
@@ -293,6 +326,12 @@ mod tests {
             StoreSpec::parse("redis://127.0.0.1:6379/0"),
             Ok(StoreSpec::Redis("redis://127.0.0.1:6379/0".into()))
         );
+        let cluster = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001";
+        assert_eq!(
+            StoreSpec::parse(cluster),
+            Ok(StoreSpec::Redis(cluster.into()))
+        );
+        assert!(StoreSpec::parse("redis://a:1,b:2").is_err());
         assert!(StoreSpec::parse("disk:").is_err());
         assert!(StoreSpec::parse("/tmp/x.redb").is_err());
     }

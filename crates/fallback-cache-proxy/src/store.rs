@@ -38,7 +38,9 @@ pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> 
             Ok(tiered(front, back, config))
         }
         StoreSpec::Redis(url) => {
-            let back = redis::open(url).await.map_err(fail)?;
+            let back = redis::open(url, config.redis_ca_file.as_deref())
+                .await
+                .map_err(fail)?;
             Ok(tiered(front, back, config))
         }
     }
@@ -46,9 +48,10 @@ pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> 
 
 /// The setting with a Redis password hidden, for an error message.
 fn redact_setting(setting: &str) -> String {
-    match setting
-        .find("redis://")
-        .or_else(|| setting.find("rediss://"))
+    match REDIS_SCHEMES
+        .iter()
+        .filter_map(|scheme| setting.find(scheme))
+        .min()
     {
         Some(at) => {
             let (head, url) = setting.split_at(at);
@@ -137,11 +140,17 @@ mod disk {
 mod redis {
     use std::sync::Arc;
 
+    use std::path::Path;
     use tower_fallback_cache::Store;
+
     use tower_fallback_cache::store::RedisStore;
 
-    pub(super) async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
-        match RedisStore::builder(url).connect().await {
+    pub(super) async fn open(url: &str, ca_file: Option<&Path>) -> Result<Arc<dyn Store>, String> {
+        let mut builder = RedisStore::builder(url);
+        if let Some(path) = ca_file {
+            builder = builder.ca_file(path);
+        }
+        match builder.connect().await {
             Ok(store) => Ok(Arc::new(store)),
             Err(error) => Err(error.to_string()),
         }
@@ -152,9 +161,11 @@ mod redis {
 mod redis {
     use std::sync::Arc;
 
+    use std::path::Path;
+
     use tower_fallback_cache::Store;
 
-    pub(super) async fn open(_: &str) -> Result<Arc<dyn Store>, String> {
+    pub(super) async fn open(_: &str, _: Option<&Path>) -> Result<Arc<dyn Store>, String> {
         Err(
             "this build has no Redis store (cargo feature \"redis\"); use --store disk:PATH"
                 .to_owned(),
@@ -187,6 +198,8 @@ mod tests {
         let setting = redact_setting("store = \"redis://:hunter2@host/0\" in proxy.toml");
         assert!(!setting.contains("hunter2"), "{setting}");
         assert!(setting.ends_with("\" in proxy.toml"), "{setting}");
+        let cluster = StoreSpec::Redis("redis+cluster://:hunter2@h1:7000,h2:7001".into());
+        assert_eq!(cluster.to_string(), "redis+cluster://:***@h1:7000,h2:7001");
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! [`RedisStore`]: answers in Redis, shared by every replica of an application or proxy.
 
 use std::future::Future;
+#[cfg(feature = "redis-tls")]
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncConnectionConfig, Client, RedisResult};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisResult};
 
 use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth};
 use crate::entry::CachedResponse;
@@ -23,9 +27,74 @@ const RECONNECT_RETRIES: usize = 4;
 /// The longest pause between two reconnection attempts, so that a Redis that comes back is
 /// used again within about a second.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+/// Retries of one cluster operation (after a `MOVED`, or a node that went away); the
+/// operation timeout bounds them all.
+const CLUSTER_RETRIES: u32 = 2;
+
+/// The connection: one node (reconnecting by itself), or a cluster (following `MOVED` and
+/// `ASK`, reconnecting to a node that comes back).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
+        match self {
+            Connection::Single(connection) => command.query_async(&mut connection.clone()).await,
+            Connection::Cluster(connection) => command.query_async(&mut connection.clone()).await,
+        }
+    }
+}
+
+/// The nodes of a cluster URL, or `None` for a single node.
+///
+/// A cluster is named by `redis+cluster://[user:password@]host:port[,host:port...]`
+/// (`rediss+cluster://` for TLS), or by several `redis://` (or `rediss://`) URLs separated
+/// by commas. Any one reachable node is enough: the others are learned from it.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let url = url.trim();
+    for (scheme, node_scheme) in [
+        ("redis+cluster://", "redis://"),
+        ("rediss+cluster://", "rediss://"),
+    ] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            // A cluster has one database: a trailing `/` or `/0` is allowed.
+            let rest = rest
+                .strip_suffix("/0")
+                .or_else(|| rest.strip_suffix('/'))
+                .unwrap_or(rest);
+            let (credentials, hosts) = match rest.rfind('@') {
+                Some(at) => (&rest[..=at], &rest[at + 1..]),
+                None => ("", rest),
+            };
+            return Some(
+                hosts
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|host| !host.is_empty())
+                    .map(|host| format!("{node_scheme}{credentials}{host}"))
+                    .collect(),
+            );
+        }
+    }
+    if url.contains(',') {
+        return Some(url.split(',').map(|node| node.trim().to_owned()).collect());
+    }
+    None
+}
 
 /// Answers in Redis: one cache shared by many replicas, each answer kept with `SET .. PX`
 /// so Redis expires it.
+///
+/// One node (`redis://[:password@]host:port/db`), or a Redis Cluster
+/// (`redis+cluster://host:port,host:port`, or several `redis://` URLs separated by commas):
+/// each operation touches one key (`GET`, `SET`, `DEL`), so keys spread over every slot
+/// and no operation is ever `CROSSSLOT`. With the `redis-tls` feature, `rediss://` (and
+/// `rediss+cluster://`) connect over TLS, verified against the system roots or the
+/// [`ca_file`](RedisStoreBuilder::ca_file); a certificate that cannot be verified fails
+/// [`connect`](RedisStoreBuilder::connect), never falls back to plain TCP.
 ///
 /// Every operation is bounded by a timeout (default 250 ms): a slow or dead Redis makes a
 /// request lose the cache (and the store report itself degraded until an operation
@@ -54,7 +123,7 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: Arc<str>,
     timeout: Duration,
     health: Arc<HealthCell>,
@@ -69,6 +138,8 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     connect_timeout: Duration,
+    #[cfg(feature = "redis-tls")]
+    ca_file: Option<PathBuf>,
 }
 
 impl RedisStore {
@@ -85,6 +156,8 @@ impl RedisStore {
             prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             timeout: DEFAULT_REDIS_TIMEOUT,
             connect_timeout: DEFAULT_REDIS_CONNECT_TIMEOUT,
+            #[cfg(feature = "redis-tls")]
+            ca_file: None,
         }
     }
 
@@ -96,6 +169,11 @@ impl RedisStore {
     /// The bound of each operation.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.connection, Connection::Cluster(_))
     }
 
     /// The Redis key an answer is kept under: the prefix, then the key in hex.
@@ -147,16 +225,105 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects, or fails within the connect timeout: a bad URL, a Redis that refuses the
-    /// connection or does not answer.
-    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+    /// The CA certificates (PEM) that `rediss://` servers are verified against, in place
+    /// of the system roots: for a Redis whose certificate a private CA signed.
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// The TLS settings: the CA file's certificates, or the system roots.
+    #[cfg(feature = "redis-tls")]
+    fn certificates(&self) -> Result<redis::TlsCertificates, StoreError> {
+        // rustls needs a crypto provider: the application's, or else aws-lc-rs.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        }
+        let root_cert = match &self.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|error| {
+                StoreError::backend(
+                    "redis",
+                    format!("cannot read the CA file {}: {error}", path.display()),
+                )
+            })?),
+            None => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls: None,
+            root_cert,
+        })
+    }
+
+    /// The client of one node.
+    fn client(&self) -> Result<Client, StoreError> {
+        let invalid = |error: redis::RedisError| {
+            StoreError::backend("redis", format!("the Redis URL is not valid: {error}"))
+        };
+        #[cfg(feature = "redis-tls")]
+        if self.url.trim().starts_with("rediss://") {
+            let certificates = self.certificates()?;
+            return Client::build_with_tls(self.url.trim(), certificates).map_err(invalid);
+        }
+        Client::open(self.url.trim()).map_err(invalid)
+    }
+
+    /// Connects to a cluster through any of its `nodes`.
+    async fn connect_cluster(self, nodes: Vec<String>) -> Result<RedisStore, StoreError> {
         let timed_out = || StoreError::Timeout {
             store: "redis",
             timeout: self.connect_timeout,
         };
-        let client = Client::open(self.url.as_str()).map_err(|error| {
+        let builder = ClusterClientBuilder::new(nodes)
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.timeout)
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(10)
+            .max_retry_wait(100);
+        #[cfg(feature = "redis-tls")]
+        let builder = if self.url.trim().starts_with("rediss") {
+            builder.certs(self.certificates()?)
+        } else {
+            builder
+        };
+        let client = builder.build().map_err(|error| {
             StoreError::backend("redis", format!("the Redis URL is not valid: {error}"))
         })?;
+        let connection =
+            match tokio::time::timeout(self.connect_timeout, client.get_async_connection()).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(error)) if error.is_timeout() => return Err(timed_out()),
+                Ok(Err(error)) => return Err(StoreError::backend("redis", error)),
+                Err(_) => return Err(timed_out()),
+            };
+        // A cluster whose slots are not all served answers `CLUSTERDOWN` only to the
+        // operations on them: the first such one is counted, as any store error.
+        Ok(RedisStore {
+            connection: Connection::Cluster(connection),
+            prefix: self.prefix.into(),
+            timeout: self.timeout,
+            health: Arc::default(),
+        })
+    }
+
+    /// Connects, or fails within the connect timeout: a bad URL, a Redis that refuses the
+    /// connection or does not answer, a TLS certificate that cannot be verified.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        if let Some(nodes) = cluster_nodes(&self.url) {
+            if nodes.is_empty() {
+                return Err(StoreError::backend(
+                    "redis",
+                    "the Redis URL is not valid: a cluster URL names no node",
+                ));
+            }
+            return self.connect_cluster(nodes).await;
+        }
+        let timed_out = || StoreError::Timeout {
+            store: "redis",
+            timeout: self.connect_timeout,
+        };
+        let client = self.client()?;
         // One plain attempt first: a Redis that is down at start is reported at once, with
         // its cause, instead of after the connection manager's rounds of retries.
         let probe = AsyncConnectionConfig::new()
@@ -181,7 +348,7 @@ impl RedisStoreBuilder {
             Err(_) => return Err(timed_out()),
         };
         Ok(RedisStore {
-            connection,
+            connection: Connection::Single(connection),
             prefix: self.prefix.into(),
             timeout: self.timeout,
             health: Arc::default(),
@@ -192,9 +359,8 @@ impl RedisStoreBuilder {
 impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
             let command = redis::cmd("GET").arg(self.redis_key(key)).clone();
-            let value: Option<Vec<u8>> = self.bounded(command.query_async(&mut connection)).await?;
+            let value: Option<Vec<u8>> = self.bounded(self.connection.query(&command)).await?;
             match value {
                 Some(bytes) => Ok(Some(Arc::new(CachedResponse::decode(&bytes)?))),
                 None => Ok(None),
@@ -204,7 +370,6 @@ impl Store for RedisStore {
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
             // PX takes whole milliseconds, and 0 is refused.
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let command = redis::cmd("SET")
@@ -213,15 +378,14 @@ impl Store for RedisStore {
                 .arg("PX")
                 .arg(ttl_ms)
                 .clone();
-            self.bounded(command.exec_async(&mut connection)).await
+            self.bounded(self.connection.query::<()>(&command)).await
         })
     }
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
             let command = redis::cmd("DEL").arg(self.redis_key(key)).clone();
-            self.bounded(command.exec_async(&mut connection)).await
+            self.bounded(self.connection.query::<()>(&command)).await
         })
     }
 
@@ -236,6 +400,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("cluster", &self.is_cluster())
             .finish_non_exhaustive()
     }
 }
@@ -307,6 +472,29 @@ mod tests {
         );
         assert!(started.elapsed() < bound * 3, "{:?}", started.elapsed());
         held.abort();
+    }
+
+    #[test]
+    fn cluster_urls_name_their_nodes() {
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379/0"), None);
+        assert_eq!(
+            cluster_nodes("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001/"),
+            Some(vec![
+                "redis://:pw@10.0.0.1:7000".to_owned(),
+                "redis://:pw@10.0.0.2:7001".to_owned()
+            ])
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://h:7000"),
+            Some(vec!["rediss://h:7000".to_owned()])
+        );
+        assert_eq!(
+            cluster_nodes("redis://a:7000, redis://b:7001"),
+            Some(vec![
+                "redis://a:7000".to_owned(),
+                "redis://b:7001".to_owned()
+            ])
+        );
     }
 
     #[tokio::test]

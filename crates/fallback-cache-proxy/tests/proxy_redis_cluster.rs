@@ -1,0 +1,150 @@
+//! Several proxies, one cache, on the engines users run: a 3-node Redis Cluster and a TLS
+//! Redis (`rediss://` with a private CA). The servers are scripts/test.sh's.
+
+mod cluster;
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cluster::{Node, ask, ask_all, run_id, server_env};
+use common::{Proxy, run_to_end};
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_stored_through_one_proxy_on_a_cluster_are_served_by_another() {
+    let (Some(url), Some(dirs)) = (
+        server_env("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL"),
+        server_env("FALLBACK_CACHE_TEST_REDIS_CLUSTER_DIRS"),
+    ) else {
+        return;
+    };
+    let nodes = Node::all(&dirs);
+    let before: Vec<usize> = nodes.iter().map(Node::answers).collect();
+    let run = run_id();
+    let prompts: Vec<String> = (0..1000)
+        .map(|n| format!("Cluster answer {n} of run {run}"))
+        .collect();
+
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let first = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    let stored = ask_all(&first, &prompts, 16).await;
+    for answer in &stored {
+        assert_eq!(
+            (answer.status, answer.cache.as_str()),
+            (200, "MISS"),
+            "{answer:?}"
+        );
+    }
+    // The proxy writes Redis behind its memory tier: wait until the cluster has them all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let gained = loop {
+        let gained: Vec<usize> = nodes
+            .iter()
+            .zip(&before)
+            .map(|(node, before)| node.answers().saturating_sub(*before))
+            .collect();
+        if gained.iter().sum::<usize>() >= prompts.len() || Instant::now() > deadline {
+            break gained;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(gained.iter().sum::<usize>(), prompts.len(), "{gained:?}");
+    // Spread over every node's slots (about a third each).
+    for (node, gained) in nodes.iter().zip(&gained) {
+        assert!(*gained > 200, "node {} got {gained} of 1000", node.port);
+    }
+
+    // A second replica, which never saw them, while the upstream is out of quota.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let second = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    let served = ask_all(&second, &prompts, 16).await;
+    for (answer, stored) in served.iter().zip(&stored) {
+        assert_eq!(
+            (answer.status, answer.cache.as_str()),
+            (200, "FALLBACK"),
+            "{answer:?}\n{}",
+            second.logs()
+        );
+        assert_eq!(answer.body, stored.body);
+    }
+    let metrics = common::metrics(second.url()).await;
+    assert_eq!(metrics["fallback_cache_store_errors_total"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_its_ca_file_keeps_answers_for_every_replica() {
+    let (Some(url), Some(ca_file)) = (
+        server_env("FALLBACK_CACHE_TEST_REDIS_TLS_URL"),
+        server_env("FALLBACK_CACHE_TEST_REDIS_CA_FILE"),
+    ) else {
+        return;
+    };
+    let prompt = format!("Over TLS, run {}", run_id());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &url,
+        "--redis-ca-file",
+        &ca_file,
+    ];
+    let first = Proxy::start(&args);
+    let client = reqwest::Client::new();
+    let answer = ask(&client, first.url(), &prompt).await;
+    assert_eq!((answer.status, answer.cache.as_str()), (200, "MISS"));
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let second = Proxy::start(&args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        // The first replica writes Redis behind its memory tier.
+        let served = ask(&client, second.url(), &prompt).await;
+        if served.cache == "FALLBACK" || Instant::now() > deadline {
+            break served;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (served.status, served.cache.as_str()),
+        (200, "FALLBACK"),
+        "{}",
+        second.logs()
+    );
+    assert_eq!(served.body, answer.body);
+}
+
+#[test]
+fn a_tls_redis_whose_certificate_cannot_be_verified_is_refused_at_start() {
+    let Some(url) = server_env("FALLBACK_CACHE_TEST_REDIS_TLS_URL") else {
+        return;
+    };
+    // Without the CA file the certificate is checked against the system roots, which do
+    // not know the test CA: the proxy must not start (nor fall back to plain TCP).
+    let (status, stderr) = run_to_end(&["--listen", "127.0.0.1:0", "--store", &url], &[]);
+    assert!(!status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("error: --store {url}: ")),
+        "{stderr}"
+    );
+    assert!(lines[0].to_lowercase().contains("certificate"), "{stderr}");
+
+    // A CA file that is not there is named.
+    let (status, stderr) = run_to_end(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+            "--redis-ca-file",
+            "/nonexistent/ca.pem",
+        ],
+        &[],
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
+}

@@ -17,8 +17,9 @@ use crate::layer::{FallbackCacheLayer, Shared};
 /// good answer when the service fails with a [`Reason`](crate::Reason) the layer falls back on.
 ///
 /// Made by [`FallbackCacheLayer`]. The inner service receives a [`RequestBody`] and its
-/// response body is handed on as a [`ResponseBody`]. Both bodies must be `Unpin` (hyper's,
-/// axum's, reqwest's and http-body-util's bodies are).
+/// response body is handed on as a [`ResponseBody`]. Neither body, nor its error, need be
+/// `Unpin`: tower-http's `TimeoutBody` and `DecompressionBody`, or a `StreamBody` over an
+/// `unfold`, stack around and inside the layer.
 ///
 /// # Readiness
 ///
@@ -110,12 +111,12 @@ where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqB: Body + Send + Unpin + 'static,
+    ReqB: Body + Send + 'static,
     ReqB::Data: Buf + Send,
-    ReqB::Error: Send + Unpin,
-    ResB: Body + Send + Unpin + 'static,
+    ReqB::Error: Send,
+    ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send + Unpin,
+    ResB::Error: Send,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;

@@ -86,8 +86,9 @@
 //!   layer.
 //!
 //! Bodies: the inner service receives a [`RequestBody`] and the caller a [`ResponseBody`];
-//! the bodies they wrap must be `Unpin`. An answer is stored once its body has been read to
-//! the end.
+//! the bodies they wrap, and their errors, need not be `Unpin` (tower-http's `TimeoutBody`
+//! and `DecompressionBody` stack around the layer). An answer is stored once its body has
+//! been read to the end.
 //!
 //! # Features
 //!

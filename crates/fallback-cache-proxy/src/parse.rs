@@ -215,7 +215,7 @@ impl StoreSpec {
 }
 
 /// The URL schemes of a Redis store: one node first, then a cluster.
-const REDIS_SCHEMES: [&str; 4] = [
+pub(crate) const REDIS_SCHEMES: [&str; 4] = [
     "redis://",
     "rediss://",
     "redis+cluster://",

@@ -8,7 +8,7 @@ use tower_fallback_cache::store::{MemoryStore, Tiered};
 
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::parse::{StoreSpec, redact};
+use crate::parse::{REDIS_SCHEMES, StoreSpec, redact};
 
 /// The memory the proxy lets each of its write queues and redb's page cache hold: a
 /// quarter of `--max-memory`, at least 1 MiB and at most 64 MiB (the library's default).

@@ -21,8 +21,8 @@ use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
 use crate::entry::CachedResponse;
 use crate::key::{CacheKey, KEY_VERSION};
-use crate::layer::{Mode, Shared};
 use crate::partition::{Partition, credential_identity};
+use crate::state::{Mode, Shared};
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{StoreError, log_store_error};
@@ -41,9 +41,9 @@ pub(crate) async fn serve<S, ReqB, ResB>(
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ReqB: Body + Unpin,
+    ReqB: Body,
     ReqB::Data: Buf,
-    ResB: Body + Unpin,
+    ResB: Body,
     ResB::Data: Buf,
 {
     let counters = shared.stats.counters();
@@ -66,7 +66,10 @@ where
             let request = Request::from_parts(parts, RequestBody::passthrough(body));
             return bypass(&shared, inner, request, why).await;
         }
-        None => match collect_up_to(body, shared.max_request_body).await {
+        // Pinned on the heap to be read: a body longer than the limit moves on, half
+        // read, to the inner service, and a body of any type (not only an `Unpin` one)
+        // can move only so.
+        None => match collect_up_to(Box::pin(body), shared.max_request_body).await {
             Collected::Complete(bytes) => (parts, bytes),
             Collected::Over { prefix, rest } => {
                 let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
@@ -238,7 +241,9 @@ where
     }
     let (mut parts, body) = response.into_parts();
     clean_upstream_head(status, &mut parts.headers, true);
-    let (prefix, error, rest) = match collect_up_to(body, ERROR_BODY_LIMIT).await {
+    // An error body is pinned on the heap to be read, so that the unread rest of a long
+    // one can move into the response (only error bodies pay for it).
+    let (prefix, error, rest) = match collect_up_to(Box::pin(body), ERROR_BODY_LIMIT).await {
         Collected::Complete(prefix) => (prefix, None, None),
         Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
         Collected::Failed { prefix, error } => (prefix, Some(error), None),

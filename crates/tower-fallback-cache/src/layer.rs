@@ -1,4 +1,5 @@
-//! [`FallbackCacheLayer`] and its builder: the configuration of the layer.
+//! [`FallbackCacheLayer`] and its builder: the configuration of the layer, which builds the
+//! [`Shared`] state its services read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,41 +9,14 @@ use tower_layer::Layer;
 use crate::breaker::{Breaker, QuotaBreaker};
 use crate::cacheable::Cacheable;
 use crate::classify::{Classify, ProviderClassifier, Reason};
-use crate::coalesce::InFlight;
 use crate::key::KeyRules;
 use crate::partition::Partition;
 use crate::protocol::{Protocol, Protocols};
 use crate::service::FallbackCache;
+use crate::state::{Mode, Shared};
 use crate::stats::Stats;
-use crate::store::{MemoryStore, Store};
+use crate::store::{DEFAULT_TTL, MemoryStore, Store};
 
-/// When the upstream is called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Mode {
-    /// Always call the upstream; serve a stored answer only when it fails (the default).
-    #[default]
-    Fallback,
-    /// Serve a stored answer younger than `fresh_for` without calling the upstream (`HIT`);
-    /// otherwise behave as [`Mode::Fallback`]. A request with `Cache-Control: no-cache`
-    /// always goes to the upstream.
-    ///
-    /// Identical requests that miss at the same time make one upstream call: the first is
-    /// forwarded, the others wait until its answer is stored and are served it as `HIT`.
-    /// A streamed answer is stored once the stream has ended, so the waiting requests get
-    /// their first event only then, replayed from the cache. If the first request's answer
-    /// is not stored (an error, a cut stream, a client that went away), one waiting
-    /// request makes the next call and the others wait for it in turn. No request waits
-    /// longer than [`FallbackCacheBuilder::coalesce_wait`] in all (default 30 s): past it,
-    /// it calls the upstream itself.
-    CacheFirst {
-        /// How long a stored answer is served without asking the upstream.
-        fresh_for: Duration,
-    },
-}
-
-/// The default time an answer is kept: 7 days.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// The default bound of the memory store: 256 MiB.
 pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
 /// The default largest request body that is keyed: 4 MiB.
@@ -51,31 +25,6 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
 /// The default longest wait of a cache-first request for an identical request's call: 30 s.
 pub const DEFAULT_COALESCE_WAIT: Duration = Duration::from_secs(30);
-
-/// The shared state of a layer and of every service it makes.
-pub(crate) struct Shared {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) cacheable: Cacheable,
-    pub(crate) key_rules: KeyRules,
-    pub(crate) partition: Partition,
-    pub(crate) classifier: Arc<dyn Classify>,
-    pub(crate) protocols: Protocols,
-    pub(crate) mode: Mode,
-    pub(crate) fallback_on: u8,
-    pub(crate) ttl: Duration,
-    pub(crate) max_request_body: usize,
-    pub(crate) max_response_body: usize,
-    pub(crate) stats: Stats,
-    pub(crate) breaker: Arc<Breaker>,
-    pub(crate) in_flight: Arc<InFlight>,
-    pub(crate) coalesce_wait: Duration,
-}
-
-impl Shared {
-    pub(crate) fn falls_back_on(&self, reason: Reason) -> bool {
-        self.fallback_on & reason.bit() != 0
-    }
-}
 
 /// A [`Layer`] that keeps every successful answer and serves the last good one when the
 /// upstream says the quota is gone.
@@ -121,10 +70,6 @@ impl FallbackCacheLayer {
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
     }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
 }
 
 impl Default for FallbackCacheLayer {
@@ -137,7 +82,7 @@ impl<S> Layer<S> for FallbackCacheLayer {
     type Service = FallbackCache<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        FallbackCache::from_layer(inner, self)
+        FallbackCache::from_shared(inner, self.shared.clone())
     }
 }
 
@@ -347,5 +292,32 @@ impl std::fmt::Debug for FallbackCacheBuilder {
             .field("mode", &self.mode)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
+    }
+}
+
+// The constructors of `FallbackCache` that take or make a layer live beside the layer, so
+// that the service module does not depend on the configuration module.
+impl FallbackCache<()> {
+    /// A [`FallbackCacheLayer`] with the default settings, as tower-http's middlewares offer
+    /// (`RequestBodyLimit::layer`); [`FallbackCacheLayer::builder`] for any other.
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_fallback_cache::FallbackCache;
+    /// # let upstream = tower::service_fn(|_: http::Request<tower_fallback_cache::RequestBody<String>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// # });
+    ///
+    /// let service = ServiceBuilder::new().layer(FallbackCache::layer()).service(upstream);
+    /// ```
+    pub fn layer() -> FallbackCacheLayer {
+        FallbackCacheLayer::new()
+    }
+}
+
+impl<S> FallbackCache<S> {
+    /// Wraps `inner` with the layer's configuration.
+    pub fn new(inner: S, layer: &FallbackCacheLayer) -> Self {
+        Self::from_shared(inner, layer.shared.clone())
     }
 }

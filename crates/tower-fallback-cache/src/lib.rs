@@ -86,8 +86,9 @@
 //!   layer.
 //!
 //! Bodies: the inner service receives a [`RequestBody`] and the caller a [`ResponseBody`];
-//! the bodies they wrap must be `Unpin`. An answer is stored once its body has been read to
-//! the end.
+//! the bodies they wrap, and their errors, need not be `Unpin` (tower-http's `TimeoutBody`
+//! and `DecompressionBody` stack around the layer). An answer is stored once its body has
+//! been read to the end.
 //!
 //! # Features
 //!
@@ -124,6 +125,7 @@ pub mod protocol;
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
 mod service;
+mod state;
 mod stats;
 mod status;
 pub mod store;
@@ -140,13 +142,14 @@ pub use future::ResponseFuture;
 pub use key::{CacheKey, KeyRules, ParseKeyError};
 pub use layer::{
     DEFAULT_COALESCE_WAIT, DEFAULT_MAX_MEMORY, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
-    DEFAULT_TTL, FallbackCacheBuilder, FallbackCacheLayer, Mode,
+    FallbackCacheBuilder, FallbackCacheLayer,
 };
 pub use partition::{CREDENTIAL_HEADERS, Partition, PartitionId};
 pub use service::FallbackCache;
+pub use state::Mode;
 pub use stats::{Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
-pub use store::Store;
+pub use store::{DEFAULT_TTL, Store};
 pub use throttle::LogThrottle;
 
 /// The README's snippets, compiled and run as doctests (they use every feature).

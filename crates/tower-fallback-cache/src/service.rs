@@ -11,14 +11,15 @@ use tower_service::Service;
 use crate::body::{RequestBody, ResponseBody};
 use crate::flow::serve;
 use crate::future::ResponseFuture;
-use crate::layer::{FallbackCacheLayer, Shared};
+use crate::state::Shared;
 
 /// Wraps a service: keys each request, keeps each successful answer, and serves the last
 /// good answer when the service fails with a [`Reason`](crate::Reason) the layer falls back on.
 ///
-/// Made by [`FallbackCacheLayer`]. The inner service receives a [`RequestBody`] and its
-/// response body is handed on as a [`ResponseBody`]. Both bodies must be `Unpin` (hyper's,
-/// axum's, reqwest's and http-body-util's bodies are).
+/// Made by [`FallbackCacheLayer`](crate::FallbackCacheLayer). The inner service receives a [`RequestBody`] and its
+/// response body is handed on as a [`ResponseBody`]. Neither body, nor its error, need be
+/// `Unpin`: tower-http's `TimeoutBody` and `DecompressionBody`, or a `StreamBody` over an
+/// `unfold`, stack around and inside the layer.
 ///
 /// # Readiness
 ///
@@ -36,35 +37,9 @@ pub struct FallbackCache<S> {
     shared: Arc<Shared>,
 }
 
-impl FallbackCache<()> {
-    /// A [`FallbackCacheLayer`] with the default settings, as tower-http's middlewares offer
-    /// (`RequestBodyLimit::layer`); [`FallbackCacheLayer::builder`] for any other.
-    ///
-    /// ```
-    /// use tower::ServiceBuilder;
-    /// use tower_fallback_cache::FallbackCache;
-    /// # let upstream = tower::service_fn(|_: http::Request<tower_fallback_cache::RequestBody<String>>| async {
-    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-    /// # });
-    ///
-    /// let service = ServiceBuilder::new().layer(FallbackCache::layer()).service(upstream);
-    /// ```
-    pub fn layer() -> FallbackCacheLayer {
-        FallbackCacheLayer::new()
-    }
-}
-
 impl<S> FallbackCache<S> {
-    /// Wraps `inner` with the layer's configuration.
-    pub fn new(inner: S, layer: &FallbackCacheLayer) -> Self {
-        Self::from_layer(inner, layer)
-    }
-
-    pub(crate) fn from_layer(inner: S, layer: &FallbackCacheLayer) -> Self {
-        Self {
-            inner,
-            shared: layer.shared().clone(),
-        }
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
     }
 
     /// The inner service.
@@ -110,12 +85,12 @@ where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqB: Body + Send + Unpin + 'static,
+    ReqB: Body + Send + 'static,
     ReqB::Data: Buf + Send,
-    ReqB::Error: Send + Unpin,
-    ResB: Body + Send + Unpin + 'static,
+    ReqB::Error: Send,
+    ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send + Unpin,
+    ResB::Error: Send,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;

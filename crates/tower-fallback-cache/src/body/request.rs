@@ -3,76 +3,125 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
-use super::Resumed;
+use super::{Resumed, to_bytes_frame};
 
-/// The request body the inner service receives.
-///
-/// Keyed requests arrive buffered (the layer read the whole body to key it); bypassed
-/// requests arrive as they were sent, with any part the layer had already read re-sent
-/// first, so nothing is lost.
-pub struct RequestBody<B: Body> {
-    inner: Resumed<B>,
+pin_project! {
+    /// The request body the inner service receives.
+    ///
+    /// Keyed requests arrive buffered (the layer read the whole body to key it); bypassed
+    /// requests arrive as they were sent, with any part the layer had already read re-sent
+    /// first, so nothing is lost.
+    ///
+    /// `B` need not be `Unpin`: a body that is never read by the layer is held in place,
+    /// and one the layer reads is pinned on the heap, so that a half-read body can move on.
+    pub struct RequestBody<B: Body> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B: Body> {
+        /// Passed on untouched: the layer never read it.
+        Passthrough {
+            #[pin]
+            body: B,
+        },
+        /// Read by the layer, wholly or in part: what was read, then the failure that
+        /// stopped the reading or the unread rest. The layer reads a body before it knows
+        /// whether the body fits `max_request_body`, and a body that does not must move,
+        /// half read, into the request it forwards: so a body the layer reads is pinned on
+        /// the heap (`Pin<Box<B>>` moves freely) rather than requiring `B: Unpin`.
+        Read {
+            #[pin]
+            body: Resumed<Pin<Box<B>>>,
+        },
+    }
 }
 
 impl<B: Body> RequestBody<B> {
     /// A body that was read whole.
     pub(crate) fn full(bytes: Bytes) -> Self {
         Self {
-            inner: Resumed::new(bytes, None, None),
+            kind: Kind::Read {
+                body: Resumed::new(bytes, None, None),
+            },
         }
     }
 
     /// A body passed on untouched.
     pub(crate) fn passthrough(body: B) -> Self {
-        Self::resumed(Bytes::new(), body)
+        Self {
+            kind: Kind::Passthrough { body },
+        }
     }
 
     /// A body of which `prefix` was read, continued by `rest`.
-    pub(crate) fn resumed(prefix: Bytes, rest: B) -> Self {
+    pub(crate) fn resumed(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
         Self {
-            inner: Resumed::new(prefix, None, Some(rest)),
+            kind: Kind::Read {
+                body: Resumed::new(prefix, None, Some(rest)),
+            },
         }
     }
 
     /// A body that failed after `prefix`: the inner service sees the same failure.
     pub(crate) fn failed(prefix: Bytes, error: B::Error) -> Self {
         Self {
-            inner: Resumed::new(prefix, Some(error), None),
+            kind: Kind::Read {
+                body: Resumed::new(prefix, Some(error), None),
+            },
         }
     }
 }
 
 impl<B> Body for RequestBody<B>
 where
-    B: Body + Unpin,
+    B: Body,
     B::Data: Buf,
-    B::Error: Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match self.project().kind.project() {
+            KindProj::Passthrough { body } => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map(to_bytes_frame))),
+            KindProj::Read { body } => body.poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::Passthrough { body } => body.is_end_stream(),
+            Kind::Read { body } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            Kind::Passthrough { body } => body.size_hint(),
+            Kind::Read { body } => body.size_hint(),
+        }
     }
 }
 
 impl<B: Body> std::fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (buffered, passthrough) = match &self.kind {
+            Kind::Passthrough { .. } => (false, true),
+            Kind::Read { body } => (body.has_prefix(), body.has_rest()),
+        };
         f.debug_struct("RequestBody")
-            .field("buffered", &self.inner.has_prefix())
-            .field("passthrough", &self.inner.has_rest())
+            .field("buffered", &buffered)
+            .field("passthrough", &passthrough)
             .finish()
     }
 }

@@ -4,47 +4,74 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 use super::{Capture, Resumed, Step, size_hint_plus, to_bytes_frame};
 use crate::entry::CachedResponse;
 use crate::store::StoreFuture;
 
-/// The response body the caller receives: the upstream's own body (passed on frame by frame,
-/// with a copy taken when the answer is to be stored), or a stored answer replayed.
-pub struct ResponseBody<B: Body> {
-    kind: Kind<B>,
+pin_project! {
+    /// The response body the caller receives: the upstream's own body (passed on frame by
+    /// frame, with a copy taken when the answer is to be stored), or a stored answer replayed.
+    ///
+    /// `B` need not be `Unpin`: it is polled in place, except an error body the layer read
+    /// part of to classify it, which is pinned on the heap so that it can move on.
+    pub struct ResponseBody<B: Body> {
+        #[pin]
+        kind: Kind<B>,
+    }
 }
 
-enum Kind<B: Body> {
-    /// The upstream's body, after any part the layer read to classify it.
-    Upstream(Resumed<B>),
-    /// The upstream's body with a copy taken on the way.
-    Capture {
-        inner: B,
-        capture: Option<Box<Capture>>,
-        storing: Option<StoreFuture<'static, ()>>,
-        /// The last frame, held back until the answer it completes is stored.
-        held: Option<Frame<Bytes>>,
-        done: bool,
-    },
-    /// A stored answer, one frame at a time.
-    Replay {
-        entry: Arc<CachedResponse>,
-        next: usize,
-    },
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B: Body> {
+        /// The upstream's body, passed on untouched.
+        Upstream {
+            #[pin]
+            body: B,
+        },
+        /// An upstream error body after the part the layer read to classify it. Only an
+        /// error body is read before it is passed on, and it must move, half read, into the
+        /// response: so it alone is pinned on the heap (`Pin<Box<B>>` moves freely).
+        Resumed {
+            #[pin]
+            body: Resumed<Pin<Box<B>>>,
+        },
+        /// The upstream's body with a copy taken on the way.
+        Capture {
+            #[pin]
+            inner: B,
+            capture: Option<Box<Capture>>,
+            storing: Option<StoreFuture<'static, ()>>,
+            // The last frame, held back until the answer it completes is stored.
+            held: Option<Frame<Bytes>>,
+            done: bool,
+        },
+        /// A stored answer, one frame at a time.
+        Replay {
+            entry: Arc<CachedResponse>,
+            next: usize,
+        },
+    }
 }
 
 impl<B: Body> ResponseBody<B> {
     pub(crate) fn upstream(body: B) -> Self {
         Self {
-            kind: Kind::Upstream(Resumed::new(Bytes::new(), None, Some(body))),
+            kind: Kind::Upstream { body },
         }
     }
 
     /// A body of which `prefix` was read, then either ended, failed, or goes on as `rest`.
-    pub(crate) fn resumed(prefix: Bytes, error: Option<B::Error>, rest: Option<B>) -> Self {
+    pub(crate) fn resumed(
+        prefix: Bytes,
+        error: Option<B::Error>,
+        rest: Option<Pin<Box<B>>>,
+    ) -> Self {
         Self {
-            kind: Kind::Upstream(Resumed::new(prefix, error, rest)),
+            kind: Kind::Resumed {
+                body: Resumed::new(prefix, error, rest),
+            },
         }
     }
 
@@ -69,9 +96,8 @@ impl<B: Body> ResponseBody<B> {
 
 impl<B> Body for ResponseBody<B>
 where
-    B: Body + Unpin,
+    B: Body,
     B::Data: Buf,
-    B::Error: Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -80,10 +106,13 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match &mut self.get_mut().kind {
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
-            Kind::Capture {
-                inner,
+        match self.project().kind.project() {
+            KindProj::Upstream { body } => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map(to_bytes_frame))),
+            KindProj::Resumed { body } => body.poll_frame(cx),
+            KindProj::Capture {
+                mut inner,
                 capture,
                 storing,
                 held,
@@ -102,7 +131,7 @@ where
                 if *done {
                     return Poll::Ready(None);
                 }
-                match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+                match ready!(inner.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => {
                         let frame = to_bytes_frame(frame);
                         if let (Some(data), Some(copy)) = (frame.data_ref(), capture.as_mut()) {
@@ -136,7 +165,7 @@ where
                     }
                 }
             },
-            Kind::Replay { entry, next } => {
+            KindProj::Replay { entry, next } => {
                 let frame = entry.frames().get(*next).cloned();
                 *next += 1;
                 Poll::Ready(frame.map(|bytes| Ok(Frame::data(bytes))))
@@ -146,7 +175,8 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Upstream { body } => body.is_end_stream(),
+            Kind::Resumed { body } => body.is_end_stream(),
             // Not over until the copy has been handed to the store.
             Kind::Capture {
                 inner,
@@ -166,7 +196,8 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream(body) => body.size_hint(),
+            Kind::Upstream { body } => body.size_hint(),
+            Kind::Resumed { body } => body.size_hint(),
             Kind::Capture {
                 inner, held, done, ..
             } => {
@@ -195,7 +226,7 @@ where
 impl<B: Body> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
-            Kind::Upstream(_) => "Upstream",
+            Kind::Upstream { .. } | Kind::Resumed { .. } => "Upstream",
             Kind::Capture { .. } => "Capture",
             Kind::Replay { .. } => "Replay",
         };

@@ -3,15 +3,19 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 use super::size_hint_plus;
 
-/// A body the layer has already read part of: that part is handed on first, then the
-/// failure that stopped the reading, or the unread rest. Nothing read is lost.
-pub(crate) struct Resumed<B: Body> {
-    prefix: Option<Bytes>,
-    error: Option<B::Error>,
-    rest: Option<B>,
+pin_project! {
+    /// A body the layer has already read part of: that part is handed on first, then the
+    /// failure that stopped the reading, or the unread rest. Nothing read is lost.
+    pub(crate) struct Resumed<B: Body> {
+        prefix: Option<Bytes>,
+        error: Option<B::Error>,
+        #[pin]
+        rest: Option<B>,
+    }
 }
 
 impl<B: Body> Resumed<B> {
@@ -36,9 +40,8 @@ impl<B: Body> Resumed<B> {
 
 impl<B> Body for Resumed<B>
 where
-    B: Body + Unpin,
+    B: Body,
     B::Data: Buf,
-    B::Error: Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -47,19 +50,19 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
+        let mut this = self.project();
         if let Some(bytes) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(bytes))));
         }
         if let Some(error) = this.error.take() {
             return Poll::Ready(Some(Err(error)));
         }
-        let Some(rest) = this.rest.as_mut() else {
+        let Some(rest) = this.rest.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(Pin::new(rest).poll_frame(cx));
+        let frame = ready!(rest.poll_frame(cx));
         if frame.is_none() {
-            this.rest = None;
+            this.rest.set(None);
         }
         Poll::Ready(frame.map(|frame| frame.map(to_bytes_frame)))
     }

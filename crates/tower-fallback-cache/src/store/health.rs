@@ -36,12 +36,15 @@ impl fmt::Display for StoreHealth {
 
 /// A store's health as its operations find it: degraded from a failure until an
 /// operation succeeds.
+// Used by the disk and Redis stores only.
+#[cfg_attr(not(any(feature = "disk", feature = "redis")), allow(dead_code))]
 #[derive(Debug, Default)]
 pub(crate) struct HealthCell {
     failing: AtomicBool,
     reason: Mutex<String>,
 }
 
+#[cfg_attr(not(any(feature = "disk", feature = "redis")), allow(dead_code))]
 impl HealthCell {
     pub(crate) fn failed(&self, reason: impl fmt::Display) {
         *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = reason.to_string();

@@ -26,6 +26,7 @@ pub use disk::{
     DEFAULT_DISK_MAX_BYTES, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PAGE_CACHE_BYTES,
     DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt,
 };
+#[cfg(any(feature = "disk", feature = "redis"))]
 pub(crate) use health::HealthCell;
 pub use health::StoreHealth;
 pub use memory::MemoryStore;
@@ -34,6 +35,10 @@ pub use tiered::{DEFAULT_BACK_QUEUE_BYTES, Tiered};
 use crate::entry::{CachedResponse, EntryError};
 use crate::key::CacheKey;
 use crate::throttle::LogThrottle;
+
+/// The default time an answer is kept: 7 days (the layer's `ttl`, and what a [`Tiered`]
+/// store gives an answer it copies into its front store).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// An error type that any backend error fits in.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::layer::DEFAULT_TTL;
+use crate::store::DEFAULT_TTL;
 
 /// How many bytes of answers may wait for the back store by default: 64 MiB.
 pub const DEFAULT_BACK_QUEUE_BYTES: u64 = 64 * 1024 * 1024;

@@ -88,6 +88,7 @@ pub trait Protocol: Send + Sync + fmt::Debug + 'static {
 
 /// What one event of a stream means for the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// Not decided yet: more events should come.
     Pending,

@@ -3,12 +3,16 @@
 //! only passes it on), and straight from the upstream (the baseline).
 //!
 //! cargo bench --bench stream
+//!
+//! For a count that does not move with the machine's load, `STREAM_BENCH_CAPTURES=N` runs
+//! the case without capture N times, then the capture case N times, outside criterion, to
+//! be measured with `valgrind --tool=callgrind`; see BENCHMARKS.md.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -109,5 +113,39 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// `STREAM_BENCH_CAPTURES=N`: N streams without capture, then N with it, and nothing else.
+fn fixed_count(count: usize) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let events = events();
+    runtime.block_on(async {
+        let without = FallbackCacheLayer::new().layer(upstream(events.clone(), true));
+        for _ in 0..count {
+            let response = without.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads");
+        }
+        let layer = FallbackCacheLayer::new();
+        let with = layer.layer(upstream(events.clone(), false));
+        for _ in 0..count {
+            let response = with.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads");
+        }
+        assert!(
+            count == 0 || layer.stats().snapshot().stored > 0,
+            "the stream was stored"
+        );
+    });
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("STREAM_BENCH_CAPTURES") {
+        Ok(count) => fixed_count(count.parse().expect("STREAM_BENCH_CAPTURES: a count")),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}

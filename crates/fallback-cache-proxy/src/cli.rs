@@ -258,6 +258,28 @@ pub(crate) struct Cli {
     )]
     pub(crate) key_ignore: String,
 
+    /// Serve the admin endpoint (DELETE /cache/{key}, the key as shown in
+    /// x-fallback-cache-key) on this address of its own; off when empty. Needs
+    /// --admin-token. The public listener never answers admin paths.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_ADMIN_LISTEN",
+        value_name = "ADDR",
+        default_value = ""
+    )]
+    pub(crate) admin_listen: String,
+
+    /// The token the admin endpoint requires, as `authorization: Bearer TOKEN`. Prefer the
+    /// environment variable to the flag: a flag shows in the process list.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) admin_token: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -289,6 +311,8 @@ pub(crate) const SETTINGS: &[&str] = &[
     "no-quota-breaker",
     "cacheable",
     "key-ignore",
+    "admin-listen",
+    "admin-token",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.

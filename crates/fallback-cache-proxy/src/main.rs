@@ -4,6 +4,7 @@
 //! Point any client's base URL at it (`http://127.0.0.1:8080/v1` for OpenAI's SDKs); see
 //! `fallback-cache-proxy --help` and the README for the settings.
 
+mod admin;
 mod cli;
 mod client_body;
 mod config;

@@ -14,7 +14,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, StatusCode};
 use hyper::body::Incoming;
@@ -80,6 +80,10 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         conns: Arc::new(Conns::new(config.max_connections)),
     });
 
+    if let Some(admin) = &config.admin {
+        let addr = crate::admin::start(admin, store.clone()).await?;
+        tracing::info!("admin endpoint on http://{addr} (DELETE /cache/{{key}})");
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ProxyError::Listen {
@@ -125,8 +129,18 @@ fn router(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
+        // The admin paths are answered on --admin-listen only, never forwarded.
+        .route(crate::admin::PREFIX, any(not_found))
+        .route(
+            &format!("{}/{{*rest}}", crate::admin::PREFIX),
+            any(not_found),
+        )
         .fallback(forward)
         .with_state(proxy)
+}
+
+async fn not_found() -> StatusCode {
+    StatusCode::NOT_FOUND
 }
 
 /// `ok`, or `degraded: <reason>` while the store cannot keep answers (a full disk, a

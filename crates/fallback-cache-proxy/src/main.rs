@@ -12,6 +12,7 @@ mod conn;
 mod error;
 mod forward;
 mod metrics;
+mod offline;
 mod parse;
 mod server;
 mod store;
@@ -23,6 +24,14 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // `stats` and `purge` work on a store offline; anything else runs the proxy.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|first| offline::COMMANDS.iter().any(|command| first == *command))
+    {
+        return offline::run(std::env::args_os().collect());
+    }
     // Settings first: a bad one is one line on stderr and nothing else.
     let config = match config::load(std::env::args_os()) {
         Ok(config) => config,

@@ -47,6 +47,10 @@ pub(crate) struct Config {
     pub(crate) ignored: Vec<String>,
     /// The admin endpoint, when it is on (`--admin-listen`, `--admin-token`).
     pub(crate) admin: Option<crate::admin::AdminConfig>,
+    /// `--log-format json`.
+    pub(crate) log_json: bool,
+    /// `--access-log`.
+    pub(crate) access_log: bool,
 }
 
 /// Where a setting's value came from.
@@ -191,6 +195,12 @@ where
     };
     Ok(Config {
         admin,
+        log_json: raw("log-format").parse(|text| match text.trim() {
+            "text" => Ok(false),
+            "json" => Ok(true),
+            _ => Err("expected text or json".to_owned()),
+        })?,
+        access_log: raw("access-log").parse(parse::switch)?,
         listen: raw("listen").parse(parse::listen)?,
         upstream: raw("upstream").parse(parse::upstream)?,
         store_setting: store.setting(),

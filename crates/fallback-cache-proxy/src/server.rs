@@ -102,14 +102,11 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         idle: config.idle_timeout,
     };
     let conns = proxy.conns.clone();
-    serve(
-        listener,
-        router(proxy),
-        conns,
-        timeouts,
-        config.shutdown_timeout,
-    )
-    .await?;
+    let mut router = router(proxy);
+    if config.access_log {
+        router = router.layer(axum::middleware::from_fn(access_log));
+    }
+    serve(listener, router, conns, timeouts, config.shutdown_timeout).await?;
 
     match tokio::time::timeout(
         config.shutdown_timeout.max(Duration::from_secs(1)),
@@ -137,6 +134,34 @@ fn router(proxy: Arc<Proxy>) -> Router {
         )
         .fallback(forward)
         .with_state(proxy)
+}
+
+/// One line per request: method, path without its query, status, cache status, reason,
+/// latency. Nothing else of the request: no header (credentials), no body.
+async fn access_log(request: Request<Body>, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    tracing::info!(
+        target: "fallback_cache_proxy::access",
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        cache = %header("x-fallback-cache"),
+        reason = %header("x-fallback-cache-reason"),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
 }
 
 async fn not_found() -> StatusCode {

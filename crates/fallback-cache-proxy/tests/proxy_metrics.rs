@@ -164,4 +164,28 @@ async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
             assert!(!line.contains(key.as_str()), "a key in {line}");
         }
     }
+
+    // Every metric the dashboard queries is on the page.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../dashboards/fallback-cache.json"
+    ))
+    .expect("dashboards/fallback-cache.json");
+    let mut rest = dashboard.as_str();
+    let mut queried = 0;
+    while let Some(at) = rest.find("fallback_cache_") {
+        rest = &rest[at..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = &rest[..end];
+        rest = &rest[end..];
+        let family = name.strip_suffix("_bucket").unwrap_or(name);
+        assert!(
+            page.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, not on the page"
+        );
+        queried += 1;
+    }
+    assert!(queried > 10, "{queried}");
 }

@@ -17,6 +17,8 @@
 //!   error: the stored answer is served without calling the service.
 //! - stores: `memory` (moka), `disk` (redb alone, so every get reads and decodes the file),
 //!   `tiered` (memory in front of disk, the proxy's default).
+//! - `tiered/MISS, 20 ms upstream, coverage off|on`: a new question each time to an
+//!   upstream that takes 20 ms, without and with the coverage lookup beside the call.
 //! - `http-cache-tower/GET HIT`: its natural hit, a GET whose answer says `max-age`.
 //! - `http-cache-tower/POST HIT`: the same POST as ours, keyed on its body. Its key function
 //!   sees only the request head, and with a custom key a POST's own answer is deleted as soon
@@ -133,6 +135,50 @@ fn bench_store(c: &mut Criterion, runtime: &Runtime, label: &str, store: Arc<dyn
             &body,
             "FALLBACK",
         );
+    }
+}
+
+/// A MISS over the tiered store (the proxy's default) with an upstream that takes
+/// `UPSTREAM_DELAY`, with and without the coverage lookup that runs beside the call: the
+/// lookup adds nothing the delay does not hide. Each iteration asks a new question, so every
+/// lookup finds nothing and every answer is stored, as for a first request.
+fn bench_coverage(c: &mut Criterion, runtime: &Runtime, store: &Arc<dyn Store>) {
+    const UPSTREAM_DELAY: Duration = Duration::from_millis(20);
+    let answering = Answering::ok(chat_answer(ANSWER_LEN));
+    let slow = service_fn(move |request: Request<_>| {
+        let mut inner = answering.clone();
+        async move {
+            tokio::time::sleep(UPSTREAM_DELAY).await;
+            inner.call(request).await
+        }
+    });
+    let base = String::from_utf8(chat_request(REQUEST_LEN)).expect("a UTF-8 request");
+    assert!(base.contains("user-4711"));
+    let mut group = c.benchmark_group("layer");
+    group
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(50);
+    for coverage in [false, true] {
+        let service = FallbackCacheLayer::builder()
+            .shared_store(store.clone())
+            .coverage(coverage)
+            .quota_breaker(QuotaBreaker::disabled())
+            .build()
+            .layer(slow.clone());
+        let mut n = 0u64;
+        let name = format!(
+            "tiered/MISS, 20 ms upstream, coverage {}",
+            if coverage { "on" } else { "off" }
+        );
+        group.bench_function(name, |b| {
+            b.to_async(runtime).iter(|| {
+                n += 1;
+                let body = Bytes::from(base.replacen("user-4711", &format!("user-{n}"), 1));
+                let service = service.clone();
+                async move { send(&service, chat_post(&body)).await.1 }
+            })
+        });
     }
 }
 
@@ -300,7 +346,9 @@ fn layer_benches(c: &mut Criterion) {
         MemoryStore::new(256 * 1024 * 1024),
         DiskStore::open(dir.path().join("tiered.redb")).expect("disk store"),
     );
-    bench_store(c, &runtime, "tiered", Arc::new(tiered));
+    let tiered: Arc<dyn Store> = Arc::new(tiered);
+    bench_store(c, &runtime, "tiered", tiered.clone());
+    bench_coverage(c, &runtime, &tiered);
 
     bench_http_cache_tower(c, &runtime);
 }

@@ -15,10 +15,19 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # redis-server (Debian package) for the Redis store tests.
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+APT_UPDATED=""
+apt_install() {
+  if [ -z "$APT_UPDATED" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
 if ! command -v redis-server >/dev/null 2>&1; then
   log "installing redis-server"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  apt_install redis-server
+fi
+# promtool (Debian's prometheus package) checks the /metrics page (tests/proxy_metrics.rs).
+if ! command -v promtool >/dev/null 2>&1; then
+  log "installing promtool (prometheus)"
+  apt_install prometheus
 fi
 
 # openssl, for the TLS redis-server's certificates.

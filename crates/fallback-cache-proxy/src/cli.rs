@@ -269,6 +269,50 @@ pub(crate) struct Cli {
     )]
     pub(crate) key_ignore: String,
 
+    /// How log lines are written: text (for people) or json (one object a line, for log
+    /// shippers).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub(crate) log_format: String,
+
+    /// One log line per request (target fallback_cache_proxy::access): method, path without
+    /// its query, status, cache status, reason, latency; never a credential or a body.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_ACCESS_LOG",
+        value_name = "BOOL",
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub(crate) access_log: String,
+
+    /// Serve the admin endpoint (DELETE /cache/{key}, the key as shown in
+    /// x-fallback-cache-key) on this address of its own; off when empty. Needs
+    /// --admin-token. The public listener never answers admin paths.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_ADMIN_LISTEN",
+        value_name = "ADDR",
+        default_value = ""
+    )]
+    pub(crate) admin_listen: String,
+
+    /// The token the admin endpoint requires, as `authorization: Bearer TOKEN`. Prefer the
+    /// environment variable to the flag: a flag shows in the process list.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) admin_token: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -301,6 +345,10 @@ pub(crate) const SETTINGS: &[&str] = &[
     "no-quota-breaker",
     "cacheable",
     "key-ignore",
+    "admin-listen",
+    "admin-token",
+    "log-format",
+    "access-log",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.

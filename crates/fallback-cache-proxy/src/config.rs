@@ -47,6 +47,12 @@ pub(crate) struct Config {
     pub(crate) key_rules: KeyRules,
     /// Settings given that have no effect, to warn about once logging is up.
     pub(crate) ignored: Vec<String>,
+    /// The admin endpoint, when it is on (`--admin-listen`, `--admin-token`).
+    pub(crate) admin: Option<crate::admin::AdminConfig>,
+    /// `--log-format json`.
+    pub(crate) log_json: bool,
+    /// `--access-log`.
+    pub(crate) access_log: bool,
 }
 
 /// Where a setting's value came from.
@@ -167,7 +173,36 @@ where
             .cooldown(cooldown)
             .max_cooldown(cooldown_max_value)
     };
+    let admin_listen = raw("admin-listen");
+    let admin_token = raw("admin-token");
+    let admin = match (admin_listen.value.trim(), admin_token.value.as_str()) {
+        ("", "") => None,
+        ("", _) => {
+            ignored.push(format!(
+                "{} (the admin endpoint is off without --admin-listen)",
+                admin_token.setting()
+            ));
+            None
+        }
+        (_, token) if token.trim().is_empty() => {
+            return Err(ProxyError::Invalid {
+                setting: admin_listen.setting(),
+                why: "needs --admin-token (or FALLBACK_CACHE_ADMIN_TOKEN)".to_owned(),
+            });
+        }
+        (_, token) => Some(crate::admin::AdminConfig {
+            listen: admin_listen.parse(parse::listen)?,
+            token: crate::admin::Token::new(token),
+        }),
+    };
     Ok(Config {
+        admin,
+        log_json: raw("log-format").parse(|text| match text.trim() {
+            "text" => Ok(false),
+            "json" => Ok(true),
+            _ => Err("expected text or json".to_owned()),
+        })?,
+        access_log: raw("access-log").parse(parse::switch)?,
         listen: raw("listen").parse(parse::listen)?,
         upstream: raw("upstream").parse(parse::upstream)?,
         store_setting: store.setting(),

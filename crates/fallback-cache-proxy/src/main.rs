@@ -4,6 +4,7 @@
 //! Point any client's base URL at it (`http://127.0.0.1:8080/v1` for OpenAI's SDKs); see
 //! `fallback-cache-proxy --help` and the README for the settings.
 
+mod admin;
 mod cli;
 mod client_body;
 mod config;
@@ -11,6 +12,7 @@ mod conn;
 mod error;
 mod forward;
 mod metrics;
+mod offline;
 mod parse;
 mod server;
 mod store;
@@ -22,12 +24,20 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // `stats` and `purge` work on a store offline; anything else runs the proxy.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|first| offline::COMMANDS.iter().any(|command| first == *command))
+    {
+        return offline::run(std::env::args_os().collect());
+    }
     // Settings first: a bad one is one line on stderr and nothing else.
     let config = match config::load(std::env::args_os()) {
         Ok(config) => config,
         Err(error) => return fail(&error),
     };
-    init_logging();
+    init_logging(config.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,8 +59,9 @@ fn fail(error: &error::ProxyError) -> ExitCode {
     error.exit_code()
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object a
+/// line.
+fn init_logging(json: bool) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|error| {
             eprintln!(
@@ -60,9 +71,12 @@ fn init_logging() {
         }),
         _ => EnvFilter::new("info"),
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use tower_fallback_cache::store::StoreUsage;
-use tower_fallback_cache::{CacheStatus, Reason, StatsSnapshot};
+use tower_fallback_cache::{AGE_BUCKETS, AgeHistogram, CacheStatus, Reason, StatsSnapshot};
 
 /// The content type of the Prometheus text format.
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -146,6 +146,18 @@ pub(crate) fn render(
         "Cache-first requests served the answer of an identical request's upstream call instead of making their own.",
         &one(stats.coalesced),
     );
+    family(
+        "fallback_cache_covered_requests_total",
+        "counter",
+        "Keyed requests that arrived while a usable stored answer existed for them: those a quota loss would still have answered.",
+        &one(stats.covered),
+    );
+    family(
+        "fallback_cache_uncovered_requests_total",
+        "counter",
+        "Keyed requests that arrived with nothing usable stored for them.",
+        &one(stats.uncovered),
+    );
     let known = |value: Option<u64>| value.map(|v| (None, v)).into_iter().collect::<Vec<_>>();
     family(
         "fallback_cache_store_entries",
@@ -189,7 +201,33 @@ pub(crate) fn render(
         "1 while the store can keep answers, 0 while it is degraded (see /healthz for the reason).",
         &one(u64::from(healthy)),
     );
+    histogram(
+        &mut page,
+        "fallback_cache_covered_answer_age_seconds",
+        "Age of the stored answer that covered each covered request.",
+        &stats.covered_age,
+    );
+    histogram(
+        &mut page,
+        "fallback_cache_fallback_answer_age_seconds",
+        "Age of each stored answer served as FALLBACK.",
+        &stats.fallback_age,
+    );
     page
+}
+
+/// A histogram family: cumulative buckets, `+Inf`, sum and count.
+fn histogram(page: &mut String, name: &str, help: &str, ages: &AgeHistogram) {
+    let _ = writeln!(page, "# HELP {name} {help}");
+    let _ = writeln!(page, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (le, count) in AGE_BUCKETS.iter().zip(ages.buckets()) {
+        cumulative += count;
+        let _ = writeln!(page, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(page, "{name}_bucket{{le=\"+Inf\"}} {}", ages.count());
+    let _ = writeln!(page, "{name}_sum {}", ages.sum().as_secs_f64());
+    let _ = writeln!(page, "{name}_count {}", ages.count());
 }
 
 #[cfg(test)]
@@ -232,8 +270,16 @@ mod tests {
         assert!(page.contains("fallback_cache_store_healthy 0\n"), "{page}");
         for line in page.lines().filter(|line| !line.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').expect("a sample is `name value`");
-            assert!(value.parse::<u64>().is_ok(), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
             let family = name.split('{').next().unwrap_or(name);
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    family
+                        .strip_suffix(suffix)
+                        .filter(|base| page.contains(&format!("# TYPE {base} histogram")))
+                })
+                .unwrap_or(family);
             assert!(
                 page.contains(&format!("# TYPE {family} ")),
                 "{family} has no TYPE"

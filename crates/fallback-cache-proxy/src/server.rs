@@ -14,7 +14,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, StatusCode};
 use hyper::body::Incoming;
@@ -82,6 +82,10 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         conns: Arc::new(Conns::new(config.max_connections)),
     });
 
+    if let Some(admin) = &config.admin {
+        let addr = crate::admin::start(admin, store.clone()).await?;
+        tracing::info!("admin endpoint on http://{addr} (DELETE /cache/{{key}})");
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ProxyError::Listen {
@@ -100,14 +104,11 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         idle: config.idle_timeout,
     };
     let conns = proxy.conns.clone();
-    serve(
-        listener,
-        router(proxy),
-        conns,
-        timeouts,
-        config.shutdown_timeout,
-    )
-    .await?;
+    let mut router = router(proxy);
+    if config.access_log {
+        router = router.layer(axum::middleware::from_fn(access_log));
+    }
+    serve(listener, router, conns, timeouts, config.shutdown_timeout).await?;
 
     match tokio::time::timeout(
         config.shutdown_timeout.max(Duration::from_secs(1)),
@@ -127,8 +128,46 @@ fn router(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
+        // The admin paths are answered on --admin-listen only, never forwarded.
+        .route(crate::admin::PREFIX, any(not_found))
+        .route(
+            &format!("{}/{{*rest}}", crate::admin::PREFIX),
+            any(not_found),
+        )
         .fallback(forward)
         .with_state(proxy)
+}
+
+/// One line per request: method, path without its query, status, cache status, reason,
+/// latency. Nothing else of the request: no header (credentials), no body.
+async fn access_log(request: Request<Body>, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    tracing::info!(
+        target: "fallback_cache_proxy::access",
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        cache = %header("x-fallback-cache"),
+        reason = %header("x-fallback-cache-reason"),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+async fn not_found() -> StatusCode {
+    StatusCode::NOT_FOUND
 }
 
 /// `ok`, or `degraded: <reason>` while the store cannot keep answers (a full disk, a

@@ -1,8 +1,10 @@
 //! The flow of one request through the layer: key, cache-first, quota breaker, upstream,
 //! classify, fall back, mark. ARCHITECTURE.md tells it step by step.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
@@ -89,13 +91,33 @@ where
         Partition::ByCredential => partition,
         _ => credential_identity(&parts),
     };
+    let controls = Controls::of(&parts.headers);
+    let mut coverage = Coverage::new(&shared);
+
+    // `only-if-cached` (RFC 9111, 5.2.1.7): the stored answer, or a 504; never the upstream.
+    if controls.only_if_cached {
+        let found = lookup(&shared, &key).await;
+        coverage.count(&shared, found.as_ref());
+        return Ok(match found.filter(|(_, age)| controls.accepts(*age)) {
+            Some((entry, age)) => {
+                Counters::add(&counters.hits);
+                tracing::debug!(%key, "HIT (only-if-cached)");
+                replay(entry, age, CacheStatus::Hit, key, None)
+            }
+            None => {
+                Counters::add(&counters.misses);
+                tracing::debug!(%key, "only-if-cached: nothing stored, 504");
+                not_cached(key)
+            }
+        });
+    }
 
     // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
     // requests that miss together make one call.
     let mut leader = None;
     if let Mode::CacheFirst { fresh_for } = shared.mode {
         if !cache_control_has(&parts.headers, "no-cache") {
-            if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+            if let Some(hit) = fresh_hit(&shared, key, fresh_for, &mut coverage).await {
                 return Ok(hit);
             }
             // A follower waits for the leader at most `coalesce_wait` in all; when the
@@ -106,7 +128,7 @@ where
                     Turn::Lead(lead) => {
                         // The previous leader may have stored the answer between our
                         // lookup and our turn.
-                        if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        if let Some(hit) = fresh_hit(&shared, key, fresh_for, &mut coverage).await {
                             return Ok(hit);
                         }
                         leader = Some(lead);
@@ -121,7 +143,7 @@ where
                             tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
                             break;
                         }
-                        if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        if let Some(hit) = fresh_hit(&shared, key, fresh_for, &mut coverage).await {
                             Counters::add(&counters.coalesced);
                             return Ok(hit);
                         }
@@ -141,7 +163,8 @@ where
         } => {
             Counters::add(&counters.suspended);
             let reason = Reason::InsufficientQuota;
-            if let Some(served) = fall_back(&shared, key, reason).await {
+            let arrived = coverage.look(&shared, &key).await;
+            if let Some(served) = fall_back(&shared, key, reason, controls, arrived).await {
                 return Ok(served);
             }
             Counters::add(&counters.misses);
@@ -181,20 +204,25 @@ where
     parts
         .headers
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let called = match poll_fn(|cx| inner.poll_ready(cx)).await {
-        Ok(()) => {
-            inner
-                .call(Request::from_parts(parts, RequestBody::full(bytes)))
-                .await
+    // The coverage lookup runs beside the call (the call is polled first), adding nothing
+    // to its latency.
+    let call = async {
+        match poll_fn(|cx| inner.poll_ready(cx)).await {
+            Ok(()) => {
+                inner
+                    .call(Request::from_parts(parts, RequestBody::full(bytes)))
+                    .await
+            }
+            Err(error) => Err(error),
         }
-        Err(error) => Err(error),
     };
+    let (called, arrived) = join(call, coverage.look(&shared, &key)).await;
     let response = match called {
         Ok(response) => response,
         Err(error) => {
             let reason = Reason::Unreachable;
             Counters::add(&counters.failures[reason as usize]);
-            if let Some(served) = fall_back(&shared, key, reason).await {
+            if let Some(served) = fall_back(&shared, key, reason, controls, arrived).await {
                 return Ok(served);
             }
             tracing::debug!(%key, %reason, "inner service failed; error returned");
@@ -263,7 +291,7 @@ where
     // 6. Fall back.
     if let Some(reason) = reason {
         Counters::add(&counters.failures[reason as usize]);
-        if let Some(served) = fall_back(&shared, key, reason).await {
+        if let Some(served) = fall_back(&shared, key, reason, controls, arrived).await {
             return Ok(served);
         }
     }
@@ -288,8 +316,11 @@ async fn fresh_hit<B: Body>(
     shared: &Shared,
     key: CacheKey,
     fresh_for: Duration,
+    coverage: &mut Coverage,
 ) -> Option<Response<ResponseBody<B>>> {
-    let (entry, age) = lookup(shared, &key).await?;
+    let found = lookup(shared, &key).await;
+    coverage.count(shared, found.as_ref());
+    let (entry, age) = found?;
     if age >= fresh_for {
         return None;
     }
@@ -323,18 +354,31 @@ where
     Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
 }
 
-/// The stored answer for a failed call, when the layer falls back on `reason` and has one.
+/// The stored answer for a failed call, when the layer falls back on `reason` and has one
+/// the request accepts (`max-stale`). `arrived` is what the coverage lookup found when the
+/// request arrived, if it looked: an answer found then is served, otherwise the store is
+/// asked again (an identical request may have stored one since).
 async fn fall_back<B: Body>(
     shared: &Shared,
     key: CacheKey,
     reason: Reason,
+    controls: Controls,
+    arrived: Option<Found>,
 ) -> Option<Response<ResponseBody<B>>> {
     if !shared.falls_back_on(reason) {
         return None;
     }
     let counters = shared.stats.counters();
-    match lookup(shared, &key).await {
+    let found = match arrived {
+        Some(Some((entry, _))) => {
+            let age = entry.age();
+            (age <= shared.ttl).then_some((entry, age))
+        }
+        _ => lookup(shared, &key).await,
+    };
+    match found.filter(|(_, age)| controls.accepts(*age)) {
         Some((entry, age)) => {
+            counters.fallback_age.observe(age);
             Counters::add(&counters.fallbacks);
             Counters::add(&counters.fallbacks_by_reason[reason as usize]);
             tracing::debug!(%key, %reason, "FALLBACK");
@@ -348,9 +392,12 @@ async fn fall_back<B: Body>(
     }
 }
 
+/// A usable stored answer and its age.
+type Found = Option<(Arc<CachedResponse>, Duration)>;
+
 /// The answer under `key`, with its age, if it is usable: present, younger than the TTL,
 /// of this key version. A store error is counted and is a miss.
-async fn lookup(shared: &Shared, key: &CacheKey) -> Option<(Arc<CachedResponse>, Duration)> {
+async fn lookup(shared: &Shared, key: &CacheKey) -> Found {
     match shared.store.get(key).await {
         Ok(Some(entry)) if entry.key_version() == KEY_VERSION => {
             let age = entry.age();
@@ -466,4 +513,144 @@ fn cache_control_has(headers: &HeaderMap, directive: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|d| d.trim().eq_ignore_ascii_case(directive))
+}
+
+/// Counts a keyed request as covered or uncovered, once: from the first lookup the flow
+/// makes anyway (cache-first), or from a lookup of its own beside the upstream call.
+struct Coverage {
+    /// Whether the request is still to be counted.
+    pending: bool,
+}
+
+impl Coverage {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            pending: shared.coverage,
+        }
+    }
+
+    fn count(&mut self, shared: &Shared, found: Option<&(Arc<CachedResponse>, Duration)>) {
+        if !std::mem::take(&mut self.pending) {
+            return;
+        }
+        let counters = shared.stats.counters();
+        match found {
+            Some((_, age)) => {
+                Counters::add(&counters.covered);
+                counters.covered_age.observe(*age);
+            }
+            None => Counters::add(&counters.uncovered),
+        }
+    }
+
+    /// The lookup of a request not counted yet, counted; `None` when it was counted
+    /// already (or coverage is off) and nothing was looked up.
+    async fn look(&mut self, shared: &Shared, key: &CacheKey) -> Option<Found> {
+        if !self.pending {
+            return None;
+        }
+        let found = lookup(shared, key).await;
+        self.count(shared, found.as_ref());
+        Some(found)
+    }
+}
+
+/// What a request's `cache-control` asks of the cache (RFC 9111, 5.2.1).
+#[derive(Debug, Clone, Copy, Default)]
+struct Controls {
+    /// `max-stale=N`: serve a stored answer at most this old, as a fallback or for
+    /// `only-if-cached`.
+    max_stale: Option<Duration>,
+    /// `only-if-cached`: never call the upstream.
+    only_if_cached: bool,
+}
+
+impl Controls {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut controls = Self::default();
+        for directive in headers
+            .get_all(CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+        {
+            let directive = directive.trim();
+            let (name, value) = match directive.split_once('=') {
+                Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+                None => (directive, None),
+            };
+            if name.eq_ignore_ascii_case("only-if-cached") {
+                controls.only_if_cached = true;
+            } else if name.eq_ignore_ascii_case("max-stale") {
+                // Without a value, any age is accepted (RFC 9111, 5.2.1.2); a value that
+                // is not a number of seconds is ignored, as an unknown directive is.
+                if let Some(Ok(seconds)) = value.map(str::parse::<u64>) {
+                    let limit = Duration::from_secs(seconds);
+                    controls.max_stale = Some(controls.max_stale.map_or(limit, |l| l.min(limit)));
+                }
+            }
+        }
+        controls
+    }
+
+    /// Whether a stored answer this old may be served for this request.
+    fn accepts(&self, age: Duration) -> bool {
+        self.max_stale.is_none_or(|limit| age <= limit)
+    }
+}
+
+/// The answer to `only-if-cached` when nothing usable is stored: a 504 the OpenAI SDKs do
+/// not retry, marked `MISS`.
+fn not_cached<B: Body>(key: CacheKey) -> Response<ResponseBody<B>> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+    let body = bytes::Bytes::from_static(
+        br#"{"error":{"message":"only-if-cached: no stored answer for this request","type":"fallback_cache_error","code":"not_cached"}}"#,
+    );
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let entry = Arc::new(CachedResponse::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        headers,
+        vec![body],
+    ));
+    let (mut parts, body) = stored_response::<B>(&entry).into_parts();
+    mark(
+        &mut parts.headers,
+        &mut parts.extensions,
+        CacheStatus::Miss,
+        key,
+        None,
+        None,
+    );
+    Response::from_parts(parts, body)
+}
+
+/// Runs both futures at once in this task, `a` polled first; both outputs.
+async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (pin!(a), pin!(b));
+    let (mut out_a, mut out_b) = (None, None);
+    poll_fn(|cx| {
+        if out_a.is_none() {
+            if let Poll::Ready(value) = a.as_mut().poll(cx) {
+                out_a = Some(value);
+            }
+        }
+        if out_b.is_none() {
+            if let Poll::Ready(value) = b.as_mut().poll(cx) {
+                out_b = Some(value);
+            }
+        }
+        match (out_a.take(), out_b.take()) {
+            (Some(a), Some(b)) => Poll::Ready((a, b)),
+            (a, b) => {
+                (out_a, out_b) = (a, b);
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }

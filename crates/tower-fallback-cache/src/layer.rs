@@ -129,6 +129,7 @@ pub struct FallbackCacheBuilder {
     max_response_body: usize,
     quota_breaker: QuotaBreaker,
     coalesce_wait: Duration,
+    coverage: bool,
 }
 
 impl Default for FallbackCacheBuilder {
@@ -147,6 +148,7 @@ impl Default for FallbackCacheBuilder {
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             quota_breaker: QuotaBreaker::default(),
             coalesce_wait: DEFAULT_COALESCE_WAIT,
+            coverage: true,
         }
     }
 }
@@ -258,6 +260,14 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// Whether each keyed request is counted as covered or uncovered (default on): see
+    /// [`StatsSnapshot::covered`](crate::StatsSnapshot::covered). In fallback mode this
+    /// is one store lookup per request, made while the upstream call is under way.
+    pub fn coverage(mut self, on: bool) -> Self {
+        self.coverage = on;
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> FallbackCacheLayer {
         let store = self
@@ -280,6 +290,7 @@ impl FallbackCacheBuilder {
                 breaker: Arc::new(Breaker::new(self.quota_breaker, stats.clone())),
                 in_flight: Arc::default(),
                 coalesce_wait: self.coalesce_wait,
+                coverage: self.coverage,
                 stats,
             }),
         }

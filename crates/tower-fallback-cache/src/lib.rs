@@ -147,7 +147,7 @@ pub use layer::{
 pub use partition::{CREDENTIAL_HEADERS, Partition, PartitionId};
 pub use service::FallbackCache;
 pub use state::Mode;
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{AGE_BUCKETS, AgeHistogram, Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 pub use store::{DEFAULT_TTL, Store};
 pub use throttle::LogThrottle;

@@ -57,6 +57,7 @@ pub(crate) struct Shared {
     pub(crate) breaker: Arc<Breaker>,
     pub(crate) in_flight: Arc<InFlight>,
     pub(crate) coalesce_wait: Duration,
+    pub(crate) coverage: bool,
 }
 
 impl Shared {

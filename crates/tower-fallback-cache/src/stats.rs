@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::classify::Reason;
 
@@ -37,6 +38,72 @@ pub(crate) struct Counters {
     pub(crate) suspended: AtomicU64,
     pub(crate) suspended_partitions: AtomicU64,
     pub(crate) coalesced: AtomicU64,
+    pub(crate) covered: AtomicU64,
+    pub(crate) uncovered: AtomicU64,
+    pub(crate) covered_age: AgeCounters,
+    pub(crate) fallback_age: AgeCounters,
+}
+
+/// The upper bounds, in seconds, of the buckets of an [`AgeHistogram`]: 1 min, 5 min,
+/// 15 min, 1 h, 6 h, 1 day, 7 days (the default TTL), 30 days; older ages count in the
+/// sum and the total only (the `+Inf` bucket).
+pub const AGE_BUCKETS: [u64; 8] = [60, 300, 900, 3_600, 21_600, 86_400, 604_800, 2_592_000];
+
+#[derive(Debug, Default)]
+pub(crate) struct AgeCounters {
+    buckets: [AtomicU64; AGE_BUCKETS.len()],
+    count: AtomicU64,
+    sum_millis: AtomicU64,
+}
+
+impl AgeCounters {
+    pub(crate) fn observe(&self, age: Duration) {
+        let secs = age.as_secs_f64();
+        if let Some(bucket) = AGE_BUCKETS.iter().position(|&le| secs <= le as f64) {
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let millis = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        self.sum_millis.fetch_add(millis, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> AgeHistogram {
+        AgeHistogram {
+            buckets: self
+                .buckets
+                .each_ref()
+                .map(|bucket| bucket.load(Ordering::Relaxed)),
+            count: self.count.load(Ordering::Relaxed),
+            sum_millis: self.sum_millis.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The ages of stored answers at one moment, as a histogram with the bounds
+/// [`AGE_BUCKETS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgeHistogram {
+    buckets: [u64; AGE_BUCKETS.len()],
+    count: u64,
+    sum_millis: u64,
+}
+
+impl AgeHistogram {
+    /// Observations in each bucket of [`AGE_BUCKETS`] (not cumulative): `buckets()[i]`
+    /// counts the ages above `AGE_BUCKETS[i - 1]` and at most `AGE_BUCKETS[i]` seconds.
+    pub fn buckets(&self) -> [u64; AGE_BUCKETS.len()] {
+        self.buckets
+    }
+
+    /// Every observation, older ones included.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The sum of every observed age.
+    pub fn sum(&self) -> Duration {
+        Duration::from_millis(self.sum_millis)
+    }
 }
 
 /// The counters at one moment.
@@ -77,6 +144,15 @@ pub struct StatsSnapshot {
     /// Cache-first requests that waited for an identical request's call instead of making
     /// their own, and were served its answer.
     pub coalesced: u64,
+    /// Keyed requests that arrived while a usable stored answer (within the TTL) existed
+    /// for them: those a quota loss would still have answered.
+    pub covered: u64,
+    /// Keyed requests that arrived with nothing usable stored for them.
+    pub uncovered: u64,
+    /// The age of the answer that covered each covered request.
+    pub covered_age: AgeHistogram,
+    /// The age of each answer served as `FALLBACK`.
+    pub fallback_age: AgeHistogram,
 }
 
 impl StatsSnapshot {
@@ -113,6 +189,10 @@ impl Stats {
             suspended: load(&c.suspended),
             suspended_partitions: load(&c.suspended_partitions),
             coalesced: load(&c.coalesced),
+            covered: load(&c.covered),
+            uncovered: load(&c.uncovered),
+            covered_age: c.covered_age.snapshot(),
+            fallback_age: c.fallback_age.snapshot(),
         }
     }
 

@@ -278,7 +278,9 @@ pub async fn metrics(proxy_url: &str) -> std::collections::HashMap<String, u64> 
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| {
             let (name, value) = line.rsplit_once(' ').expect("name value");
-            (name.to_owned(), value.parse().expect("a whole number"))
+            // A histogram's sum is in seconds with a fraction; the rest are whole numbers.
+            let value: f64 = value.parse().expect("a number");
+            (name.to_owned(), value as u64)
         })
         .collect()
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
 use crate::entry::CachedResponse;
@@ -323,6 +323,52 @@ impl DiskStore {
                 }
             },
         }
+    }
+}
+
+/// One answer in a [`DiskStore`], as [`DiskStore::list`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredEntry {
+    /// Its key, as `x-fallback-cache-key` shows it.
+    pub key: CacheKey,
+    /// When it was stored.
+    pub stored_at: SystemTime,
+    /// The size of its record in the file.
+    pub bytes: u64,
+}
+
+impl DiskStore {
+    /// Every unexpired answer committed to the file: for inspecting a store offline
+    /// (`fallback-cache-proxy stats` and `purge`). It reads the whole file; a record that
+    /// does not decode is left out.
+    pub fn list(&self) -> Result<Vec<StoredEntry>, StoreError> {
+        let Some((db, _)) = self.shared.database() else {
+            return Err(self.unusable());
+        };
+        let failed = |error: redb::Error| backend(io::Error::other(error.to_string()));
+        let txn = db.begin_read().map_err(|e| failed(e.into()))?;
+        let table = txn.open_table(ENTRIES).map_err(|e| failed(e.into()))?;
+        let now = unix_millis(SystemTime::now());
+        let mut listed = Vec::new();
+        for row in table.iter().map_err(|e| failed(e.into()))? {
+            let (key, record) = row.map_err(|e| failed(e.into()))?;
+            let Ok(parsed) = Record::parse(record.value()) else {
+                continue;
+            };
+            if parsed.expires_at <= now {
+                continue;
+            }
+            let Ok(entry) = CachedResponse::decode(parsed.entry) else {
+                continue;
+            };
+            listed.push(StoredEntry {
+                key: CacheKey::from_bytes(*key.value()),
+                stored_at: entry.stored_at(),
+                bytes: record.value().len() as u64,
+            });
+        }
+        Ok(listed)
     }
 }
 

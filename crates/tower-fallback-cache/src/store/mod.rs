@@ -24,7 +24,7 @@ pub use self::redis::{
 #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
 pub use disk::{
     DEFAULT_DISK_MAX_BYTES, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PAGE_CACHE_BYTES,
-    DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt,
+    DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt, StoredEntry,
 };
 #[cfg(any(feature = "disk", feature = "redis"))]
 pub(crate) use health::HealthCell;

@@ -1,0 +1,135 @@
+//! The admin endpoint: off by default, on a listen address of its own, every request
+//! authorized by a bearer token. `DELETE /cache/{key}` purges one answer from every tier.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::delete;
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{HeaderMap, StatusCode};
+use tokio::net::TcpListener;
+use tower_fallback_cache::CacheKey;
+use tower_fallback_cache::store::Store;
+
+use crate::error::ProxyError;
+
+/// The path prefix of the admin endpoint, answered 404 on the public listener.
+pub(crate) const PREFIX: &str = "/cache";
+
+/// `--admin-listen` and `--admin-token`.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) token: Token,
+}
+
+/// The admin token; never printed.
+#[derive(Clone)]
+pub(crate) struct Token(Arc<str>);
+
+impl Token {
+    pub(crate) fn new(token: &str) -> Self {
+        Self(Arc::from(token.trim()))
+    }
+
+    /// Whether `headers` carry `authorization: Bearer <this token>`, compared in a time
+    /// that does not depend on where they differ.
+    fn authorizes(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        let (given, expected) = (given.trim().as_bytes(), self.0.as_bytes());
+        given.len() == expected.len()
+            && given
+                .iter()
+                .zip(expected)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+struct Admin {
+    store: Arc<dyn Store>,
+    token: Token,
+}
+
+/// Binds the admin listener and serves it in a task of its own, for the life of the
+/// runtime.
+pub(crate) async fn start(
+    config: &AdminConfig,
+    store: Arc<dyn Store>,
+) -> Result<SocketAddr, ProxyError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ProxyError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ProxyError::Serve)?;
+    let admin = Arc::new(Admin {
+        store,
+        token: config.token.clone(),
+    });
+    let router = Router::new()
+        .route(&format!("{PREFIX}/{{key}}"), delete(purge))
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .with_state(admin);
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!("the admin endpoint stopped: {error}");
+        }
+    });
+    Ok(addr)
+}
+
+/// `DELETE /cache/{key}`: 204 once the answer is gone from every tier (or was never
+/// there), 400 for a key that is not 64 hex digits, 401 without the token, 503 when the
+/// store failed.
+async fn purge(
+    State(admin): State<Arc<Admin>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !admin.token.authorizes(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(WWW_AUTHENTICATE, "Bearer")],
+            "an admin token is required: authorization: Bearer TOKEN\n",
+        )
+            .into_response();
+    }
+    let Ok(key) = key.parse::<CacheKey>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "expected the key as shown in x-fallback-cache-key (64 hex digits)\n",
+        )
+            .into_response();
+    };
+    match admin.store.remove(&key).await {
+        Ok(()) => {
+            tracing::info!(%key, "purged");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%key, "purge failed: {error}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the store could not remove the answer: {error}\n"),
+            )
+                .into_response()
+        }
+    }
+}

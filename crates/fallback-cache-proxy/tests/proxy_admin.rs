@@ -1,0 +1,187 @@
+//! The admin endpoint: off by default, on its own listener, behind a token; a purged answer
+//! is gone from every tier (memory, disk, Redis).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::Proxy;
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+const TOKEN: &str = "admin-token-for-tests";
+
+fn start(mock: &MockUpstream, store: &str) -> (Proxy, String) {
+    let proxy = Proxy::start_with_env(
+        &[
+            "--upstream",
+            &mock.url(),
+            "--store",
+            store,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("FALLBACK_CACHE_ADMIN_TOKEN", TOKEN)],
+    );
+    let logs = proxy.logs();
+    let at = logs
+        .find("admin endpoint on http://")
+        .unwrap_or_else(|| panic!("no admin endpoint in the logs:\n{logs}"));
+    let rest = &logs[at + "admin endpoint on ".len()..];
+    let admin = rest.split([' ', '\n']).next().unwrap_or(rest).to_owned();
+    assert!(!logs.contains(TOKEN), "the token is logged:\n{logs}");
+    (proxy, admin)
+}
+
+/// Asks `prompt`; the cache status, the key and the status code.
+async fn ask(proxy: &Proxy, prompt: &str) -> (String, String, u16) {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("an answer");
+    let header = |name: &str| response.headers()[name].to_str().expect("ascii").to_owned();
+    let answer = (
+        header("x-fallback-cache"),
+        header("x-fallback-cache-key"),
+        response.status().as_u16(),
+    );
+    response.text().await.expect("a body");
+    answer
+}
+
+async fn purge(base: &str, key: &str, token: Option<&str>) -> u16 {
+    let mut request = reqwest::Client::new().delete(format!("{base}/cache/{key}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.expect("an answer").status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_answer_is_not_served_again_from_memory() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (proxy, admin) = start(&mock, "memory");
+    let (_, key, _) = ask(&proxy, "purge me").await;
+
+    assert_eq!(purge(&admin, &key, None).await, 401);
+    assert_eq!(purge(&admin, &key, Some("wrong-token")).await, 401);
+    assert_eq!(purge(&admin, "not-a-key", Some(TOKEN)).await, 400);
+    // The public listener has no admin paths, token or not, and does not forward them.
+    let calls = mock.control().calls();
+    assert_eq!(purge(proxy.url(), &key, Some(TOKEN)).await, 404);
+    assert_eq!(mock.control().calls(), calls);
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    // Still stored: the refused purges removed nothing.
+    assert_eq!(ask(&proxy, "purge me").await.0, "FALLBACK");
+    assert_eq!(purge(&admin, &key, Some(TOKEN)).await, 204);
+    let (cache, _, status) = ask(&proxy, "purge me").await;
+    assert_eq!((cache.as_str(), status), ("MISS", 429));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_answer_is_gone_from_the_disk_after_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("disk:{}", dir.path().join("cache.redb").display());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (mut proxy, admin) = start(&mock, &store);
+    let (_, purged, _) = ask(&proxy, "purge me").await;
+    let (_, kept, _) = ask(&proxy, "keep me").await;
+    assert_ne!(purged, kept);
+    assert_eq!(purge(&admin, &purged, Some(TOKEN)).await, 204);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    assert_eq!(ask(&proxy, "purge me").await.0, "MISS");
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+
+    // A new proxy on the same file: nothing in memory, the disk tier alone answers.
+    let (proxy, _) = start(&mock, &store);
+    assert_eq!(
+        ask(&proxy, "keep me").await.0,
+        "FALLBACK",
+        "{}",
+        proxy.logs()
+    );
+    assert_eq!(ask(&proxy, "purge me").await.0, "MISS");
+}
+
+/// A redis-server of this test's own, stopped when dropped.
+struct RedisServer(Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_url() -> (Option<RedisServer>, String) {
+    if let Ok(url) = std::env::var("FALLBACK_CACHE_TEST_REDIS_URL") {
+        if !url.is_empty() {
+            return (None, url);
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (apt-get install redis-server, or FALLBACK_CACHE_TEST_REDIS_URL)");
+    let server = RedisServer(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not listen within 10s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Some(server), format!("redis://127.0.0.1:{port}/0"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_answer_is_gone_from_redis_for_every_replica() {
+    let (_server, url) = redis_url();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let prompt = format!("Purged from Redis, run {nanos}");
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (first, admin) = start(&mock, &url);
+    let (_, key, _) = ask(&first, &prompt).await;
+    assert_eq!(purge(&admin, &key, Some(TOKEN)).await, 204);
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    // Neither the proxy that purged it nor a replica on the same Redis serves it.
+    assert_eq!(ask(&first, &prompt).await.0, "MISS");
+    let (second, _) = start(&mock, &url);
+    assert_eq!(ask(&second, &prompt).await.0, "MISS", "{}", second.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_is_off_by_default_and_needs_a_token() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    assert!(!proxy.logs().contains("admin endpoint"), "{}", proxy.logs());
+    let (status, output) = common::run_to_end(
+        &["--upstream", &mock.url(), "--admin-listen", "127.0.0.1:0"],
+        &[],
+    );
+    assert!(!status.success());
+    assert!(output.contains("--admin-token"), "{output}");
+}

@@ -1,0 +1,191 @@
+//! `/metrics` after mixed traffic: a page `promtool check metrics` accepts, coverage counted,
+//! and no label value that is a credential, a key or a path with its query.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::Proxy;
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+async fn chat(
+    proxy: &Proxy,
+    path_and_query: &str,
+    prompt: &str,
+    cache_control: Option<&str>,
+) -> reqwest::Response {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path_and_query}", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(value) = cache_control {
+        request = request.header("cache-control", value);
+    }
+    request.send().await.expect("an answer")
+}
+
+fn cache_status(response: &reqwest::Response) -> String {
+    response.headers()["x-fallback-cache"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+/// Runs `promtool check metrics` on `page`. Without promtool the check is skipped, except
+/// under CI, where a missing promtool is a failure (scripts/test.sh installs it).
+fn promtool_check(page: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "promtool is needed under CI ({error}): apt-get install prometheus"
+            );
+            eprintln!("promtool not found ({error}): the page is not checked by it");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(page.as_bytes())
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("promtool ran");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n{page}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let mut keys = Vec::new();
+
+    // Two answered (uncovered), one asked again (covered), one with a query string.
+    for prompt in ["first", "second", "first"] {
+        let response = chat(&proxy, "/v1/chat/completions", prompt, None).await;
+        keys.push(
+            response.headers()["x-fallback-cache-key"]
+                .to_str()
+                .expect("ascii")
+                .to_owned(),
+        );
+        response.text().await.expect("a body");
+    }
+    let queried = chat(
+        &proxy,
+        "/v1/chat/completions?api-version=secret-query",
+        "third",
+        None,
+    )
+    .await;
+    assert_eq!(queried.status(), 200);
+    queried.text().await.expect("a body");
+    // Nothing stored and only-if-cached: a 504, no upstream call.
+    let calls = mock.control().calls();
+    let probe = chat(
+        &proxy,
+        "/v1/chat/completions",
+        "never asked",
+        Some("only-if-cached"),
+    )
+    .await;
+    assert_eq!(probe.status(), 504);
+    assert_eq!(mock.control().calls(), calls);
+    // A bypass.
+    let models = chat(&proxy, "/v1/chat/completions", "not kept", Some("no-store")).await;
+    assert_eq!(cache_status(&models), "BYPASS");
+    // The quota is gone: one FALLBACK, one with nothing to fall back on.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let fallback = chat(&proxy, "/v1/chat/completions", "second", None).await;
+    assert_eq!(cache_status(&fallback), "FALLBACK");
+    fallback.text().await.expect("a body");
+    let missed = chat(&proxy, "/v1/chat/completions", "fourth", None).await;
+    assert_eq!(missed.status(), 429);
+
+    let page = reqwest::get(format!("{}/metrics", proxy.url()))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the page");
+    promtool_check(&page);
+
+    let samples = common::metrics(proxy.url()).await;
+    // Covered: the second "first", the FALLBACK's "second". Uncovered: first, second,
+    // third, the probe, fourth.
+    assert_eq!(
+        samples["fallback_cache_covered_requests_total"], 2,
+        "{page}"
+    );
+    assert_eq!(
+        samples["fallback_cache_uncovered_requests_total"], 5,
+        "{page}"
+    );
+    assert_eq!(
+        samples["fallback_cache_covered_answer_age_seconds_count"], 2,
+        "{page}"
+    );
+    assert_eq!(
+        samples["fallback_cache_fallback_answer_age_seconds_count"], 1,
+        "{page}"
+    );
+    assert_eq!(
+        samples["fallback_cache_fallback_answer_age_seconds_bucket{le=\"+Inf\"}"],
+        1
+    );
+
+    for line in page.lines().filter(|line| !line.starts_with('#')) {
+        assert!(!line.contains(common::API_KEY), "a credential in {line}");
+        assert!(
+            !line.contains("secret-query") && !line.contains('?'),
+            "a query in {line}"
+        );
+        assert!(!line.contains("/v1/"), "a path in {line}");
+        for key in &keys {
+            assert!(!line.contains(key.as_str()), "a key in {line}");
+        }
+    }
+
+    // Every metric the dashboard queries is on the page.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../dashboards/fallback-cache.json"
+    ))
+    .expect("dashboards/fallback-cache.json");
+    let mut rest = dashboard.as_str();
+    let mut queried = 0;
+    while let Some(at) = rest.find("fallback_cache_") {
+        rest = &rest[at..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = &rest[..end];
+        rest = &rest[end..];
+        let family = name.strip_suffix("_bucket").unwrap_or(name);
+        assert!(
+            page.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, not on the page"
+        );
+        queried += 1;
+    }
+    assert!(queried > 10, "{queried}");
+}

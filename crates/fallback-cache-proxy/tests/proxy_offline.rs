@@ -1,0 +1,147 @@
+//! `fallback-cache-proxy stats` and `purge` on a disk store no proxy holds, and the one
+//! line they print when a proxy holds it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::Proxy;
+use http::{HeaderMap, StatusCode};
+use mock_upstream::MockUpstream;
+use tower_fallback_cache::store::{DiskStore, Store};
+use tower_fallback_cache::{CacheKey, CachedResponse};
+
+fn offline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the proxy binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes answers stored `ago` under keys 1, 2, ... into a fresh file at `path`.
+async fn fill(path: &Path, ages: &[Duration]) -> Vec<CacheKey> {
+    let store = DiskStore::open(path).expect("a disk store");
+    let mut keys = Vec::new();
+    for (n, ago) in ages.iter().enumerate() {
+        let key = CacheKey::from_bytes([n as u8 + 1; 32]);
+        let fresh = CachedResponse::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            vec![Bytes::from(format!("answer {n}"))],
+        );
+        let entry = CachedResponse::from_parts(
+            StatusCode::OK,
+            HeaderMap::new(),
+            vec![Bytes::from(format!("answer {n}"))],
+            SystemTime::now() - *ago,
+            fresh.key_version(),
+        );
+        store
+            .put(key, Arc::new(entry), Duration::from_secs(30 * 24 * 3600))
+            .await
+            .expect("put");
+        keys.push(key);
+    }
+    store.flush().await.expect("flush");
+    keys
+}
+
+fn line_of<'a>(out: &'a str, label: &str) -> &'a str {
+    out.lines()
+        .find(|line| line.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{out}"))
+}
+
+#[tokio::test]
+async fn stats_and_purge_older_than_on_a_store_no_proxy_holds() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    let hour = Duration::from_secs(3600);
+    let keys = fill(&path, &[Duration::from_secs(10), 2 * hour, 3 * 24 * hour]).await;
+    let store = format!("disk:{}", path.display());
+
+    let stats = offline(&["stats", "--store", &store]);
+    let out = text(&stats.stdout);
+    assert!(stats.status.success(), "{out}{}", text(&stats.stderr));
+    assert_eq!(line_of(&out, "entries"), "entries  3");
+    assert!(line_of(&out, "bytes").starts_with("bytes    "), "{out}");
+    assert!(out.contains("<= 1m       1\n"), "{out}");
+    assert!(out.contains("<= 6h       1\n"), "{out}");
+    assert!(out.contains("<= 7days    1\n"), "{out}");
+
+    let purge = offline(&["purge", "--store", &store, "--older-than", "1h"]);
+    let out = text(&purge.stdout);
+    assert!(purge.status.success(), "{out}{}", text(&purge.stderr));
+    assert!(out.starts_with("purged 2 answers"), "{out}");
+    assert!(out.trim_end().ends_with("1 left"), "{out}");
+
+    let by_key = offline(&["purge", "--store", &store, "--key", &keys[0].to_hex()]);
+    assert!(by_key.status.success(), "{}", text(&by_key.stderr));
+    assert!(
+        text(&by_key.stdout).starts_with("purged 1 answer "),
+        "{}",
+        text(&by_key.stdout)
+    );
+
+    let empty = DiskStore::open(&path).expect("reopen");
+    for key in &keys {
+        assert!(
+            empty.get(key).await.expect("get").is_none(),
+            "{key} is still stored"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_proxy_holds_the_store_they_say_so_in_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    fill(&path, &[Duration::from_secs(10)]).await;
+    let store = format!("disk:{}", path.display());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let mut proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &store]);
+
+    for args in [
+        vec!["stats", "--store", store.as_str()],
+        vec!["purge", "--store", store.as_str(), "--older-than", "1s"],
+    ] {
+        let output = offline(&args);
+        let stderr = text(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{args:?}: {}",
+            text(&output.stdout)
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains("already open"), "{stderr}");
+    }
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+
+    // Once the proxy is gone, the same command works, and nothing was removed.
+    let stats = offline(&["stats", "--store", &store]);
+    assert!(stats.status.success(), "{}", text(&stats.stderr));
+    assert_eq!(line_of(&text(&stats.stdout), "entries"), "entries  1");
+}
+
+#[test]
+fn the_offline_commands_need_a_disk_store_and_a_selection() {
+    let output = offline(&["stats", "--store", "memory"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("disk:PATH"),
+        "{}",
+        text(&output.stderr)
+    );
+    let output = offline(&["purge", "--store", "disk:/nonexistent/cache.redb"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+}

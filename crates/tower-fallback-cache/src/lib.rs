@@ -98,10 +98,10 @@
 //!
 //! | feature | what it adds | direct dependencies it adds | crates in the tree |
 //! | --- | --- | --- | --- |
-//! | (none) | the layer, [`store::MemoryStore`], [`store::Tiered`] | — (tokio with `sync` only) | 56 |
+//! | (none) | the layer, [`store::MemoryStore`], [`store::Tiered`] | — (tokio with `sync`, `time`, `rt`) | 56 |
 //! | `codec` | `CachedResponse::encode` / `decode`, for a store of your own that keeps bytes | bincode | 58 |
 //! | `disk` | `store::DiskStore` (implies `codec`) | redb, bincode | 59 |
-//! | `redis` | `store::RedisStore` (implies `codec`; tokio `time`) | redis, bincode | 100 |
+//! | `redis` | `store::RedisStore` (implies `codec`) | redis, bincode | 100 |
 //! | `reqwest` | `reqwest::ReqwestService` | reqwest, without a TLS backend or `stream` | 101 |
 //!
 //! The `reqwest` feature leaves TLS to the application: enable one in your own `reqwest`

@@ -258,6 +258,39 @@ pub(crate) struct Cli {
     )]
     pub(crate) key_ignore: String,
 
+    /// Seal answers in the disk or Redis store: each is encrypted and authenticated under a
+    /// key derived from its request's credential (and --secret), so the file or the Redis
+    /// values give no answer away and a moved or forged value is refused. The memory tier
+    /// stays plain. on or off.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SEAL",
+        value_name = "SWITCH",
+        default_value = "on"
+    )]
+    pub(crate) seal: String,
+
+    /// A server secret mixed into every seal key; requests without a credential are
+    /// sealed under it alone (without it they are stored unsealed). Prefer --secret-file
+    /// or the environment: a flag shows in the process list. Empty: none.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SECRET",
+        value_name = "SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) secret: String,
+
+    /// A file holding the server secret (see --secret; a trailing newline is ignored).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SECRET_FILE",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub(crate) secret_file: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -289,6 +322,9 @@ pub(crate) const SETTINGS: &[&str] = &[
     "no-quota-breaker",
     "cacheable",
     "key-ignore",
+    "seal",
+    "secret",
+    "secret-file",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use tower_fallback_cache::{Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason};
+use tower_fallback_cache::{
+    Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason, Sealing,
+};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
@@ -43,6 +45,9 @@ pub(crate) struct Config {
     pub(crate) cacheable: Cacheable,
     /// What a request's key covers (`--key-ignore`).
     pub(crate) key_rules: KeyRules,
+    /// What the persistent store's answers are sealed under (`--seal`, `--secret`,
+    /// `--secret-file`); `None` when sealing is off.
+    pub(crate) sealing: Option<Sealing>,
     /// Settings given that have no effect, to warn about once logging is up.
     pub(crate) ignored: Vec<String>,
 }
@@ -185,6 +190,11 @@ where
         idle_timeout: raw("idle-timeout").parse(parse::positive_duration)?,
         max_connections: raw("max-connections").parse(parse::count)?,
         quota_breaker,
+        sealing: sealing(
+            raw("seal").parse(parse::switch)?,
+            raw("secret"),
+            raw("secret-file"),
+        )?,
         cacheable: raw("cacheable").parse(parse::cacheable)?,
         key_rules: KeyRules::default().ignore_fields(raw("key-ignore").parse(parse::key_ignore)?),
         ignored,
@@ -192,6 +202,25 @@ where
 }
 
 /// A quota cooldown: above 0, at most the breaker's longest (30 days).
+/// The sealing of `--seal`, with the secret of `--secret` or `--secret-file` (not both).
+fn sealing(on: bool, secret: Raw, secret_file: Raw) -> Result<Option<Sealing>, ProxyError> {
+    let secret = match (secret.value.is_empty(), secret_file.value.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(secret.value.into_bytes()),
+        (true, false) => Some(secret_file.parse(parse::secret_file)?),
+        (false, false) => {
+            return Err(ProxyError::Invalid {
+                setting: secret_file.setting(),
+                why: "give the secret once: --secret or --secret-file, not both".to_owned(),
+            });
+        }
+    };
+    Ok(on.then(|| match &secret {
+        Some(secret) => Sealing::with_secret(secret),
+        None => Sealing::new(),
+    }))
+}
+
 fn cooldown(text: &str) -> Result<Duration, String> {
     let cooldown = parse::positive_duration(text)?;
     if cooldown > MAX_QUOTA_COOLDOWN {

@@ -353,3 +353,19 @@ mod tests {
         assert!(key_ignore("/a~2b").is_err());
     }
 }
+
+/// `--secret-file`: the file's bytes, a trailing newline dropped; at least 16 bytes.
+pub(crate) fn secret_file(path: &str) -> Result<Vec<u8>, String> {
+    let mut secret =
+        std::fs::read(path).map_err(|error| format!("cannot read the secret file: {error}"))?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.len() < 16 {
+        return Err(format!(
+            "the secret is {} bytes long: use at least 16 random bytes",
+            secret.len()
+        ));
+    }
+    Ok(secret)
+}

@@ -23,6 +23,7 @@ use crate::entry::CachedResponse;
 use crate::key::{CacheKey, KEY_VERSION};
 use crate::layer::{Mode, Shared};
 use crate::partition::{Partition, credential_identity};
+use crate::seal::Seal;
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{StoreError, log_store_error};
@@ -86,13 +87,20 @@ where
         Partition::ByCredential => partition,
         _ => credential_identity(&parts),
     };
+    // Sealed under the credential where answers are partitioned by it; requests without
+    // one and shared partitions under the server secret alone. Only a copy here: the key
+    // is derived where an entry is sealed or opened.
+    let seal = shared.sealing.as_ref().and_then(|sealing| {
+        let own = matches!(shared.partition, Partition::ByCredential) && !partition.is_anonymous();
+        sealing.seal(own.then_some(&partition))
+    });
 
     // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
     // requests that miss together make one call.
     let mut leader = None;
     if let Mode::CacheFirst { fresh_for } = shared.mode {
         if !cache_control_has(&parts.headers, "no-cache") {
-            if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+            if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for).await {
                 return Ok(hit);
             }
             // A follower waits for the leader at most `coalesce_wait` in all; when the
@@ -103,7 +111,7 @@ where
                     Turn::Lead(lead) => {
                         // The previous leader may have stored the answer between our
                         // lookup and our turn.
-                        if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for).await {
                             return Ok(hit);
                         }
                         leader = Some(lead);
@@ -118,7 +126,7 @@ where
                             tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
                             break;
                         }
-                        if let Some(hit) = fresh_hit(&shared, key, fresh_for).await {
+                        if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for).await {
                             Counters::add(&counters.coalesced);
                             return Ok(hit);
                         }
@@ -138,7 +146,7 @@ where
         } => {
             Counters::add(&counters.suspended);
             let reason = Reason::InsufficientQuota;
-            if let Some(served) = fall_back(&shared, key, reason).await {
+            if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason).await {
                 return Ok(served);
             }
             Counters::add(&counters.misses);
@@ -189,7 +197,7 @@ where
         Err(error) => {
             let reason = Reason::Unreachable;
             Counters::add(&counters.failures[reason as usize]);
-            if let Some(served) = fall_back(&shared, key, reason).await {
+            if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason).await {
                 return Ok(served);
             }
             tracing::debug!(%key, %reason, "inner service failed; error returned");
@@ -214,6 +222,7 @@ where
                 store: shared.store.clone(),
                 stats: shared.stats.clone(),
                 ttl: shared.ttl,
+                seal,
                 leader,
             };
             let headers = parts.headers.clone();
@@ -256,7 +265,7 @@ where
     // 6. Fall back.
     if let Some(reason) = reason {
         Counters::add(&counters.failures[reason as usize]);
-        if let Some(served) = fall_back(&shared, key, reason).await {
+        if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason).await {
             return Ok(served);
         }
     }
@@ -280,9 +289,10 @@ where
 async fn fresh_hit<B: Body>(
     shared: &Shared,
     key: CacheKey,
+    seal: Option<&Seal>,
     fresh_for: Duration,
 ) -> Option<Response<ResponseBody<B>>> {
-    let (entry, age) = lookup(shared, &key).await?;
+    let (entry, age) = lookup(shared, &key, seal).await?;
     if age >= fresh_for {
         return None;
     }
@@ -320,13 +330,14 @@ where
 async fn fall_back<B: Body>(
     shared: &Shared,
     key: CacheKey,
+    seal: Option<&Seal>,
     reason: Reason,
 ) -> Option<Response<ResponseBody<B>>> {
     if !shared.falls_back_on(reason) {
         return None;
     }
     let counters = shared.stats.counters();
-    match lookup(shared, &key).await {
+    match lookup(shared, &key, seal).await {
         Some((entry, age)) => {
             Counters::add(&counters.fallbacks);
             Counters::add(&counters.fallbacks_by_reason[reason as usize]);
@@ -342,9 +353,18 @@ async fn fall_back<B: Body>(
 }
 
 /// The answer under `key`, with its age, if it is usable: present, younger than the TTL,
-/// of this key version. A store error is counted and is a miss.
-async fn lookup(shared: &Shared, key: &CacheKey) -> Option<(Arc<CachedResponse>, Duration)> {
-    match shared.store.get(key).await {
+/// of this key version, opened with its seal if it has one. A store error is counted and
+/// is a miss; so is an entry sealing refuses.
+async fn lookup(
+    shared: &Shared,
+    key: &CacheKey,
+    seal: Option<&Seal>,
+) -> Option<(Arc<CachedResponse>, Duration)> {
+    let found = match seal {
+        Some(seal) => shared.store.get_sealed(key, seal).await,
+        None => shared.store.get(key).await,
+    };
+    match found {
         Ok(Some(entry)) if entry.key_version() == KEY_VERSION => {
             let age = entry.age();
             (age <= shared.ttl).then_some((entry, age))
@@ -353,8 +373,13 @@ async fn lookup(shared: &Shared, key: &CacheKey) -> Option<(Arc<CachedResponse>,
         Err(error) => {
             let counters = shared.stats.counters();
             Counters::add(&counters.store_errors);
-            if matches!(error, StoreError::Corrupt(_)) {
-                Counters::add(&counters.corrupt_entries);
+            // Where an entry should open under a seal, any entry that does not is refused.
+            match &error {
+                StoreError::Corrupt(entry) if seal.is_some() || entry.is_rejected() => {
+                    Counters::add(&counters.rejected_entries);
+                }
+                StoreError::Corrupt(_) => Counters::add(&counters.corrupt_entries),
+                _ => {}
             }
             log_store_error("get", &error);
             None

@@ -11,6 +11,7 @@ use crate::classify::{Classify, ProviderClassifier, Reason};
 use crate::coalesce::InFlight;
 use crate::key::KeyRules;
 use crate::partition::Partition;
+use crate::seal::Sealing;
 use crate::service::FallbackCache;
 use crate::stats::Stats;
 use crate::store::{MemoryStore, Store};
@@ -67,6 +68,7 @@ pub(crate) struct Shared {
     pub(crate) breaker: Arc<Breaker>,
     pub(crate) in_flight: Arc<InFlight>,
     pub(crate) coalesce_wait: Duration,
+    pub(crate) sealing: Option<Sealing>,
 }
 
 impl Shared {
@@ -180,6 +182,7 @@ pub struct FallbackCacheBuilder {
     max_response_body: usize,
     quota_breaker: QuotaBreaker,
     coalesce_wait: Duration,
+    sealing: Option<Sealing>,
 }
 
 impl Default for FallbackCacheBuilder {
@@ -197,6 +200,7 @@ impl Default for FallbackCacheBuilder {
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             quota_breaker: QuotaBreaker::default(),
             coalesce_wait: DEFAULT_COALESCE_WAIT,
+            sealing: None,
         }
     }
 }
@@ -292,6 +296,16 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// Seals what persistent stores keep (default: off). See [`Sealing`]: each answer is
+    /// encrypted and authenticated under its request's credential and the server secret,
+    /// its key bound to it; an entry that does not open is counted
+    /// ([`StatsSnapshot::rejected_entries`](crate::StatsSnapshot::rejected_entries)) and
+    /// never served, nor is an unsealed one. The memory tier stays plain.
+    pub fn sealing(mut self, sealing: Sealing) -> Self {
+        self.sealing = Some(sealing);
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> FallbackCacheLayer {
         let store = self
@@ -313,6 +327,7 @@ impl FallbackCacheBuilder {
                 breaker: Arc::new(Breaker::new(self.quota_breaker, stats.clone())),
                 in_flight: Arc::default(),
                 coalesce_wait: self.coalesce_wait,
+                sealing: self.sealing,
                 stats,
             }),
         }

@@ -120,6 +120,7 @@ mod partition;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+mod seal;
 mod service;
 mod stats;
 mod status;
@@ -140,6 +141,7 @@ pub use layer::{
     DEFAULT_TTL, FallbackCacheBuilder, FallbackCacheLayer, Mode,
 };
 pub use partition::{CREDENTIAL_HEADERS, Partition, PartitionId};
+pub use seal::{Seal, Sealing};
 pub use service::FallbackCache;
 pub use stats::{Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};

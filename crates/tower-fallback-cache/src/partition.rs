@@ -33,6 +33,12 @@ impl PartitionId {
         Self::derive(b"")
     }
 
+    /// Whether this is the partition of requests without a credential.
+    pub(crate) fn is_anonymous(&self) -> bool {
+        static ANONYMOUS: LazyLock<PartitionId> = LazyLock::new(PartitionId::anonymous);
+        *self == *ANONYMOUS
+    }
+
     /// The 32 raw bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0

@@ -18,6 +18,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use crate::seal::Seal;
 use file::{Fault, move_aside, open_file};
 use guard::guarded;
 use record::Record;
@@ -242,6 +243,7 @@ impl DiskStore {
         key: CacheKey,
         entry: Arc<CachedResponse>,
         ttl: Duration,
+        seal: Option<Seal>,
     ) -> Result<(), StoreError> {
         let weight = entry.weight() as u64;
         let queued = self
@@ -272,6 +274,7 @@ impl DiskStore {
         let command = Command::Put {
             key,
             entry,
+            seal,
             expires_at,
             generation,
             weight,
@@ -298,7 +301,11 @@ impl DiskStore {
         }
     }
 
-    fn read(&self, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+    fn read(
+        &self,
+        key: &CacheKey,
+        seal: Option<&Seal>,
+    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
         if let Some(pending) = self.lock_pending().get(key) {
             return Ok(match &pending.write {
                 Some((entry, expires_at)) if *expires_at > unix_millis(SystemTime::now()) => {
@@ -310,7 +317,7 @@ impl DiskStore {
         let Some((db, opening)) = self.shared.database() else {
             return Err(self.unusable());
         };
-        match guarded(|| read_entry(&db, key)) {
+        match guarded(|| read_entry(&db, key, seal)) {
             Ok(Ok(found)) => Ok(found),
             Ok(Err(ReadError::Entry(error))) => Err(error),
             Ok(Err(ReadError::Redb(error))) => match Fault::of(error) {
@@ -332,7 +339,11 @@ enum ReadError {
     Entry(StoreError),
 }
 
-fn read_entry(db: &Database, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, ReadError> {
+fn read_entry(
+    db: &Database,
+    key: &CacheKey,
+    seal: Option<&Seal>,
+) -> Result<Option<Arc<CachedResponse>>, ReadError> {
     let redb = |error: redb::Error| ReadError::Redb(error);
     let txn = db.begin_read().map_err(|e| redb(e.into()))?;
     let table = txn.open_table(ENTRIES).map_err(|e| redb(e.into()))?;
@@ -343,7 +354,11 @@ fn read_entry(db: &Database, key: &CacheKey) -> Result<Option<Arc<CachedResponse
     if record.expires_at <= unix_millis(SystemTime::now()) {
         return Ok(None);
     }
-    let entry = CachedResponse::decode(record.entry).map_err(|e| ReadError::Entry(e.into()))?;
+    let entry = match seal {
+        Some(seal) => CachedResponse::decode_sealed(record.entry, key, seal),
+        None => CachedResponse::decode(record.entry),
+    }
+    .map_err(|e| ReadError::Entry(e.into()))?;
     Ok(Some(Arc::new(entry)))
 }
 
@@ -487,12 +502,33 @@ impl std::fmt::Debug for DiskStore {
 
 impl Store for DiskStore {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        let found = self.read(key);
+        let found = self.read(key, None);
         Box::pin(async move { found })
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
-        let accepted = self.enqueue(key, entry, ttl);
+        let accepted = self.enqueue(key, entry, ttl, None);
+        Box::pin(async move { accepted })
+    }
+
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        let found = self.read(key, Some(seal));
+        Box::pin(async move { found })
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        // Sealed by the writer thread, off the request's path.
+        let accepted = self.enqueue(key, entry, ttl, Some(seal));
         Box::pin(async move { accepted })
     }
 

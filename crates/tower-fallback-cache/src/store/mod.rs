@@ -33,6 +33,7 @@ pub use tiered::{DEFAULT_BACK_QUEUE_BYTES, Tiered};
 
 use crate::entry::{CachedResponse, EntryError};
 use crate::key::CacheKey;
+use crate::seal::Seal;
 use crate::throttle::LogThrottle;
 
 /// An error type that any backend error fits in.
@@ -55,6 +56,33 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Forgets the answer under `key`.
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()>;
+
+    /// The answer under `key`, opened with `seal` where the store keeps sealed bytes (the
+    /// disk and Redis stores; [`Tiered`] passes the seal to its back store). An entry that
+    /// does not open, or is not sealed, is a [`StoreError::Corrupt`] with a rejected
+    /// [`EntryError`] ([`EntryError::is_rejected`]), never an answer. A store that keeps
+    /// answers in memory ignores the seal: the default is [`get`](Self::get).
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        let _ = seal;
+        self.get(key)
+    }
+
+    /// Stores `entry` under `key` for `ttl`, sealed under `seal` where the store keeps
+    /// bytes (see [`get_sealed`](Self::get_sealed)). The default is [`put`](Self::put).
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        let _ = seal;
+        self.put(key, entry, ttl)
+    }
 
     /// What the store holds now, where it knows.
     fn usage(&self) -> StoreUsage {
@@ -85,6 +113,24 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         (**self).remove(key)
+    }
+
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        (**self).get_sealed(key, seal)
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        (**self).put_sealed(key, entry, ttl, seal)
     }
 
     fn usage(&self) -> StoreUsage {

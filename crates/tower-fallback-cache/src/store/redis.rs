@@ -10,6 +10,7 @@ use redis::{AsyncConnectionConfig, Client, RedisResult};
 use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use crate::seal::Seal;
 
 /// The prefix of every key a [`RedisStore`] writes, by default.
 pub const DEFAULT_REDIS_PREFIX: &str = "fallback-cache:";
@@ -189,32 +190,74 @@ impl RedisStoreBuilder {
     }
 }
 
+impl RedisStore {
+    async fn read(
+        &self,
+        key: &CacheKey,
+        seal: Option<&Seal>,
+    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("GET").arg(self.redis_key(key)).clone();
+        let value: Option<Vec<u8>> = self.bounded(command.query_async(&mut connection)).await?;
+        let Some(bytes) = value else {
+            return Ok(None);
+        };
+        let entry = match seal {
+            Some(seal) => CachedResponse::decode_sealed(&bytes, key, seal)?,
+            None => CachedResponse::decode(&bytes)?,
+        };
+        Ok(Some(Arc::new(entry)))
+    }
+
+    async fn write(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Option<Seal>,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        // PX takes whole milliseconds, and 0 is refused.
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let value = match seal {
+            Some(seal) => entry.encode_sealed(&key, &seal),
+            None => entry.encode(),
+        };
+        let command = redis::cmd("SET")
+            .arg(self.redis_key(&key))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms)
+            .clone();
+        self.bounded(command.exec_async(&mut connection)).await
+    }
+}
+
 impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        Box::pin(async move {
-            let mut connection = self.connection.clone();
-            let command = redis::cmd("GET").arg(self.redis_key(key)).clone();
-            let value: Option<Vec<u8>> = self.bounded(command.query_async(&mut connection)).await?;
-            match value {
-                Some(bytes) => Ok(Some(Arc::new(CachedResponse::decode(&bytes)?))),
-                None => Ok(None),
-            }
-        })
+        Box::pin(self.read(key, None))
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
-            let mut connection = self.connection.clone();
-            // PX takes whole milliseconds, and 0 is refused.
-            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            let command = redis::cmd("SET")
-                .arg(self.redis_key(&key))
-                .arg(entry.encode())
-                .arg("PX")
-                .arg(ttl_ms)
-                .clone();
-            self.bounded(command.exec_async(&mut connection)).await
-        })
+        Box::pin(self.write(key, entry, ttl, None))
+    }
+
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        Box::pin(self.read(key, Some(seal)))
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(key, entry, ttl, Some(seal)))
     }
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {

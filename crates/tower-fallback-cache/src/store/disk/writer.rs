@@ -15,6 +15,7 @@ use super::guard::guarded;
 use super::{BY_AGE, BY_EXPIRY, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use crate::seal::Seal;
 use crate::throttle::LogThrottle;
 
 /// Writes in one transaction at most: a batch shares one commit (and its fsync) without
@@ -34,6 +35,8 @@ pub(super) enum Command {
     Put {
         key: CacheKey,
         entry: Arc<CachedResponse>,
+        /// Sealed under it when written, if there is one.
+        seal: Option<Seal>,
         expires_at: u64,
         generation: u64,
         weight: u64,
@@ -422,6 +425,7 @@ impl Writer {
                     Command::Put {
                         key,
                         entry,
+                        seal,
                         expires_at,
                         ..
                     } => {
@@ -429,7 +433,14 @@ impl Writer {
                         if *expires_at <= now {
                             continue;
                         }
-                        let record = Record::encode(*expires_at, totals.next_sequence, entry);
+                        let record = Record::encode(
+                            *expires_at,
+                            totals.next_sequence,
+                            &match seal {
+                                Some(seal) => entry.encode_sealed(key, seal),
+                                None => entry.encode(),
+                            },
+                        );
                         let weight = Record::weight(record.len());
                         // An answer heavier than the whole store would evict everything
                         // else and then itself.

@@ -291,6 +291,18 @@ pub(crate) struct Cli {
     )]
     pub(crate) secret_file: String,
 
+    /// A file mapping credential fingerprints to tenants, one `FINGERPRINT TENANT` a line
+    /// (# comments): the keys of one tenant share its answers and its quota breaker, so a
+    /// rotated key keeps the tenant's fallback. Needs a server secret. Print a key's
+    /// fingerprint with `echo -n KEY | fallback-cache-proxy fingerprint`. Empty: none.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_TENANTS",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub(crate) tenants: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -325,6 +337,7 @@ pub(crate) const SETTINGS: &[&str] = &[
     "seal",
     "secret",
     "secret-file",
+    "tenants",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.

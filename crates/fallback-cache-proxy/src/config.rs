@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 use tower_fallback_cache::{
-    Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason, Sealing,
+    Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason, Sealing, Tenants,
 };
 
 use crate::cli::{self, Cli};
@@ -48,6 +48,8 @@ pub(crate) struct Config {
     /// What the persistent store's answers are sealed under (`--seal`, `--secret`,
     /// `--secret-file`); `None` when sealing is off.
     pub(crate) sealing: Option<Sealing>,
+    /// Credentials that share a tenant (`--tenants`).
+    pub(crate) tenants: Option<Tenants>,
     /// Settings given that have no effect, to warn about once logging is up.
     pub(crate) ignored: Vec<String>,
 }
@@ -170,6 +172,24 @@ where
             .cooldown(cooldown)
             .max_cooldown(cooldown_max_value)
     };
+    let sealing = sealing(
+        raw("seal").parse(parse::switch)?,
+        raw("secret"),
+        raw("secret-file"),
+    )?;
+    let tenants_setting = raw("tenants");
+    let tenants = match tenants_setting.value.is_empty() {
+        true => None,
+        false => {
+            if !sealing.as_ref().is_some_and(Sealing::has_secret) {
+                return Err(ProxyError::Invalid {
+                    setting: tenants_setting.setting(),
+                    why: "a tenant file needs a server secret (--secret, --secret-file or FALLBACK_CACHE_SECRET) and --seal on".to_owned(),
+                });
+            }
+            Some(tenants_setting.parse(parse::tenants)?)
+        }
+    };
     Ok(Config {
         listen: raw("listen").parse(parse::listen)?,
         upstream: raw("upstream").parse(parse::upstream)?,
@@ -190,11 +210,8 @@ where
         idle_timeout: raw("idle-timeout").parse(parse::positive_duration)?,
         max_connections: raw("max-connections").parse(parse::count)?,
         quota_breaker,
-        sealing: sealing(
-            raw("seal").parse(parse::switch)?,
-            raw("secret"),
-            raw("secret-file"),
-        )?,
+        sealing: sealing.clone(),
+        tenants,
         cacheable: raw("cacheable").parse(parse::cacheable)?,
         key_rules: KeyRules::default().ignore_fields(raw("key-ignore").parse(parse::key_ignore)?),
         ignored,

@@ -6,6 +6,7 @@
 
 mod cli;
 mod client_body;
+mod commands;
 mod config;
 mod conn;
 mod error;
@@ -22,6 +23,10 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // A subcommand (`fingerprint`, ...) runs on its own; no subcommand serves.
+    if let Some(code) = commands::run(std::env::args_os()) {
+        return code;
+    }
     // Settings first: a bad one is one line on stderr and nothing else.
     let config = match config::load(std::env::args_os()) {
         Ok(config) => config,

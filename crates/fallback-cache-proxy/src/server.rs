@@ -69,6 +69,10 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
     let layer = match &config.sealing {
         Some(sealing) => layer.sealing(sealing.clone()),
         None => layer,
+    };
+    let layer = match &config.tenants {
+        Some(tenants) => layer.tenants(tenants.clone()),
+        None => layer,
     }
     .build();
     let proxy = Arc::new(Proxy {

@@ -303,3 +303,82 @@ async fn a_moved_resealed_or_forged_redis_value_is_refused_and_counted() {
     );
     assert_eq!(body, answer);
 }
+
+/// `fallback-cache-proxy fingerprint` with `key` on stdin.
+fn fingerprint(key: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .arg("fingerprint")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the proxy binary runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{key}\n").as_bytes())
+        .expect("the key written");
+    let output = child.wait_with_output().expect("fingerprint ends");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(!printed.contains(key), "the key itself is never printed");
+    printed.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_of_a_tenant_is_served_its_answers_and_an_outsider_nothing() {
+    let (old_key, new_key) = ("sk-acme-old-0123456789", "sk-acme-new-9876543210");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let tenants = dir.path().join("tenants.txt");
+    std::fs::write(
+        &tenants,
+        format!(
+            "# acme rotated its key\n{} acme\n{} acme\n",
+            fingerprint(old_key),
+            fingerprint(new_key)
+        ),
+    )
+    .expect("the tenant file");
+    let store = format!("disk:{}", dir.path().join("answers.redb").display());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--tenants",
+        &tenants.display().to_string(),
+    ];
+    let envs = [("FALLBACK_CACHE_SECRET", "a server secret of 32 bytes....")];
+
+    // Without a secret, a tenant file is refused in one line.
+    let (status, stderr) = common::run_to_end(&args, &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("secret"), "{stderr}");
+
+    let mut proxy = Proxy::start_with_env(&args, &envs);
+    let prompt = "Summarise our quarterly numbers";
+    let (status, cache, key, answer) = ask(&proxy, old_key, prompt).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{answer}");
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+
+    // After a restart (from the sealed file), the new key gets the old key's answer.
+    let proxy = Proxy::start_with_env(&args, &envs);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let (status, cache, new_key_key, body) = ask(&proxy, new_key, prompt).await;
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "FALLBACK"),
+        "{body}\n{}",
+        proxy.logs()
+    );
+    assert_eq!((body, new_key_key), (answer, key));
+
+    let (status, cache, _, body) = ask(&proxy, "sk-outsider-000000000", prompt).await;
+    assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
+    assert_eq!(body, Fixture::insufficient_quota().body);
+}

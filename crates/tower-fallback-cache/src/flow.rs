@@ -79,19 +79,25 @@ where
             }
         },
     };
-    let partition = shared.partition.of(&parts);
+    // A credential of a tenant is partitioned, suspended and sealed as its tenant.
+    let tenant = shared
+        .tenants
+        .as_ref()
+        .and_then(|tenants| tenants.of(&parts));
+    let partition = tenant.unwrap_or_else(|| shared.partition.of(&parts));
     let key = shared.key_rules.key(&partition, &parts, &bytes);
     // The breaker follows the credential the upstream judges, not the answer partition
     // (by default they are one and the same hash).
-    let credential = match shared.partition {
-        Partition::ByCredential => partition,
+    let credential = match (tenant, &shared.partition) {
+        (Some(_), _) | (None, Partition::ByCredential) => partition,
         _ => credential_identity(&parts),
     };
-    // Sealed under the credential where answers are partitioned by it; requests without
-    // one and shared partitions under the server secret alone. Only a copy here: the key
-    // is derived where an entry is sealed or opened.
+    // Sealed under the credential (or tenant) where answers are partitioned by it;
+    // requests without one and shared partitions under the server secret alone. Only a
+    // copy here: the key is derived where an entry is sealed or opened.
     let seal = shared.sealing.as_ref().and_then(|sealing| {
-        let own = matches!(shared.partition, Partition::ByCredential) && !partition.is_anonymous();
+        let own = tenant.is_some()
+            || matches!(shared.partition, Partition::ByCredential) && !partition.is_anonymous();
         sealing.seal(own.then_some(&partition))
     });
 

@@ -15,6 +15,7 @@ use crate::seal::Sealing;
 use crate::service::FallbackCache;
 use crate::stats::Stats;
 use crate::store::{MemoryStore, Store};
+use crate::tenants::Tenants;
 
 /// When the upstream is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,6 +70,7 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<InFlight>,
     pub(crate) coalesce_wait: Duration,
     pub(crate) sealing: Option<Sealing>,
+    pub(crate) tenants: Option<Tenants>,
 }
 
 impl Shared {
@@ -183,6 +185,7 @@ pub struct FallbackCacheBuilder {
     quota_breaker: QuotaBreaker,
     coalesce_wait: Duration,
     sealing: Option<Sealing>,
+    tenants: Option<Tenants>,
 }
 
 impl Default for FallbackCacheBuilder {
@@ -201,6 +204,7 @@ impl Default for FallbackCacheBuilder {
             quota_breaker: QuotaBreaker::default(),
             coalesce_wait: DEFAULT_COALESCE_WAIT,
             sealing: None,
+            tenants: None,
         }
     }
 }
@@ -306,6 +310,15 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// Credentials that share a tenant's partition and breaker (default: none). A request
+    /// whose credential's fingerprint is in `tenants` is partitioned, suspended and sealed
+    /// as its tenant, whatever [`partition`](Self::partition) says; see [`Tenants`]. Use
+    /// it with [`Sealing::with_secret`].
+    pub fn tenants(mut self, tenants: Tenants) -> Self {
+        self.tenants = Some(tenants).filter(|tenants| !tenants.is_empty());
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> FallbackCacheLayer {
         let store = self
@@ -328,6 +341,7 @@ impl FallbackCacheBuilder {
                 in_flight: Arc::default(),
                 coalesce_wait: self.coalesce_wait,
                 sealing: self.sealing,
+                tenants: self.tenants,
                 stats,
             }),
         }

@@ -125,6 +125,7 @@ mod service;
 mod stats;
 mod status;
 pub mod store;
+mod tenants;
 mod throttle;
 
 pub use body::{RequestBody, ResponseBody};
@@ -146,6 +147,7 @@ pub use service::FallbackCache;
 pub use stats::{Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 pub use store::Store;
+pub use tenants::Tenants;
 pub use throttle::LogThrottle;
 
 /// The README's snippets, compiled and run as doctests (they use every feature).

@@ -130,7 +130,7 @@ fn credential_partition(parts: &Parts) -> PartitionId {
 }
 
 /// The values of the `key` parameters of a query, as sent (Gemini's API key).
-fn query_keys(query: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn query_keys(query: &str) -> impl Iterator<Item = &str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))

@@ -178,17 +178,15 @@ where
         raw("secret-file"),
     )?;
     let tenants_setting = raw("tenants");
-    let tenants = match tenants_setting.value.is_empty() {
-        true => None,
-        false => {
-            if !sealing.as_ref().is_some_and(Sealing::has_secret) {
-                return Err(ProxyError::Invalid {
-                    setting: tenants_setting.setting(),
-                    why: "a tenant file needs a server secret (--secret, --secret-file or FALLBACK_CACHE_SECRET) and --seal on".to_owned(),
-                });
-            }
-            Some(tenants_setting.parse(parse::tenants)?)
-        }
+    let tenants = if tenants_setting.value.is_empty() {
+        None
+    } else if !sealing.as_ref().is_some_and(Sealing::has_secret) {
+        return Err(ProxyError::Invalid {
+            setting: tenants_setting.setting(),
+            why: "a tenant file needs a server secret (--secret, --secret-file or FALLBACK_CACHE_SECRET) and --seal on".to_owned(),
+        });
+    } else {
+        Some(tenants_setting.parse(parse::tenants)?)
     };
     Ok(Config {
         listen: raw("listen").parse(parse::listen)?,

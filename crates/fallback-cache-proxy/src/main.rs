@@ -14,6 +14,7 @@ mod forward;
 mod metrics;
 mod parse;
 mod server;
+mod snapshot;
 mod store;
 mod target;
 

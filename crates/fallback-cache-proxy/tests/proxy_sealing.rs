@@ -382,3 +382,83 @@ async fn a_rotated_key_of_a_tenant_is_served_its_answers_and_an_outsider_nothing
     assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
     assert_eq!(body, Fixture::insufficient_quota().body);
 }
+
+/// Runs a subcommand of the proxy binary to its end: (success, stdout, stderr).
+fn subcommand(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the proxy binary runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_snapshot_imported_into_redis_is_served_byte_for_byte_and_a_cut_one_is_refused() {
+    let (url, _server) = redis();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let disk = format!("disk:{}", dir.path().join("answers.redb").display());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let secret = [("FALLBACK_CACHE_SECRET", "the deployment's secret, 32 bytes")];
+
+    let mut proxy = Proxy::start_with_env(&["--upstream", &mock.url(), "--store", &disk], &secret);
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let prompt = unique(&format!("Warm the new deployment, question {i}"));
+        let (status, cache, key, body) = ask(&proxy, API_KEY, &prompt).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+        answers.push((prompt, key, body));
+    }
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+
+    let snapshot = dir.path().join("answers.snapshot");
+    let snapshot_arg = snapshot.display().to_string();
+    let (ok, stdout, stderr) = subcommand(&["export", "--store", &disk, "--out", &snapshot_arg]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("wrote 3 entries"), "{stdout}");
+
+    // A snapshot cut short is refused in one line, and nothing of it reaches Redis.
+    let bytes = std::fs::read(&snapshot).expect("the snapshot");
+    let cut = dir.path().join("cut.snapshot");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).expect("a cut copy");
+    let (ok, stdout, stderr) = subcommand(&[
+        "import",
+        "--store",
+        &url,
+        "--in",
+        &cut.display().to_string(),
+    ]);
+    assert!(!ok, "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    let mut connection = redis_connection(&url);
+    for (_, key, _) in &answers {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(format!("fallback-cache:{key}"))
+            .query(&mut connection)
+            .expect("EXISTS");
+        assert!(!exists, "{key} was imported from a cut snapshot");
+    }
+
+    let (ok, stdout, stderr) = subcommand(&["import", "--store", &url, "--in", &snapshot_arg]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("imported 3 entries"), "{stdout}");
+
+    let proxy = Proxy::start_with_env(&["--upstream", &mock.url(), "--store", &url], &secret);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    for (prompt, key, answer) in &answers {
+        let (status, cache, served_key, body) = ask(&proxy, API_KEY, prompt).await;
+        assert_eq!(
+            (status, cache.as_str(), served_key.as_str()),
+            (200, "FALLBACK", key.as_str()),
+            "{body}\n{}",
+            proxy.logs()
+        );
+        assert_eq!(&body, answer);
+    }
+}

@@ -15,14 +15,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
-use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
+use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
 use file::{Fault, move_aside, open_file};
 use guard::guarded;
 use record::Record;
-use writer::{Command, Writer};
+use writer::{Command, Value, Writer};
 
 /// The default bound of a disk store: 1 GiB of answers.
 pub const DEFAULT_DISK_MAX_BYTES: u64 = 1024 * 1024 * 1024;
@@ -267,14 +267,43 @@ impl DiskStore {
         }
         let expires_at = unix_millis(SystemTime::now())
             .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
         let write = Some((entry.clone(), expires_at));
+        self.queue_put(key, Value::Entry { entry, seal }, expires_at, weight, write)
+    }
+
+    /// Queues bytes already encoded (a snapshot's); read as missing until committed.
+    fn enqueue_encoded(&self, entry: RawEntry) -> Result<(), StoreError> {
+        let weight = entry.value.len() as u64;
+        if self.shared.out_of_use.load(Ordering::Relaxed) {
+            return Err(self.unusable());
+        }
+        self.shared
+            .queued_bytes
+            .fetch_add(weight, Ordering::Relaxed);
+        let expires_at = unix_millis(entry.expires_at);
+        self.queue_put(
+            entry.key,
+            Value::Encoded(entry.value),
+            expires_at,
+            weight,
+            None,
+        )
+    }
+
+    fn queue_put(
+        &self,
+        key: CacheKey,
+        value: Value,
+        expires_at: u64,
+        weight: u64,
+        write: Option<(Arc<CachedResponse>, u64)>,
+    ) -> Result<(), StoreError> {
+        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
         self.lock_pending()
             .insert(key, Pending { generation, write });
         let command = Command::Put {
             key,
-            entry,
-            seal,
+            value,
             expires_at,
             generation,
             weight,
@@ -360,6 +389,29 @@ fn read_entry(
     }
     .map_err(|e| ReadError::Entry(e.into()))?;
     Ok(Some(Arc::new(entry)))
+}
+
+/// Every entry of the file not yet expired, as stored.
+fn export_entries(db: &Database) -> Result<Vec<RawEntry>, StoreError> {
+    use redb::ReadableTable;
+
+    let txn = db.begin_read().map_err(backend)?;
+    let table = txn.open_table(ENTRIES).map_err(backend)?;
+    let now = unix_millis(SystemTime::now());
+    let mut entries = Vec::new();
+    for row in table.iter().map_err(backend)? {
+        let (key, record) = row.map_err(backend)?;
+        let record = Record::parse(record.value())?;
+        if record.expires_at <= now {
+            continue;
+        }
+        entries.push(RawEntry::new(
+            CacheKey::from_bytes(*key.value()),
+            record.entry.to_vec(),
+            UNIX_EPOCH + Duration::from_millis(record.expires_at),
+        ));
+    }
+    Ok(entries)
 }
 
 impl DiskStoreBuilder {
@@ -542,6 +594,32 @@ impl Store for DiskStore {
             generation,
         });
         Box::pin(async move { sent })
+    }
+
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        let exported = match self.shared.database() {
+            Some((db, _)) => guarded(|| export_entries(&db))
+                .unwrap_or_else(|_| Err(backend(io::Error::other("the file is damaged")))),
+            None => Err(self.unusable()),
+        };
+        Box::pin(async move { exported })
+    }
+
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // In batches within the queue's bound, each made durable before the next.
+            let mut queued = 0u64;
+            for entry in entries {
+                let weight = entry.value.len() as u64;
+                if queued > 0 && queued.saturating_add(weight) > self.shared.max_queued_bytes / 2 {
+                    self.flush().await?;
+                    queued = 0;
+                }
+                self.enqueue_encoded(entry)?;
+                queued = queued.saturating_add(weight);
+            }
+            self.flush().await
+        })
     }
 
     fn usage(&self) -> StoreUsage {

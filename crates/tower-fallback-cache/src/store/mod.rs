@@ -12,7 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -84,6 +84,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         self.put(key, entry, ttl)
     }
 
+    /// Every live entry as the store keeps it (sealed bytes stay sealed), for a snapshot
+    /// (`fallback-cache-proxy export`). The disk and Redis stores support it;
+    /// [`StoreError::Unsupported`] by default.
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        Box::pin(async { Err(StoreError::Unsupported("export")) })
+    }
+
+    /// Writes entries as they are (a snapshot's), each until its expiry, and makes them
+    /// durable. The disk and Redis stores support it; [`StoreError::Unsupported`] by
+    /// default.
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        let _ = entries;
+        Box::pin(async { Err(StoreError::Unsupported("import")) })
+    }
+
     /// What the store holds now, where it knows.
     fn usage(&self) -> StoreUsage {
         StoreUsage::default()
@@ -133,6 +148,14 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         (**self).put_sealed(key, entry, ttl, seal)
     }
 
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        (**self).export()
+    }
+
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        (**self).import(entries)
+    }
+
     fn usage(&self) -> StoreUsage {
         (**self).usage()
     }
@@ -143,6 +166,30 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn health(&self) -> StoreHealth {
         (**self).health()
+    }
+}
+
+/// One entry as a store keeps it: its key, its stored bytes (an encoded answer, sealed or
+/// not, as [`Store::export`] found it), and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RawEntry {
+    /// The entry's key.
+    pub key: CacheKey,
+    /// The stored bytes.
+    pub value: Vec<u8>,
+    /// When it stops being served.
+    pub expires_at: SystemTime,
+}
+
+impl RawEntry {
+    /// An entry of `value` under `key` until `expires_at`.
+    pub fn new(key: CacheKey, value: Vec<u8>, expires_at: SystemTime) -> Self {
+        Self {
+            key,
+            value,
+            expires_at,
+        }
     }
 }
 
@@ -187,6 +234,9 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The store cannot do this (`export` or `import` of a store that keeps no bytes).
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
     /// The backend did not answer in time.
     #[error("{store} store did not answer within {timeout:?}")]
     Timeout {

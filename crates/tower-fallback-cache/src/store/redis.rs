@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, RedisResult};
 
-use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth};
+use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
@@ -233,7 +233,79 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Every key under the prefix (SCAN), with its value and time to live.
+    async fn export_entries(&self) -> Result<Vec<RawEntry>, StoreError> {
+        let mut connection = self.connection.clone();
+        let pattern = format!("{}*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut entries = Vec::new();
+        loop {
+            let command = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone();
+            let (next, names): (u64, Vec<String>) =
+                self.bounded(command.query_async(&mut connection)).await?;
+            for name in names {
+                let Some(key) = name
+                    .strip_prefix(&*self.prefix)
+                    .and_then(|hex| hex.parse::<CacheKey>().ok())
+                else {
+                    continue;
+                };
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(&name).cmd("PTTL").arg(&name);
+                let (value, ttl_ms): (Option<Vec<u8>>, i64) =
+                    self.bounded(pipe.query_async(&mut connection)).await?;
+                // Gone since the scan, or without an expiry (not written by this store).
+                let (Some(value), Ok(ttl_ms @ 1..)) = (value, u64::try_from(ttl_ms)) else {
+                    continue;
+                };
+                let expires_at = std::time::SystemTime::now() + Duration::from_millis(ttl_ms);
+                entries.push(RawEntry::new(key, value, expires_at));
+            }
+            if next == 0 {
+                return Ok(entries);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn import_entries(&self, entries: Vec<RawEntry>) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        for entry in entries {
+            let Ok(left) = entry
+                .expires_at
+                .duration_since(std::time::SystemTime::now())
+            else {
+                continue;
+            };
+            let ttl_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+            let command = redis::cmd("SET")
+                .arg(self.redis_key(&entry.key))
+                .arg(entry.value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .clone();
+            self.bounded(command.exec_async(&mut connection)).await?;
+        }
+        Ok(())
+    }
+}
+
 impl Store for RedisStore {
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        Box::pin(self.export_entries())
+    }
+
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        Box::pin(self.import_entries(entries))
+    }
+
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
         Box::pin(self.read(key, None))
     }

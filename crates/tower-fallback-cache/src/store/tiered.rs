@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
+use super::{RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::layer::DEFAULT_TTL;
@@ -356,6 +356,16 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             front_error_logged("remove (front tier)", front);
             Ok(())
         })
+    }
+
+    /// The back store's entries: the store of record.
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        self.back.export()
+    }
+
+    /// Into the back store (the front fills as the entries are read).
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        self.back.import(entries)
     }
 
     fn usage(&self) -> StoreUsage {

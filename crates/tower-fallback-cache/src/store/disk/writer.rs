@@ -34,9 +34,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub(super) enum Command {
     Put {
         key: CacheKey,
-        entry: Arc<CachedResponse>,
-        /// Sealed under it when written, if there is one.
-        seal: Option<Seal>,
+        value: Value,
         expires_at: u64,
         generation: u64,
         weight: u64,
@@ -52,6 +50,16 @@ pub(super) enum Command {
         opening: u64,
         reason: String,
     },
+}
+
+/// What a put writes: an answer, encoded (and sealed under its seal, if it has one) by the
+/// writer, or bytes already encoded (a snapshot's).
+pub(super) enum Value {
+    Entry {
+        entry: Arc<CachedResponse>,
+        seal: Option<Seal>,
+    },
+    Encoded(Vec<u8>),
 }
 
 /// Whether the writer can use the file.
@@ -424,8 +432,7 @@ impl Writer {
                 match write {
                     Command::Put {
                         key,
-                        entry,
-                        seal,
+                        value,
                         expires_at,
                         ..
                     } => {
@@ -433,14 +440,19 @@ impl Writer {
                         if *expires_at <= now {
                             continue;
                         }
-                        let record = Record::encode(
-                            *expires_at,
-                            totals.next_sequence,
-                            &match seal {
-                                Some(seal) => entry.encode_sealed(key, seal),
-                                None => entry.encode(),
-                            },
-                        );
+                        let record = match value {
+                            Value::Entry { entry, seal } => Record::encode(
+                                *expires_at,
+                                totals.next_sequence,
+                                &match seal {
+                                    Some(seal) => entry.encode_sealed(key, seal),
+                                    None => entry.encode(),
+                                },
+                            ),
+                            Value::Encoded(bytes) => {
+                                Record::encode(*expires_at, totals.next_sequence, bytes)
+                            }
+                        };
                         let weight = Record::weight(record.len());
                         // An answer heavier than the whole store would evict everything
                         // else and then itself.

@@ -73,7 +73,7 @@ impl Tenants {
             .iter()
             .flat_map(|name| parts.headers.get_all(*name))
             .filter_map(|value| value.to_str().ok())
-            .map(|value| strip_bearer(value));
+            .map(strip_bearer);
         let query = query_keys(parts.uri.query().unwrap_or_default());
         headers
             .chain(query)

@@ -268,6 +268,7 @@ impl DiskStore {
         let expires_at = unix_millis(SystemTime::now())
             .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let write = Some((entry.clone(), expires_at));
+        let seal = seal.map(Box::new);
         self.queue_put(key, Value::Entry { entry, seal }, expires_at, weight, write)
     }
 

@@ -57,7 +57,8 @@ pub(super) enum Command {
 pub(super) enum Value {
     Entry {
         entry: Arc<CachedResponse>,
-        seal: Option<Seal>,
+        /// Boxed: a command stays small on the channel.
+        seal: Option<Box<Seal>>,
     },
     Encoded(Vec<u8>),
 }

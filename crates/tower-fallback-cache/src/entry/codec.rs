@@ -424,12 +424,55 @@ mod tests {
             Err(EntryError::BadMagic)
         );
 
+        let mut sealed_version = stored.clone();
+        sealed_version[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            CachedResponse::decode(&sealed_version),
+            Err(EntryError::Sealed)
+        );
         let mut next_version = stored.clone();
-        next_version[4..6].copy_from_slice(&2u16.to_le_bytes());
+        next_version[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(
             CachedResponse::decode(&next_version),
-            Err(EntryError::UnsupportedVersion(2))
+            Err(EntryError::UnsupportedVersion(3))
         );
+
+        // Sealed: opens only under its key and seal; every cut or flipped byte is refused.
+        let key = CacheKey::from_bytes([1; 32]);
+        let seal = Seal::from_parts(Some(b"secret"), Some(b"sk-a"));
+        let answer = sample();
+        let sealed = answer.encode_sealed(&key, &seal);
+        assert_eq!(
+            CachedResponse::decode_sealed(&sealed, &key, &seal).as_ref(),
+            Ok(&answer)
+        );
+        let other_key = CacheKey::from_bytes([2; 32]);
+        for (k, s) in [
+            (&other_key, &seal),
+            (&key, &Seal::from_parts(Some(b"secret"), Some(b"sk-b"))),
+            (&key, &Seal::from_parts(None, Some(b"sk-a"))),
+        ] {
+            assert_eq!(
+                CachedResponse::decode_sealed(&sealed, k, s),
+                Err(EntryError::Rejected)
+            );
+        }
+        assert_eq!(
+            CachedResponse::decode_sealed(&stored, &key, &seal),
+            Err(EntryError::Unsealed)
+        );
+        for i in 0..sealed.len() {
+            let mut flipped = sealed.clone();
+            flipped[i] ^= 0x40;
+            assert!(
+                CachedResponse::decode_sealed(&flipped, &key, &seal).is_err(),
+                "byte {i}"
+            );
+            assert!(
+                CachedResponse::decode_sealed(&sealed[..i], &key, &seal).is_err(),
+                "cut {i}"
+            );
+        }
 
         let cut = &stored[..stored.len() - 1];
         assert!(matches!(

@@ -155,6 +155,14 @@ async fn the_redb_file_holds_no_answer_in_clear_and_serves_it_after_a_restart() 
         answers.push((prompt, body));
     }
     assert!(proxy.stop().success(), "{}", proxy.logs());
+    // No server secret: the start says what is left unsealed.
+    assert!(
+        proxy
+            .logs()
+            .contains("requests without a credential are stored UNSEALED"),
+        "{}",
+        proxy.logs()
+    );
 
     let raw = std::fs::read(&file).expect("the redb file");
     for (_, answer) in &answers {

@@ -1,4 +1,5 @@
-//! Get and put of a 4 KiB answer on each store: memory, disk (redb) and Redis.
+//! Get and put of a 4 KiB answer on each store: memory, disk (redb) and Redis; on disk,
+//! unsealed and sealed in the same run, and the codec alone (encode/decode, sealed or not).
 //!
 //! ```text
 //! cargo bench -p fallback-cache-tests --bench stores
@@ -24,7 +25,7 @@ use fallback_cache_test_support::stores::{REDIS_URL_VAR, shared_redis, unique_pr
 use http::{HeaderMap, StatusCode};
 use tokio::runtime::Runtime;
 use tower_fallback_cache::store::{DiskStore, MemoryStore, RedisStore, Store};
-use tower_fallback_cache::{CacheKey, CachedResponse};
+use tower_fallback_cache::{CacheKey, CachedResponse, Seal};
 
 const TTL: Duration = Duration::from_secs(600);
 /// Puts cycle over this many keys, so a store holds a working set rather than one entry.
@@ -57,13 +58,41 @@ fn next_key(counter: &AtomicU32) -> CacheKey {
 
 /// `get` of a held key and `put` under cycling keys, on one store.
 fn get_and_put(c: &mut Criterion, runtime: &Runtime, name: &str, store: &dyn Store) {
+    get_and_put_sealed(c, runtime, name, store, None);
+}
+
+async fn get(
+    store: &dyn Store,
+    key: &CacheKey,
+    seal: Option<&Seal>,
+) -> Option<Arc<CachedResponse>> {
+    match seal {
+        Some(seal) => store.get_sealed(key, seal).await,
+        None => store.get(key).await,
+    }
+    .expect("get")
+}
+
+async fn put(store: &dyn Store, key: CacheKey, entry: Arc<CachedResponse>, seal: Option<Seal>) {
+    match seal {
+        Some(seal) => store.put_sealed(key, entry, TTL, seal).await,
+        None => store.put(key, entry, TTL).await,
+    }
+    .expect("put")
+}
+
+/// As [`get_and_put`], sealed under `seal` if there is one.
+fn get_and_put_sealed(
+    c: &mut Criterion,
+    runtime: &Runtime,
+    name: &str,
+    store: &dyn Store,
+    seal: Option<Seal>,
+) {
     let entry = answer_4k();
     runtime.block_on(async {
         for i in 0..KEYS {
-            store
-                .put(key(i), entry.clone(), TTL)
-                .await
-                .expect("prefill");
+            put(store, key(i), entry.clone(), seal).await;
         }
         store.flush().await.expect("prefill flush");
     });
@@ -74,17 +103,14 @@ fn get_and_put(c: &mut Criterion, runtime: &Runtime, name: &str, store: &dyn Sto
     let hits = AtomicU32::new(0);
     group.bench_function("get 4 KiB", |b| {
         b.to_async(runtime).iter(|| async {
-            let found = store.get(&next_key(&hits)).await.expect("get");
+            let found = get(store, &next_key(&hits), seal.as_ref()).await;
             assert!(found.is_some());
         })
     });
     let puts = AtomicU32::new(0);
     group.bench_function("put 4 KiB", |b| {
         b.to_async(runtime).iter(|| async {
-            store
-                .put(next_key(&puts), entry.clone(), TTL)
-                .await
-                .expect("put");
+            put(store, next_key(&puts), entry.clone(), seal).await;
             // The disk store's put only queues: flushing every 64 puts makes the figure the
             // sustained cost of an answer written to the file.
             if puts.load(Ordering::Relaxed).is_multiple_of(64) {
@@ -101,9 +127,18 @@ fn stores(c: &mut Criterion) {
     let memory = MemoryStore::new(256 * 1024 * 1024);
     get_and_put(c, &runtime, "memory", &memory);
 
+    codec(c);
+
     let dir = tempfile::tempdir().expect("temp dir");
     let disk = DiskStore::open(dir.path().join("bench.redb")).expect("disk store");
     get_and_put(c, &runtime, "disk", &disk);
+    let sealed = DiskStore::open(dir.path().join("sealed.redb")).expect("disk store");
+    let seal = Seal::from_parts(
+        Some(b"a server secret".as_slice()),
+        Some(b"sk-bench".as_slice()),
+    );
+    get_and_put_sealed(c, &runtime, "disk sealed", &sealed, Some(seal));
+    drop(sealed);
     let entry = answer_4k();
     let durable = AtomicU32::new(0);
     c.benchmark_group("disk")
@@ -172,6 +207,33 @@ fn stores(c: &mut Criterion) {
             "redis tls: skipped (no FALLBACK_CACHE_TEST_REDIS_TLS_URL and _CA_FILE; scripts/test.sh sets them)"
         ),
     }
+}
+
+/// The stored form alone: what sealing adds to a put (encode) and to a get (decode).
+fn codec(c: &mut Criterion) {
+    let entry = answer_4k();
+    let key = key(7);
+    let seal = Seal::from_parts(
+        Some(b"a server secret".as_slice()),
+        Some(b"sk-bench".as_slice()),
+    );
+    let plain = entry.encode();
+    let sealed = entry.encode_sealed(&key, &seal);
+    let mut group = c.benchmark_group("codec");
+    group
+        .measurement_time(Duration::from_millis(2500))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("encode 4 KiB", |b| b.iter(|| entry.encode()));
+    group.bench_function("encode sealed 4 KiB", |b| {
+        b.iter(|| entry.encode_sealed(&key, &seal))
+    });
+    group.bench_function("decode 4 KiB", |b| {
+        b.iter(|| CachedResponse::decode(&plain).expect("decodes"))
+    });
+    group.bench_function("decode sealed 4 KiB", |b| {
+        b.iter(|| CachedResponse::decode_sealed(&sealed, &key, &seal).expect("opens"))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, stores);

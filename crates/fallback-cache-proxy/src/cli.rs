@@ -313,6 +313,51 @@ pub(crate) struct Cli {
     )]
     pub(crate) admin_token: String,
 
+    /// Seal answers in the disk or Redis store: each is encrypted and authenticated under a
+    /// key derived from its request's credential (and --secret), so the file or the Redis
+    /// values give no answer away and a moved or forged value is refused. The memory tier
+    /// stays plain. on or off.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SEAL",
+        value_name = "SWITCH",
+        default_value = "on"
+    )]
+    pub(crate) seal: String,
+
+    /// A server secret mixed into every seal key; requests without a credential are
+    /// sealed under it alone (without it they are stored unsealed). Prefer --secret-file
+    /// or the environment: a flag shows in the process list. Empty: none.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SECRET",
+        value_name = "SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) secret: String,
+
+    /// A file holding the server secret (see --secret; a trailing newline is ignored).
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_SECRET_FILE",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub(crate) secret_file: String,
+
+    /// A file mapping credential fingerprints to tenants, one `FINGERPRINT TENANT` a line
+    /// (# comments): the keys of one tenant share its answers and its quota breaker, so a
+    /// rotated key keeps the tenant's fallback. Needs a server secret. Print a key's
+    /// fingerprint with `echo -n KEY | fallback-cache-proxy fingerprint`. Empty: none.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_TENANTS",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub(crate) tenants: String,
+
     /// A TOML file with any of the settings above, keyed by flag name without the dashes
     /// in front, e.g. ttl = "1d" or fallback-on = ["insufficient-quota", "server-error"].
     #[arg(long, env = "FALLBACK_CACHE_CONFIG", value_name = "FILE")]
@@ -349,6 +394,10 @@ pub(crate) const SETTINGS: &[&str] = &[
     "admin-token",
     "log-format",
     "access-log",
+    "seal",
+    "secret",
+    "secret-file",
+    "tenants",
 ];
 
 /// The clap id of a setting: `max-memory` is `max_memory`.

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use tower_fallback_cache::{Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason};
+use tower_fallback_cache::{
+    Cacheable, KeyRules, MAX_QUOTA_COOLDOWN, Mode, QuotaBreaker, Reason, Sealing, Tenants,
+};
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
@@ -45,6 +47,11 @@ pub(crate) struct Config {
     pub(crate) cacheable: Cacheable,
     /// What a request's key covers (`--key-ignore`).
     pub(crate) key_rules: KeyRules,
+    /// What the persistent store's answers are sealed under (`--seal`, `--secret`,
+    /// `--secret-file`); `None` when sealing is off.
+    pub(crate) sealing: Option<Sealing>,
+    /// Credentials that share a tenant (`--tenants`).
+    pub(crate) tenants: Option<Tenants>,
     /// Settings given that have no effect, to warn about once logging is up.
     pub(crate) ignored: Vec<String>,
     /// The admin endpoint, when it is on (`--admin-listen`, `--admin-token`).
@@ -195,6 +202,22 @@ where
             token: crate::admin::Token::new(token),
         }),
     };
+    let sealing = sealing(
+        raw("seal").parse(parse::switch)?,
+        raw("secret"),
+        raw("secret-file"),
+    )?;
+    let tenants_setting = raw("tenants");
+    let tenants = if tenants_setting.value.is_empty() {
+        None
+    } else if !sealing.as_ref().is_some_and(Sealing::has_secret) {
+        return Err(ProxyError::Invalid {
+            setting: tenants_setting.setting(),
+            why: "a tenant file needs a server secret (--secret, --secret-file or FALLBACK_CACHE_SECRET) and --seal on".to_owned(),
+        });
+    } else {
+        Some(tenants_setting.parse(parse::tenants)?)
+    };
     Ok(Config {
         admin,
         log_json: raw("log-format").parse(|text| match text.trim() {
@@ -225,6 +248,8 @@ where
         idle_timeout: raw("idle-timeout").parse(parse::positive_duration)?,
         max_connections: raw("max-connections").parse(parse::count)?,
         quota_breaker,
+        sealing: sealing.clone(),
+        tenants,
         cacheable: raw("cacheable").parse(parse::cacheable)?,
         key_rules: KeyRules::default().ignore_fields(raw("key-ignore").parse(parse::key_ignore)?),
         ignored,
@@ -232,6 +257,25 @@ where
 }
 
 /// A quota cooldown: above 0, at most the breaker's longest (30 days).
+/// The sealing of `--seal`, with the secret of `--secret` or `--secret-file` (not both).
+fn sealing(on: bool, secret: Raw, secret_file: Raw) -> Result<Option<Sealing>, ProxyError> {
+    let secret = match (secret.value.is_empty(), secret_file.value.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(secret.value.into_bytes()),
+        (true, false) => Some(secret_file.parse(parse::secret_file)?),
+        (false, false) => {
+            return Err(ProxyError::Invalid {
+                setting: secret_file.setting(),
+                why: "give the secret once: --secret or --secret-file, not both".to_owned(),
+            });
+        }
+    };
+    Ok(on.then(|| match &secret {
+        Some(secret) => Sealing::with_secret(secret),
+        None => Sealing::new(),
+    }))
+}
+
 fn cooldown(text: &str) -> Result<Duration, String> {
     let cooldown = parse::positive_duration(text)?;
     if cooldown > MAX_QUOTA_COOLDOWN {

@@ -7,6 +7,7 @@
 mod admin;
 mod cli;
 mod client_body;
+mod commands;
 mod config;
 mod conn;
 mod error;
@@ -15,6 +16,7 @@ mod metrics;
 mod offline;
 mod parse;
 mod server;
+mod snapshot;
 mod store;
 mod target;
 
@@ -24,6 +26,10 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // A subcommand (`fingerprint`, ...) runs on its own; no subcommand serves.
+    if let Some(code) = commands::run(std::env::args_os()) {
+        return code;
+    }
     // `stats` and `purge` work on a store offline; anything else runs the proxy.
     let mut args = std::env::args_os();
     if args

@@ -117,6 +117,12 @@ pub(crate) fn render(
         &one(stats.corrupt_entries),
     );
     family(
+        "fallback_cache_rejected_entries_total",
+        "counter",
+        "Stored entries refused by sealing (moved, forged, of another credential, or unsealed) and never served.",
+        &one(stats.rejected_entries),
+    );
+    family(
         "fallback_cache_quota_breaker_openings_total",
         "counter",
         "Times a credential's upstream calls were suspended after insufficient_quota.",

@@ -276,6 +276,51 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
+/// `--secret-file`: the file's bytes, a trailing newline dropped; at least 16 bytes.
+pub(crate) fn secret_file(path: &str) -> Result<Vec<u8>, String> {
+    let mut secret =
+        std::fs::read(path).map_err(|error| format!("cannot read the secret file: {error}"))?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.len() < 16 {
+        return Err(format!(
+            "the secret is {} bytes long: use at least 16 random bytes",
+            secret.len()
+        ));
+    }
+    Ok(secret)
+}
+
+/// `--tenants`: a file of `FINGERPRINT TENANT` lines (blank lines and `#` comments skipped).
+pub(crate) fn tenants(path: &str) -> Result<tower_fallback_cache::Tenants, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read the tenant file: {error}"))?;
+    let mut tenants = tower_fallback_cache::Tenants::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(fingerprint), Some(tenant), None) = (words.next(), words.next(), words.next())
+        else {
+            return Err(format!(
+                "line {}: expected `FINGERPRINT TENANT`",
+                number + 1
+            ));
+        };
+        if fingerprint.len() != 24 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "line {}: {fingerprint:?} is not a fingerprint (24 hex digits, from `fallback-cache-proxy fingerprint`)",
+                number + 1
+            ));
+        }
+        tenants.insert(fingerprint, tenant);
+    }
+    Ok(tenants)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,7 @@ use crate::conn::{Admission, BusyBody, Conn, Conns, Timeouts, Watched};
 use crate::error::ProxyError;
 use crate::forward::{Proxy, Throttle, forward};
 use crate::metrics::{self, ProxyCounts};
+use crate::parse::StoreSpec;
 use crate::store;
 
 /// Runs the proxy until it is told to stop. Returns once the store is flushed.
@@ -66,8 +67,16 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         .max_response_body(config.max_response_body)
         .quota_breaker(config.quota_breaker)
         .cacheable(config.cacheable.clone())
-        .key_rules(config.key_rules.clone())
-        .build();
+        .key_rules(config.key_rules.clone());
+    let layer = match &config.sealing {
+        Some(sealing) => layer.sealing(sealing.clone()),
+        None => layer,
+    };
+    let layer = match &config.tenants {
+        Some(tenants) => layer.tenants(tenants.clone()),
+        None => layer,
+    }
+    .build();
     let proxy = Arc::new(Proxy {
         service: layer.layer(upstream),
         stats: layer.stats(),
@@ -98,6 +107,7 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         config.upstream,
         config.store
     );
+    log_sealing(&config);
 
     let timeouts = Timeouts {
         header: config.header_timeout,
@@ -428,6 +438,25 @@ async fn stop_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+    }
+}
+
+/// Says at start what the persistent store's answers are sealed under, and what is not.
+fn log_sealing(config: &Config) {
+    if matches!(config.store, StoreSpec::Memory) {
+        return;
+    }
+    match &config.sealing {
+        None => tracing::warn!(
+            "sealing is off (--seal off): answers are stored in clear in {}",
+            config.store
+        ),
+        Some(sealing) if sealing.has_secret() => tracing::info!(
+            "answers are sealed under each request's credential and the server secret; requests without a credential under the server secret"
+        ),
+        Some(_) => tracing::warn!(
+            "answers are sealed under each request's credential; requests without a credential are stored UNSEALED (no --secret or --secret-file)"
+        ),
     }
 }
 

@@ -161,6 +161,24 @@ pub enum EntryError {
     /// The checksum holds but the payload does not decode.
     #[error("entry payload does not decode: {0}")]
     Payload(String),
+    /// A sealed entry that does not open under this key and seal: moved from another key,
+    /// sealed under another credential, or forged.
+    #[error("sealed entry rejected: it does not open under this key and credential")]
+    Rejected,
+    /// A sealed entry read without a seal.
+    #[error("entry is sealed: it opens only under its seal")]
+    Sealed,
+    /// An unsealed entry (an older format) read where a sealed one is expected.
+    #[error("entry is not sealed where sealing is on")]
+    Unsealed,
+}
+
+impl EntryError {
+    /// Whether the entry was refused by sealing (rejected, sealed, unsealed) rather than
+    /// damaged.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, Self::Rejected | Self::Sealed | Self::Unsealed)
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use crate::entry::CachedResponse;
 use crate::key::{CacheKey, KEY_VERSION};
 use crate::partition::{Partition, credential_identity};
 use crate::state::{Mode, Shared};
+use crate::seal::Seal;
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{StoreError, log_store_error};
@@ -83,20 +84,33 @@ where
             }
         },
     };
-    let partition = shared.partition.of(&parts);
+    // A credential of a tenant is partitioned, suspended and sealed as its tenant.
+    let tenant = shared
+        .tenants
+        .as_ref()
+        .and_then(|tenants| tenants.of(&parts));
+    let partition = tenant.unwrap_or_else(|| shared.partition.of(&parts));
     let key = shared.key_rules.key(&partition, &parts, &bytes);
     // The breaker follows the credential the upstream judges, not the answer partition
     // (by default they are one and the same hash).
-    let credential = match shared.partition {
-        Partition::ByCredential => partition,
+    let credential = match (tenant, &shared.partition) {
+        (Some(_), _) | (None, Partition::ByCredential) => partition,
         _ => credential_identity(&parts),
     };
+    // Sealed under the credential (or tenant) where answers are partitioned by it;
+    // requests without one and shared partitions under the server secret alone. Only a
+    // copy here: the key is derived where an entry is sealed or opened.
+    let seal = shared.sealing.as_ref().and_then(|sealing| {
+        let own = tenant.is_some()
+            || matches!(shared.partition, Partition::ByCredential) && !partition.is_anonymous();
+        sealing.seal(own.then_some(&partition))
+    });
     let controls = Controls::of(&parts.headers);
     let mut coverage = Coverage::new(&shared);
 
     // `only-if-cached` (RFC 9111, 5.2.1.7): the stored answer, or a 504; never the upstream.
     if controls.only_if_cached {
-        let found = lookup(&shared, &key).await;
+        let found = lookup(&shared, &key, seal.as_ref()).await;
         coverage.count(&shared, found.as_ref());
         return Ok(match found.filter(|(_, age)| controls.accepts(*age)) {
             Some((entry, age)) => {
@@ -117,7 +131,7 @@ where
     let mut leader = None;
     if let Mode::CacheFirst { fresh_for } = shared.mode {
         if !cache_control_has(&parts.headers, "no-cache") {
-            if let Some(hit) = fresh_hit(&shared, key, fresh_for, &mut coverage).await {
+            if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await {
                 return Ok(hit);
             }
             // A follower waits for the leader at most `coalesce_wait` in all; when the
@@ -128,7 +142,7 @@ where
                     Turn::Lead(lead) => {
                         // The previous leader may have stored the answer between our
                         // lookup and our turn.
-                        if let Some(hit) = fresh_hit(&shared, key, fresh_for, &mut coverage).await {
+                        if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await {
                             return Ok(hit);
                         }
                         leader = Some(lead);
@@ -143,7 +157,7 @@ where
                             tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
                             break;
                         }
-                        if let Some(hit) = fresh_hit(&shared, key, fresh_for, &mut coverage).await {
+                        if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await {
                             Counters::add(&counters.coalesced);
                             return Ok(hit);
                         }
@@ -163,8 +177,8 @@ where
         } => {
             Counters::add(&counters.suspended);
             let reason = Reason::InsufficientQuota;
-            let arrived = coverage.look(&shared, &key).await;
-            if let Some(served) = fall_back(&shared, key, reason, controls, arrived).await {
+            let arrived = coverage.look(&shared, &key, seal.as_ref()).await;
+            if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await {
                 return Ok(served);
             }
             Counters::add(&counters.misses);
@@ -216,13 +230,13 @@ where
             Err(error) => Err(error),
         }
     };
-    let (called, arrived) = join(call, coverage.look(&shared, &key)).await;
+    let (called, arrived) = join(call, coverage.look(&shared, &key, seal.as_ref())).await;
     let response = match called {
         Ok(response) => response,
         Err(error) => {
             let reason = Reason::Unreachable;
             Counters::add(&counters.failures[reason as usize]);
-            if let Some(served) = fall_back(&shared, key, reason, controls, arrived).await {
+            if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await {
                 return Ok(served);
             }
             tracing::debug!(%key, %reason, "inner service failed; error returned");
@@ -247,6 +261,7 @@ where
                 store: shared.store.clone(),
                 stats: shared.stats.clone(),
                 ttl: shared.ttl,
+                seal,
                 leader,
             };
             let headers = parts.headers.clone();
@@ -291,7 +306,7 @@ where
     // 6. Fall back.
     if let Some(reason) = reason {
         Counters::add(&counters.failures[reason as usize]);
-        if let Some(served) = fall_back(&shared, key, reason, controls, arrived).await {
+        if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await {
             return Ok(served);
         }
     }
@@ -315,10 +330,11 @@ where
 async fn fresh_hit<B: Body>(
     shared: &Shared,
     key: CacheKey,
+    seal: Option<&Seal>,
     fresh_for: Duration,
     coverage: &mut Coverage,
 ) -> Option<Response<ResponseBody<B>>> {
-    let found = lookup(shared, &key).await;
+    let found = lookup(shared, &key, seal).await;
     coverage.count(shared, found.as_ref());
     let (entry, age) = found?;
     if age >= fresh_for {
@@ -361,6 +377,7 @@ where
 async fn fall_back<B: Body>(
     shared: &Shared,
     key: CacheKey,
+    seal: Option<&Seal>,
     reason: Reason,
     controls: Controls,
     arrived: Option<Found>,
@@ -374,7 +391,7 @@ async fn fall_back<B: Body>(
             let age = entry.age();
             (age <= shared.ttl).then_some((entry, age))
         }
-        _ => lookup(shared, &key).await,
+        _ => lookup(shared, &key, seal).await,
     };
     match found.filter(|(_, age)| controls.accepts(*age)) {
         Some((entry, age)) => {
@@ -396,9 +413,18 @@ async fn fall_back<B: Body>(
 type Found = Option<(Arc<CachedResponse>, Duration)>;
 
 /// The answer under `key`, with its age, if it is usable: present, younger than the TTL,
-/// of this key version. A store error is counted and is a miss.
-async fn lookup(shared: &Shared, key: &CacheKey) -> Found {
-    match shared.store.get(key).await {
+/// of this key version, opened with its seal if it has one. A store error is counted and
+/// is a miss; so is an entry sealing refuses.
+async fn lookup(
+    shared: &Shared,
+    key: &CacheKey,
+    seal: Option<&Seal>,
+) -> Found {
+    let found = match seal {
+        Some(seal) => shared.store.get_sealed(key, seal).await,
+        None => shared.store.get(key).await,
+    };
+    match found {
         Ok(Some(entry)) if entry.key_version() == KEY_VERSION => {
             let age = entry.age();
             (age <= shared.ttl).then_some((entry, age))
@@ -407,8 +433,13 @@ async fn lookup(shared: &Shared, key: &CacheKey) -> Found {
         Err(error) => {
             let counters = shared.stats.counters();
             Counters::add(&counters.store_errors);
-            if matches!(error, StoreError::Corrupt(_)) {
-                Counters::add(&counters.corrupt_entries);
+            // Where an entry should open under a seal, any entry that does not is refused.
+            match &error {
+                StoreError::Corrupt(entry) if seal.is_some() || entry.is_rejected() => {
+                    Counters::add(&counters.rejected_entries);
+                }
+                StoreError::Corrupt(_) => Counters::add(&counters.corrupt_entries),
+                _ => {}
             }
             log_store_error("get", &error);
             None
@@ -545,11 +576,11 @@ impl Coverage {
 
     /// The lookup of a request not counted yet, counted; `None` when it was counted
     /// already (or coverage is off) and nothing was looked up.
-    async fn look(&mut self, shared: &Shared, key: &CacheKey) -> Option<Found> {
+    async fn look(&mut self, shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Option<Found> {
         if !self.pending {
             return None;
         }
-        let found = lookup(shared, key).await;
+        let found = lookup(shared, key, seal).await;
         self.count(shared, found.as_ref());
         Some(found)
     }

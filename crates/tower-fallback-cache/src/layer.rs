@@ -12,10 +12,12 @@ use crate::classify::{Classify, ProviderClassifier, Reason};
 use crate::key::KeyRules;
 use crate::partition::Partition;
 use crate::protocol::{Protocol, Protocols};
+use crate::seal::Sealing;
 use crate::service::FallbackCache;
 use crate::state::{Mode, Shared};
 use crate::stats::Stats;
 use crate::store::{DEFAULT_TTL, MemoryStore, Store};
+use crate::tenants::Tenants;
 
 /// The default bound of the memory store: 256 MiB.
 pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
@@ -130,6 +132,8 @@ pub struct FallbackCacheBuilder {
     quota_breaker: QuotaBreaker,
     coalesce_wait: Duration,
     coverage: bool,
+    sealing: Option<Sealing>,
+    tenants: Option<Tenants>,
 }
 
 impl Default for FallbackCacheBuilder {
@@ -149,6 +153,8 @@ impl Default for FallbackCacheBuilder {
             quota_breaker: QuotaBreaker::default(),
             coalesce_wait: DEFAULT_COALESCE_WAIT,
             coverage: true,
+            sealing: None,
+            tenants: None,
         }
     }
 }
@@ -268,6 +274,25 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// Seals what persistent stores keep (default: off). See [`Sealing`]: each answer is
+    /// encrypted and authenticated under its request's credential and the server secret,
+    /// its key bound to it; an entry that does not open is counted
+    /// ([`StatsSnapshot::rejected_entries`](crate::StatsSnapshot::rejected_entries)) and
+    /// never served, nor is an unsealed one. The memory tier stays plain.
+    pub fn sealing(mut self, sealing: Sealing) -> Self {
+        self.sealing = Some(sealing);
+        self
+    }
+
+    /// Credentials that share a tenant's partition and breaker (default: none). A request
+    /// whose credential's fingerprint is in `tenants` is partitioned, suspended and sealed
+    /// as its tenant, whatever [`partition`](Self::partition) says; see [`Tenants`]. Use
+    /// it with [`Sealing::with_secret`].
+    pub fn tenants(mut self, tenants: Tenants) -> Self {
+        self.tenants = Some(tenants).filter(|tenants| !tenants.is_empty());
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> FallbackCacheLayer {
         let store = self
@@ -291,6 +316,8 @@ impl FallbackCacheBuilder {
                 in_flight: Arc::default(),
                 coalesce_wait: self.coalesce_wait,
                 coverage: self.coverage,
+                sealing: self.sealing,
+                tenants: self.tenants,
                 stats,
             }),
         }

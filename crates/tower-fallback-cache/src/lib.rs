@@ -124,11 +124,13 @@ pub mod protocol;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+mod seal;
 mod service;
 mod state;
 mod stats;
 mod status;
 pub mod store;
+mod tenants;
 mod throttle;
 
 pub use body::{RequestBody, ResponseBody};
@@ -145,11 +147,13 @@ pub use layer::{
     FallbackCacheBuilder, FallbackCacheLayer,
 };
 pub use partition::{CREDENTIAL_HEADERS, Partition, PartitionId};
+pub use seal::{Seal, Sealing};
 pub use service::FallbackCache;
 pub use state::Mode;
 pub use stats::{AGE_BUCKETS, AgeHistogram, Stats, StatsSnapshot};
 pub use status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 pub use store::{DEFAULT_TTL, Store};
+pub use tenants::Tenants;
 pub use throttle::LogThrottle;
 
 /// The README's snippets, compiled and run as doctests (they use every feature).

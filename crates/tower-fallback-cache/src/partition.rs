@@ -33,6 +33,12 @@ impl PartitionId {
         Self::derive(b"")
     }
 
+    /// Whether this is the partition of requests without a credential.
+    pub(crate) fn is_anonymous(&self) -> bool {
+        static ANONYMOUS: LazyLock<PartitionId> = LazyLock::new(PartitionId::anonymous);
+        *self == *ANONYMOUS
+    }
+
     /// The 32 raw bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -124,7 +130,7 @@ fn credential_partition(parts: &Parts) -> PartitionId {
 }
 
 /// The values of the `key` parameters of a query, as sent (Gemini's API key).
-fn query_keys(query: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn query_keys(query: &str) -> impl Iterator<Item = &str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))

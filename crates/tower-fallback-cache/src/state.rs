@@ -12,8 +12,10 @@ use crate::coalesce::InFlight;
 use crate::key::KeyRules;
 use crate::partition::Partition;
 use crate::protocol::Protocols;
+use crate::seal::Sealing;
 use crate::stats::Stats;
 use crate::store::Store;
+use crate::tenants::Tenants;
 
 /// When the upstream is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<InFlight>,
     pub(crate) coalesce_wait: Duration,
     pub(crate) coverage: bool,
+    pub(crate) sealing: Option<Sealing>,
+    pub(crate) tenants: Option<Tenants>,
 }
 
 impl Shared {

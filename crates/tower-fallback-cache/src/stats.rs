@@ -31,6 +31,7 @@ pub(crate) struct Counters {
     pub(crate) stored: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) corrupt_entries: AtomicU64,
+    pub(crate) rejected_entries: AtomicU64,
     pub(crate) failures: [AtomicU64; Reason::COUNT],
     pub(crate) fallbacks_by_reason: [AtomicU64; Reason::COUNT],
     pub(crate) breaker_openings: AtomicU64,
@@ -128,6 +129,10 @@ pub struct StatsSnapshot {
     pub store_errors: u64,
     /// Stored entries that failed their checks (counted in `store_errors` too).
     pub corrupt_entries: u64,
+    /// Stored entries refused by sealing (counted in `store_errors` too): where an entry
+    /// should open under its request's seal, one sealed under another key or credential,
+    /// forged, damaged, or not sealed. Never served.
+    pub rejected_entries: u64,
     /// Upstream failures by reason: [`failures_for`](Self::failures_for).
     failures: [u64; Reason::COUNT],
     /// Fallbacks served by reason: [`fallbacks_for`](Self::fallbacks_for).
@@ -182,6 +187,7 @@ impl Stats {
             stored: load(&c.stored),
             store_errors: load(&c.store_errors),
             corrupt_entries: load(&c.corrupt_entries),
+            rejected_entries: load(&c.rejected_entries),
             failures: c.failures.each_ref().map(load),
             fallbacks_by_reason: c.fallbacks_by_reason.each_ref().map(load),
             breaker_openings: load(&c.breaker_openings),

@@ -10,6 +10,7 @@ use crate::coalesce::Leader;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::protocol::{Completeness, EventSplitter, Verdict, parse_event_from};
+use crate::seal::Seal;
 use crate::stats::{Counters, Stats};
 use crate::store::{Store, StoreFuture};
 
@@ -19,6 +20,8 @@ pub(crate) struct CaptureSink {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) stats: Stats,
     pub(crate) ttl: Duration,
+    /// What the answer is sealed under in a persistent store, if anything.
+    pub(crate) seal: Option<Seal>,
     /// Identical requests waiting for this answer (cache-first mode): woken once it is
     /// stored, or once it is clear it will not be.
     pub(crate) leader: Option<Leader>,
@@ -158,10 +161,14 @@ impl Capture {
             store,
             stats,
             ttl,
+            seal,
             leader,
         } = self.sink;
         Some(Box::pin(async move {
-            let result = store.put(key, entry, ttl).await;
+            let result = match seal {
+                Some(seal) => store.put_sealed(key, entry, ttl, seal).await,
+                None => store.put(key, entry, ttl).await,
+            };
             drop(leader);
             let counters = stats.counters();
             match &result {

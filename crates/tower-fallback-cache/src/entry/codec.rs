@@ -9,6 +9,19 @@
 //!     46     n  payload: bincode 2 (standard config) of `Payload` below
 //! ```
 //!
+//! A sealed entry (format version 2, [`CachedResponse::encode_sealed`]) is encrypted and
+//! authenticated with XChaCha20-Poly1305 under the request's [`Seal`], the entry's
+//! [`CacheKey`] and the header bound as associated data:
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "FBCE"
+//!      4     2  format version, little endian (2)
+//!      6     8  sealed length in bytes (payload + 16-byte tag), little endian
+//!     14    24  nonce
+//!     38     n  the payload sealed, then its tag
+//! ```
+//!
 //! bincode is used here and nowhere else, so that the codec can be replaced behind a new
 //! format version without touching the stores.
 
@@ -18,11 +31,20 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
+
 use super::{CachedResponse, EntryError};
+use crate::key::CacheKey;
+use crate::seal::Seal;
 
 const MAGIC: [u8; 4] = *b"FBCE";
 const FORMAT_VERSION: u16 = 1;
 const HEADER_LEN: usize = 4 + 2 + 8 + 32;
+const SEALED_VERSION: u16 = 2;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const SEALED_HEADER_LEN: usize = 4 + 2 + 8 + NONCE_LEN;
 
 /// The most bytes a payload may claim while it is decoded. The header length must also
 /// match the bytes that are there, so a forged length can never make decoding allocate
@@ -79,6 +101,95 @@ impl CachedResponse {
     /// ```
     #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_after(HEADER_LEN);
+        let payload_len = (out.len() - HEADER_LEN) as u64;
+        let checksum = blake3::hash(&out[HEADER_LEN..]);
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[6..14].copy_from_slice(&payload_len.to_le_bytes());
+        out[14..HEADER_LEN].copy_from_slice(checksum.as_bytes());
+        out
+    }
+
+    /// The answer sealed under `seal` for `key` (entry format 2): encrypted and
+    /// authenticated with XChaCha20-Poly1305 and a fresh nonce, `key` bound as associated
+    /// data. Only [`decode_sealed`](Self::decode_sealed) with the same key and seal opens
+    /// it; [`decode`](Self::decode) refuses it.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, StatusCode};
+    /// use tower_fallback_cache::{CacheKey, CachedResponse, EntryError, Seal};
+    ///
+    /// let answer = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from("hi")]);
+    /// let key = CacheKey::from_bytes([7; 32]);
+    /// let seal = Seal::from_parts(Some(b"server secret"), Some(b"sk-a"));
+    /// let stored = answer.encode_sealed(&key, &seal);
+    /// assert_eq!(CachedResponse::decode_sealed(&stored, &key, &seal), Ok(answer));
+    /// let other = Seal::from_parts(Some(b"server secret"), Some(b"sk-b"));
+    /// assert_eq!(CachedResponse::decode_sealed(&stored, &key, &other), Err(EntryError::Rejected));
+    /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
+    pub fn encode_sealed(&self, key: &CacheKey, seal: &Seal) -> Vec<u8> {
+        let mut out = self.encode_after(SEALED_HEADER_LEN);
+        let sealed_len = (out.len() - SEALED_HEADER_LEN + TAG_LEN) as u64;
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&SEALED_VERSION.to_le_bytes());
+        out[6..14].copy_from_slice(&sealed_len.to_le_bytes());
+        out[14..SEALED_HEADER_LEN].copy_from_slice(&next_nonce());
+        let (header, payload) = out.split_at_mut(SEALED_HEADER_LEN);
+        let nonce = XNonce::from_slice(&header[14..]);
+        let tag = cipher(seal)
+            .encrypt_in_place_detached(nonce, &associated_data(header, key), payload)
+            .expect("a payload under 256 GiB always seals");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens an answer written by [`encode_sealed`](Self::encode_sealed) for `key` under
+    /// `seal`. An entry moved from another key, sealed under another seal, or altered in
+    /// any byte is [`EntryError::Rejected`]; an unsealed entry (format 1) is
+    /// [`EntryError::Unsealed`]: neither is ever served.
+    #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
+    pub fn decode_sealed(bytes: &[u8], key: &CacheKey, seal: &Seal) -> Result<Self, EntryError> {
+        let version = check_magic(bytes)?;
+        if version == Some(FORMAT_VERSION) {
+            return Err(EntryError::Unsealed);
+        }
+        let Some((header, sealed)) = bytes.split_at_checked(SEALED_HEADER_LEN) else {
+            return Err(EntryError::Length {
+                expected: SEALED_HEADER_LEN as u64,
+                actual: bytes.len() as u64,
+            });
+        };
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        if version != SEALED_VERSION {
+            return Err(EntryError::UnsupportedVersion(version));
+        }
+        let mut announced = [0; 8];
+        announced.copy_from_slice(&header[6..14]);
+        let announced = u64::from_le_bytes(announced);
+        if announced != sealed.len() as u64 || sealed.len() < TAG_LEN {
+            return Err(EntryError::Length {
+                expected: (SEALED_HEADER_LEN as u64).saturating_add(announced),
+                actual: bytes.len() as u64,
+            });
+        }
+        let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut payload = ciphertext.to_vec();
+        cipher(seal)
+            .decrypt_in_place_detached(
+                XNonce::from_slice(&header[14..]),
+                &associated_data(header, key),
+                &mut payload,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| EntryError::Rejected)?;
+        decode_payload(&payload)
+    }
+
+    /// The payload encoded after `header_len` zero bytes.
+    fn encode_after(&self, header_len: usize) -> Vec<u8> {
         let since_epoch = self
             .stored_at
             .duration_since(UNIX_EPOCH)
@@ -95,18 +206,12 @@ impl CachedResponse {
             stored_at_nanos: since_epoch.subsec_nanos(),
             key_version: self.key_version,
         };
-        let mut out = Vec::with_capacity(HEADER_LEN + self.weight());
-        out.extend_from_slice(&[0; HEADER_LEN]);
+        let mut out = Vec::with_capacity(header_len + self.weight() + TAG_LEN);
+        out.resize(header_len, 0);
         // Writing into a Vec cannot fail, and every sequence in `Payload` has a known
         // length, which is all bincode's serde encoder asks for.
         bincode::serde::encode_into_std_write(&payload, &mut out, config())
             .expect("a payload of sized sequences always encodes into a Vec");
-        let payload_len = (out.len() - HEADER_LEN) as u64;
-        let checksum = blake3::hash(&out[HEADER_LEN..]);
-        out[0..4].copy_from_slice(&MAGIC);
-        out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out[6..14].copy_from_slice(&payload_len.to_le_bytes());
-        out[14..HEADER_LEN].copy_from_slice(checksum.as_bytes());
         out
     }
 
@@ -116,9 +221,8 @@ impl CachedResponse {
     /// input's size in bytes.
     #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
     pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
-        let magic_len = bytes.len().min(MAGIC.len());
-        if bytes[..magic_len] != MAGIC[..magic_len] {
-            return Err(EntryError::BadMagic);
+        if check_magic(bytes)? == Some(SEALED_VERSION) {
+            return Err(EntryError::Sealed);
         }
         let Some((header, payload)) = bytes.split_at_checked(HEADER_LEN) else {
             return Err(EntryError::Length {
@@ -142,17 +246,69 @@ impl CachedResponse {
         if blake3::hash(payload).as_bytes() != &header[14..HEADER_LEN] {
             return Err(EntryError::Checksum);
         }
-        let (decoded, read): (Payload<'_>, usize) =
-            bincode::serde::borrow_decode_from_slice(payload, config())
-                .map_err(|error| EntryError::Payload(error.to_string()))?;
-        if read != payload.len() {
-            return Err(EntryError::Payload(format!(
-                "{} bytes follow the payload",
-                payload.len() - read
-            )));
-        }
-        decoded.into_response()
+        decode_payload(payload)
     }
+}
+
+/// The format version of bytes that start with the magic (`None` when too short to say).
+fn check_magic(bytes: &[u8]) -> Result<Option<u16>, EntryError> {
+    let magic_len = bytes.len().min(MAGIC.len());
+    if bytes[..magic_len] != MAGIC[..magic_len] {
+        return Err(EntryError::BadMagic);
+    }
+    Ok(bytes
+        .get(4..6)
+        .map(|version| u16::from_le_bytes([version[0], version[1]])))
+}
+
+fn decode_payload(payload: &[u8]) -> Result<CachedResponse, EntryError> {
+    let (decoded, read): (Payload<'_>, usize) =
+        bincode::serde::borrow_decode_from_slice(payload, config())
+            .map_err(|error| EntryError::Payload(error.to_string()))?;
+    if read != payload.len() {
+        return Err(EntryError::Payload(format!(
+            "{} bytes follow the payload",
+            payload.len() - read
+        )));
+    }
+    decoded.into_response()
+}
+
+fn cipher(seal: &Seal) -> XChaCha20Poly1305 {
+    XChaCha20Poly1305::new(&seal.key().into())
+}
+
+/// The sealed header and the entry's key: an entry opens only where it was sealed.
+fn associated_data(header: &[u8], key: &CacheKey) -> [u8; SEALED_HEADER_LEN + 32] {
+    let mut data = [0; SEALED_HEADER_LEN + 32];
+    data[..SEALED_HEADER_LEN].copy_from_slice(header);
+    data[SEALED_HEADER_LEN..].copy_from_slice(key.as_bytes());
+    data
+}
+
+/// A nonce never used before: blake3, keyed with 32 random bytes drawn once per process,
+/// over a counter. Unique without a system call per entry.
+fn next_nonce() -> [u8; NONCE_LEN] {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use chacha20poly1305::aead::OsRng;
+    use chacha20poly1305::aead::rand_core::RngCore;
+
+    static NONCES: LazyLock<(blake3::Hasher, AtomicU64)> = LazyLock::new(|| {
+        let mut seed = [0u8; 32];
+        OsRng.fill_bytes(&mut seed);
+        (blake3::Hasher::new_keyed(&seed), AtomicU64::new(0))
+    });
+    let (hasher, counter) = &*NONCES;
+    let n = counter.fetch_add(1, Ordering::Relaxed);
+    let mut nonce = [0; NONCE_LEN];
+    hasher
+        .clone()
+        .update(&n.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut nonce);
+    nonce
 }
 
 impl Payload<'_> {
@@ -268,12 +424,55 @@ mod tests {
             Err(EntryError::BadMagic)
         );
 
+        let mut sealed_version = stored.clone();
+        sealed_version[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            CachedResponse::decode(&sealed_version),
+            Err(EntryError::Sealed)
+        );
         let mut next_version = stored.clone();
-        next_version[4..6].copy_from_slice(&2u16.to_le_bytes());
+        next_version[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(
             CachedResponse::decode(&next_version),
-            Err(EntryError::UnsupportedVersion(2))
+            Err(EntryError::UnsupportedVersion(3))
         );
+
+        // Sealed: opens only under its key and seal; every cut or flipped byte is refused.
+        let key = CacheKey::from_bytes([1; 32]);
+        let seal = Seal::from_parts(Some(b"secret"), Some(b"sk-a"));
+        let answer = sample();
+        let sealed = answer.encode_sealed(&key, &seal);
+        assert_eq!(
+            CachedResponse::decode_sealed(&sealed, &key, &seal).as_ref(),
+            Ok(&answer)
+        );
+        let other_key = CacheKey::from_bytes([2; 32]);
+        for (k, s) in [
+            (&other_key, &seal),
+            (&key, &Seal::from_parts(Some(b"secret"), Some(b"sk-b"))),
+            (&key, &Seal::from_parts(None, Some(b"sk-a"))),
+        ] {
+            assert_eq!(
+                CachedResponse::decode_sealed(&sealed, k, s),
+                Err(EntryError::Rejected)
+            );
+        }
+        assert_eq!(
+            CachedResponse::decode_sealed(&stored, &key, &seal),
+            Err(EntryError::Unsealed)
+        );
+        for i in 0..sealed.len() {
+            let mut flipped = sealed.clone();
+            flipped[i] ^= 0x40;
+            assert!(
+                CachedResponse::decode_sealed(&flipped, &key, &seal).is_err(),
+                "byte {i}"
+            );
+            assert!(
+                CachedResponse::decode_sealed(&sealed[..i], &key, &seal).is_err(),
+                "cut {i}"
+            );
+        }
 
         let cut = &stored[..stored.len() - 1];
         assert!(matches!(

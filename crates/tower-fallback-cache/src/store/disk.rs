@@ -15,13 +15,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
+use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use crate::seal::Seal;
 use file::{Fault, move_aside, open_file};
 use guard::guarded;
 use record::Record;
-use writer::{Command, Writer};
+use writer::{Command, Value, Writer};
 
 /// The default bound of a disk store: 1 GiB of answers.
 pub const DEFAULT_DISK_MAX_BYTES: u64 = 1024 * 1024 * 1024;
@@ -242,6 +243,7 @@ impl DiskStore {
         key: CacheKey,
         entry: Arc<CachedResponse>,
         ttl: Duration,
+        seal: Option<Seal>,
     ) -> Result<(), StoreError> {
         let weight = entry.weight() as u64;
         let queued = self
@@ -265,13 +267,44 @@ impl DiskStore {
         }
         let expires_at = unix_millis(SystemTime::now())
             .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
         let write = Some((entry.clone(), expires_at));
+        let seal = seal.map(Box::new);
+        self.queue_put(key, Value::Entry { entry, seal }, expires_at, weight, write)
+    }
+
+    /// Queues bytes already encoded (a snapshot's); read as missing until committed.
+    fn enqueue_encoded(&self, entry: RawEntry) -> Result<(), StoreError> {
+        let weight = entry.value.len() as u64;
+        if self.shared.out_of_use.load(Ordering::Relaxed) {
+            return Err(self.unusable());
+        }
+        self.shared
+            .queued_bytes
+            .fetch_add(weight, Ordering::Relaxed);
+        let expires_at = unix_millis(entry.expires_at);
+        self.queue_put(
+            entry.key,
+            Value::Encoded(entry.value),
+            expires_at,
+            weight,
+            None,
+        )
+    }
+
+    fn queue_put(
+        &self,
+        key: CacheKey,
+        value: Value,
+        expires_at: u64,
+        weight: u64,
+        write: Option<(Arc<CachedResponse>, u64)>,
+    ) -> Result<(), StoreError> {
+        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
         self.lock_pending()
             .insert(key, Pending { generation, write });
         let command = Command::Put {
             key,
-            entry,
+            value,
             expires_at,
             generation,
             weight,
@@ -298,7 +331,11 @@ impl DiskStore {
         }
     }
 
-    fn read(&self, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+    fn read(
+        &self,
+        key: &CacheKey,
+        seal: Option<&Seal>,
+    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
         if let Some(pending) = self.lock_pending().get(key) {
             return Ok(match &pending.write {
                 Some((entry, expires_at)) if *expires_at > unix_millis(SystemTime::now()) => {
@@ -310,7 +347,7 @@ impl DiskStore {
         let Some((db, opening)) = self.shared.database() else {
             return Err(self.unusable());
         };
-        match guarded(|| read_entry(&db, key)) {
+        match guarded(|| read_entry(&db, key, seal)) {
             Ok(Ok(found)) => Ok(found),
             Ok(Err(ReadError::Entry(error))) => Err(error),
             Ok(Err(ReadError::Redb(error))) => match Fault::of(error) {
@@ -378,7 +415,11 @@ enum ReadError {
     Entry(StoreError),
 }
 
-fn read_entry(db: &Database, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, ReadError> {
+fn read_entry(
+    db: &Database,
+    key: &CacheKey,
+    seal: Option<&Seal>,
+) -> Result<Option<Arc<CachedResponse>>, ReadError> {
     let redb = |error: redb::Error| ReadError::Redb(error);
     let txn = db.begin_read().map_err(|e| redb(e.into()))?;
     let table = txn.open_table(ENTRIES).map_err(|e| redb(e.into()))?;
@@ -389,8 +430,35 @@ fn read_entry(db: &Database, key: &CacheKey) -> Result<Option<Arc<CachedResponse
     if record.expires_at <= unix_millis(SystemTime::now()) {
         return Ok(None);
     }
-    let entry = CachedResponse::decode(record.entry).map_err(|e| ReadError::Entry(e.into()))?;
+    let entry = match seal {
+        Some(seal) => CachedResponse::decode_sealed(record.entry, key, seal),
+        None => CachedResponse::decode(record.entry),
+    }
+    .map_err(|e| ReadError::Entry(e.into()))?;
     Ok(Some(Arc::new(entry)))
+}
+
+/// Every entry of the file not yet expired, as stored.
+fn export_entries(db: &Database) -> Result<Vec<RawEntry>, StoreError> {
+    use redb::ReadableTable;
+
+    let txn = db.begin_read().map_err(backend)?;
+    let table = txn.open_table(ENTRIES).map_err(backend)?;
+    let now = unix_millis(SystemTime::now());
+    let mut entries = Vec::new();
+    for row in table.iter().map_err(backend)? {
+        let (key, record) = row.map_err(backend)?;
+        let record = Record::parse(record.value())?;
+        if record.expires_at <= now {
+            continue;
+        }
+        entries.push(RawEntry::new(
+            CacheKey::from_bytes(*key.value()),
+            record.entry.to_vec(),
+            UNIX_EPOCH + Duration::from_millis(record.expires_at),
+        ));
+    }
+    Ok(entries)
 }
 
 impl DiskStoreBuilder {
@@ -533,12 +601,33 @@ impl std::fmt::Debug for DiskStore {
 
 impl Store for DiskStore {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        let found = self.read(key);
+        let found = self.read(key, None);
         Box::pin(async move { found })
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
-        let accepted = self.enqueue(key, entry, ttl);
+        let accepted = self.enqueue(key, entry, ttl, None);
+        Box::pin(async move { accepted })
+    }
+
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        let found = self.read(key, Some(seal));
+        Box::pin(async move { found })
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        // Sealed by the writer thread, off the request's path.
+        let accepted = self.enqueue(key, entry, ttl, Some(seal));
         Box::pin(async move { accepted })
     }
 
@@ -552,6 +641,32 @@ impl Store for DiskStore {
             generation,
         });
         Box::pin(async move { sent })
+    }
+
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        let exported = match self.shared.database() {
+            Some((db, _)) => guarded(|| export_entries(&db))
+                .unwrap_or_else(|_| Err(backend(io::Error::other("the file is damaged")))),
+            None => Err(self.unusable()),
+        };
+        Box::pin(async move { exported })
+    }
+
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // In batches within the queue's bound, each made durable before the next.
+            let mut queued = 0u64;
+            for entry in entries {
+                let weight = entry.value.len() as u64;
+                if queued > 0 && queued.saturating_add(weight) > self.shared.max_queued_bytes / 2 {
+                    self.flush().await?;
+                    queued = 0;
+                }
+                self.enqueue_encoded(entry)?;
+                queued = queued.saturating_add(weight);
+            }
+            self.flush().await
+        })
     }
 
     fn usage(&self) -> StoreUsage {

@@ -12,7 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -34,6 +34,7 @@ pub use tiered::{DEFAULT_BACK_QUEUE_BYTES, Tiered};
 
 use crate::entry::{CachedResponse, EntryError};
 use crate::key::CacheKey;
+use crate::seal::Seal;
 use crate::throttle::LogThrottle;
 
 /// The default time an answer is kept: 7 days (the layer's `ttl`, and what a [`Tiered`]
@@ -60,6 +61,48 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Forgets the answer under `key`.
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()>;
+
+    /// The answer under `key`, opened with `seal` where the store keeps sealed bytes (the
+    /// disk and Redis stores; [`Tiered`] passes the seal to its back store). An entry that
+    /// does not open, or is not sealed, is a [`StoreError::Corrupt`] with a rejected
+    /// [`EntryError`] ([`EntryError::is_rejected`]), never an answer. A store that keeps
+    /// answers in memory ignores the seal: the default is [`get`](Self::get).
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        let _ = seal;
+        self.get(key)
+    }
+
+    /// Stores `entry` under `key` for `ttl`, sealed under `seal` where the store keeps
+    /// bytes (see [`get_sealed`](Self::get_sealed)). The default is [`put`](Self::put).
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        let _ = seal;
+        self.put(key, entry, ttl)
+    }
+
+    /// Every live entry as the store keeps it (sealed bytes stay sealed), for a snapshot
+    /// (`fallback-cache-proxy export`). The disk and Redis stores support it;
+    /// [`StoreError::Unsupported`] by default.
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        Box::pin(async { Err(StoreError::Unsupported("export")) })
+    }
+
+    /// Writes entries as they are (a snapshot's), each until its expiry, and makes them
+    /// durable. The disk and Redis stores support it; [`StoreError::Unsupported`] by
+    /// default.
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        let _ = entries;
+        Box::pin(async { Err(StoreError::Unsupported("import")) })
+    }
 
     /// What the store holds now, where it knows.
     fn usage(&self) -> StoreUsage {
@@ -92,6 +135,32 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         (**self).remove(key)
     }
 
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        (**self).get_sealed(key, seal)
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        (**self).put_sealed(key, entry, ttl, seal)
+    }
+
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        (**self).export()
+    }
+
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        (**self).import(entries)
+    }
+
     fn usage(&self) -> StoreUsage {
         (**self).usage()
     }
@@ -102,6 +171,30 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn health(&self) -> StoreHealth {
         (**self).health()
+    }
+}
+
+/// One entry as a store keeps it: its key, its stored bytes (an encoded answer, sealed or
+/// not, as [`Store::export`] found it), and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RawEntry {
+    /// The entry's key.
+    pub key: CacheKey,
+    /// The stored bytes.
+    pub value: Vec<u8>,
+    /// When it stops being served.
+    pub expires_at: SystemTime,
+}
+
+impl RawEntry {
+    /// An entry of `value` under `key` until `expires_at`.
+    pub fn new(key: CacheKey, value: Vec<u8>, expires_at: SystemTime) -> Self {
+        Self {
+            key,
+            value,
+            expires_at,
+        }
     }
 }
 
@@ -146,6 +239,9 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The store cannot do this (`export` or `import` of a store that keeps no bytes).
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
     /// The backend did not answer in time.
     #[error("{store} store did not answer within {timeout:?}")]
     Timeout {

@@ -11,9 +11,10 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisResult};
 
-use super::{HealthCell, Store, StoreError, StoreFuture, StoreHealth};
+use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use crate::seal::Seal;
 
 /// The prefix of every key a [`RedisStore`] writes, by default.
 pub const DEFAULT_REDIS_PREFIX: &str = "fallback-cache:";
@@ -356,30 +357,142 @@ impl RedisStoreBuilder {
     }
 }
 
-impl Store for RedisStore {
-    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        Box::pin(async move {
-            let command = redis::cmd("GET").arg(self.redis_key(key)).clone();
-            let value: Option<Vec<u8>> = self.bounded(self.connection.query(&command)).await?;
-            match value {
-                Some(bytes) => Ok(Some(Arc::new(CachedResponse::decode(&bytes)?))),
-                None => Ok(None),
-            }
-        })
+impl RedisStore {
+    async fn read(
+        &self,
+        key: &CacheKey,
+        seal: Option<&Seal>,
+    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+        let command = redis::cmd("GET").arg(self.redis_key(key)).clone();
+        let value: Option<Vec<u8>> = self.bounded(self.connection.query(&command)).await?;
+        let Some(bytes) = value else {
+            return Ok(None);
+        };
+        let entry = match seal {
+            Some(seal) => CachedResponse::decode_sealed(&bytes, key, seal)?,
+            None => CachedResponse::decode(&bytes)?,
+        };
+        Ok(Some(Arc::new(entry)))
     }
 
-    fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
-            // PX takes whole milliseconds, and 0 is refused.
-            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    async fn write(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Option<Seal>,
+    ) -> Result<(), StoreError> {
+        // PX takes whole milliseconds, and 0 is refused.
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let value = match seal {
+            Some(seal) => entry.encode_sealed(&key, &seal),
+            None => entry.encode(),
+        };
+        let command = redis::cmd("SET")
+            .arg(self.redis_key(&key))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms)
+            .clone();
+        self.bounded(self.connection.query::<()>(&command)).await
+    }
+}
+
+impl RedisStore {
+    /// Every key under the prefix (SCAN), with its value and time to live.
+    async fn export_entries(&self) -> Result<Vec<RawEntry>, StoreError> {
+        let pattern = format!("{}*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut entries = Vec::new();
+        loop {
+            let command = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone();
+            let (next, names): (u64, Vec<String>) =
+                self.bounded(self.connection.query(&command)).await?;
+            for name in names {
+                let Some(key) = name
+                    .strip_prefix(&*self.prefix)
+                    .and_then(|hex| hex.parse::<CacheKey>().ok())
+                else {
+                    continue;
+                };
+                let get = redis::cmd("GET").arg(&name).clone();
+                let value: Option<Vec<u8>> = self.bounded(self.connection.query(&get)).await?;
+                let pttl = redis::cmd("PTTL").arg(&name).clone();
+                let ttl_ms: i64 = self.bounded(self.connection.query(&pttl)).await?;
+                // Gone since the scan, or without an expiry (not written by this store).
+                let (Some(value), Ok(ttl_ms @ 1..)) = (value, u64::try_from(ttl_ms)) else {
+                    continue;
+                };
+                let expires_at = std::time::SystemTime::now() + Duration::from_millis(ttl_ms);
+                entries.push(RawEntry::new(key, value, expires_at));
+            }
+            if next == 0 {
+                return Ok(entries);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn import_entries(&self, entries: Vec<RawEntry>) -> Result<(), StoreError> {
+        for entry in entries {
+            let Ok(left) = entry
+                .expires_at
+                .duration_since(std::time::SystemTime::now())
+            else {
+                continue;
+            };
+            let ttl_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
             let command = redis::cmd("SET")
-                .arg(self.redis_key(&key))
-                .arg(entry.encode())
+                .arg(self.redis_key(&entry.key))
+                .arg(entry.value)
                 .arg("PX")
                 .arg(ttl_ms)
                 .clone();
-            self.bounded(self.connection.query::<()>(&command)).await
-        })
+            self.bounded(self.connection.query::<()>(&command)).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for RedisStore {
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        Box::pin(self.export_entries())
+    }
+
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        Box::pin(self.import_entries(entries))
+    }
+
+    fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        Box::pin(self.read(key, None))
+    }
+
+    fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(key, entry, ttl, None))
+    }
+
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        Box::pin(self.read(key, Some(seal)))
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(key, entry, ttl, Some(seal)))
     }
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {

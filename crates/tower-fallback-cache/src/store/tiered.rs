@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
+use super::{RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::store::DEFAULT_TTL;
+use crate::seal::Seal;
 
 /// How many bytes of answers may wait for the back store by default: 64 MiB.
 pub const DEFAULT_BACK_QUEUE_BYTES: u64 = 64 * 1024 * 1024;
@@ -96,6 +97,7 @@ enum Job {
         key: CacheKey,
         entry: Arc<CachedResponse>,
         ttl: Duration,
+        seal: Option<Seal>,
         weight: u64,
     },
     Remove(CacheKey),
@@ -162,7 +164,13 @@ impl<F: Store, B: Store> Tiered<F, B> {
     }
 
     /// Queues a write for the back, or drops it when the queue is full.
-    fn queue_put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> Option<()> {
+    fn queue_put(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Option<Seal>,
+    ) -> Option<()> {
         let jobs = self.jobs()?;
         let counts = &self.queue.counts;
         let weight = entry.weight() as u64;
@@ -185,6 +193,7 @@ impl<F: Store, B: Store> Tiered<F, B> {
             key,
             entry,
             ttl,
+            seal,
             weight,
         };
         if jobs.send(job).is_err() {
@@ -218,12 +227,13 @@ async fn drain<B: Store>(
                 key,
                 entry,
                 ttl,
+                seal,
                 weight,
             } => {
                 let started = Instant::now();
                 let mut delay = FIRST_RETRY_DELAY;
                 loop {
-                    let Err(error) = back.put(key, entry.clone(), ttl).await else {
+                    let Err(error) = put_back(&*back, key, entry.clone(), ttl, seal).await else {
                         break;
                     };
                     log_store_error("put (back tier)", &error);
@@ -248,34 +258,87 @@ async fn drain<B: Store>(
     }
 }
 
+/// A write to the back store, sealed when there is a seal.
+async fn put_back<B: Store>(
+    back: &B,
+    key: CacheKey,
+    entry: Arc<CachedResponse>,
+    ttl: Duration,
+    seal: Option<Seal>,
+) -> Result<(), StoreError> {
+    match seal {
+        Some(seal) => back.put_sealed(key, entry, ttl, seal).await,
+        None => back.put(key, entry, ttl).await,
+    }
+}
+
+impl<F: Store, B: Store> Tiered<F, B> {
+    /// Front first (plain: the memory tier holds answers as they are), then the back,
+    /// opened with the seal if there is one.
+    async fn read(
+        &self,
+        key: &CacheKey,
+        seal: Option<&Seal>,
+    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+        match self.front.get(key).await {
+            Ok(Some(entry)) => return Ok(Some(entry)),
+            Ok(None) => {}
+            Err(error) => log_store_error("get (front tier)", &error),
+        }
+        let found = match seal {
+            Some(seal) => self.back.get_sealed(key, seal).await?,
+            None => self.back.get(key).await?,
+        };
+        if let Some(entry) = &found {
+            if let Err(error) = self.front.put(*key, entry.clone(), self.fill_ttl).await {
+                log_store_error("put (front tier)", &error);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn write(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Option<Seal>,
+    ) -> Result<(), StoreError> {
+        let front = self.front.put(key, entry.clone(), ttl).await;
+        if self.queue_put(key, entry.clone(), ttl, seal).is_none() {
+            // No runtime to run the queue on: the back is written in line.
+            put_back(&*self.back, key, entry, ttl, seal).await?;
+        }
+        front_error_logged("put (front tier)", front);
+        Ok(())
+    }
+}
+
 impl<F: Store, B: Store> Store for Tiered<F, B> {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        Box::pin(async move {
-            match self.front.get(key).await {
-                Ok(Some(entry)) => return Ok(Some(entry)),
-                Ok(None) => {}
-                Err(error) => log_store_error("get (front tier)", &error),
-            }
-            let found = self.back.get(key).await?;
-            if let Some(entry) = &found {
-                if let Err(error) = self.front.put(*key, entry.clone(), self.fill_ttl).await {
-                    log_store_error("put (front tier)", &error);
-                }
-            }
-            Ok(found)
-        })
+        Box::pin(self.read(key, None))
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
-            let front = self.front.put(key, entry.clone(), ttl).await;
-            if self.queue_put(key, entry.clone(), ttl).is_none() {
-                // No runtime to run the queue on: the back is written in line.
-                self.back.put(key, entry, ttl).await?;
-            }
-            front_error_logged("put (front tier)", front);
-            Ok(())
-        })
+        Box::pin(self.write(key, entry, ttl, None))
+    }
+
+    fn get_sealed<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        seal: &'a Seal,
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+        Box::pin(self.read(key, Some(seal)))
+    }
+
+    fn put_sealed(
+        &self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        ttl: Duration,
+        seal: Seal,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(key, entry, ttl, Some(seal)))
     }
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
@@ -293,6 +356,16 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             front_error_logged("remove (front tier)", front);
             Ok(())
         })
+    }
+
+    /// The back store's entries: the store of record.
+    fn export(&self) -> StoreFuture<'_, Vec<RawEntry>> {
+        self.back.export()
+    }
+
+    /// Into the back store (the front fills as the entries are read).
+    fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
+        self.back.import(entries)
     }
 
     fn usage(&self) -> StoreUsage {

@@ -1,6 +1,6 @@
 //! The value a [`DiskStore`](super::DiskStore) keeps under each key.
 
-use crate::entry::{CachedResponse, EntryError};
+use crate::entry::EntryError;
 
 /// One stored value: when it expires, its place in the write order, and the answer.
 pub(super) struct Record<'a> {
@@ -12,12 +12,11 @@ pub(super) struct Record<'a> {
 impl<'a> Record<'a> {
     const HEADER_LEN: usize = 16;
 
-    pub(super) fn encode(expires_at: u64, sequence: u64, entry: &CachedResponse) -> Vec<u8> {
-        let encoded = entry.encode();
+    pub(super) fn encode(expires_at: u64, sequence: u64, encoded: &[u8]) -> Vec<u8> {
         let mut record = Vec::with_capacity(Self::HEADER_LEN + encoded.len());
         record.extend_from_slice(&expires_at.to_le_bytes());
         record.extend_from_slice(&sequence.to_le_bytes());
-        record.extend_from_slice(&encoded);
+        record.extend_from_slice(encoded);
         record
     }
 

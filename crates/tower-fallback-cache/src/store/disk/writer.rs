@@ -15,6 +15,7 @@ use super::guard::guarded;
 use super::{BY_AGE, BY_EXPIRY, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
+use crate::seal::Seal;
 use crate::throttle::LogThrottle;
 
 /// Writes in one transaction at most: a batch shares one commit (and its fsync) without
@@ -33,7 +34,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub(super) enum Command {
     Put {
         key: CacheKey,
-        entry: Arc<CachedResponse>,
+        value: Value,
         expires_at: u64,
         generation: u64,
         weight: u64,
@@ -49,6 +50,17 @@ pub(super) enum Command {
         opening: u64,
         reason: String,
     },
+}
+
+/// What a put writes: an answer, encoded (and sealed under its seal, if it has one) by the
+/// writer, or bytes already encoded (a snapshot's).
+pub(super) enum Value {
+    Entry {
+        entry: Arc<CachedResponse>,
+        /// Boxed: a command stays small on the channel.
+        seal: Option<Box<Seal>>,
+    },
+    Encoded(Vec<u8>),
 }
 
 /// Whether the writer can use the file.
@@ -421,7 +433,7 @@ impl Writer {
                 match write {
                     Command::Put {
                         key,
-                        entry,
+                        value,
                         expires_at,
                         ..
                     } => {
@@ -429,7 +441,19 @@ impl Writer {
                         if *expires_at <= now {
                             continue;
                         }
-                        let record = Record::encode(*expires_at, totals.next_sequence, entry);
+                        let record = match value {
+                            Value::Entry { entry, seal } => Record::encode(
+                                *expires_at,
+                                totals.next_sequence,
+                                &match seal {
+                                    Some(seal) => entry.encode_sealed(key, seal),
+                                    None => entry.encode(),
+                                },
+                            ),
+                            Value::Encoded(bytes) => {
+                                Record::encode(*expires_at, totals.next_sequence, bytes)
+                            }
+                        };
                         let weight = Record::weight(record.len());
                         // An answer heavier than the whole store would evict everything
                         // else and then itself.

@@ -1,0 +1,196 @@
+//! The proxy's subcommands: `fingerprint`, `export`, `import`. With no subcommand the proxy
+//! serves, as it always has, so every existing invocation keeps working.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tower_fallback_cache::{Store, Tenants};
+
+use crate::parse::StoreSpec;
+use crate::snapshot;
+
+/// `export`: writes a store's entries, sealed as they are, to a snapshot file.
+#[derive(Debug, Parser)]
+#[command(name = "fallback-cache-proxy export")]
+struct Export {
+    /// The store to read: disk:PATH or redis://host:port/db.
+    #[arg(long, value_name = "STORE")]
+    store: String,
+    /// The snapshot file to write (replaced whole, never left half-written).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+/// `import`: loads a snapshot file into a store, after checking all of it.
+#[derive(Debug, Parser)]
+#[command(name = "fallback-cache-proxy import")]
+struct Import {
+    /// The store to write: disk:PATH or redis://host:port/db.
+    #[arg(long, value_name = "STORE")]
+    store: String,
+    /// The snapshot file to read.
+    #[arg(long = "in", value_name = "FILE")]
+    input: PathBuf,
+}
+
+/// Runs the subcommand `args` names, if the first argument is one; `None` otherwise.
+pub(crate) fn run(args: impl IntoIterator<Item = OsString>) -> Option<ExitCode> {
+    let mut args = args.into_iter().skip(1);
+    match args.next()?.to_str()? {
+        "fingerprint" => Some(fingerprint(args.collect())),
+        "export" => Some(snapshot_command(
+            Export::try_parse_from(std::iter::once("export".into()).chain(args)).map(Job::Export),
+        )),
+        "import" => Some(snapshot_command(
+            Import::try_parse_from(std::iter::once("import".into()).chain(args)).map(Job::Import),
+        )),
+        _ => None,
+    }
+}
+
+/// `fallback-cache-proxy fingerprint`: the fingerprint of the credential read from stdin
+/// (an API key, or `Bearer KEY`), for the --tenants file. The key is never printed.
+fn fingerprint(rest: Vec<OsString>) -> ExitCode {
+    if !rest.is_empty() {
+        eprintln!(
+            "usage: fallback-cache-proxy fingerprint < key-file (reads the API key from stdin; \
+             it is never an argument, which the process list shows)"
+        );
+        return ExitCode::from(2);
+    }
+    let mut key = String::new();
+    if let Err(error) = std::io::stdin().read_to_string(&mut key) {
+        eprintln!("error: cannot read the key from stdin: {error}");
+        return ExitCode::FAILURE;
+    }
+    let key = key.trim();
+    let key = match key.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => key,
+    };
+    if key.is_empty() {
+        eprintln!("error: no key on stdin");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", Tenants::fingerprint(key));
+    ExitCode::SUCCESS
+}
+
+enum Job {
+    Export(Export),
+    Import(Import),
+}
+
+fn snapshot_command(job: Result<Job, clap::Error>) -> ExitCode {
+    let job = match job {
+        Ok(job) => job,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = runtime.block_on(async {
+        match job {
+            Job::Export(export) => run_export(export).await,
+            Job::Import(import) => run_import(import).await,
+        }
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("error: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_export(export: Export) -> Result<(), String> {
+    let store = open(&export.store).await?;
+    let entries = store
+        .export()
+        .await
+        .map_err(|error| format!("cannot read {}: {error}", export.store))?;
+    let bytes: usize = entries.iter().map(|entry| entry.value.len()).sum();
+    println!(
+        "read {} entries ({bytes} bytes) from {}",
+        entries.len(),
+        export.store
+    );
+    let encoded = snapshot::encode(&entries);
+    let partial = export.out.with_extension("partial");
+    std::fs::write(&partial, &encoded)
+        .and_then(|()| std::fs::rename(&partial, &export.out))
+        .map_err(|error| format!("cannot write {}: {error}", export.out.display()))?;
+    println!(
+        "wrote {} entries to {} ({} bytes)",
+        entries.len(),
+        export.out.display(),
+        encoded.len()
+    );
+    Ok(())
+}
+
+async fn run_import(import: Import) -> Result<(), String> {
+    let bytes = std::fs::read(&import.input)
+        .map_err(|error| format!("cannot read {}: {error}", import.input.display()))?;
+    // The whole file is checked before the store is touched: nothing half-imported.
+    let entries = snapshot::decode(&bytes)
+        .map_err(|why| format!("{} refused: {why}", import.input.display()))?;
+    let total = entries.len();
+    let entries = snapshot::live(entries);
+    println!(
+        "{}: {total} entries, checksum ok, {} not expired",
+        import.input.display(),
+        entries.len()
+    );
+    let store = open(&import.store).await?;
+    let count = entries.len();
+    store
+        .import(entries)
+        .await
+        .map_err(|error| format!("cannot write {}: {error}", import.store))?;
+    println!("imported {count} entries into {}", import.store);
+    Ok(())
+}
+
+/// The store of record a spec names (no memory tier in front).
+async fn open(spec: &str) -> Result<Arc<dyn Store>, String> {
+    match StoreSpec::parse(spec).map_err(|why| format!("--store {spec}: {why}"))? {
+        StoreSpec::Memory => Err(format!(
+            "--store {spec}: a memory store lives and dies with its process; export and import need disk:PATH or redis://host:port/db"
+        )),
+        #[cfg(feature = "disk")]
+        StoreSpec::Disk(path) => {
+            let store = tokio::task::spawn_blocking(move || {
+                tower_fallback_cache::store::DiskStore::open(path)
+            })
+            .await
+            .map_err(|error| format!("opening {spec} failed: {error}"))?
+            .map_err(|error| format!("cannot open {spec}: {error}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "redis")]
+        StoreSpec::Redis(url) => {
+            let store = tower_fallback_cache::store::RedisStore::connect(&url)
+                .await
+                .map_err(|error| format!("cannot connect to {spec}: {error}"))?;
+            Ok(Arc::new(store))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(format!("--store {spec}: this build has no such store")),
+    }
+}

@@ -104,7 +104,8 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
         metrics["fallback_cache_store_errors_total"] > 0,
         "{metrics:?}"
     );
-    assert_eq!(metrics["fallback_cache_store_healthy"], 0, "{metrics:?}");
+    // The reader's health is not asserted: it follows its latest operation, and reads of
+    // keys on the living nodes succeed between the failed ones.
 
     // The node comes back (empty: the test cluster keeps nothing on disk); storing resumes
     // on every node, its slots included.

@@ -24,8 +24,8 @@ use crate::coalesce::{self, Turn};
 use crate::entry::CachedResponse;
 use crate::key::{CacheKey, KEY_VERSION};
 use crate::partition::{Partition, credential_identity};
-use crate::state::{Mode, Shared};
 use crate::seal::Seal;
+use crate::state::{Mode, Shared};
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{StoreError, log_store_error};
@@ -131,7 +131,9 @@ where
     let mut leader = None;
     if let Mode::CacheFirst { fresh_for } = shared.mode {
         if !cache_control_has(&parts.headers, "no-cache") {
-            if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await {
+            if let Some(hit) =
+                fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+            {
                 return Ok(hit);
             }
             // A follower waits for the leader at most `coalesce_wait` in all; when the
@@ -142,7 +144,9 @@ where
                     Turn::Lead(lead) => {
                         // The previous leader may have stored the answer between our
                         // lookup and our turn.
-                        if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await {
+                        if let Some(hit) =
+                            fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                        {
                             return Ok(hit);
                         }
                         leader = Some(lead);
@@ -157,7 +161,9 @@ where
                             tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
                             break;
                         }
-                        if let Some(hit) = fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await {
+                        if let Some(hit) =
+                            fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                        {
                             Counters::add(&counters.coalesced);
                             return Ok(hit);
                         }
@@ -178,7 +184,9 @@ where
             Counters::add(&counters.suspended);
             let reason = Reason::InsufficientQuota;
             let arrived = coverage.look(&shared, &key, seal.as_ref()).await;
-            if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await {
+            if let Some(served) =
+                fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
+            {
                 return Ok(served);
             }
             Counters::add(&counters.misses);
@@ -236,7 +244,9 @@ where
         Err(error) => {
             let reason = Reason::Unreachable;
             Counters::add(&counters.failures[reason as usize]);
-            if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await {
+            if let Some(served) =
+                fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
+            {
                 return Ok(served);
             }
             tracing::debug!(%key, %reason, "inner service failed; error returned");
@@ -306,7 +316,9 @@ where
     // 6. Fall back.
     if let Some(reason) = reason {
         Counters::add(&counters.failures[reason as usize]);
-        if let Some(served) = fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await {
+        if let Some(served) =
+            fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
+        {
             return Ok(served);
         }
     }
@@ -415,11 +427,7 @@ type Found = Option<(Arc<CachedResponse>, Duration)>;
 /// The answer under `key`, with its age, if it is usable: present, younger than the TTL,
 /// of this key version, opened with its seal if it has one. A store error is counted and
 /// is a miss; so is an entry sealing refuses.
-async fn lookup(
-    shared: &Shared,
-    key: &CacheKey,
-    seal: Option<&Seal>,
-) -> Found {
+async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
     let found = match seal {
         Some(seal) => shared.store.get_sealed(key, seal).await,
         None => shared.store.get(key).await,
@@ -576,7 +584,12 @@ impl Coverage {
 
     /// The lookup of a request not counted yet, counted; `None` when it was counted
     /// already (or coverage is off) and nothing was looked up.
-    async fn look(&mut self, shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Option<Found> {
+    async fn look(
+        &mut self,
+        shared: &Shared,
+        key: &CacheKey,
+        seal: Option<&Seal>,
+    ) -> Option<Found> {
         if !self.pending {
             return None;
         }

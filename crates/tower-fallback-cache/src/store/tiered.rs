@@ -9,8 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::store::DEFAULT_TTL;
 use crate::seal::Seal;
+use crate::store::DEFAULT_TTL;
 
 /// How many bytes of answers may wait for the back store by default: 64 MiB.
 pub const DEFAULT_BACK_QUEUE_BYTES: u64 = 64 * 1024 * 1024;

@@ -54,12 +54,15 @@ async fn a_failing_store_on_the_put_and_get_paths_is_counted_and_requests_are_se
         assert_eq!(body, answer(i));
     }
     assert_eq!(store.puts.load(Ordering::SeqCst), 3);
+    // Each MISS also looked its key up (coverage, beside the upstream call): 3 gets, 3 puts.
+    assert_eq!(store.gets.load(Ordering::SeqCst), 3);
     let stats = layer.stats().snapshot();
-    assert_eq!((stats.stored, stats.store_errors), (0, 3), "{stats:?}");
+    assert_eq!((stats.stored, stats.store_errors), (0, 6), "{stats:?}");
 
     upstream.set_out_of_quota(true);
     let (status, headers, body) = send(&service, 0).await;
-    assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+    // One lookup: the fallback uses what the coverage lookup found.
+    assert_eq!(store.gets.load(Ordering::SeqCst), 4);
     assert_eq!((status.as_u16(), marked(&headers)), (429, "MISS"));
     assert_eq!(headers["x-fallback-cache-reason"], "insufficient_quota");
     assert_eq!(body, QUOTA_ERROR, "the upstream's own error, unchanged");
@@ -70,7 +73,7 @@ async fn a_failing_store_on_the_put_and_get_paths_is_counted_and_requests_are_se
             stats.fallback_misses,
             stats.corrupt_entries
         ),
-        (4, 1, 0)
+        (7, 1, 0)
     );
 }
 

@@ -226,8 +226,8 @@ where
     parts
         .headers
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    // The coverage lookup runs beside the call (the call is polled first), adding nothing
-    // to its latency.
+    // The coverage lookup runs beside the call (the call is polled first) and is given up
+    // if the call ends first, adding nothing to its latency.
     let call = async {
         match poll_fn(|cx| inner.poll_ready(cx)).await {
             Ok(()) => {
@@ -238,7 +238,8 @@ where
             Err(error) => Err(error),
         }
     };
-    let (called, arrived) = join(call, coverage.look(&shared, &key, seal.as_ref())).await;
+    let (called, arrived) = beside(call, coverage.look(&shared, &key, seal.as_ref())).await;
+    let arrived = arrived.flatten();
     let response = match called {
         Ok(response) => response,
         Err(error) => {
@@ -403,7 +404,9 @@ async fn fall_back<B: Body>(
             let age = entry.age();
             (age <= shared.ttl).then_some((entry, age))
         }
-        _ => lookup(shared, &key, seal).await,
+        // The coverage lookup found nothing usable (or failed, counted once): not asked again.
+        Some(None) => None,
+        None => lookup(shared, &key, seal).await,
     };
     match found.filter(|(_, age)| controls.accepts(*age)) {
         Some((entry, age)) => {
@@ -673,27 +676,22 @@ fn not_cached<B: Body>(key: CacheKey) -> Response<ResponseBody<B>> {
     Response::from_parts(parts, body)
 }
 
-/// Runs both futures at once in this task, `a` polled first; both outputs.
-async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+/// Runs `b` beside `a` in this task, `a` polled first, until `a` is done: `a`'s output, and
+/// `b`'s if it was done by then. `b` never delays `a`: a store that is slow to answer the
+/// coverage lookup costs the request that count, not time.
+async fn beside<A: Future, B: Future>(a: A, b: B) -> (A::Output, Option<B::Output>) {
     let (mut a, mut b) = (pin!(a), pin!(b));
-    let (mut out_a, mut out_b) = (None, None);
+    let mut out_b = None;
     poll_fn(|cx| {
-        if out_a.is_none() {
-            if let Poll::Ready(value) = a.as_mut().poll(cx) {
-                out_a = Some(value);
-            }
-        }
+        let done = a.as_mut().poll(cx);
         if out_b.is_none() {
             if let Poll::Ready(value) = b.as_mut().poll(cx) {
                 out_b = Some(value);
             }
         }
-        match (out_a.take(), out_b.take()) {
-            (Some(a), Some(b)) => Poll::Ready((a, b)),
-            (a, b) => {
-                (out_a, out_b) = (a, b);
-                Poll::Pending
-            }
+        match done {
+            Poll::Ready(value) => Poll::Ready((value, out_b.take())),
+            Poll::Pending => Poll::Pending,
         }
     })
     .await

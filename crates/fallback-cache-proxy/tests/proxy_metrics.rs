@@ -352,7 +352,7 @@ async fn each_request_is_timed_under_its_cache_status_and_each_store_operation_b
     // Every upstream call timed once: the mock saw as many as were observed.
     assert_eq!(
         samples["fallback_cache_upstream_duration_seconds_count"],
-        u64::try_from(mock.control().calls()).expect("a count"),
+        mock.control().calls(),
         "{page}"
     );
     assert!(samples["fallback_cache_upstream_duration_seconds_count"] >= 5);

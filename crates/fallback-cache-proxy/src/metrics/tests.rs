@@ -162,7 +162,7 @@ async fn store_operations_are_timed_and_failures_counted_by_store_and_operation(
         vec![bytes::Bytes::from_static(b"{}")],
     ));
     store
-        .put(key.clone(), entry, Duration::from_secs(60))
+        .put(key, entry, Duration::from_secs(60))
         .await
         .expect("put");
     assert!(store.remove(&key).await.is_err());

@@ -3,7 +3,6 @@
 //! 502 in OpenAI's error shape.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -18,30 +17,28 @@ use tower_fallback_cache::reqwest::ReqwestService;
 use crate::target;
 use tower_fallback_cache::store::Store;
 use tower_fallback_cache::{
-    CacheStatus, FallbackCache, Reason, Stats, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
+    CacheStatus, FallbackCache, Reason, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
 };
 
 use crate::client_body::{ClientBody, ClientFault};
 use crate::conn::Conns;
+use crate::metrics::{Metrics, TimedUpstream};
 
 /// What every request handler shares.
 #[derive(Debug)]
 pub(crate) struct Proxy {
-    pub(crate) service: FallbackCache<ReqwestService>,
-    pub(crate) stats: Stats,
+    pub(crate) service: FallbackCache<TimedUpstream<ReqwestService>>,
     pub(crate) store: Arc<dyn Store>,
     /// The upstream base URL, for error messages.
     pub(crate) upstream: String,
-    /// Requests answered 502.
-    pub(crate) bad_gateway: AtomicU64,
+    /// The `/metrics` registry, with the counts and times the proxy keeps itself.
+    pub(crate) metrics: Metrics,
     /// When a FALLBACK was last logged at info level.
     pub(crate) fallback_logged: Throttle,
     /// When an unreachable upstream was last logged at warn level.
     pub(crate) unreachable_logged: Throttle,
     /// The longest a request body may stall between two chunks.
     pub(crate) body_timeout: Duration,
-    /// Requests whose body failed on the client's side, answered 4xx.
-    pub(crate) client_faults: AtomicU64,
     /// When a client's fault was last logged at info level.
     pub(crate) client_fault_logged: Throttle,
     /// The open client connections.
@@ -51,9 +48,19 @@ pub(crate) struct Proxy {
 /// The log throttle of the FALLBACK and unreachable-upstream lines (the library's).
 pub(crate) use tower_fallback_cache::LogThrottle as Throttle;
 
-/// Forwards any request to the upstream through the cache.
+/// Forwards any request to the upstream through the cache, and observes the time to its
+/// response head by the cache status it was answered with.
 pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     let started = Instant::now();
+    let response = answer(&proxy, request, started).await;
+    proxy.metrics.observe_request(
+        response.extensions().get::<CacheStatus>().copied(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
     // The path alone is logged: a query may carry a key (Gemini's `?key=`).
@@ -113,7 +120,7 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
             Response::from_parts(parts, Body::new(body))
         }
         Err(Err(fault)) => {
-            proxy.client_faults.fetch_add(1, Ordering::Relaxed);
+            proxy.metrics.client_faults.inc();
             if proxy.client_fault_logged.first_in_a_while() {
                 tracing::info!(
                     "{method} {path}: client fault, answered {}: {fault} (more within {}s: at debug level)",
@@ -126,7 +133,7 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
             client_fault(&fault)
         }
         Err(Ok(error)) => {
-            proxy.bad_gateway.fetch_add(1, Ordering::Relaxed);
+            proxy.metrics.bad_gateway.inc();
             let cause = describe(&error);
             if proxy.unreachable_logged.first_in_a_while() {
                 tracing::warn!(

@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -30,7 +29,7 @@ use crate::config::Config;
 use crate::conn::{Admission, BusyBody, Conn, Conns, Timeouts, Watched};
 use crate::error::ProxyError;
 use crate::forward::{Proxy, Throttle, forward};
-use crate::metrics::{self, ProxyCounts};
+use crate::metrics::{self, Metrics};
 use crate::parse::StoreSpec;
 use crate::store;
 
@@ -39,7 +38,8 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
     for ignored in &config.ignored {
         tracing::warn!("ignored: {ignored}");
     }
-    let store = store::open(&config).await?;
+    let mut metrics = Metrics::new();
+    let store = store::open(&config, metrics.stores()).await?;
     let client = reqwest::Client::builder()
         .connect_timeout(config.upstream_timeout)
         .read_timeout(config.upstream_timeout)
@@ -77,18 +77,18 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         None => layer,
     }
     .build();
+    let conns = Arc::new(Conns::new(config.max_connections));
+    metrics.read_layer(layer.stats(), store.clone(), conns.clone());
     let proxy = Arc::new(Proxy {
-        service: layer.layer(upstream),
-        stats: layer.stats(),
+        service: layer.layer(metrics.time_upstream(upstream)),
         store: store.clone(),
         upstream: config.upstream.clone(),
-        bad_gateway: AtomicU64::new(0),
+        metrics,
         fallback_logged: Throttle::default(),
         unreachable_logged: Throttle::default(),
         body_timeout: config.body_timeout,
-        client_faults: AtomicU64::new(0),
         client_fault_logged: Throttle::default(),
-        conns: Arc::new(Conns::new(config.max_connections)),
+        conns,
     });
 
     if let Some(admin) = &config.admin {
@@ -189,16 +189,7 @@ async fn healthz(State(proxy): State<Arc<Proxy>>) -> String {
 }
 
 async fn metrics_page(State(proxy): State<Arc<Proxy>>) -> Response {
-    let page = metrics::render(
-        &proxy.stats.snapshot(),
-        proxy.store.usage(),
-        proxy.store.health().is_healthy(),
-        ProxyCounts {
-            bad_gateway: proxy.bad_gateway.load(Ordering::Relaxed),
-            client_faults: proxy.client_faults.load(Ordering::Relaxed),
-            connections: proxy.conns.open() as u64,
-        },
-    );
+    let page = proxy.metrics.render();
     ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response()
 }
 

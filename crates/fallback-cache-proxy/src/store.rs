@@ -8,6 +8,7 @@ use tower_fallback_cache::store::{MemoryStore, Tiered};
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::metrics::StoreMetrics;
 use crate::parse::{REDIS_SCHEMES, StoreSpec, redact};
 
 /// The memory the proxy lets each of its write queues and redb's page cache hold: a
@@ -19,8 +20,12 @@ pub(crate) fn queue_bound(max_memory: u64) -> u64 {
 }
 
 /// Opens the store the configuration names. A disk or Redis store gets a memory store of
-/// `--max-memory` in front, so that hot answers are served without I/O.
-pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> {
+/// `--max-memory` in front, so that hot answers are served without I/O. Each tier's
+/// operations are timed and counted in `metrics`, under its kind.
+pub(crate) async fn open(
+    config: &Config,
+    metrics: &StoreMetrics,
+) -> Result<Arc<dyn Store>, ProxyError> {
     let setting = match config.store {
         StoreSpec::Redis(_) => redact_setting(&config.store_setting),
         _ => config.store_setting.clone(),
@@ -29,19 +34,19 @@ pub(crate) async fn open(config: &Config) -> Result<Arc<dyn Store>, ProxyError> 
         setting: setting.clone(),
         why,
     };
-    let front = MemoryStore::new(config.max_memory);
+    let front = metrics.measure("memory", MemoryStore::new(config.max_memory));
     match &config.store {
         StoreSpec::Memory => Ok(Arc::new(front)),
         StoreSpec::Disk(path) => {
             check_directory(path).map_err(fail)?;
             let back = disk::open(path.clone(), config).await.map_err(fail)?;
-            Ok(tiered(front, back, config))
+            Ok(tiered(front, metrics.measure("disk", back), config))
         }
         StoreSpec::Redis(url) => {
             let back = redis::open(url, config.redis_ca_file.as_deref())
                 .await
                 .map_err(fail)?;
-            Ok(tiered(front, back, config))
+            Ok(tiered(front, metrics.measure("redis", back), config))
         }
     }
 }
@@ -81,7 +86,7 @@ fn check_directory(path: &Path) -> Result<(), String> {
 /// `--max-memory` of hot answers in front of the store of record, which is written behind
 /// it on a queue bounded by [`queue_bound`]. An answer read from the back is kept in front
 /// at most as long as any answer is served.
-fn tiered(front: MemoryStore, back: Arc<dyn Store>, config: &Config) -> Arc<dyn Store> {
+fn tiered(front: impl Store, back: impl Store, config: &Config) -> Arc<dyn Store> {
     Arc::new(
         Tiered::new(front, back)
             .fill_ttl(config.ttl)

@@ -109,6 +109,16 @@ async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
     .await;
     assert_eq!(probe.status(), 504);
     assert_eq!(mock.control().calls(), calls);
+    // A hit: a stored answer, asked for without calling the upstream.
+    let hit = chat(
+        &proxy,
+        "/v1/chat/completions",
+        "second",
+        Some("only-if-cached"),
+    )
+    .await;
+    assert_eq!(cache_status(&hit), "HIT");
+    hit.text().await.expect("a body");
     // A bypass.
     let models = chat(&proxy, "/v1/chat/completions", "not kept", Some("no-store")).await;
     assert_eq!(cache_status(&models), "BYPASS");
@@ -130,10 +140,10 @@ async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
     promtool_check(&page);
 
     let samples = common::metrics(proxy.url()).await;
-    // Covered: the second "first", the FALLBACK's "second". Uncovered: first, second,
-    // third, the probe, fourth.
+    // Covered: the second "first", the HIT, the FALLBACK's "second". Uncovered: first,
+    // second, third, the probe, fourth.
     assert_eq!(
-        samples["fallback_cache_covered_requests_total"], 2,
+        samples["fallback_cache_covered_requests_total"], 3,
         "{page}"
     );
     assert_eq!(
@@ -141,9 +151,29 @@ async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
         "{page}"
     );
     assert_eq!(
-        samples["fallback_cache_covered_answer_age_seconds_count"], 2,
+        samples["fallback_cache_covered_answer_age_seconds_count"], 3,
         "{page}"
     );
+    // The families measured in the proxy are on the page, with every status seen.
+    for family in [
+        "fallback_cache_request_duration_seconds",
+        "fallback_cache_upstream_duration_seconds",
+        "fallback_cache_store_operation_duration_seconds",
+    ] {
+        assert!(
+            page.contains(&format!("# TYPE {family} histogram\n")),
+            "{family}:\n{page}"
+        );
+    }
+    for status in ["MISS", "HIT", "FALLBACK", "BYPASS"] {
+        assert!(
+            samples
+                [&format!("fallback_cache_request_duration_seconds_count{{status=\"{status}\"}}")]
+                > 0,
+            "{status}:\n{page}"
+        );
+    }
+    assert!(page.contains("# TYPE fallback_cache_store_operation_errors_total counter\n"));
     assert_eq!(
         samples["fallback_cache_fallback_answer_age_seconds_count"], 1,
         "{page}"
@@ -188,4 +218,170 @@ async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
         queried += 1;
     }
     assert!(queried > 10, "{queried}");
+}
+
+/// The samples of `family` (a histogram's `_count`, a counter) by the value of `label`.
+fn by_label(
+    samples: &std::collections::HashMap<String, u64>,
+    family: &str,
+    label: &str,
+) -> std::collections::BTreeMap<String, u64> {
+    samples
+        .iter()
+        .filter_map(|(name, &value)| {
+            let labels = name.strip_prefix(family)?.strip_prefix('{')?;
+            let start = labels.find(&format!("{label}=\""))? + label.len() + 2;
+            let end = start + labels[start..].find('"')?;
+            Some((labels[start..end].to_owned(), value))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_timed_under_its_cache_status_and_each_store_operation_by_store() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = format!("disk:{}", dir.path().join("answers.redb").display());
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &store]);
+
+    // 3 MISS (stored), 2 HIT, 1 MISS (504: nothing stored), 1 BYPASS, then without quota
+    // 1 FALLBACK and 1 MISS with nothing to fall back on; and one request the proxy refuses
+    // itself (an encoded slash), without a cache status.
+    for prompt in ["one", "two", "three"] {
+        let response = chat(&proxy, "/v1/chat/completions", prompt, None).await;
+        assert_eq!(cache_status(&response), "MISS");
+        response.text().await.expect("a body");
+    }
+    for prompt in ["one", "two"] {
+        let response = chat(
+            &proxy,
+            "/v1/chat/completions",
+            prompt,
+            Some("only-if-cached"),
+        )
+        .await;
+        assert_eq!(cache_status(&response), "HIT");
+        response.text().await.expect("a body");
+    }
+    let probe = chat(
+        &proxy,
+        "/v1/chat/completions",
+        "four",
+        Some("only-if-cached"),
+    )
+    .await;
+    assert_eq!(probe.status(), 504);
+    let bypass = chat(&proxy, "/v1/chat/completions", "five", Some("no-store")).await;
+    assert_eq!(cache_status(&bypass), "BYPASS");
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let fallback = chat(&proxy, "/v1/chat/completions", "three", None).await;
+    assert_eq!(cache_status(&fallback), "FALLBACK");
+    fallback.text().await.expect("a body");
+    let failed = chat(&proxy, "/v1/chat/completions", "six", None).await;
+    assert_eq!(failed.status(), 429);
+    let refused = chat(
+        &proxy,
+        "/v1%2Fchat/completions?key=secret-query",
+        "seven",
+        None,
+    )
+    .await;
+    assert_eq!(refused.status(), 400);
+    assert!(refused.headers().get("x-fallback-cache").is_none());
+
+    // The disk writes go behind the memory tier: wait until the three are done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let samples = loop {
+        let samples = common::metrics(proxy.url()).await;
+        let puts = by_label(
+            &samples,
+            "fallback_cache_store_operation_duration_seconds_count",
+            "store",
+        );
+        let disk_puts = samples
+            .get("fallback_cache_store_operation_duration_seconds_count{store=\"disk\",op=\"put\"}")
+            .copied();
+        if disk_puts == Some(3) || std::time::Instant::now() > deadline {
+            assert!(
+                puts.contains_key("memory") && puts.contains_key("disk"),
+                "{puts:?}"
+            );
+            break samples;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let page = reqwest::get(format!("{}/metrics", proxy.url()))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the page");
+    promtool_check(&page);
+
+    let timed = by_label(
+        &samples,
+        "fallback_cache_request_duration_seconds_count",
+        "status",
+    );
+    let expected = [
+        ("BYPASS", 1),
+        ("FALLBACK", 1),
+        ("HIT", 2),
+        ("MISS", 5),
+        ("none", 1),
+    ];
+    assert_eq!(
+        timed,
+        expected
+            .iter()
+            .map(|&(status, count)| (status.to_owned(), count))
+            .collect(),
+        "{page}"
+    );
+    // The same requests the layer counted, status by status.
+    for (status, count) in &timed {
+        if status != "none" {
+            assert_eq!(
+                samples[&format!("fallback_cache_requests_total{{status=\"{status}\"}}")],
+                *count,
+                "{status}"
+            );
+        }
+    }
+    // Every upstream call timed once: the mock saw as many as were observed.
+    assert_eq!(
+        samples["fallback_cache_upstream_duration_seconds_count"],
+        mock.control().calls(),
+        "{page}"
+    );
+    assert!(samples["fallback_cache_upstream_duration_seconds_count"] >= 5);
+    // The store: every tier's operations timed under its own name, none failed.
+    let key = |store: &str, op: &str| format!("{{store=\"{store}\",op=\"{op}\"}}");
+    let count = |store: &str, op: &str| {
+        samples[&format!(
+            "fallback_cache_store_operation_duration_seconds_count{}",
+            key(store, op)
+        )]
+    };
+    assert_eq!(count("disk", "put"), 3, "{page}");
+    assert_eq!(count("memory", "put"), 3, "{page}");
+    assert!(count("memory", "get") >= 8, "{page}");
+    assert!(count("disk", "get") >= 1, "{page}");
+    assert_eq!(count("memory", "delete"), 0, "{page}");
+    for (store, errors) in by_label(
+        &samples,
+        "fallback_cache_store_operation_errors_total",
+        "store",
+    ) {
+        assert_eq!(errors, 0, "{store}: {page}");
+    }
+    assert!(!page.contains("store=\"redis\""), "{page}");
+    // No label value but the fixed ones.
+    for line in page.lines().filter(|line| !line.starts_with('#')) {
+        assert!(!line.contains(common::API_KEY), "a credential in {line}");
+        assert!(!line.contains("secret-query"), "a query in {line}");
+        assert!(!line.contains("/v1"), "a path in {line}");
+        assert!(!line.contains("answers.redb"), "a file in {line}");
+    }
 }

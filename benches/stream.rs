@@ -6,7 +6,8 @@
 //!
 //! For a count that does not move with the machine's load, `STREAM_BENCH_CAPTURES=N` runs
 //! the case without capture N times, then the capture case N times, outside criterion, to
-//! be measured with `valgrind --tool=callgrind`; see BENCHMARKS.md.
+//! be measured with `valgrind --tool=callgrind` (`STREAM_BENCH_SIDE=with` or `without`:
+//! one side only); see BENCHMARKS.md.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -113,26 +114,33 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// `STREAM_BENCH_CAPTURES=N`: N streams without capture, then N with it, and nothing else.
+/// `STREAM_BENCH_CAPTURES=N`: N streams without capture, then N with it, and nothing else
+/// (`STREAM_BENCH_SIDE=without` or `with`: only that side).
 fn fixed_count(count: usize) {
+    let side = std::env::var("STREAM_BENCH_SIDE").unwrap_or_default();
+    let (without_count, with_count) = match side.as_str() {
+        "without" => (count, 0),
+        "with" => (0, count),
+        _ => (count, count),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
     let events = events();
     runtime.block_on(async {
         let without = FallbackCacheLayer::new().layer(upstream(events.clone(), true));
-        for _ in 0..count {
+        for _ in 0..without_count {
             let response = without.clone().oneshot(request()).await.expect("answers");
             response.into_body().collect().await.expect("reads");
         }
         let layer = FallbackCacheLayer::new();
         let with = layer.layer(upstream(events.clone(), false));
-        for _ in 0..count {
+        for _ in 0..with_count {
             let response = with.clone().oneshot(request()).await.expect("answers");
             response.into_body().collect().await.expect("reads");
         }
         assert!(
-            count == 0 || layer.stats().snapshot().stored > 0,
+            with_count == 0 || layer.stats().snapshot().stored > 0,
             "the stream was stored"
         );
     });

@@ -114,6 +114,10 @@ fn single_line(line: &[u8]) -> Option<Event<'_>> {
     if line.first() == Some(&b':') {
         return None;
     }
+    // The common event, `data: {...}`, without a search for its colon.
+    if let Some(value) = line.strip_prefix(b"data:") {
+        return Some(Event::new(None, value.strip_prefix(b" ").unwrap_or(value)));
+    }
     let (field, value) = match memchr::memchr(b':', line) {
         Some(colon) => {
             let value = &line[colon + 1..];
@@ -152,7 +156,9 @@ impl EventSplitter {
             // The common case, a frame of whole events: they are cut out of the frame
             // itself, without a copy.
             let mut start = 0;
-            while let Some((end, first_line_end)) = event_end(chunk, start) {
+            while start < chunk.len()
+                && let Some((end, first_line_end)) = event_end(chunk, start)
+            {
                 if !event(chunk.slice(start..end), Some(first_line_end - start)) {
                     return false;
                 }
@@ -189,17 +195,14 @@ impl EventSplitter {
 /// line ending seen from `from` starts. `None` if there is none yet, or if the bytes end in
 /// a CR that may be the first half of a CRLF.
 fn event_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
-    let tail = bytes.get(from..)?;
+    let mut at = from;
     let mut first = None;
-    for at in memchr::memchr2_iter(b'\r', b'\n', tail) {
-        let i = from + at;
+    loop {
+        let i = at + memchr::memchr2(b'\n', b'\r', bytes.get(at..)?)?;
         let first = *first.get_or_insert(i);
         // The line ending at `i` ends just before `next`.
         let next = match (bytes[i], bytes.get(i + 1)) {
-            (b'\r', Some(b'\n')) => {
-                // CRLF: the LF is the next match and ends the line.
-                continue;
-            }
+            (b'\r', Some(b'\n')) => i + 2,
             (b'\r', None) => return None,
             _ => i + 1,
         };
@@ -209,10 +212,9 @@ fn event_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
             (Some(b'\r'), Some(b'\n')) => return Some((next + 2, first)),
             (Some(b'\r'), None) => return None,
             (Some(b'\r'), Some(_)) => return Some((next + 1, first)),
-            _ => {}
+            _ => at = next,
         }
     }
-    None
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! [`CacheKey`]: what identifies one request, and [`KeyRules`]: which parts of it count.
 
 mod canonical;
+mod memo;
 mod scan;
+
+pub(crate) use memo::{KeyMemo, Memo};
 
 use std::fmt;
 use std::str::FromStr;

@@ -273,7 +273,9 @@ impl FallbackCacheBuilder {
     }
 
     /// How many recent request bodies, and how many bytes of them, the key memo keeps
-    /// (default: 1024 bodies, 8 MiB; either at 0 turns it off).
+    /// (default: 1024 bodies, 8 MiB; either at 0 turns it off). The memo is split in eight
+    /// shards, each with an eighth of both bounds: a body over an eighth of `max_bytes` is
+    /// never kept. The bodies are kept in memory only, never in a store.
     ///
     /// A request whose body was sent before in its partition gets the body's part of its
     /// key from the memo, without parsing and hashing the body again. An entry is found by a

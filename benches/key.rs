@@ -8,11 +8,16 @@
 //! ```
 //!
 //! Target (DESIGN.md): the key of a 16 KiB request at 1.5x the throughput of the parse.
+//!
+//! For counts that do not move with the machine's load, `KEY_BENCH_LOOPS=N` runs each
+//! function N times on each size, outside criterion, and nothing else
+//! (`KEY_BENCH_ONLY=key|serde|blake3` and `KEY_BENCH_LEN=<bytes>` narrow it to one function
+//! and one size), to be measured with `valgrind --tool=callgrind`; see BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use fallback_cache_test_support::workload::chat_request;
 use tower_fallback_cache::{KeyRules, PartitionId};
 
@@ -73,5 +78,53 @@ fn key(c: &mut Criterion) {
     }
 }
 
+/// `KEY_BENCH_LOOPS=N`: each function N times on each size, and nothing else.
+fn fixed_count(count: usize) {
+    let only = std::env::var("KEY_BENCH_ONLY").ok();
+    let len: Option<usize> = std::env::var("KEY_BENCH_LEN")
+        .ok()
+        .map(|len| len.parse().expect("KEY_BENCH_LEN: a length in bytes"));
+    let runs = |name: &str| only.as_deref().is_none_or(|only| only == name);
+    let rules = KeyRules::default();
+    let partition = PartitionId::derive(b"Bearer sk-bench");
+    let (parts, ()) = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(())
+        .expect("a valid request")
+        .into_parts();
+    for size in [1024, 16 * 1024, 256 * 1024] {
+        if len.is_some_and(|len| len != size) {
+            continue;
+        }
+        let body = chat_request(size);
+        if runs("key") {
+            for _ in 0..count {
+                black_box(rules.key(&partition, &parts, black_box(&body)));
+            }
+        }
+        if runs("serde") {
+            for _ in 0..count {
+                black_box(
+                    serde_json::from_slice::<serde_json::Value>(black_box(&body)).expect("valid"),
+                );
+            }
+        }
+        if runs("blake3") {
+            for _ in 0..count {
+                black_box(blake3::hash(black_box(&body)));
+            }
+        }
+    }
+}
+
 criterion_group!(benches, key);
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("KEY_BENCH_LOOPS") {
+        Ok(count) => fixed_count(count.parse().expect("KEY_BENCH_LOOPS: a count")),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}

@@ -11,6 +11,7 @@ use bytes::Buf;
 use http::header::{
     ACCEPT_ENCODING, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, DATE, RETRY_AFTER,
 };
+use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
@@ -22,8 +23,8 @@ use crate::breaker::Admission;
 use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
 use crate::entry::CachedResponse;
-use crate::key::{CacheKey, KEY_VERSION};
-use crate::partition::{Partition, credential_identity};
+use crate::key::{CacheKey, KEY_VERSION, Memo};
+use crate::partition::{Partition, PartitionId, credential_identity};
 use crate::seal::Seal;
 use crate::state::{Mode, Shared};
 use crate::stats::Counters;
@@ -90,7 +91,7 @@ where
         .as_ref()
         .and_then(|tenants| tenants.of(&parts));
     let partition = tenant.unwrap_or_else(|| shared.partition.of(&parts));
-    let key = shared.key_rules.key(&partition, &parts, &bytes);
+    let key = key_of(&shared, &partition, &parts, &bytes);
     // The breaker follows the credential the upstream judges, not the answer partition
     // (by default they are one and the same hash).
     let credential = match (tenant, &shared.partition) {
@@ -356,6 +357,19 @@ async fn fresh_hit<B: Body>(
     Counters::add(&shared.stats.counters().hits);
     tracing::debug!(%key, "HIT");
     Some(replay(entry, age, CacheStatus::Hit, key, None))
+}
+
+/// The key of a request, its body's part from the key memo when the body was sent before.
+fn key_of(shared: &Shared, partition: &PartitionId, parts: &Parts, body: &[u8]) -> CacheKey {
+    let (digest, memo) = shared
+        .key_memo
+        .body_digest(&shared.key_rules, partition, body);
+    match memo {
+        Memo::Hit => Counters::add(&shared.stats.counters().key_memo_hits),
+        Memo::Miss => Counters::add(&shared.stats.counters().key_memo_misses),
+        Memo::Off => {}
+    }
+    shared.key_rules.key_of_digest(partition, parts, &digest)
 }
 
 /// Forwards a request that is not keyed, and marks the answer `BYPASS`.

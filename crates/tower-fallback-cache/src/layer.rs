@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use crate::breaker::{Breaker, QuotaBreaker};
 use crate::cacheable::Cacheable;
 use crate::classify::{Classify, ProviderClassifier, Reason};
-use crate::key::KeyRules;
+use crate::key::{KeyMemo, KeyRules};
 use crate::partition::Partition;
 use crate::protocol::{Protocol, Protocols};
 use crate::seal::Sealing;
@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BODY: usize = 8 * 1024 * 1024;
 /// The default longest wait of a cache-first request for an identical request's call: 30 s.
 pub const DEFAULT_COALESCE_WAIT: Duration = Duration::from_secs(30);
+/// Request bodies the key memo keeps by default ([`FallbackCacheBuilder::key_memo`]).
+const DEFAULT_KEY_MEMO_ENTRIES: usize = 1024;
+/// Bytes of request bodies the key memo keeps by default.
+const DEFAULT_KEY_MEMO_BYTES: usize = 8 * 1024 * 1024;
 
 /// A [`Layer`] that keeps every successful answer and serves the last good one when the
 /// upstream says the quota is gone.
@@ -121,6 +125,7 @@ pub struct FallbackCacheBuilder {
     store: Option<Arc<dyn Store>>,
     cacheable: Cacheable,
     key_rules: KeyRules,
+    key_memo: (usize, usize),
     partition: Partition,
     classifier: Arc<dyn Classify>,
     protocols: Protocols,
@@ -142,6 +147,7 @@ impl Default for FallbackCacheBuilder {
             store: None,
             cacheable: Cacheable::default(),
             key_rules: KeyRules::default(),
+            key_memo: (DEFAULT_KEY_MEMO_ENTRIES, DEFAULT_KEY_MEMO_BYTES),
             partition: Partition::default(),
             classifier: Arc::new(ProviderClassifier),
             protocols: Protocols::builtin(),
@@ -266,6 +272,22 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// How many recent request bodies, and how many bytes of them, the key memo keeps
+    /// (default: 1024 bodies, 8 MiB; either at 0 turns it off). The memo is split in eight
+    /// shards, each with an eighth of both bounds: a body over an eighth of `max_bytes` is
+    /// never kept. The bodies are kept in memory only, never in a store.
+    ///
+    /// A request whose body was sent before in its partition gets the body's part of its
+    /// key from the memo, without parsing and hashing the body again. An entry is found by a
+    /// hash seeded per process and confirmed by comparing the whole body, so the memo never
+    /// gives a request another's key; a request only finds bodies of its own partition.
+    /// Counted in [`StatsSnapshot::key_memo_hits`](crate::StatsSnapshot::key_memo_hits)
+    /// and `key_memo_misses`.
+    pub fn key_memo(mut self, max_entries: usize, max_bytes: usize) -> Self {
+        self.key_memo = (max_entries, max_bytes);
+        self
+    }
+
     /// Whether each keyed request is counted as covered or uncovered (default on): see
     /// [`StatsSnapshot::covered`](crate::StatsSnapshot::covered). In fallback mode this
     /// is one store lookup per request, made while the upstream call is under way.
@@ -304,6 +326,7 @@ impl FallbackCacheBuilder {
                 store,
                 cacheable: self.cacheable,
                 key_rules: self.key_rules,
+                key_memo: KeyMemo::new(self.key_memo.0, self.key_memo.1),
                 partition: self.partition,
                 classifier: self.classifier,
                 protocols: self.protocols,

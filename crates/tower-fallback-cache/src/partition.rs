@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 
+use http::HeaderName;
 use http::request::Parts;
 
 const PARTITION_CONTEXT: &str = "fallback-cache partition v1";
@@ -116,8 +117,15 @@ fn credential_partition(parts: &Parts) -> PartitionId {
             hasher.update(bytes);
         }
     };
-    for name in CREDENTIAL_HEADERS {
-        for value in parts.headers.get_all(name) {
+    // As header names, not strings: a string is parsed into a name at every lookup.
+    const NAMES: [HeaderName; CREDENTIAL_HEADERS.len()] = [
+        http::header::AUTHORIZATION,
+        HeaderName::from_static(CREDENTIAL_HEADERS[1]),
+        HeaderName::from_static(CREDENTIAL_HEADERS[2]),
+        HeaderName::from_static(CREDENTIAL_HEADERS[3]),
+    ];
+    for (name, header) in CREDENTIAL_HEADERS.into_iter().zip(&NAMES) {
+        for value in parts.headers.get_all(header) {
             add(name.as_bytes(), value.as_bytes());
         }
     }

@@ -9,7 +9,7 @@ use crate::breaker::Breaker;
 use crate::cacheable::Cacheable;
 use crate::classify::{Classify, Reason};
 use crate::coalesce::InFlight;
-use crate::key::KeyRules;
+use crate::key::{KeyMemo, KeyRules};
 use crate::partition::Partition;
 use crate::protocol::Protocols;
 use crate::seal::Sealing;
@@ -47,6 +47,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) cacheable: Cacheable,
     pub(crate) key_rules: KeyRules,
+    pub(crate) key_memo: KeyMemo,
     pub(crate) partition: Partition,
     pub(crate) classifier: Arc<dyn Classify>,
     pub(crate) protocols: Protocols,

@@ -41,6 +41,8 @@ pub(crate) struct Counters {
     pub(crate) coalesced: AtomicU64,
     pub(crate) covered: AtomicU64,
     pub(crate) uncovered: AtomicU64,
+    pub(crate) key_memo_hits: AtomicU64,
+    pub(crate) key_memo_misses: AtomicU64,
     pub(crate) covered_age: AgeCounters,
     pub(crate) fallback_age: AgeCounters,
 }
@@ -154,6 +156,13 @@ pub struct StatsSnapshot {
     pub covered: u64,
     /// Keyed requests that arrived with nothing usable stored for them.
     pub uncovered: u64,
+    /// Keyed requests whose body was found in the key memo (sent before in the same
+    /// partition): their key was derived without parsing the body again. See
+    /// [`FallbackCacheBuilder::key_memo`](crate::FallbackCacheBuilder::key_memo).
+    pub key_memo_hits: u64,
+    /// Keyed requests whose body was not in the key memo (it is on and the body within its
+    /// bounds): parsed, hashed and remembered.
+    pub key_memo_misses: u64,
     /// The age of the answer that covered each covered request.
     pub covered_age: AgeHistogram,
     /// The age of each answer served as `FALLBACK`.
@@ -197,6 +206,8 @@ impl Stats {
             coalesced: load(&c.coalesced),
             covered: load(&c.covered),
             uncovered: load(&c.uncovered),
+            key_memo_hits: load(&c.key_memo_hits),
+            key_memo_misses: load(&c.key_memo_misses),
             covered_age: c.covered_age.snapshot(),
             fallback_age: c.fallback_age.snapshot(),
         }

@@ -749,3 +749,60 @@ async fn stats_count_each_decision() {
     assert_eq!(stats.hits, 0);
     assert_eq!(stats.store_errors, 0);
 }
+
+#[tokio::test]
+async fn a_body_sent_again_is_keyed_from_the_memo_alike_and_only_in_its_partition() {
+    let (upstream, calls) = scripted(vec![ok_completion, quota]);
+    let layer = FallbackCacheLayer::new();
+    let service = layer.clone().layer(upstream);
+    let (direct, _) = scripted(vec![ok_completion]);
+    let direct = FallbackCacheLayer::builder()
+        .key_memo(0, 0)
+        .build()
+        .layer(direct);
+    let key_of = |response: &Response<_>| {
+        header(response, "x-fallback-cache-key")
+            .expect("keyed")
+            .to_owned()
+    };
+
+    let first = service
+        .clone()
+        .oneshot(chat_request("sk-tenant-a", CHAT_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(header(&first, "x-fallback-cache"), Some("MISS"));
+    let key = key_of(&first);
+    // Read whole, so that the answer is stored.
+    read_body(first.into_body()).await;
+    let stats = layer.stats().snapshot();
+    assert_eq!((stats.key_memo_hits, stats.key_memo_misses), (0, 1));
+
+    // Sent again: the key comes from the memo, the same as derived without one.
+    let again = service
+        .clone()
+        .oneshot(chat_request("sk-tenant-a", CHAT_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(header(&again, "x-fallback-cache"), Some("FALLBACK"));
+    assert_eq!(key_of(&again), key);
+    let stats = layer.stats().snapshot();
+    assert_eq!((stats.key_memo_hits, stats.key_memo_misses), (1, 1));
+    let unmemoized = direct
+        .oneshot(chat_request("sk-tenant-a", CHAT_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(key_of(&unmemoized), key);
+
+    // The same bytes from another tenant: not found in the memo, another key, no answer.
+    let other = service
+        .oneshot(chat_request("sk-tenant-b", CHAT_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(header(&other, "x-fallback-cache"), Some("MISS"));
+    assert_eq!(other.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_ne!(key_of(&other), key);
+    let stats = layer.stats().snapshot();
+    assert_eq!((stats.key_memo_hits, stats.key_memo_misses), (1, 2));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}

@@ -578,16 +578,16 @@ impl Parser<'_, '_> {
         if !value.is_finite() {
             return None;
         }
-        // Formatted on the stack: the longest `{:e}` of an f64 is 24 bytes.
+        // Formatted on the stack: the longest form of an f64 is 24 bytes.
         let mut buf = [0u8; 32];
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        if value == value.trunc() && value.abs() < 9_007_199_254_740_992.0 {
+        let len = if value == value.trunc() && value.abs() < 9_007_199_254_740_992.0 {
             // Whole numbers within f64's exact range read the same as the integer.
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
             write!(cursor, "{}", value as i64).ok()?;
+            usize::try_from(cursor.position()).ok()?
         } else {
-            write!(cursor, "{value:e}").ok()?;
-        }
-        let len = usize::try_from(cursor.position()).ok()?;
+            write_float(&mut buf, value)
+        };
         if buf[..len] != *text {
             self.pos = start;
             self.replace(end, &buf[..len]);
@@ -601,6 +601,102 @@ impl Parser<'_, '_> {
             self.pos += 1;
         }
     }
+}
+
+/// Writes the finite, non-integer `value` into `buf` in exponent form: the shortest digits
+/// that read back as `value` (from `ryu`, not from the toolchain's formatter, so that keys do
+/// not move with the compiler), one digit before the point, the point only when more digits
+/// follow, then `e` and the exponent (`-` only when negative): `2e-1`, `1.5e0`, `-1.25e30`.
+/// Returns the length.
+fn write_float(buf: &mut [u8; 32], value: f64) -> usize {
+    let mut ryu = ryu::Buffer::new();
+    // `ryu` writes `-0.0012`, `123.45`, `1e-7`, `1.5e30` or `-1.2e-9`: read its digits, where
+    // its point is and its exponent, whatever the layout it picks.
+    let text = ryu.format_finite(value).as_bytes();
+    let (negative, text) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = match text.iter().position(|&b| b == b'e' || b == b'E') {
+        Some(at) => (&text[..at], parse_exponent(&text[at + 1..])),
+        None => (text, 0),
+    };
+    let mut digits = [0u8; 24];
+    let mut count = 0;
+    let mut before_point = None;
+    for &byte in mantissa {
+        if byte == b'.' {
+            before_point = Some(count);
+        } else if count < digits.len() {
+            digits[count] = byte;
+            count += 1;
+        }
+    }
+    let before_point = before_point.unwrap_or(count) as i32;
+    let leading = digits[..count].iter().take_while(|&&d| d == b'0').count();
+    let trailing = digits[leading..count]
+        .iter()
+        .rev()
+        .take_while(|&&d| d == b'0')
+        .count();
+    let significant = &digits[leading..count - trailing];
+    let exponent = exponent + before_point - leading as i32 - 1;
+
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        buf[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    };
+    if negative {
+        push(b"-");
+    }
+    match significant.split_first() {
+        Some((first, rest)) => {
+            push(std::slice::from_ref(first));
+            if !rest.is_empty() {
+                push(b".");
+                push(rest);
+            }
+        }
+        None => push(b"0"),
+    }
+    push(b"e");
+    let (at, exponent_digits) = itoa_i32(exponent);
+    push(&exponent_digits[at..]);
+    len
+}
+
+/// The exponent `ryu` wrote after its `e`.
+fn parse_exponent(text: &[u8]) -> i32 {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        Some((b'+', rest)) => (false, rest),
+        _ => (false, text),
+    };
+    let value = digits
+        .iter()
+        .fold(0i32, |n, &d| n * 10 + i32::from(d - b'0'));
+    if negative { -value } else { value }
+}
+
+/// `n` in decimal: `digits[at..]` of the `(at, digits)` returned.
+fn itoa_i32(n: i32) -> (usize, [u8; 12]) {
+    let mut out = [0u8; 12];
+    let mut at = out.len();
+    let mut magnitude = n.unsigned_abs();
+    loop {
+        at -= 1;
+        out[at] = b'0' + (magnitude % 10) as u8;
+        magnitude /= 10;
+        if magnitude == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        at -= 1;
+        out[at] = b'-';
+    }
+    (at, out)
 }
 
 /// Writes `ch` in canonical form into `buf`; returns the length.

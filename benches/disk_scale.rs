@@ -35,10 +35,7 @@ fn key(i: u32) -> CacheKey {
 /// A small chat completion: about 300 bytes of JSON and two headers.
 fn answer(i: u32) -> Arc<CachedResponse> {
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "content-type",
-        HeaderValue::from_static("application/json"),
-    );
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert(
         "x-request-id",
         HeaderValue::try_from(format!("req_{i:016x}")).expect("header value"),
@@ -161,5 +158,8 @@ fn main() {
     );
     drop(store);
     drop(dir);
-    println!("total: {:.1} s; the directory is removed", started.elapsed().as_secs_f64());
+    println!(
+        "total: {:.1} s; the directory is removed",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -77,10 +77,7 @@ fn key(i: u32) -> CacheKey {
 /// has), `content-type` and an `x-request-id` of its own.
 fn answer(i: u32, body_len: usize) -> Arc<CachedResponse> {
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "content-type",
-        HeaderValue::from_static("application/json"),
-    );
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert(
         "x-request-id",
         HeaderValue::from_str(&format!("req_{i:016x}")).expect("header value"),
@@ -167,7 +164,11 @@ fn measure(runtime: &Runtime, count: u32, body_len: usize) -> Row {
         }
         disk.flush().await.expect("flush");
     });
-    assert_eq!(disk.usage().entries, Some(u64::from(count)), "every answer committed");
+    assert_eq!(
+        disk.usage().entries,
+        Some(u64::from(count)),
+        "every answer committed"
+    );
     drop(disk);
     let file = std::fs::metadata(&path).expect("the file").len();
 

@@ -251,13 +251,18 @@ fn fixed_count(case: &str, count: u32) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store: Box<dyn Store> = match case.split('/').next() {
         Some("memory") => Box::new(MemoryStore::new(256 * 1024 * 1024)),
-        Some("disk") => Box::new(DiskStore::open(dir.path().join("bench.redb")).expect("disk store")),
+        Some("disk") => {
+            Box::new(DiskStore::open(dir.path().join("bench.redb")).expect("disk store"))
+        }
         _ => panic!("STORES_BENCH_CASE: memory/get, memory/put, disk/get or disk/put"),
     };
     let entry = answer_4k();
     runtime.block_on(async {
         for i in 0..KEYS {
-            store.put(key(i), entry.clone(), TTL).await.expect("prefill");
+            store
+                .put(key(i), entry.clone(), TTL)
+                .await
+                .expect("prefill");
         }
         store.flush().await.expect("prefill flush");
         let counter = AtomicU32::new(0);

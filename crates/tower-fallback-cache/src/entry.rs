@@ -245,6 +245,10 @@ mod tests {
                 ("x-ratelimit", b"2".as_slice()),
             ]
         );
-        assert!(entry.headers().capacity() <= 4, "{}", entry.headers().capacity());
+        assert!(
+            entry.headers().capacity() <= 4,
+            "{}",
+            entry.headers().capacity()
+        );
     }
 }

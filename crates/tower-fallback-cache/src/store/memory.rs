@@ -38,6 +38,8 @@ pub struct MemoryStore {
 
 struct Shared {
     lru: Mutex<Lru>,
+    /// Deadlines are kept as milliseconds since this instant, to keep a slot small.
+    epoch: Instant,
     /// Evicted to stay within the bound.
     evicted: AtomicU64,
     /// Heavier than the whole bound: never kept.
@@ -58,14 +60,20 @@ struct Lru {
     bytes: u64,
 }
 
+/// 56 bytes on a 64-bit target: the store's own cost per answer is this slot and the index's row. The
+/// weight is not kept: it is the answer's, weighed again when it leaves.
 struct Slot {
     key: CacheKey,
     /// `None` in a free slot.
     entry: Option<Arc<CachedResponse>>,
-    expires_at: Instant,
-    weight: u64,
+    /// Milliseconds since the store's epoch.
+    expires_at: u64,
     prev: u32,
     next: u32,
+}
+
+fn weight(entry: &CachedResponse) -> u64 {
+    entry.weight() as u64
 }
 
 impl Lru {
@@ -126,15 +134,14 @@ impl Lru {
         self.unlink(at);
         let slot = self.slot(at);
         let key = slot.key;
-        let weight = slot.weight;
         let entry = slot.entry.take();
         self.index.remove(&key);
-        self.bytes -= weight;
+        self.bytes -= entry.as_deref().map_or(0, weight);
         self.free.push(at);
         entry
     }
 
-    fn get(&mut self, key: &CacheKey, now: Instant) -> Lookup {
+    fn get(&mut self, key: &CacheKey, now: u64) -> Lookup {
         let Some(&at) = self.index.get(key) else {
             return Lookup::Missing;
         };
@@ -151,15 +158,14 @@ impl Lru {
         &mut self,
         key: CacheKey,
         entry: Arc<CachedResponse>,
-        expires_at: Instant,
-        weight: u64,
+        expires_at: u64,
     ) -> Option<Arc<CachedResponse>> {
+        let added = weight(&entry);
         if let Some(&at) = self.index.get(&key) {
             let slot = self.slot(at);
-            let old_weight = std::mem::replace(&mut slot.weight, weight);
             slot.expires_at = expires_at;
             let replaced = slot.entry.replace(entry);
-            self.bytes = self.bytes - old_weight + weight;
+            self.bytes = self.bytes - replaced.as_deref().map_or(0, weight) + added;
             self.touch(at);
             return replaced;
         }
@@ -167,7 +173,6 @@ impl Lru {
             key,
             entry: Some(entry),
             expires_at,
-            weight,
             prev: NIL,
             next: NIL,
         };
@@ -182,7 +187,7 @@ impl Lru {
             }
         };
         self.index.insert(key, at);
-        self.bytes += weight;
+        self.bytes += added;
         self.push_front(at);
         None
     }
@@ -192,7 +197,7 @@ impl Lru {
     fn shrink_to(
         &mut self,
         max_bytes: u64,
-        now: Instant,
+        now: u64,
         removed: &mut Vec<Arc<CachedResponse>>,
     ) -> u64 {
         let mut evicted = 0;
@@ -209,7 +214,7 @@ impl Lru {
     }
 
     /// Every expired answer.
-    fn expired(&mut self, now: Instant, removed: &mut Vec<Arc<CachedResponse>>) {
+    fn expired(&mut self, now: u64, removed: &mut Vec<Arc<CachedResponse>>) {
         let expired: Vec<u32> = self
             .index
             .values()
@@ -235,11 +240,17 @@ impl MemoryStore {
         Self {
             shared: Arc::new(Shared {
                 lru: Mutex::new(Lru::new()),
+                epoch: Instant::now(),
                 evicted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
             }),
             max_bytes,
         }
+    }
+
+    /// Milliseconds since the store's epoch, now.
+    fn now(&self) -> u64 {
+        u64::try_from(self.shared.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn lock(&self) -> MutexGuard<'_, Lru> {
@@ -273,7 +284,8 @@ impl MemoryStore {
     /// when the answer is next asked for or reaches the end of the recency list).
     pub async fn run_pending_tasks(&self) {
         let mut removed = Vec::new();
-        self.lock().expired(Instant::now(), &mut removed);
+        let now = self.now();
+        self.lock().expired(now, &mut removed);
         drop(removed);
     }
 
@@ -283,7 +295,7 @@ impl MemoryStore {
     }
 
     fn lookup(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
-        let now = Instant::now();
+        let now = self.now();
         let found = self.lock().get(key, now);
         match found {
             Lookup::Found(entry) => entry,
@@ -309,23 +321,21 @@ impl MemoryStore {
     }
 
     fn insert(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> bool {
-        let weight = entry.weight() as u64;
-        if weight > self.max_bytes {
+        if weight(&entry) > self.max_bytes {
             self.shared.refused.fetch_add(1, Ordering::Relaxed);
             // An older answer under the key must not outlive the newer one.
             self.delete(&key);
             return false;
         }
-        let now = Instant::now();
-        // A time to live too long for the clock is kept until evicted.
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let now = self.now();
+        // Rounded up: an answer is never dropped before its time to live is over.
+        let ttl = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        let expires_at = now.saturating_add(ttl);
         // Answers taken out are dropped after the lock is released.
         let mut removed = Vec::new();
         let evicted = {
             let mut lru = self.lock();
-            removed.extend(lru.insert(key, entry, expires_at, weight));
+            removed.extend(lru.insert(key, entry, expires_at));
             lru.shrink_to(self.max_bytes, now, &mut removed)
         };
         if evicted > 0 {

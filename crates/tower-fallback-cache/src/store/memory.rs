@@ -183,6 +183,8 @@ impl Lru {
             }
             None => {
                 self.slots.push(slot);
+                // Every answer weighs at least 256 bytes: the slots would outgrow a u32
+                // only past a terabyte of answers.
                 u32::try_from(self.slots.len() - 1).unwrap_or(NIL)
             }
         };

@@ -14,13 +14,19 @@
 //! ```text
 //! scripts/test.sh --run cargo bench -p fallback-cache-tests --bench stores
 //! ```
+//!
+//! For a count that does not move with the machine's load, `STORES_BENCH_OPS=N` with
+//! `STORES_BENCH_CASE` (`memory/get`, `memory/put`, `disk/get` or `disk/put`) runs that
+//! operation N times after the same prefill, outside criterion, to be measured with
+//! `valgrind --tool=callgrind`; the difference between two counts N is the cost of the
+//! operations alone (see BENCHMARKS.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use fallback_cache_test_support::stores::{REDIS_URL_VAR, shared_redis, unique_prefix};
 use http::{HeaderMap, StatusCode};
 use tokio::runtime::Runtime;
@@ -236,5 +242,59 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
+/// `STORES_BENCH_OPS=N`: one operation of `STORES_BENCH_CASE`, N times, as the criterion
+/// group does it (the same prefill, keys and flushes), and nothing else.
+fn fixed_count(case: &str, count: u32) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Box<dyn Store> = match case.split('/').next() {
+        Some("memory") => Box::new(MemoryStore::new(256 * 1024 * 1024)),
+        Some("disk") => {
+            Box::new(DiskStore::open(dir.path().join("bench.redb")).expect("disk store"))
+        }
+        _ => panic!("STORES_BENCH_CASE: memory/get, memory/put, disk/get or disk/put"),
+    };
+    let entry = answer_4k();
+    runtime.block_on(async {
+        for i in 0..KEYS {
+            store
+                .put(key(i), entry.clone(), TTL)
+                .await
+                .expect("prefill");
+        }
+        store.flush().await.expect("prefill flush");
+        let counter = AtomicU32::new(0);
+        for _ in 0..count {
+            if case.ends_with("/get") {
+                let found = store.get(&next_key(&counter)).await.expect("get");
+                assert!(found.is_some());
+            } else {
+                store
+                    .put(next_key(&counter), entry.clone(), TTL)
+                    .await
+                    .expect("put");
+                if counter.load(Ordering::Relaxed).is_multiple_of(64) {
+                    store.flush().await.expect("flush");
+                }
+            }
+        }
+        store.flush().await.expect("flush");
+    });
+}
+
 criterion_group!(benches, stores);
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("STORES_BENCH_OPS") {
+        Ok(count) => fixed_count(
+            &std::env::var("STORES_BENCH_CASE").unwrap_or_default(),
+            count.parse().expect("STORES_BENCH_OPS: a count"),
+        ),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}

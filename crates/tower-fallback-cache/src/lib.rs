@@ -78,7 +78,7 @@
 //!   event; only whole, good answers are stored, never an error: the rules of each API
 //!   (OpenAI chat, completions and Responses, Anthropic Messages, Gemini) are in
 //!   [`protocol`], and a [`protocol::Protocol`] of your own teaches the layer another.
-//! - Stores: [`store::MemoryStore`] (moka), `store::DiskStore` (redb, feature `disk`:
+//! - Stores: [`store::MemoryStore`] (in process, kept by recency), `store::DiskStore` (redb, feature `disk`:
 //!   answers survive restarts), `store::RedisStore` (feature `redis`: one cache for
 //!   many replicas) and [`store::Tiered`] (memory in front of either); any other store plugs
 //!   in through the [`Store`] trait.

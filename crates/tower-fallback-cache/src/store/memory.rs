@@ -1,13 +1,9 @@
-//! [`MemoryStore`]: answers in process memory, on moka.
+//! [`MemoryStore`]: answers in process memory, kept by recency.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-
-use moka::Expiry;
-use moka::future::Cache;
-use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
 
 use super::{Store, StoreError, StoreFuture, StoreUsage};
 use crate::entry::CachedResponse;
@@ -17,12 +13,16 @@ use crate::key::CacheKey;
 ///
 /// Kept by recency: a new answer is always admitted, and when the bound is reached the
 /// answer least recently stored or served is evicted first. For a fallback cache the
-/// newest answer is the one that matters (moka's default admission policy would keep old
-/// answers that were read often and turn new ones away).
+/// newest answer is the one that matters (a frequency-based admission policy would keep
+/// old answers that were read often and turn new ones away).
 ///
-/// Built on `moka::future::Cache` holding `Arc<CachedResponse>`, so a hit decodes and
-/// copies nothing. Lost when the process ends; put it in front of a disk or Redis store
-/// with [`Tiered`](crate::store::Tiered) to keep answers across restarts.
+/// The answers are held as `Arc<CachedResponse>` in a map and a recency list behind one
+/// short lock, so a hit decodes and copies nothing, and each eviction is counted where it
+/// happens. An expired answer is never served; its memory is given back when it is next
+/// asked for, when it reaches the end of the recency list, or by
+/// [`run_pending_tasks`](Self::run_pending_tasks). Lost when the process ends; put it in
+/// front of a disk or Redis store with [`Tiered`](crate::store::Tiered) to keep answers
+/// across restarts.
 ///
 /// ```
 /// use tower_fallback_cache::store::MemoryStore;
@@ -32,74 +32,239 @@ use crate::key::CacheKey;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<CacheKey, Timed>,
+    shared: Arc<Shared>,
     max_bytes: u64,
-    counts: Arc<Counts>,
 }
 
-/// What became of the answers given to the store.
-#[derive(Debug, Default)]
-struct Counts {
+struct Shared {
+    lru: Mutex<Lru>,
+    /// Deadlines are kept as milliseconds since this instant, to keep a slot small.
+    epoch: Instant,
     /// Evicted to stay within the bound.
     evicted: AtomicU64,
     /// Heavier than the whole bound: never kept.
     refused: AtomicU64,
 }
 
-/// An entry with the time to live it was put with.
-#[derive(Clone)]
-struct Timed {
-    entry: Arc<CachedResponse>,
-    ttl: Duration,
+/// No slot: the end of the recency list.
+const NIL: u32 = u32::MAX;
+
+/// The answers by key, and a doubly linked recency list over their slots (most recent at
+/// `head`). Freed slots are reused, so the list allocates only while the store grows.
+struct Lru {
+    index: HashMap<CacheKey, u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    bytes: u64,
 }
 
-struct PerEntryTtl;
+/// 56 bytes on a 64-bit target: the store's own cost per answer is this slot and the index's row. The
+/// weight is not kept: it is the answer's, weighed again when it leaves.
+struct Slot {
+    key: CacheKey,
+    /// `None` in a free slot.
+    entry: Option<Arc<CachedResponse>>,
+    /// Milliseconds since the store's epoch.
+    expires_at: u64,
+    prev: u32,
+    next: u32,
+}
 
-impl Expiry<CacheKey, Timed> for PerEntryTtl {
-    fn expire_after_create(&self, _: &CacheKey, value: &Timed, _: Instant) -> Option<Duration> {
-        Some(value.ttl)
+fn weight(entry: &CachedResponse) -> u64 {
+    entry.weight() as u64
+}
+
+impl Lru {
+    fn new() -> Self {
+        Self {
+            index: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            bytes: 0,
+        }
     }
 
-    fn expire_after_update(
-        &self,
-        _: &CacheKey,
-        value: &Timed,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+    fn slot(&mut self, at: u32) -> &mut Slot {
+        &mut self.slots[at as usize]
     }
+
+    fn unlink(&mut self, at: u32) {
+        let (prev, next) = {
+            let slot = self.slot(at);
+            (slot.prev, slot.next)
+        };
+        match prev {
+            NIL => self.head = next,
+            prev => self.slot(prev).next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            next => self.slot(next).prev = prev,
+        }
+    }
+
+    fn push_front(&mut self, at: u32) {
+        let head = self.head;
+        {
+            let slot = self.slot(at);
+            slot.prev = NIL;
+            slot.next = head;
+        }
+        match head {
+            NIL => self.tail = at,
+            head => self.slot(head).prev = at,
+        }
+        self.head = at;
+    }
+
+    fn touch(&mut self, at: u32) {
+        if self.head != at {
+            self.unlink(at);
+            self.push_front(at);
+        }
+    }
+
+    /// Takes the answer at `at` out of the store, handing it back to be dropped after the
+    /// lock is released.
+    fn take(&mut self, at: u32) -> Option<Arc<CachedResponse>> {
+        self.unlink(at);
+        let slot = self.slot(at);
+        let key = slot.key;
+        let entry = slot.entry.take();
+        self.index.remove(&key);
+        self.bytes -= entry.as_deref().map_or(0, weight);
+        self.free.push(at);
+        entry
+    }
+
+    fn get(&mut self, key: &CacheKey, now: u64) -> Lookup {
+        let Some(&at) = self.index.get(key) else {
+            return Lookup::Missing;
+        };
+        if self.slot(at).expires_at <= now {
+            return Lookup::Expired(self.take(at));
+        }
+        self.touch(at);
+        Lookup::Found(self.slot(at).entry.clone())
+    }
+
+    /// Holds `entry` under `key` as the most recent answer; the answer it replaces, if any,
+    /// is handed back.
+    fn insert(
+        &mut self,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        expires_at: u64,
+    ) -> Option<Arc<CachedResponse>> {
+        let added = weight(&entry);
+        if let Some(&at) = self.index.get(&key) {
+            let slot = self.slot(at);
+            slot.expires_at = expires_at;
+            let replaced = slot.entry.replace(entry);
+            self.bytes = self.bytes - replaced.as_deref().map_or(0, weight) + added;
+            self.touch(at);
+            return replaced;
+        }
+        let slot = Slot {
+            key,
+            entry: Some(entry),
+            expires_at,
+            prev: NIL,
+            next: NIL,
+        };
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at as usize] = slot;
+                at
+            }
+            None => {
+                self.slots.push(slot);
+                // Every answer weighs at least 256 bytes: the slots would outgrow a u32
+                // only past a terabyte of answers.
+                u32::try_from(self.slots.len() - 1).unwrap_or(NIL)
+            }
+        };
+        self.index.insert(key, at);
+        self.bytes += added;
+        self.push_front(at);
+        None
+    }
+
+    /// Removes answers from the end of the recency list until `max_bytes` holds; returns
+    /// them and how many of them were evicted (not expired).
+    fn shrink_to(
+        &mut self,
+        max_bytes: u64,
+        now: u64,
+        removed: &mut Vec<Arc<CachedResponse>>,
+    ) -> u64 {
+        let mut evicted = 0;
+        while self.tail != NIL {
+            let tail = self.tail;
+            let expired = self.slot(tail).expires_at <= now;
+            if !expired && self.bytes <= max_bytes {
+                break;
+            }
+            evicted += u64::from(!expired);
+            removed.extend(self.take(tail));
+        }
+        evicted
+    }
+
+    /// Every expired answer.
+    fn expired(&mut self, now: u64, removed: &mut Vec<Arc<CachedResponse>>) {
+        let expired: Vec<u32> = self
+            .index
+            .values()
+            .copied()
+            .filter(|&at| self.slots[at as usize].expires_at <= now)
+            .collect();
+        for at in expired {
+            removed.extend(self.take(at));
+        }
+    }
+}
+
+enum Lookup {
+    Missing,
+    Expired(Option<Arc<CachedResponse>>),
+    Found(Option<Arc<CachedResponse>>),
 }
 
 impl MemoryStore {
     /// A store that holds at most `max_bytes`, as [`CachedResponse::weight`] counts them.
     /// An answer heavier than the whole bound is not kept.
     pub fn new(max_bytes: u64) -> Self {
-        let counts = Arc::new(Counts::default());
-        let evictions = counts.clone();
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .eviction_policy(EvictionPolicy::lru())
-            .weigher(|_: &CacheKey, value: &Timed| {
-                u32::try_from(value.entry.weight()).unwrap_or(u32::MAX)
-            })
-            .expire_after(PerEntryTtl)
-            .eviction_listener(move |_, _, cause| {
-                if cause == RemovalCause::Size {
-                    evictions.evicted.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .build();
         Self {
-            cache,
+            shared: Arc::new(Shared {
+                lru: Mutex::new(Lru::new()),
+                epoch: Instant::now(),
+                evicted: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            }),
             max_bytes,
-            counts,
         }
+    }
+
+    /// Milliseconds since the store's epoch, now.
+    fn now(&self) -> u64 {
+        u64::try_from(self.shared.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lru> {
+        self.shared
+            .lru
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Answers evicted to stay within the bound since the store was made.
     pub fn evicted(&self) -> u64 {
-        self.counts.evicted.load(Ordering::Relaxed)
+        self.shared.evicted.load(Ordering::Relaxed)
     }
 
     /// The bound this store was built with.
@@ -107,25 +272,42 @@ impl MemoryStore {
         self.max_bytes
     }
 
-    /// The bytes held now, as weighed. Eviction runs in the background: call
-    /// [`run_pending_tasks`](Self::run_pending_tasks) first for an exact figure.
+    /// The bytes held now, as weighed (expired answers not yet given back included).
     pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
+        self.lock().bytes
     }
 
     /// The number of entries held now (see [`weighted_size`](Self::weighted_size)).
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.lock().index.len() as u64
     }
 
-    /// Runs the evictions and expirations that are due.
+    /// Gives back the memory of every expired answer now (it is otherwise given back
+    /// when the answer is next asked for or reaches the end of the recency list).
     pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+        let mut removed = Vec::new();
+        let now = self.now();
+        self.lock().expired(now, &mut removed);
+        drop(removed);
     }
 
     /// The entry under `key`, if held and not expired.
     pub async fn get_entry(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
-        self.cache.get(key).await.map(|timed| timed.entry)
+        self.lookup(key)
+    }
+
+    fn lookup(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+        let now = self.now();
+        let found = self.lock().get(key, now);
+        match found {
+            Lookup::Found(entry) => entry,
+            Lookup::Expired(stale) => {
+                // Dropped here, after the lock is released.
+                drop(stale);
+                None
+            }
+            Lookup::Missing => None,
+        }
     }
 
     /// Holds `entry` under `key` for `ttl`, evicting the least recently used answers if
@@ -137,30 +319,63 @@ impl MemoryStore {
         entry: Arc<CachedResponse>,
         ttl: Duration,
     ) -> bool {
-        if entry.weight() as u64 > self.max_bytes {
-            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+        self.insert(key, entry, ttl)
+    }
+
+    fn insert(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> bool {
+        if weight(&entry) > self.max_bytes {
+            self.shared.refused.fetch_add(1, Ordering::Relaxed);
             // An older answer under the key must not outlive the newer one.
-            self.cache.invalidate(&key).await;
+            self.delete(&key);
             return false;
         }
-        self.cache.insert(key, Timed { entry, ttl }).await;
+        let now = self.now();
+        // Rounded up: an answer is never dropped before its time to live is over.
+        let ttl = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        let expires_at = now.saturating_add(ttl);
+        // Answers taken out are dropped after the lock is released.
+        let mut removed = Vec::new();
+        let evicted = {
+            let mut lru = self.lock();
+            removed.extend(lru.insert(key, entry, expires_at));
+            lru.shrink_to(self.max_bytes, now, &mut removed)
+        };
+        if evicted > 0 {
+            self.shared.evicted.fetch_add(evicted, Ordering::Relaxed);
+        }
         true
+    }
+
+    fn delete(&self, key: &CacheKey) {
+        let removed = {
+            let mut lru = self.lock();
+            match lru.index.get(key) {
+                Some(&at) => lru.take(at),
+                None => None,
+            }
+        };
+        drop(removed);
     }
 }
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (entries, bytes) = {
+            let lru = self.lock();
+            (lru.index.len(), lru.bytes)
+        };
         f.debug_struct("MemoryStore")
             .field("max_bytes", &self.max_bytes)
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_size", &self.cache.weighted_size())
+            .field("entries", &entries)
+            .field("weighted_size", &bytes)
             .finish()
     }
 }
 
 impl Store for MemoryStore {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        Box::pin(async move { Ok(self.get_entry(key).await) })
+        let found = self.lookup(key);
+        Box::pin(async move { Ok(found) })
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
@@ -182,17 +397,17 @@ impl Store for MemoryStore {
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            self.cache.invalidate(key).await;
+            self.delete(key);
             Ok(())
         })
     }
 
     fn usage(&self) -> StoreUsage {
         StoreUsage {
-            entries: Some(self.cache.entry_count()),
-            bytes: Some(self.cache.weighted_size()),
+            entries: Some(self.entry_count()),
+            bytes: Some(self.weighted_size()),
             evicted: Some(self.evicted()),
-            refused: Some(self.counts.refused.load(Ordering::Relaxed)),
+            refused: Some(self.shared.refused.load(Ordering::Relaxed)),
             ..StoreUsage::default()
         }
     }
@@ -314,5 +529,34 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(store.get(&key(1)).await.expect("memory get").is_none());
         assert!(store.get(&key(2)).await.expect("memory get").is_some());
+    }
+
+    #[tokio::test]
+    async fn replaced_and_expired_answers_are_not_counted_as_evicted() {
+        let store = MemoryStore::new(8 * 1024);
+        store
+            .put(key(1), entry(1024), Duration::from_millis(30))
+            .await
+            .expect("memory put");
+        for _ in 0..5 {
+            store
+                .put(key(2), entry(1024), Duration::from_secs(60))
+                .await
+                .expect("memory put");
+        }
+        assert_eq!(store.entry_count(), 2);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Six more answers outgrow the bound: the expired one goes first, uncounted.
+        for i in 3..9 {
+            store
+                .put(key(i), entry(1024), Duration::from_secs(60))
+                .await
+                .expect("memory put");
+        }
+        let usage = store.usage();
+        assert_eq!(usage.evicted, Some(1), "{usage:?}");
+        assert_eq!(usage.entries, Some(6), "{usage:?}");
+        assert!(store.get(&key(2)).await.expect("memory get").is_none());
+        assert!(usage.bytes <= Some(8 * 1024), "{usage:?}");
     }
 }

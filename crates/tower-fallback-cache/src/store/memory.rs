@@ -187,6 +187,10 @@ impl Store for MemoryStore {
         })
     }
 
+    fn memory_tier(&self) -> Option<&MemoryStore> {
+        Some(self)
+    }
+
     fn usage(&self) -> StoreUsage {
         StoreUsage {
             entries: Some(self.cache.entry_count()),

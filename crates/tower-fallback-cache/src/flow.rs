@@ -460,12 +460,11 @@ type Found = Option<(Arc<CachedResponse>, Duration)>;
 /// is a miss; so is an entry sealing refuses.
 async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
     let store = &*shared.store;
+    // An answer held in memory is read in place (no boxed store future); otherwise the
+    // store is asked (a memory store alone is asked twice on a miss: a second moka get).
     let found = match store.memory_tier() {
-        // Read in place (no boxed store future): an answer held in memory, or nothing
-        // when the memory store is the whole store.
         Some(memory) => match memory.get_entry(key).await {
             Some(entry) => Ok(Some(entry)),
-            None if std::ptr::addr_eq(memory, store) => Ok(None),
             None => ask(store, key, seal).await,
         },
         None => ask(store, key, seal).await,

@@ -764,7 +764,11 @@ impl http_body::Body for Understated {
         mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Ready(self.frames.pop_front().map(|f| Ok(http_body::Frame::data(f))))
+        std::task::Poll::Ready(
+            self.frames
+                .pop_front()
+                .map(|f| Ok(http_body::Frame::data(f))),
+        )
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -839,4 +843,34 @@ async fn a_body_longer_than_its_size_hint_is_forwarded_whole() {
     let whole: Vec<u8> = chunks(2).iter().flat_map(|c| c.to_vec()).collect();
     assert_eq!(received.lock().expect("not poisoned")[1], whole);
     assert_eq!(layer.stats().snapshot().bypassed, 1);
+}
+
+#[tokio::test]
+async fn an_answer_only_in_the_back_tier_is_served_through_a_tiered_store() {
+    // Stored by a layer over the back store alone, then asked of a tiered store whose
+    // memory front is empty (as after a restart): the front misses, the back answers.
+    let back = MemoryStore::new(1 << 20);
+    let (upstream, _) = scripted(vec![ok_completion]);
+    let storing = FallbackCacheLayer::builder().store(back.clone()).build();
+    store_answer(&storing.layer(upstream), "sk", CHAT_REQUEST).await;
+    back.run_pending_tasks().await;
+    assert_eq!(back.entry_count(), 1);
+
+    let front = MemoryStore::new(1 << 20);
+    let tiered = tower_fallback_cache::store::Tiered::new(front.clone(), back);
+    let (upstream, _) = scripted(vec![quota]);
+    let layer = FallbackCacheLayer::builder().store(tiered).build();
+    let service = layer.layer(upstream);
+    for _ in 0..2 {
+        let response = service
+            .clone()
+            .oneshot(chat_request("sk", CHAT_REQUEST))
+            .await
+            .expect("ok");
+        assert_eq!(header(&response, "x-fallback-cache"), Some("FALLBACK"));
+        assert_eq!(read_body(response.into_body()).await, chat_completion());
+    }
+    // The first answer from the back was copied to the front for the next.
+    front.run_pending_tasks().await;
+    assert_eq!(front.entry_count(), 1);
 }

@@ -21,7 +21,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service};
-use tower_fallback_cache::store::{DiskStore, MemoryStore, Store};
+use tower_fallback_cache::store::{DiskStore, MemoryStore, Store, Tiered};
 use tower_fallback_cache::{FallbackCacheLayer, KeyRules, Mode, PartitionId, QuotaBreaker};
 
 /// Counts every allocation (a reallocation counts as one) and the bytes asked for.
@@ -127,11 +127,18 @@ fn main() {
     ));
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let stores: [(&str, Arc<dyn Store>); 2] = [
+    let stores: [(&str, Arc<dyn Store>); 3] = [
         ("memory", Arc::new(MemoryStore::new(256 * 1024 * 1024))),
         (
             "disk",
             Arc::new(DiskStore::open(dir.path().join("allocations.redb")).expect("disk store")),
+        ),
+        (
+            "tiered",
+            Arc::new(Tiered::new(
+                MemoryStore::new(256 * 1024 * 1024),
+                DiskStore::open(dir.path().join("tiered.redb")).expect("disk store"),
+            )),
         ),
     ];
     for (label, store) in stores {

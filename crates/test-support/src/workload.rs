@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::{Ready, ready};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -186,10 +187,13 @@ pub fn chat_post(body: &Bytes) -> Request<Full<Bytes>> {
 
 /// An upstream that answers every request at once with the same response: the baseline of
 /// the layer benches, and the inner service of the layer in them.
+///
+/// Cheap to clone, as the clients a layer wraps are (hyper's, reqwest's: an `Arc`): the
+/// layer clones its inner service for every call, and so does [`send`].
 #[derive(Debug, Clone)]
 pub struct Answering {
     status: StatusCode,
-    headers: HeaderMap,
+    headers: Arc<HeaderMap>,
     body: Bytes,
 }
 
@@ -206,7 +210,7 @@ impl Answering {
         headers.insert("openai-processing-ms", HeaderValue::from_static("734"));
         Self {
             status: StatusCode::OK,
-            headers,
+            headers: Arc::new(headers),
             body: answer,
         }
     }
@@ -218,14 +222,14 @@ impl Answering {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(QUOTA_ERROR_FIXTURE.len()));
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
-            headers,
+            headers: Arc::new(headers),
             body: Bytes::from_static(QUOTA_ERROR_FIXTURE),
         }
     }
 
     /// The same, with one more header.
     pub fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
-        self.headers.insert(name, HeaderValue::from_static(value));
+        Arc::make_mut(&mut self.headers).insert(name, HeaderValue::from_static(value));
         self
     }
 }
@@ -242,14 +246,15 @@ impl<B> Service<Request<B>> for Answering {
     fn call(&mut self, _: Request<B>) -> Self::Future {
         let mut response = Response::new(Full::new(self.body.clone()));
         *response.status_mut() = self.status;
-        *response.headers_mut() = self.headers.clone();
+        *response.headers_mut() = HeaderMap::clone(&self.headers);
         ready(Ok(response))
     }
 }
 
 /// Sends `request` through `service` and reads the whole answer, as a client would.
-/// Returns the response head's `x-fallback-cache` value (empty when absent) and the body.
-pub async fn send<S, B>(service: &S, request: Request<Full<Bytes>>) -> (String, Bytes)
+/// Returns the response head's `x-fallback-cache` value (empty when absent; shared with
+/// the response, so reading it allocates nothing) and the body.
+pub async fn send<S, B>(service: &S, request: Request<Full<Bytes>>) -> (HeaderValue, Bytes)
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
@@ -264,9 +269,8 @@ where
     let marked = response
         .headers()
         .get("x-fallback-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static(""));
     let body = response
         .into_body()
         .collect()

@@ -246,6 +246,11 @@ impl Breaker {
 
     /// The upstream said `insufficient_quota` (with this error) to a request of the
     /// partition: suspend it, or extend its suspension when the request was the probe.
+    /// Whether the breaker is on (off, a quota error is not kept).
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.policy.enabled
+    }
+
     pub(crate) fn quota_exhausted(
         &self,
         partition: PartitionId,

@@ -14,25 +14,54 @@
 #[cfg(feature = "codec")]
 mod codec;
 
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
-use crate::key::KEY_VERSION;
+use crate::key::{CacheKey, KEY_VERSION};
 
 /// One stored answer: status, headers and body frames, and when it was stored.
 ///
 /// A streamed answer (`text/event-stream`) keeps one frame per server-sent event, so a
 /// replay gives the client the events one at a time; any other body is one frame. Values
 /// are shared as `Arc<CachedResponse>`, so a hit copies no body bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct CachedResponse {
     status: StatusCode,
     headers: HeaderMap,
     frames: Vec<Bytes>,
     stored_at: SystemTime,
     key_version: u8,
+    /// The `x-fallback-cache-key` value of the key this answer was first replayed under,
+    /// encoded once: a replay under that key (the only one, as the layer stores it) clones
+    /// it without an allocation. Not part of the answer (ignored by `==`).
+    key_header: OnceLock<HeaderValue>,
+}
+
+impl PartialEq for CachedResponse {
+    fn eq(&self, other: &Self) -> bool {
+        self.status == other.status
+            && self.headers == other.headers
+            && self.frames == other.frames
+            && self.stored_at == other.stored_at
+            && self.key_version == other.key_version
+    }
+}
+
+impl Eq for CachedResponse {}
+
+impl std::fmt::Debug for CachedResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("frames", &self.frames)
+            .field("stored_at", &self.stored_at)
+            .field("key_version", &self.key_version)
+            .finish()
+    }
 }
 
 /// Besides the [hop-by-hop headers](crate::headers::HOP_BY_HOP): headers of one transfer
@@ -59,6 +88,7 @@ impl CachedResponse {
             frames,
             stored_at: SystemTime::now(),
             key_version: KEY_VERSION,
+            key_header: OnceLock::new(),
         }
     }
 
@@ -76,6 +106,7 @@ impl CachedResponse {
             frames,
             stored_at,
             key_version,
+            key_header: OnceLock::new(),
         }
     }
 
@@ -116,6 +147,20 @@ impl CachedResponse {
             .unwrap_or_default()
     }
 
+    /// The `x-fallback-cache-key` value of `key`: encoded on the first replay, then shared
+    /// by every replay under the same key.
+    pub(crate) fn key_header(&self, key: &CacheKey) -> HeaderValue {
+        let digits = key.hex_digits();
+        match self.key_header.get() {
+            Some(value) if value.as_bytes() == digits => value.clone(),
+            Some(_) => key_header_value(digits),
+            None => self
+                .key_header
+                .get_or_init(|| key_header_value(digits))
+                .clone(),
+        }
+    }
+
     /// The bytes this answer holds: body, header names and values, and a fixed allowance
     /// for the structure around them. The memory store weighs entries with it.
     pub fn weight(&self) -> usize {
@@ -140,6 +185,13 @@ fn compact(headers: HeaderMap) -> HeaderMap {
     let mut compact = HeaderMap::with_capacity(len);
     compact.extend(headers);
     compact
+}
+
+/// The header value of a key's 64 hex digits, in one allocation that clones share.
+pub(crate) fn key_header_value(digits: [u8; 64]) -> HeaderValue {
+    // Hex digits are always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(digits))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn strip_unstored_headers(headers: &mut HeaderMap) {
@@ -250,5 +302,27 @@ mod tests {
             "{}",
             entry.headers().capacity()
         );
+    }
+
+    #[test]
+    fn the_key_header_is_the_key_it_is_replayed_under() {
+        let entry = CachedResponse::new(StatusCode::OK, HeaderMap::new(), Vec::new());
+        let (first, second) = (
+            CacheKey::from_bytes([0xab; 32]),
+            CacheKey::from_bytes([0x01; 32]),
+        );
+        for key in [first, first, second, first, second] {
+            assert_eq!(entry.key_header(&key).as_bytes(), key.to_hex().as_bytes());
+        }
+        // The memo is not part of the answer.
+        let replayed = entry.clone();
+        let fresh = CachedResponse::from_parts(
+            entry.status(),
+            entry.headers().clone(),
+            Vec::new(),
+            entry.stored_at(),
+            entry.key_version(),
+        );
+        assert_eq!(replayed, fresh);
     }
 }

@@ -17,19 +17,21 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{
-    Capture, CaptureSink, Collected, RequestBody, ResponseBody, collect_up_to, content_length,
+    Capture, CaptureSink, Collected, RequestBody, ResponseBody, bounded_by, collect_all,
+    collect_up_to, content_length,
 };
 use crate::breaker::Admission;
 use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
-use crate::entry::CachedResponse;
+use crate::entry::{CachedResponse, key_header_value};
+use crate::headers::age_value;
 use crate::key::{CacheKey, KEY_VERSION, Memo};
 use crate::partition::{Partition, PartitionId, credential_identity};
 use crate::seal::Seal;
 use crate::state::{Mode, Shared};
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
-use crate::store::{StoreError, log_store_error};
+use crate::store::{Store, StoreError, log_store_error};
 
 /// Read by the OpenAI SDKs before any other retry rule.
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -70,6 +72,20 @@ where
             let request = Request::from_parts(parts, RequestBody::passthrough(body));
             return bypass(&shared, inner, request, why).await;
         }
+        // A body that says it fits (an exact `content-length`, a buffered body) is read in
+        // place: it never has to move on half read. One longer than it said is read to its
+        // end and forwarded whole, not keyed.
+        None if bounded_by(&body, shared.max_request_body) => match collect_all(pin!(body)).await {
+            Ok(bytes) if bytes.len() <= shared.max_request_body => (parts, bytes),
+            Ok(bytes) => {
+                let request = Request::from_parts(parts, RequestBody::full(bytes));
+                return bypass(&shared, inner, request, "body over max_request_body").await;
+            }
+            Err((prefix, error)) => {
+                let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
+                return bypass(&shared, inner, request, "request body failed").await;
+            }
+        },
         // Pinned on the heap to be read: a body longer than the limit moves on, half
         // read, to the inner service, and a body of any type (not only an `Unpin` one)
         // can move only so.
@@ -296,15 +312,27 @@ where
     }
     let (mut parts, body) = response.into_parts();
     clean_upstream_head(status, &mut parts.headers, true);
-    // An error body is pinned on the heap to be read, so that the unread rest of a long
-    // one can move into the response (only error bodies pay for it).
-    let (prefix, error, rest) = match collect_up_to(Box::pin(body), ERROR_BODY_LIMIT).await {
-        Collected::Complete(prefix) => (prefix, None, None),
-        Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
-        Collected::Failed { prefix, error } => (prefix, Some(error), None),
+    // An error body that says it fits the limit is read in place; any other is pinned on
+    // the heap to be read, so that the unread rest of a long one can move into the
+    // response (only error bodies pay for it).
+    let (prefix, error, rest) = if bounded_by(&body, ERROR_BODY_LIMIT) {
+        match collect_all(pin!(body)).await {
+            Ok(prefix) => (prefix, None, None),
+            Err((prefix, error)) => (prefix, Some(error), None),
+        }
+    } else {
+        match collect_up_to(Box::pin(body), ERROR_BODY_LIMIT).await {
+            Collected::Complete(prefix) => (prefix, None, None),
+            Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
+            Collected::Failed { prefix, error } => (prefix, Some(error), None),
+        }
     };
     let reason = shared.classifier.classify(status, &parts.headers, &prefix);
-    if reason == Some(Reason::InsufficientQuota) && rest.is_none() && error.is_none() {
+    if reason == Some(Reason::InsufficientQuota)
+        && rest.is_none()
+        && error.is_none()
+        && shared.breaker.is_enabled()
+    {
         // Kept whole, so that requests of a suspended partition get the same error (with
         // a `date` of when it is served, not of when it was first sent).
         let mut headers = parts.headers.clone();
@@ -445,9 +473,15 @@ type Found = Option<(Arc<CachedResponse>, Duration)>;
 /// of this key version, opened with its seal if it has one. A store error is counted and
 /// is a miss; so is an entry sealing refuses.
 async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
-    let found = match seal {
-        Some(seal) => shared.store.get_sealed(key, seal).await,
-        None => shared.store.get(key).await,
+    let store = &*shared.store;
+    // An answer held in memory is read in place (no boxed store future); otherwise the
+    // store is asked (a memory store alone is asked twice on a miss: a second moka get).
+    let found = match store.memory_tier() {
+        Some(memory) => match memory.get_entry(key).await {
+            Some(entry) => Ok(Some(entry)),
+            None => ask(store, key, seal).await,
+        },
+        None => ask(store, key, seal).await,
     };
     match found {
         Ok(Some(entry)) if entry.key_version() == KEY_VERSION => {
@@ -472,6 +506,18 @@ async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
     }
 }
 
+/// The store's own `get` (or `get_sealed`).
+async fn ask(
+    store: &dyn Store,
+    key: &CacheKey,
+    seal: Option<&Seal>,
+) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+    match seal {
+        Some(seal) => store.get_sealed(key, seal).await,
+        None => store.get(key).await,
+    }
+}
+
 fn replay<B: Body>(
     entry: Arc<CachedResponse>,
     age: Duration,
@@ -480,11 +526,12 @@ fn replay<B: Body>(
     reason: Option<Reason>,
 ) -> Response<ResponseBody<B>> {
     let (mut parts, body) = stored_response(&entry).into_parts();
+    let key_value = entry.key_header(&key);
     mark(
         &mut parts.headers,
         &mut parts.extensions,
         status,
-        key,
+        (key, key_value),
         reason,
         Some(age),
     );
@@ -504,18 +551,19 @@ fn stored_response<B: Body>(entry: &Arc<CachedResponse>) -> Response<ResponseBod
     response
 }
 
+/// Marks a response: `x-fallback-cache`, the key (given with its header value, or encoded
+/// here), the reason and the age, as headers and as extensions.
 fn mark(
     headers: &mut HeaderMap,
     extensions: &mut http::Extensions,
     status: CacheStatus,
-    key: CacheKey,
+    key: impl Into<Keyed>,
     reason: Option<Reason>,
     age: Option<Duration>,
 ) {
+    let Keyed(key, key_value) = key.into();
     headers.insert(X_FALLBACK_CACHE, HeaderValue::from_static(status.as_str()));
-    if let Ok(value) = HeaderValue::from_bytes(&key.hex_digits()) {
-        headers.insert(X_FALLBACK_CACHE_KEY, value);
-    }
+    headers.insert(X_FALLBACK_CACHE_KEY, key_value);
     if let Some(reason) = reason {
         headers.insert(
             X_FALLBACK_CACHE_REASON,
@@ -524,10 +572,25 @@ fn mark(
         extensions.insert(reason);
     }
     if let Some(age) = age {
-        headers.insert(AGE, HeaderValue::from(age.as_secs()));
+        headers.insert(AGE, age_value(age.as_secs()));
     }
     extensions.insert(status);
     extensions.insert(key);
+}
+
+/// A key and its `x-fallback-cache-key` value.
+struct Keyed(CacheKey, HeaderValue);
+
+impl From<CacheKey> for Keyed {
+    fn from(key: CacheKey) -> Self {
+        Self(key, key_header_value(key.hex_digits()))
+    }
+}
+
+impl From<(CacheKey, HeaderValue)> for Keyed {
+    fn from((key, value): (CacheKey, HeaderValue)) -> Self {
+        Self(key, value)
+    }
 }
 
 /// Whether an answer with these headers may be stored: not `no-store`, not announced

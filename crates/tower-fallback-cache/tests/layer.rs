@@ -806,3 +806,128 @@ async fn a_body_sent_again_is_keyed_from_the_memo_alike_and_only_in_its_partitio
     assert_eq!((stats.key_memo_hits, stats.key_memo_misses), (1, 2));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
+
+/// A body that says it holds `says` bytes (an exact size hint) and sends `frames`.
+struct Understated {
+    says: u64,
+    frames: std::collections::VecDeque<Bytes>,
+}
+
+impl http_body::Body for Understated {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(
+            self.frames
+                .pop_front()
+                .map(|f| Ok(http_body::Frame::data(f))),
+        )
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.says)
+    }
+}
+
+#[tokio::test]
+async fn a_body_longer_than_its_size_hint_is_forwarded_whole() {
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = received.clone();
+    let upstream = service_fn(move |request: Request<RequestBody<Understated>>| {
+        let seen = seen.clone();
+        async move {
+            let body = read_body(request.into_body()).await;
+            seen.lock().expect("not poisoned").push(body);
+            // An error body that is longer than its size hint too.
+            let error = fixture("provider-errors/openai-429-insufficient_quota.json");
+            let (head, tail) = error.split_at(10);
+            let body = Understated {
+                says: 10,
+                frames: [Bytes::copy_from_slice(head), Bytes::copy_from_slice(tail)].into(),
+            };
+            let mut response = Response::new(body);
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let layer = FallbackCacheLayer::builder()
+        .max_request_body(1024)
+        .quota_breaker(QuotaBreaker::disabled())
+        .build();
+    let service = layer.layer(upstream);
+    let chunks = |n: u8| -> std::collections::VecDeque<Bytes> {
+        (0..n).map(|i| Bytes::from(vec![b'a' + i; 500])).collect()
+    };
+
+    // Says 10 bytes, sends 5,000: over the limit, forwarded whole, not keyed.
+    let request = Request::post("/v1/chat/completions")
+        .body(Understated {
+            says: 10,
+            frames: chunks(10),
+        })
+        .expect("valid request");
+    let response = service.clone().oneshot(request).await.expect("ok");
+    assert_eq!(header(&response, "x-fallback-cache"), Some("BYPASS"));
+    assert_eq!(header(&response, "x-fallback-cache-key"), None);
+    read_body(response.into_body()).await;
+    let whole: Vec<u8> = chunks(10).iter().flat_map(|c| c.to_vec()).collect();
+    assert_eq!(received.lock().expect("not poisoned")[0], whole);
+
+    // Says 10 bytes, sends 1,000: within the limit, keyed on all of it; the upstream's
+    // error, longer than it said, is classified and passed on whole.
+    let request = Request::post("/v1/chat/completions")
+        .header("authorization", "Bearer sk")
+        .body(Understated {
+            says: 10,
+            frames: chunks(2),
+        })
+        .expect("valid request");
+    let response = service.oneshot(request).await.expect("ok");
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&response, "x-fallback-cache"), Some("MISS"));
+    assert_eq!(
+        header(&response, "x-fallback-cache-reason"),
+        Some("insufficient_quota")
+    );
+    assert_eq!(
+        read_body(response.into_body()).await,
+        fixture("provider-errors/openai-429-insufficient_quota.json")
+    );
+    let whole: Vec<u8> = chunks(2).iter().flat_map(|c| c.to_vec()).collect();
+    assert_eq!(received.lock().expect("not poisoned")[1], whole);
+    assert_eq!(layer.stats().snapshot().bypassed, 1);
+}
+
+#[tokio::test]
+async fn an_answer_only_in_the_back_tier_is_served_through_a_tiered_store() {
+    // Stored by a layer over the back store alone, then asked of a tiered store whose
+    // memory front is empty (as after a restart): the front misses, the back answers.
+    let back = MemoryStore::new(1 << 20);
+    let (upstream, _) = scripted(vec![ok_completion]);
+    let storing = FallbackCacheLayer::builder().store(back.clone()).build();
+    store_answer(&storing.layer(upstream), "sk", CHAT_REQUEST).await;
+    back.run_pending_tasks().await;
+    assert_eq!(back.entry_count(), 1);
+
+    let front = MemoryStore::new(1 << 20);
+    let tiered = tower_fallback_cache::store::Tiered::new(front.clone(), back);
+    let (upstream, _) = scripted(vec![quota]);
+    let layer = FallbackCacheLayer::builder().store(tiered).build();
+    let service = layer.layer(upstream);
+    for _ in 0..2 {
+        let response = service
+            .clone()
+            .oneshot(chat_request("sk", CHAT_REQUEST))
+            .await
+            .expect("ok");
+        assert_eq!(header(&response, "x-fallback-cache"), Some("FALLBACK"));
+        assert_eq!(read_body(response.into_body()).await, chat_completion());
+    }
+    // The first answer from the back was copied to the front for the next.
+    front.run_pending_tasks().await;
+    assert_eq!(front.entry_count(), 1);
+}

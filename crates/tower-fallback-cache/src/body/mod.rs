@@ -46,6 +46,28 @@ pub(crate) enum Collected<B: Body> {
     Failed { prefix: Bytes, error: B::Error },
 }
 
+/// Whether `body` says it holds at most `limit` bytes (an exact or bounded size hint): such
+/// a body is read in place, not pinned on the heap to move on half read.
+pub(crate) fn bounded_by<B: Body>(body: &B, limit: usize) -> bool {
+    body.size_hint()
+        .upper()
+        .is_some_and(|upper| upper <= limit as u64)
+}
+
+/// Reads `body` to its end, or to its failure (what was read, and the error).
+pub(crate) async fn collect_all<B>(body: B) -> Result<Bytes, (Bytes, B::Error)>
+where
+    B: Body + Unpin,
+    B::Data: Buf,
+{
+    match collect_up_to(body, usize::MAX).await {
+        Collected::Complete(bytes) => Ok(bytes),
+        Collected::Failed { prefix, error } => Err((prefix, error)),
+        // No body is longer than the address space.
+        Collected::Over { prefix, .. } => Ok(prefix),
+    }
+}
+
 /// Reads `body` until it ends or more than `limit` bytes were read. Trailers are dropped
 /// (no LLM API sends them).
 pub(crate) async fn collect_up_to<B>(mut body: B, limit: usize) -> Collected<B>

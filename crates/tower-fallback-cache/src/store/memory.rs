@@ -402,6 +402,10 @@ impl Store for MemoryStore {
         })
     }
 
+    fn memory_tier(&self) -> Option<&MemoryStore> {
+        Some(self)
+    }
+
     fn usage(&self) -> StoreUsage {
         StoreUsage {
             entries: Some(self.entry_count()),

@@ -104,6 +104,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Box::pin(async { Err(StoreError::Unsupported("import")) })
     }
 
+    /// The [`MemoryStore`] this store answers from first, if it has one: the layer reads
+    /// an answer held there directly, without the boxed future of [`get`](Self::get), and
+    /// asks `get` (or [`get_sealed`](Self::get_sealed)) only when the answer is not
+    /// there. A [`MemoryStore`] returns itself and a [`Tiered`] store its front's; a store
+    /// that returns one must answer `get` from it first, as these do. `None` by default.
+    ///
+    /// ```
+    /// use tower_fallback_cache::store::{MemoryStore, Store};
+    ///
+    /// let store = MemoryStore::new(1 << 20);
+    /// assert!(store.memory_tier().is_some());
+    /// ```
+    fn memory_tier(&self) -> Option<&MemoryStore> {
+        None
+    }
+
     /// What the store holds now, where it knows.
     fn usage(&self) -> StoreUsage {
         StoreUsage::default()
@@ -159,6 +175,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
         (**self).import(entries)
+    }
+
+    fn memory_tier(&self) -> Option<&MemoryStore> {
+        (**self).memory_tier()
     }
 
     fn usage(&self) -> StoreUsage {

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error};
+use super::{
+    MemoryStore, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error,
+};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
@@ -339,6 +341,11 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
         seal: Seal,
     ) -> StoreFuture<'_, ()> {
         Box::pin(self.write(key, entry, ttl, Some(seal)))
+    }
+
+    /// The front's memory store: an answer there is read without a boxed future.
+    fn memory_tier(&self) -> Option<&MemoryStore> {
+        self.front.memory_tier()
     }
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {

@@ -42,7 +42,9 @@ use http_body_util::{BodyExt, Full};
 use tokio::runtime::Runtime;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_fallback_cache::store::{DiskStore, MemoryStore, Store, Tiered};
-use tower_fallback_cache::{FallbackCacheLayer, KeyRules, Mode, PartitionId, QuotaBreaker};
+use tower_fallback_cache::{
+    FallbackCacheLayer, KeyRules, Mode, PartitionId, QuotaBreaker, Sealing,
+};
 
 const REQUEST_LEN: usize = 2 * 1024;
 const ANSWER_LEN: usize = 4 * 1024;
@@ -54,12 +56,15 @@ fn runtime() -> Runtime {
         .expect("a tokio runtime")
 }
 
-fn layer(store: &Arc<dyn Store>, mode: Mode) -> FallbackCacheLayer {
-    FallbackCacheLayer::builder()
+fn layer(store: &Arc<dyn Store>, mode: Mode, sealing: Option<&Sealing>) -> FallbackCacheLayer {
+    let builder = FallbackCacheLayer::builder()
         .shared_store(store.clone())
         .mode(mode)
-        .quota_breaker(QuotaBreaker::disabled())
-        .build()
+        .quota_breaker(QuotaBreaker::disabled());
+    match sealing {
+        Some(sealing) => builder.sealing(sealing.clone()).build(),
+        None => builder.build(),
+    }
 }
 
 const CACHE_FIRST: Mode = Mode::CacheFirst {
@@ -92,12 +97,19 @@ fn bench_call<S, B>(
         });
 }
 
-/// MISS + store, HIT and FALLBACK over one store.
-fn bench_store(c: &mut Criterion, runtime: &Runtime, label: &str, store: Arc<dyn Store>) {
+/// MISS + store, HIT and FALLBACK over one store (sealed in a persistent store if
+/// `sealing` says so).
+fn bench_store(
+    c: &mut Criterion,
+    runtime: &Runtime,
+    label: &str,
+    store: Arc<dyn Store>,
+    sealing: Option<&Sealing>,
+) {
     let body = Bytes::from(chat_request(REQUEST_LEN));
     let answering = Answering::ok(chat_answer(ANSWER_LEN));
 
-    let miss = layer(&store, Mode::Fallback).layer(answering.clone());
+    let miss = layer(&store, Mode::Fallback, sealing).layer(answering.clone());
     bench_call(
         c,
         runtime,
@@ -109,10 +121,10 @@ fn bench_store(c: &mut Criterion, runtime: &Runtime, label: &str, store: Arc<dyn
     // The MISS bench stored the answer; make it readable from the file too.
     runtime.block_on(store.flush()).expect("flush");
 
-    let hit = layer(&store, CACHE_FIRST).layer(answering);
+    let hit = layer(&store, CACHE_FIRST, sealing).layer(answering);
     bench_call(c, runtime, &format!("{label}/HIT"), hit, &body, "HIT");
 
-    let fallback = layer(&store, Mode::Fallback).layer(Answering::quota_exhausted());
+    let fallback = layer(&store, Mode::Fallback, sealing).layer(Answering::quota_exhausted());
     bench_call(
         c,
         runtime,
@@ -336,18 +348,28 @@ fn layer_benches(c: &mut Criterion) {
         &runtime,
         "memory",
         Arc::new(MemoryStore::new(256 * 1024 * 1024)),
+        None,
     );
 
     let dir = tempfile::tempdir().expect("temp dir");
     let disk = DiskStore::open(dir.path().join("disk.redb")).expect("disk store");
-    bench_store(c, &runtime, "disk", Arc::new(disk));
+    bench_store(c, &runtime, "disk", Arc::new(disk), None);
 
     let tiered = Tiered::new(
         MemoryStore::new(256 * 1024 * 1024),
         DiskStore::open(dir.path().join("tiered.redb")).expect("disk store"),
     );
     let tiered: Arc<dyn Store> = Arc::new(tiered);
-    bench_store(c, &runtime, "tiered", tiered.clone());
+    bench_store(c, &runtime, "tiered", tiered.clone(), None);
+
+    // The same with sealing on: the disk tier holds sealed entries, the memory tier plain
+    // ones, so a HIT from memory should cost what it costs unsealed.
+    let sealed: Arc<dyn Store> = Arc::new(Tiered::new(
+        MemoryStore::new(256 * 1024 * 1024),
+        DiskStore::open(dir.path().join("sealed.redb")).expect("disk store"),
+    ));
+    let sealing = Sealing::with_secret(b"a server secret for the bench");
+    bench_store(c, &runtime, "tiered, sealed", sealed, Some(&sealing));
     bench_coverage(c, &runtime, &tiered);
 
     bench_http_cache_tower(c, &runtime);

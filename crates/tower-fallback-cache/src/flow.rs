@@ -475,7 +475,7 @@ type Found = Option<(Arc<CachedResponse>, Duration)>;
 async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
     let store = &*shared.store;
     // An answer held in memory is read in place (no boxed store future); otherwise the
-    // store is asked (a memory store alone is asked twice on a miss: a second moka get).
+    // store is asked (a memory store alone is asked twice on a miss: a second map lookup).
     let found = match store.memory_tier() {
         Some(memory) => match memory.get_entry(key).await {
             Some(entry) => Ok(Some(entry)),

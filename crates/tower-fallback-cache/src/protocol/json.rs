@@ -44,12 +44,33 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// common event carries no `"error"` at all and is judged by one fast search; an event that
 /// does is parsed (data that is not JSON says nothing).
 pub(crate) fn says_failed(data: &[u8]) -> bool {
-    static ERROR: LazyLock<Finder<'static>> =
-        LazyLock::new(|| FinderBuilder::new().build_forward_with_ranker(JsonRank, b"\"error\""));
-    if ERROR.find(data).is_none() {
-        return false;
+    mentions_error(data) && serde_json::from_slice::<Outcome>(data).is_ok_and(|o| o.failed)
+}
+
+/// `"error"`, the needle of [`mentions_error`].
+const ERROR: &[u8] = b"\"error\"";
+
+/// Whether `"error"` occurs in `data`. Called for every event of a chat stream, so on x86-64
+/// with AVX2 it asks memchr's packed-pair searcher directly (its `o` and first `r`, the
+/// pair [`JsonRank`] picks), without `memmem`'s dispatch: about 60 instructions less per
+/// 190-byte chunk, a third of the search.
+fn mentions_error(data: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use memchr::arch::all::packedpair::Pair;
+        use memchr::arch::x86_64::avx2::packedpair::Finder as Avx2Finder;
+        static AVX2: LazyLock<Option<Avx2Finder>> = LazyLock::new(|| {
+            Pair::with_indices(ERROR, 4, 2).and_then(|pair| Avx2Finder::with_pair(ERROR, pair))
+        });
+        if let Some(finder) = AVX2.as_ref()
+            && data.len() >= finder.min_haystack_len()
+        {
+            return finder.find(data, ERROR).is_some();
+        }
     }
-    serde_json::from_slice::<Outcome>(data).is_ok_and(|o| o.failed)
+    static FINDER: LazyLock<Finder<'static>> =
+        LazyLock::new(|| FinderBuilder::new().build_forward_with_ranker(JsonRank, ERROR));
+    FINDER.find(data).is_some()
 }
 
 /// memchr's byte ranking for a search in JSON: the quote and the punctuation around every
@@ -308,5 +329,28 @@ mod tests {
         ));
         assert!(!says_failed(br#"{"error":null}"#));
         assert!(!says_failed(b"[DONE]"));
+    }
+
+    #[test]
+    fn the_error_search_finds_the_needle_at_every_offset_of_every_length() {
+        let naive = |data: &[u8]| data.windows(ERROR.len()).any(|w| w == ERROR);
+        for len in 0..200 {
+            // Near misses around it: `"erro"`, `error"` and `"errors"` are not the needle.
+            let filler: Vec<u8> = br#"{"erro" error" "errors" "or": "rr"}"#
+                .iter()
+                .copied()
+                .cycle()
+                .take(len)
+                .collect();
+            assert_eq!(mentions_error(&filler), naive(&filler), "{len}");
+            for at in 0..=len.saturating_sub(ERROR.len()) {
+                if len < ERROR.len() {
+                    break;
+                }
+                let mut data = filler.clone();
+                data[at..at + ERROR.len()].copy_from_slice(ERROR);
+                assert!(mentions_error(&data), "{len} {at}");
+            }
+        }
     }
 }

@@ -198,7 +198,7 @@ fn event_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
     let mut at = from;
     let mut first = None;
     loop {
-        let i = at + memchr::memchr2(b'\n', b'\r', bytes.get(at..)?)?;
+        let i = at + line_ending(bytes.get(at..)?)?;
         let first = *first.get_or_insert(i);
         // The line ending at `i` ends just before `next`.
         let next = match (bytes[i], bytes.get(i + 1)) {
@@ -215,6 +215,22 @@ fn event_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
             _ => at = next,
         }
     }
+}
+
+/// The first CR or LF in `bytes`. Asked once per event, so on x86-64 with AVX2 it calls
+/// memchr's AVX2 searcher directly, without `memchr2`'s dispatch (a fifth of the search
+/// for a 190-byte event).
+fn line_ending(bytes: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use memchr::arch::x86_64::avx2::memchr::Two;
+        static AVX2: std::sync::LazyLock<Option<Two>> =
+            std::sync::LazyLock::new(|| Two::new(b'\n', b'\r'));
+        if let Some(two) = AVX2.as_ref() {
+            return two.find(bytes);
+        }
+    }
+    memchr::memchr2(b'\n', b'\r', bytes)
 }
 
 #[cfg(test)]

@@ -54,13 +54,21 @@ pub(crate) fn parse_event(raw: &[u8]) -> Option<Event<'_>> {
 /// `first_line_end`, when the splitter knows it, is where the event's first line ends: an
 /// event of one line (`data: {...}` and its blank line, the common case) is then read
 /// without another scan of its bytes.
+#[inline]
 pub(crate) fn parse_event_from(raw: &[u8], first_line_end: Option<usize>) -> Option<Event<'_>> {
-    if let Some(eol) = first_line_end {
-        let terminator = raw.get(eol..).unwrap_or_default();
-        if terminator.len() <= 4 && terminator.iter().all(|b| matches!(b, b'\r' | b'\n')) {
-            return single_line(&raw[..eol]);
-        }
+    if let Some(eol) = first_line_end
+        && let Some((line, terminator)) = raw.split_at_checked(eol)
+        && terminator.len() <= 4
+        && terminator.iter().all(|b| matches!(b, b'\r' | b'\n'))
+    {
+        return single_line(line);
     }
+    parse_lines(raw)
+}
+
+/// The full reading of an event of any number of lines.
+#[inline(never)]
+fn parse_lines(raw: &[u8]) -> Option<Event<'_>> {
     let mut name: Option<&str> = None;
     let mut data: Option<Cow<'_, [u8]>> = None;
     let mut rest = raw;
@@ -110,6 +118,7 @@ pub(crate) fn parse_event_from(raw: &[u8], first_line_end: Option<usize>) -> Opt
 }
 
 /// The fields of an event of one line.
+#[inline]
 fn single_line(line: &[u8]) -> Option<Event<'_>> {
     if line.first() == Some(&b':') {
         return None;

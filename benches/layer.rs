@@ -17,8 +17,8 @@
 //!   error: the stored answer is served without calling the service.
 //! - stores: `memory` (moka), `disk` (redb alone, so every get reads and decodes the file),
 //!   `tiered` (memory in front of disk, the proxy's default).
-//! - `tiered/MISS, 20 ms upstream, coverage off|on`: a new question each time to an
-//!   upstream that takes 20 ms, without and with the coverage lookup beside the call.
+//! - `tiered/MISS, 200 ms upstream, coverage off|on`: a new question each time to an
+//!   upstream that takes 200 ms, without and with the coverage lookup beside the call.
 //! - `http-cache-tower/GET HIT`: its natural hit, a GET whose answer says `max-age`.
 //! - `http-cache-tower/POST HIT`: the same POST as ours, keyed on its body. Its key function
 //!   sees only the request head, and with a custom key a POST's own answer is deleted as soon
@@ -155,7 +155,7 @@ fn bench_store(
 /// lookup adds nothing the delay does not hide. Each iteration asks a new question, so every
 /// lookup finds nothing and every answer is stored, as for a first request.
 fn bench_coverage(c: &mut Criterion, runtime: &Runtime, store: &Arc<dyn Store>) {
-    const UPSTREAM_DELAY: Duration = Duration::from_millis(20);
+    const UPSTREAM_DELAY: Duration = Duration::from_millis(200);
     let answering = Answering::ok(chat_answer(ANSWER_LEN));
     let slow = service_fn(move |request: Request<_>| {
         let mut inner = answering.clone();
@@ -168,9 +168,9 @@ fn bench_coverage(c: &mut Criterion, runtime: &Runtime, store: &Arc<dyn Store>) 
     assert!(base.contains("user-4711"));
     let mut group = c.benchmark_group("layer");
     group
-        .measurement_time(Duration::from_secs(5))
+        .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1))
-        .sample_size(50);
+        .sample_size(10);
     for coverage in [false, true] {
         let service = FallbackCacheLayer::builder()
             .shared_store(store.clone())
@@ -180,7 +180,7 @@ fn bench_coverage(c: &mut Criterion, runtime: &Runtime, store: &Arc<dyn Store>) 
             .layer(slow.clone());
         let mut n = 0u64;
         let name = format!(
-            "tiered/MISS, 20 ms upstream, coverage {}",
+            "tiered/MISS, 200 ms upstream, coverage {}",
             if coverage { "on" } else { "off" }
         );
         group.bench_function(name, |b| {

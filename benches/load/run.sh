@@ -9,7 +9,9 @@
 # THREADS of wrk (2). Installs nginx and wrk with apt-get when they are missing (as root),
 # builds the release binaries, and stops every process it started, whatever happens.
 #
-# Scenarios: HIT (proxy --mode cache-first; nginx serving a fresh cached answer); FALLBACK
+# Scenarios: HIT (proxy --mode cache-first; nginx serving a fresh cached answer);
+# HIT-vs-static (the same proxy against nginx answering the same bytes with `return 200`,
+# no cache at all: the ceiling); FALLBACK
 # (the upstream answers 429 insufficient_quota; the proxy with --no-quota-breaker and nginx
 # both ask it every time and serve the stored answer); FALLBACK-breaker (the proxy's
 # default quota breaker, open: the stored answer is served without asking; nginx as above).
@@ -110,8 +112,24 @@ PROXY_ASKING="$(listening_on "$WORK/proxy-asking.log")"
 HIT_PORT="$(free_port)"
 FALLBACK_PORT="$(free_port)"
 while [ "$FALLBACK_PORT" = "$HIT_PORT" ]; do FALLBACK_PORT="$(free_port)"; done
+STATIC_PORT="$(free_port)"
+while [ "$STATIC_PORT" = "$HIT_PORT" ] || [ "$STATIC_PORT" = "$FALLBACK_PORT" ]; do
+  STATIC_PORT="$(free_port)"
+done
+
+# The answer the proxy serves for the bench request, for nginx's static server: asked of
+# the HIT proxy (which stores it), then written into nginx's configuration as a quoted
+# string (backslashes and quotes escaped; nginx has no escape for `$`).
+curl -sSf -o "$WORK/answer.json" -X POST "$PROXY_HIT/v1/chat/completions" \
+  -H 'content-type: application/json' -H 'authorization: Bearer sk-load-test' \
+  --data-binary "@$BODY_FILE"
+grep -q '[$]' "$WORK/answer.json" && die "the answer holds a \$: nginx cannot return it as is"
+# nginx's escapes in a quoted string (\\ and \'), then the escapes of a sed replacement.
+sed -e 's/\\/\\\\/g' -e "s/'/\\\\'/g" "$WORK/answer.json" | tr -d '\n' >"$WORK/answer.nginx"
+sed -e 's/[\\&|]/\\&/g' "$WORK/answer.nginx" >"$WORK/answer.sed"
 sed -e "s|@WORK@|$WORK|g" -e "s|@USER@|$(id -un)|g" -e "s|@UPSTREAM@|${MOCK#http://}|g" \
   -e "s|@HIT_PORT@|$HIT_PORT|g" -e "s|@FALLBACK_PORT@|$FALLBACK_PORT|g" \
+  -e "s|@STATIC_PORT@|$STATIC_PORT|g" -e "s|@STATIC_ANSWER@|$(cat "$WORK/answer.sed")|" \
   "$ROOT/benches/load/nginx.conf.template" >"$WORK/nginx.conf"
 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -t -q 2>"$WORK/nginx-test.log" ||
   { cat "$WORK/nginx-test.log" >&2; die "nginx refused its configuration"; }
@@ -119,6 +137,7 @@ sed -e "s|@WORK@|$WORK|g" -e "s|@USER@|$(id -un)|g" -e "s|@UPSTREAM@|${MOCK#http
 PIDS+=($!)
 NGINX_HIT="http://127.0.0.1:$HIT_PORT"
 NGINX_FALLBACK="http://127.0.0.1:$FALLBACK_PORT"
+NGINX_STATIC="http://127.0.0.1:$STATIC_PORT"
 for _ in $(seq 100); do
   curl -s -o /dev/null "$NGINX_FALLBACK/v1/models" && break
   sleep 0.05
@@ -161,6 +180,11 @@ for base in "$PROXY_HIT" "$PROXY_FALLBACK" "$PROXY_ASKING" "$NGINX_HIT" "$NGINX_
 done
 expect_marking "$PROXY_HIT" x-fallback-cache HIT
 expect_marking "$NGINX_HIT" x-cache-status HIT
+# nginx's static server answers the very bytes the proxy serves.
+curl -sSf -o "$WORK/static.json" -X POST "$NGINX_STATIC$PATH_CHAT" \
+  -H 'content-type: application/json' --data-binary "@$BODY_FILE"
+cmp -s "$WORK/static.json" "$WORK/answer.json" ||
+  die "nginx's static answer differs from the proxy's ($WORK/static.json, $WORK/answer.json)"
 
 # Runs wrk against BASE and prints "requests/s p50_us p99_us errors".
 load() {
@@ -197,6 +221,7 @@ run_scenario() {
 }
 
 run_scenario HIT "$PROXY_HIT" "$NGINX_HIT"
+run_scenario HIT-vs-static "$PROXY_HIT" "$NGINX_STATIC"
 
 say "the upstream runs out of quota (429 insufficient_quota)"
 sleep 1.2 # nginx's FALLBACK answer (valid 1s) is now stale: it asks the upstream each time
@@ -225,6 +250,7 @@ set_mock '{"mode":"ok"}'
   }' "$RESULTS"
   echo
   echo "req/s ratio above 1 and p99 ratio below 1: the proxy is ahead."
+  echo "HIT-vs-static: the \"nginx\" columns are nginx answering the same bytes with return 200 (no cache)."
   echo "FALLBACK: the proxy with --no-quota-breaker (asks the upstream each time, as nginx does);"
   echo "FALLBACK-breaker: the proxy's default, its quota breaker open (does not ask)."
 }

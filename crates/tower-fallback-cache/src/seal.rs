@@ -4,7 +4,7 @@
 //! The seal key is derived per request with blake3 `derive_key` (a context of its own) over
 //! the server secret, if any, and the credential material (the request's credential
 //! partition, or its tenant); it is never stored or logged. The persistent stores (disk,
-//! Redis) keep sealed bytes (entry format 2: XChaCha20-Poly1305 with the entry's
+//! Redis) keep sealed bytes (entry format 3: AEGIS-256 with the entry's
 //! [`CacheKey`](crate::CacheKey) as associated data); the memory tier stays plain.
 
 use std::fmt;

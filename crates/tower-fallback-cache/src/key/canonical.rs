@@ -138,7 +138,7 @@ impl Buffers {
                 if joined.is_empty() {
                     joined.reserve(input.len() + self.patch.len());
                 }
-                joined.extend_from_slice(self.bytes(input, run));
+                append(&mut joined, self.bytes(input, run));
                 run = segment;
             }
         }
@@ -150,6 +150,48 @@ impl Buffers {
         joined.extend_from_slice(self.bytes(input, run));
         self.joined = joined;
         &self.joined
+    }
+}
+
+/// The first eight bytes of `key` (zero-padded), big-endian.
+#[inline]
+fn key_prefix(key: &[u8]) -> u64 {
+    match key.first_chunk::<8>() {
+        Some(first) => u64::from_be_bytes(*first),
+        // Short keys, byte by byte: a copy of a length known only here is a call to memcpy.
+        None => {
+            let mut prefix = 0u64;
+            for &byte in key {
+                prefix = (prefix << 8) | u64::from(byte);
+            }
+            prefix.checked_shl(8 * (8 - key.len() as u32)).unwrap_or(0)
+        }
+    }
+}
+
+/// Appends `items` to `to`: most members are a few segments, where one `push` each is
+/// cheaper than a call to memcpy.
+#[inline]
+fn push_all<T: Copy>(to: &mut Vec<T>, items: &[T]) {
+    if items.len() > 8 {
+        to.extend_from_slice(items);
+    } else {
+        to.reserve(items.len());
+        for &item in items {
+            to.push(item);
+        }
+    }
+}
+
+/// Appends `bytes` to `to`, short runs (a comma, a short member) without a call to memcpy.
+#[inline]
+fn append(to: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.len() > 16 {
+        to.extend_from_slice(bytes);
+    } else {
+        for &byte in bytes {
+            to.push(byte);
+        }
     }
 }
 
@@ -352,12 +394,9 @@ impl Parser<'_, '_> {
                     self.b.segments.pop();
                 }
             } else {
-                let bytes = self.b.bytes(self.input, key);
-                let mut prefix = [0u8; 8];
-                let len = bytes.len().min(8);
-                prefix[..len].copy_from_slice(&bytes[..len]);
+                let prefix = key_prefix(self.b.bytes(self.input, key));
                 self.b.members.push(Member {
-                    prefix: u64::from_be_bytes(prefix),
+                    prefix,
                     key,
                     segments: first_segment..self.b.segments.len(),
                 });
@@ -411,8 +450,7 @@ impl Parser<'_, '_> {
                 if let (true, Some(comma)) = (i > 0, comma) {
                     b.sorted.push(comma);
                 }
-                b.sorted
-                    .extend_from_slice(&b.segments[member.segments.clone()]);
+                push_all(&mut b.sorted, &b.segments[member.segments.clone()]);
             }
             b.segments.truncate(region);
             b.segments.extend_from_slice(&b.sorted);

@@ -139,11 +139,7 @@ fn stores(c: &mut Criterion) {
     let disk = DiskStore::open(dir.path().join("bench.redb")).expect("disk store");
     get_and_put(c, &runtime, "disk", &disk);
     let sealed = DiskStore::open(dir.path().join("sealed.redb")).expect("disk store");
-    let seal = Seal::from_parts(
-        Some(b"a server secret".as_slice()),
-        Some(b"sk-bench".as_slice()),
-    );
-    get_and_put_sealed(c, &runtime, "disk sealed", &sealed, Some(seal));
+    get_and_put_sealed(c, &runtime, "disk sealed", &sealed, Some(bench_seal()));
     drop(sealed);
     let entry = answer_4k();
     let durable = AtomicU32::new(0);
@@ -219,10 +215,7 @@ fn stores(c: &mut Criterion) {
 fn codec(c: &mut Criterion) {
     let entry = answer_4k();
     let key = key(7);
-    let seal = Seal::from_parts(
-        Some(b"a server secret".as_slice()),
-        Some(b"sk-bench".as_slice()),
-    );
+    let seal = bench_seal();
     let plain = entry.encode();
     let sealed = entry.encode_sealed(&key, &seal);
     let mut group = c.benchmark_group("codec");
@@ -243,38 +236,35 @@ fn codec(c: &mut Criterion) {
 }
 
 /// `STORES_BENCH_OPS=N`: one operation of `STORES_BENCH_CASE`, N times, as the criterion
-/// group does it (the same prefill, keys and flushes), and nothing else.
+/// group does it (the same prefill, keys, seal and flushes), and nothing else. Cases:
+/// `memory/get`, `memory/put`, `disk/get`, `disk/put`, `disk sealed/get`, `disk sealed/put`.
 fn fixed_count(case: &str, count: u32) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Box<dyn Store> = match case.split('/').next() {
-        Some("memory") => Box::new(MemoryStore::new(256 * 1024 * 1024)),
-        Some("disk") => {
+    let (kind, op) = case.split_once('/').unwrap_or((case, ""));
+    let store: Box<dyn Store> = match kind {
+        "memory" => Box::new(MemoryStore::new(256 * 1024 * 1024)),
+        "disk" | "disk sealed" => {
             Box::new(DiskStore::open(dir.path().join("bench.redb")).expect("disk store"))
         }
-        _ => panic!("STORES_BENCH_CASE: memory/get, memory/put, disk/get or disk/put"),
+        _ => panic!("STORES_BENCH_CASE: memory, disk or disk sealed, then /get or /put"),
     };
+    let seal = (kind == "disk sealed").then(bench_seal);
     let entry = answer_4k();
     runtime.block_on(async {
         for i in 0..KEYS {
-            store
-                .put(key(i), entry.clone(), TTL)
-                .await
-                .expect("prefill");
+            put(&*store, key(i), entry.clone(), seal).await;
         }
         store.flush().await.expect("prefill flush");
         let counter = AtomicU32::new(0);
         for _ in 0..count {
-            if case.ends_with("/get") {
-                let found = store.get(&next_key(&counter)).await.expect("get");
+            if op == "get" {
+                let found = get(&*store, &next_key(&counter), seal.as_ref()).await;
                 assert!(found.is_some());
             } else {
-                store
-                    .put(next_key(&counter), entry.clone(), TTL)
-                    .await
-                    .expect("put");
+                put(&*store, next_key(&counter), entry.clone(), seal).await;
                 if counter.load(Ordering::Relaxed).is_multiple_of(64) {
                     store.flush().await.expect("flush");
                 }
@@ -282,6 +272,14 @@ fn fixed_count(case: &str, count: u32) {
         }
         store.flush().await.expect("flush");
     });
+}
+
+/// The seal of the sealed cases: a server secret and a credential.
+fn bench_seal() -> Seal {
+    Seal::from_parts(
+        Some(b"a server secret".as_slice()),
+        Some(b"sk-bench".as_slice()),
+    )
 }
 
 criterion_group!(benches, stores);

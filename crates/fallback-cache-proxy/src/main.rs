@@ -25,6 +25,11 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: per-thread free lists for the many short-lived buffers of each request (see
+/// BENCHMARKS.md, "The proxy against nginx on loopback").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // A subcommand (`fingerprint`, ...) runs on its own; no subcommand serves.
     if let Some(code) = commands::run(std::env::args_os()) {

@@ -458,8 +458,8 @@ mod tests {
             vec![("content-type".into(), b"text/event-stream".to_vec())],
         );
         assert_eq!(
-            CachedResponse::decode_sealed(&stored, &key, &seal),
-            Ok(expected)
+            CachedResponse::decode_sealed(&stored, &key, &seal).as_ref(),
+            Ok(&expected)
         );
         assert_eq!(
             CachedResponse::decode_sealed(&stored, &CacheKey::from_bytes([8; 32]), &seal),
@@ -474,6 +474,13 @@ mod tests {
         let mut as_3 = stored.clone();
         as_3[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert!(CachedResponse::decode_sealed(&as_3, &key, &seal).is_err());
+        // What is sealed now is format 3 (AEGIS-256): its own header, nonce and tag lengths.
+        let resealed = expected.encode_sealed(&key, &seal);
+        assert_eq!(&resealed[..6], b"FBCE\x03\x00");
+        assert_eq!(resealed.len(), stored.len() - 38 - 16 + 46 + 32);
+        let mut as_2 = resealed.clone();
+        as_2[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert!(CachedResponse::decode_sealed(&as_2, &key, &seal).is_err());
     }
 
     #[test]

@@ -11,7 +11,13 @@ use http::request::Parts;
 use super::json::{says_failed, type_of};
 use super::{Completeness, Event, Protocol, Verdict, path};
 
-/// The OpenAI API family (see the [module](self) table).
+/// The OpenAI API family: chat completions, legacy completions and the Responses API, and
+/// the servers that speak them (Azure OpenAI, OpenRouter, vLLM, LiteLLM, ...).
+///
+/// | endpoint (path ends with) | complete | failed |
+/// | --- | --- | --- |
+/// | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
+/// | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event |
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenAi;
 

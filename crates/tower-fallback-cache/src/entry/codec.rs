@@ -162,10 +162,13 @@ impl CachedResponse {
     /// unsealed entry (format 1) is [`EntryError::Unsealed`]: neither is ever served.
     #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
     pub fn decode_sealed(bytes: &[u8], key: &CacheKey, seal: &Seal) -> Result<Self, EntryError> {
-        let (header_len, tag_len) = match check_magic(bytes)? {
+        let version = check_magic(bytes)?;
+        let (header_len, tag_len) = match version {
             Some(FORMAT_VERSION) => return Err(EntryError::Unsealed),
             Some(XCHACHA_VERSION) => (XCHACHA_HEADER_LEN, XCHACHA_TAG_LEN),
-            _ => (SEALED_HEADER_LEN, TAG_LEN),
+            // Too short to hold a version: refused below for its length.
+            Some(SEALED_VERSION) | None => (SEALED_HEADER_LEN, TAG_LEN),
+            Some(other) => return Err(EntryError::UnsupportedVersion(other)),
         };
         let Some((header, sealed)) = bytes.split_at_checked(header_len) else {
             return Err(EntryError::Length {
@@ -173,10 +176,6 @@ impl CachedResponse {
                 actual: bytes.len() as u64,
             });
         };
-        let version = u16::from_le_bytes([header[4], header[5]]);
-        if version != SEALED_VERSION && version != XCHACHA_VERSION {
-            return Err(EntryError::UnsupportedVersion(version));
-        }
         let mut announced = [0; 8];
         announced.copy_from_slice(&header[6..14]);
         let announced = u64::from_le_bytes(announced);
@@ -189,7 +188,7 @@ impl CachedResponse {
         let (ciphertext, tag) = sealed.split_at(sealed.len() - tag_len);
         let mut payload = ciphertext.to_vec();
         let associated_data = associated_data(header, key);
-        let opened = if version == SEALED_VERSION {
+        let opened = if version == Some(SEALED_VERSION) {
             let nonce: &[u8; NONCE_LEN] = header[14..].try_into().expect("the nonce's length");
             let tag: &[u8; TAG_LEN] = tag.try_into().expect("the tag's length");
             Aegis256::<TAG_LEN>::new(&seal.key(), nonce)

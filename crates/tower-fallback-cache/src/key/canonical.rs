@@ -138,7 +138,7 @@ impl Buffers {
                 if joined.is_empty() {
                     joined.reserve(input.len() + self.patch.len());
                 }
-                append(&mut joined, self.bytes(input, run));
+                extend_short(&mut joined, self.bytes(input, run), 16);
                 run = segment;
             }
         }
@@ -169,28 +169,17 @@ fn key_prefix(key: &[u8]) -> u64 {
     }
 }
 
-/// Appends `items` to `to`: most members are a few segments, where one `push` each is
-/// cheaper than a call to memcpy.
+/// Appends `items` to `to`, one `push` each when there are at most `loop_up_to` of them:
+/// most copies here are a few bytes or a few segments, where a call to memcpy costs more
+/// than the copy.
 #[inline]
-fn push_all<T: Copy>(to: &mut Vec<T>, items: &[T]) {
-    if items.len() > 8 {
+fn extend_short<T: Copy>(to: &mut Vec<T>, items: &[T], loop_up_to: usize) {
+    if items.len() > loop_up_to {
         to.extend_from_slice(items);
     } else {
         to.reserve(items.len());
         for &item in items {
             to.push(item);
-        }
-    }
-}
-
-/// Appends `bytes` to `to`, short runs (a comma, a short member) without a call to memcpy.
-#[inline]
-fn append(to: &mut Vec<u8>, bytes: &[u8]) {
-    if bytes.len() > 16 {
-        to.extend_from_slice(bytes);
-    } else {
-        for &byte in bytes {
-            to.push(byte);
         }
     }
 }
@@ -450,7 +439,7 @@ impl Parser<'_, '_> {
                 if let (true, Some(comma)) = (i > 0, comma) {
                     b.sorted.push(comma);
                 }
-                push_all(&mut b.sorted, &b.segments[member.segments.clone()]);
+                extend_short(&mut b.sorted, &b.segments[member.segments.clone()], 8);
             }
             b.segments.truncate(region);
             b.segments.extend_from_slice(&b.sorted);

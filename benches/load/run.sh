@@ -11,7 +11,9 @@
 #
 # Scenarios: HIT (proxy --mode cache-first; nginx serving a fresh cached answer);
 # HIT-vs-static (the same proxy against nginx answering the same bytes with `return 200`,
-# no cache at all: the ceiling); FALLBACK
+# no cache at all: the ceiling); HIT-vs-hyper (the same proxy against `static-http`, the
+# proxy's HTTP stack alone, hyper on Tokio answering the same bytes: what the proxy adds to
+# it); FALLBACK
 # (the upstream answers 429 insufficient_quota; the proxy with --no-quota-breaker and nginx
 # both ask it every time and serve the stored answer); FALLBACK-breaker (the proxy's
 # default quota breaker, open: the stored answer is served without asking; nginx as above).
@@ -44,12 +46,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-say "building mock-upstream and fallback-cache-proxy (release)"
+say "building mock-upstream, fallback-cache-proxy and static-http (release)"
 cargo build --release --quiet -p mock-upstream -p fallback-cache-proxy
+cargo build --release --quiet -p fallback-cache-tests --bin static-http
 TARGET_DIR="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')}"
 BIN="$TARGET_DIR/release"
-[ -x "$BIN/fallback-cache-proxy" ] || die "no $BIN/fallback-cache-proxy after the build"
+for bin in fallback-cache-proxy mock-upstream static-http; do
+  [ -x "$BIN/$bin" ] || die "no $BIN/$bin after the build"
+done
 
 # --- processes --------------------------------------------------------------------------
 WORK="$(mktemp -d)"
@@ -185,6 +190,14 @@ curl -sSf -o "$WORK/static.json" -X POST "$NGINX_STATIC$PATH_CHAT" \
   -H 'content-type: application/json' --data-binary "@$BODY_FILE"
 cmp -s "$WORK/static.json" "$WORK/answer.json" ||
   die "nginx's static answer differs from the proxy's ($WORK/static.json, $WORK/answer.json)"
+# The proxy's HTTP stack alone, answering the same bytes.
+"$BIN/static-http" "$WORK/answer.json" 127.0.0.1:0 2>"$WORK/static-http.log" &
+PIDS+=($!)
+STATIC_HTTP="$(listening_on "$WORK/static-http.log")"
+curl -sSf -o "$WORK/static-http.json" -X POST "$STATIC_HTTP$PATH_CHAT" \
+  -H 'content-type: application/json' --data-binary "@$BODY_FILE"
+cmp -s "$WORK/static-http.json" "$WORK/answer.json" ||
+  die "static-http's answer differs from the proxy's"
 
 # Runs wrk against BASE and prints "requests/s p50_us p99_us errors".
 load() {
@@ -222,6 +235,7 @@ run_scenario() {
 
 run_scenario HIT "$PROXY_HIT" "$NGINX_HIT"
 run_scenario HIT-vs-static "$PROXY_HIT" "$NGINX_STATIC"
+run_scenario HIT-vs-hyper "$PROXY_HIT" "$STATIC_HTTP"
 
 say "the upstream runs out of quota (429 insufficient_quota)"
 sleep 1.2 # nginx's FALLBACK answer (valid 1s) is now stale: it asks the upstream each time
@@ -251,6 +265,8 @@ set_mock '{"mode":"ok"}'
   echo
   echo "req/s ratio above 1 and p99 ratio below 1: the proxy is ahead."
   echo "HIT-vs-static: the \"nginx\" columns are nginx answering the same bytes with return 200 (no cache)."
+  echo "HIT-vs-hyper: the \"nginx\" columns are static-http, the proxy's HTTP stack alone (hyper, Tokio,"
+  echo "mimalloc) answering the same bytes."
   echo "FALLBACK: the proxy with --no-quota-breaker (asks the upstream each time, as nginx does);"
   echo "FALLBACK-breaker: the proxy's default, its quota breaker open (does not ask)."
 }

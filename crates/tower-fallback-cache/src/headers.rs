@@ -41,6 +41,11 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
 /// assert!(headers.contains_key("content-type"));
 /// ```
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: a look at the names present is cheaper than a
+    // removal (a hash lookup) per name of the list.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()

@@ -2,6 +2,7 @@
 //! goes through the layer to the upstream, and an upstream that cannot be reached becomes a
 //! 502 in OpenAI's error shape.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,20 +64,33 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
 async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
-    // The path alone is logged: a query may carry a key (Gemini's `?key=`).
-    let path = parts.uri.path().to_owned();
     // Only the path and query choose what is asked upstream: a request in absolute form
     // (`GET http://elsewhere/...`) must not send the proxy elsewhere. Dot segments are
     // resolved before the join to the upstream's base path, traversal is refused.
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = match target::resolve(target).map(|t| Uri::try_from(t.as_str())) {
-        Ok(Ok(uri)) => uri,
-        Ok(Err(_)) => return bad_request("the request target is not a valid URI"),
+    let resolved = match target::resolve(target) {
+        // A plain path of a request in origin form (`POST /v1/chat/completions`) is asked
+        // as it came.
+        Ok(Cow::Borrowed(_)) if parts.uri.scheme().is_none() && parts.uri.authority().is_none() => {
+            None
+        }
+        Ok(resolved) => match Uri::try_from(resolved.as_ref()) {
+            Ok(uri) => Some(uri),
+            Err(_) => return bad_request("the request target is not a valid URI"),
+        },
         Err(refused) => {
+            let path = parts.uri.path();
             tracing::debug!("{method} {path}: refused, {}", refused.message());
             return bad_request(refused.message());
         }
     };
+    // The client's own target is kept for the logs, which name its path alone: a query may
+    // carry a key (Gemini's `?key=`).
+    let requested = match resolved {
+        Some(uri) => std::mem::replace(&mut parts.uri, uri),
+        None => parts.uri.clone(),
+    };
+    let path = requested.path();
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);

@@ -9,6 +9,8 @@
 //! attacker or a broken client sends (an encoded dot segment, an encoded `/` or `\`, a
 //! backslash) are refused with a 400.
 
+use std::borrow::Cow;
+
 /// Why a request target is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -28,12 +30,16 @@ impl Refused {
 }
 
 /// The path and query to ask the upstream for, with dot segments resolved; the query is
-/// kept as sent.
-pub(crate) fn resolve(path_and_query: &str) -> Result<String, Refused> {
+/// kept as sent. A path that cannot hold a dot segment or an encoded character (no `.`,
+/// `%` or `\\`: nearly every API call) is returned as it came, borrowed.
+pub(crate) fn resolve(path_and_query: &str) -> Result<Cow<'_, str>, Refused> {
     let (path, query) = match path_and_query.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
+    if path.starts_with('/') && !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return Ok(Cow::Borrowed(path_and_query));
+    }
     if path.contains('\\') {
         return Err(Refused::Backslash);
     }
@@ -70,7 +76,7 @@ pub(crate) fn resolve(path_and_query: &str) -> Result<String, Refused> {
         resolved.push('?');
         resolved.push_str(query);
     }
-    Ok(resolved)
+    Ok(Cow::Owned(resolved))
 }
 
 #[cfg(test)]
@@ -87,7 +93,14 @@ mod tests {
             "/v1/files/file%20name",
             "/v1/a..b/.hidden/x?q=../..",
         ] {
-            assert_eq!(resolve(path).as_deref(), Ok(path), "{path}");
+            let resolved = resolve(path);
+            assert_eq!(resolved.as_deref(), Ok(path), "{path}");
+            // Without a `.`, `%` or `\\`, the path is the one that came, not a copy.
+            let plain = !path
+                .split('?')
+                .next()
+                .is_some_and(|p| p.contains(['.', '%']));
+            assert_eq!(plain, matches!(resolved, Ok(Cow::Borrowed(_))), "{path}");
         }
     }
 

@@ -37,6 +37,30 @@ fn cache_status(response: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// The quota runs out: `stored` (asked before) is answered FALLBACK, `never_asked` gets
+/// the upstream's 429.
+async fn quota_gone(proxy: &Proxy, mock: &MockUpstream, stored: &str, never_asked: &str) {
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let fallback = chat(proxy, "/v1/chat/completions", stored, None).await;
+    assert_eq!(cache_status(&fallback), "FALLBACK");
+    fallback.text().await.expect("a body");
+    let missed = chat(proxy, "/v1/chat/completions", never_asked, None).await;
+    assert_eq!(missed.status(), 429);
+}
+
+/// The `/metrics` page, once `promtool check metrics` has accepted it.
+async fn checked_page(proxy: &Proxy) -> String {
+    let page = reqwest::get(format!("{}/metrics", proxy.url()))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the page");
+    promtool_check(&page);
+    page
+}
+
 /// Runs `promtool check metrics` on `page`. Without promtool the check is skipped, except
 /// under CI, where a missing promtool is a failure (scripts/test.sh installs it).
 fn promtool_check(page: &str) {
@@ -122,22 +146,9 @@ async fn the_page_passes_promtool_after_mixed_traffic_and_names_no_secret() {
     // A bypass.
     let models = chat(&proxy, "/v1/chat/completions", "not kept", Some("no-store")).await;
     assert_eq!(cache_status(&models), "BYPASS");
-    // The quota is gone: one FALLBACK, one with nothing to fall back on.
-    mock.control()
-        .set_mode(Mode::Error(Fixture::insufficient_quota()));
-    let fallback = chat(&proxy, "/v1/chat/completions", "second", None).await;
-    assert_eq!(cache_status(&fallback), "FALLBACK");
-    fallback.text().await.expect("a body");
-    let missed = chat(&proxy, "/v1/chat/completions", "fourth", None).await;
-    assert_eq!(missed.status(), 429);
+    quota_gone(&proxy, &mock, "second", "fourth").await;
 
-    let page = reqwest::get(format!("{}/metrics", proxy.url()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("the page");
-    promtool_check(&page);
+    let page = checked_page(&proxy).await;
 
     let samples = common::metrics(proxy.url()).await;
     // Covered: the second "first", the HIT, the FALLBACK's "second". Uncovered: first,
@@ -273,13 +284,7 @@ async fn each_request_is_timed_under_its_cache_status_and_each_store_operation_b
     assert_eq!(probe.status(), 504);
     let bypass = chat(&proxy, "/v1/chat/completions", "five", Some("no-store")).await;
     assert_eq!(cache_status(&bypass), "BYPASS");
-    mock.control()
-        .set_mode(Mode::Error(Fixture::insufficient_quota()));
-    let fallback = chat(&proxy, "/v1/chat/completions", "three", None).await;
-    assert_eq!(cache_status(&fallback), "FALLBACK");
-    fallback.text().await.expect("a body");
-    let failed = chat(&proxy, "/v1/chat/completions", "six", None).await;
-    assert_eq!(failed.status(), 429);
+    quota_gone(&proxy, &mock, "three", "six").await;
     let refused = chat(
         &proxy,
         "/v1%2Fchat/completions?key=secret-query",
@@ -311,13 +316,7 @@ async fn each_request_is_timed_under_its_cache_status_and_each_store_operation_b
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    let page = reqwest::get(format!("{}/metrics", proxy.url()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("the page");
-    promtool_check(&page);
+    let page = checked_page(&proxy).await;
 
     let timed = by_label(
         &samples,

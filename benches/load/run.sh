@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load comparison on loopback: fallback-cache-proxy against nginx proxy_cache (keyed on the
 # request body), in front of the same mock upstream, for HIT and FALLBACK, at several
-# concurrencies. Prints requests/s and p50/p99 latency of each, and proxy/nginx ratios.
+# concurrencies. Prints requests/s, p50/p99 latency and CPU time per request of each, and
+# proxy/nginx ratios.
 #
 #   benches/load/run.sh
 #
@@ -83,10 +84,14 @@ listening_on() {
   die "a server did not start (its output is above)"
 }
 
+# A port for nginx to listen on: free now, and below the ephemeral range, where no outgoing
+# connection (wrk's, the proxies') can take it before nginx binds it.
 free_port() {
-  local port
+  local port low
+  low="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+  [ "$low" -gt 12000 ] || die "the ephemeral port range starts at $low: no room below it"
   for _ in $(seq 50); do
-    port=$((20000 + RANDOM % 40000))
+    port=$((10000 + RANDOM % (low - 10000)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return
@@ -103,15 +108,18 @@ MOCK="$(listening_on "$WORK/mock.log")"
 "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode cache-first --fresh-for 1h 2>"$WORK/proxy-hit.log" &
 PIDS+=($!)
+PID_HIT=$!
 PROXY_HIT="$(listening_on "$WORK/proxy-hit.log")"
 "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode fallback 2>"$WORK/proxy-fallback.log" &
 PIDS+=($!)
+PID_FALLBACK=$!
 PROXY_FALLBACK="$(listening_on "$WORK/proxy-fallback.log")"
 # Without the quota breaker every request asks the upstream, as nginx does.
 "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode fallback --no-quota-breaker 2>"$WORK/proxy-asking.log" &
 PIDS+=($!)
+PID_ASKING=$!
 PROXY_ASKING="$(listening_on "$WORK/proxy-asking.log")"
 
 HIT_PORT="$(free_port)"
@@ -140,6 +148,7 @@ sed -e "s|@WORK@|$WORK|g" -e "s|@USER@|$(id -un)|g" -e "s|@UPSTREAM@|${MOCK#http
   { cat "$WORK/nginx-test.log" >&2; die "nginx refused its configuration"; }
 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" 2>>"$WORK/nginx-error.log" &
 PIDS+=($!)
+PID_NGINX=$!
 NGINX_HIT="http://127.0.0.1:$HIT_PORT"
 NGINX_FALLBACK="http://127.0.0.1:$FALLBACK_PORT"
 NGINX_STATIC="http://127.0.0.1:$STATIC_PORT"
@@ -193,20 +202,38 @@ cmp -s "$WORK/static.json" "$WORK/answer.json" ||
 # The proxy's HTTP stack alone, answering the same bytes.
 "$BIN/static-http" "$WORK/answer.json" 127.0.0.1:0 2>"$WORK/static-http.log" &
 PIDS+=($!)
+PID_STATIC_HTTP=$!
 STATIC_HTTP="$(listening_on "$WORK/static-http.log")"
 curl -sSf -o "$WORK/static-http.json" -X POST "$STATIC_HTTP$PATH_CHAT" \
   -H 'content-type: application/json' --data-binary "@$BODY_FILE"
 cmp -s "$WORK/static-http.json" "$WORK/answer.json" ||
   die "static-http's answer differs from the proxy's"
 
-# Runs wrk against BASE and prints "requests/s p50_us p99_us errors".
+# The CPU time (user + system, in clock ticks) used so far by the processes PIDS and their
+# children that are still running (nginx's workers are its master's children).
+CLK_TCK="$(getconf CLK_TCK)"
+cpu_ticks() {
+  local pid total=0 u s
+  for pid in "$@" $(for pid in "$@"; do pgrep -P "$pid" || true; done); do
+    read -r u s < <(awk '{ print $14, $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0 0)
+    total=$((total + u + s))
+  done
+  echo "$total"
+}
+
+# Runs wrk against BASE, served by the processes PIDS (a list), and prints "requests/s
+# p50_us p99_us errors cpu_us_per_request".
 load() {
-  local base="$1" connections="$2" threads="$THREADS" out
+  local base="$1" connections="$2" pids="$3" threads="$THREADS" out before after
   [ "$connections" -lt "$threads" ] && threads="$connections"
+  # shellcheck disable=SC2086 # a list of pids
+  before="$(cpu_ticks $pids)"
   out="$(timeout $((DURATION + 30)) wrk --latency -t "$threads" -c "$connections" \
     -d "${DURATION}s" -s "$WORK/post.lua" "$base$PATH_CHAT")" || die "wrk failed: $out"
+  # shellcheck disable=SC2086
+  after="$(cpu_ticks $pids)"
   echo "$out" >>"$WORK/wrk.log"
-  echo "$out" | awk '
+  echo "$out" | awk -v ticks="$((after - before))" -v hz="$CLK_TCK" '
     function us(v) {
       if (v ~ /us$/) return v + 0
       if (v ~ /ms$/) return v * 1000
@@ -216,26 +243,30 @@ load() {
     $1 == "50%" { p50 = us($2) }
     $1 == "99%" { p99 = us($2) }
     /^Requests\/sec:/ { rps = $2 }
+    / requests in / { requests = $1 }
     /Non-2xx or 3xx responses:/ { errors += $NF }
     /Socket errors:/ { errors += $4 + $6 + $8 + $10 }
-    END { printf "%.0f %.0f %.0f %d\n", rps, p50, p99, errors + 0 }'
+    END {
+      cpu = requests > 0 ? ticks * 1000000 / hz / requests : 0
+      printf "%.0f %.0f %.0f %d %.1f\n", rps, p50, p99, errors + 0, cpu
+    }'
 }
 
 RESULTS="$WORK/results"
 : >"$RESULTS"
 run_scenario() {
-  local scenario="$1" proxy="$2" nginx="$3" c p n
+  local scenario="$1" proxy="$2" proxy_pid="$3" nginx="$4" nginx_pid="$5" c p n
   for c in $CONCURRENCY; do
     say "$scenario, $c connections: proxy, then nginx (${DURATION}s each)"
-    p="$(load "$proxy" "$c")"
-    n="$(load "$nginx" "$c")"
+    p="$(load "$proxy" "$c" "$proxy_pid")"
+    n="$(load "$nginx" "$c" "$nginx_pid")"
     echo "$scenario $c $p $n" >>"$RESULTS"
   done
 }
 
-run_scenario HIT "$PROXY_HIT" "$NGINX_HIT"
-run_scenario HIT-vs-static "$PROXY_HIT" "$NGINX_STATIC"
-run_scenario HIT-vs-hyper "$PROXY_HIT" "$STATIC_HTTP"
+run_scenario HIT "$PROXY_HIT" "$PID_HIT" "$NGINX_HIT" "$PID_NGINX"
+run_scenario HIT-vs-static "$PROXY_HIT" "$PID_HIT" "$NGINX_STATIC" "$PID_NGINX"
+run_scenario HIT-vs-hyper "$PROXY_HIT" "$PID_HIT" "$STATIC_HTTP" "$PID_STATIC_HTTP"
 
 say "the upstream runs out of quota (429 insufficient_quota)"
 sleep 1.2 # nginx's FALLBACK answer (valid 1s) is now stale: it asks the upstream each time
@@ -244,10 +275,10 @@ expect_marking "$PROXY_ASKING" x-fallback-cache FALLBACK
 expect_marking "$PROXY_FALLBACK" x-fallback-cache FALLBACK
 expect_marking "$NGINX_FALLBACK" x-cache-status STALE
 # Both ask the upstream on every request and serve the stored answer on its 429.
-run_scenario FALLBACK "$PROXY_ASKING" "$NGINX_FALLBACK"
+run_scenario FALLBACK "$PROXY_ASKING" "$PID_ASKING" "$NGINX_FALLBACK" "$PID_NGINX"
 # The proxy's default: after the first insufficient_quota its quota breaker stops asking
 # for a cooldown and serves the stored answer at once; nginx still asks every time.
-run_scenario FALLBACK-breaker "$PROXY_FALLBACK" "$NGINX_FALLBACK"
+run_scenario FALLBACK-breaker "$PROXY_FALLBACK" "$PID_FALLBACK" "$NGINX_FALLBACK" "$PID_NGINX"
 set_mock '{"mode":"ok"}'
 
 # --- report -----------------------------------------------------------------------------
@@ -256,11 +287,11 @@ set_mock '{"mode":"ok"}'
   echo "fallback-cache-proxy (--store memory) vs nginx proxy_cache, loopback, ${DURATION}s per run,"
   echo "wrk -t$THREADS, 2 KiB POST body; $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo
-  echo "| scenario | connections | proxy req/s | nginx req/s | req/s proxy/nginx | proxy p50 µs | nginx p50 µs | proxy p99 µs | nginx p99 µs | p99 proxy/nginx | errors proxy/nginx |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| scenario | connections | proxy req/s | nginx req/s | req/s proxy/nginx | proxy p50 µs | nginx p50 µs | proxy p99 µs | nginx p99 µs | p99 proxy/nginx | CPU µs/request proxy | CPU µs/request nginx | errors proxy/nginx |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   awk '{
-    printf "| %s | %s | %s | %s | %.2f | %s | %s | %s | %s | %.2f | %s/%s |\n",
-      $1, $2, $3, $7, ($7 > 0 ? $3 / $7 : 0), $4, $8, $5, $9, ($9 > 0 ? $5 / $9 : 0), $6, $10
+    printf "| %s | %s | %s | %s | %.2f | %s | %s | %s | %s | %.2f | %s | %s | %s/%s |\n",
+      $1, $2, $3, $8, ($8 > 0 ? $3 / $8 : 0), $4, $9, $5, $10, ($10 > 0 ? $5 / $10 : 0), $7, $12, $6, $11
   }' "$RESULTS"
   echo
   echo "req/s ratio above 1 and p99 ratio below 1: the proxy is ahead."
@@ -269,4 +300,6 @@ set_mock '{"mode":"ok"}'
   echo "mimalloc) answering the same bytes."
   echo "FALLBACK: the proxy with --no-quota-breaker (asks the upstream each time, as nginx does);"
   echo "FALLBACK-breaker: the proxy's default, its quota breaker open (does not ask)."
+  echo "CPU µs/request: user + system time of the server's processes (nginx: master and workers)"
+  echo "during the run, over the requests wrk completed."
 }

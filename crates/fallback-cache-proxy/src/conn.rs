@@ -169,6 +169,7 @@ pub(crate) struct Conn {
     read_any: AtomicBool,
     http2: AtomicBool,
     evict: AtomicBool,
+    /// Wakes the watchdog when the connection is evicted.
     changed: Notify,
 }
 
@@ -186,7 +187,6 @@ impl Conn {
     pub(crate) fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(0, Ordering::Release);
-        self.changed.notify_one();
         Busy { conn: self.clone() }
     }
 
@@ -201,11 +201,17 @@ impl Conn {
         {
             self.head_started
                 .store(millis(self.epoch), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
     /// Completes when the connection should close, with the reason.
+    ///
+    /// The connection's requests do not wake it: it sleeps until the deadline in view, and
+    /// never longer than the shorter timeout (`recheck`) when a later event could bring
+    /// one (a request head that starts while the connection is idle, the end of a request
+    /// in flight). Such a deadline is at least `recheck` after the event, so it is still
+    /// ahead when the watchdog wakes, and each timeout is kept to the millisecond without
+    /// a wake-up (and a new timer) per request. Only an eviction wakes it early.
     pub(crate) async fn watch(&self, timeouts: Timeouts) -> &'static str {
         let header = u64::try_from(timeouts.header.as_millis()).unwrap_or(u64::MAX);
         // An overflow place is for one prompt request: it may not be held idle for long.
@@ -215,41 +221,36 @@ impl Conn {
             timeouts.idle
         };
         let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let recheck = header.min(idle).max(1);
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
+            let evicted = self.changed.notified();
+            tokio::pin!(evicted);
+            evicted.as_mut().enable();
             if self.evicted() {
                 return "making room for a new connection (--max-connections)";
             }
             let now = millis(self.epoch);
-            let deadline = if self.busy() > 0 {
-                None
+            let head = self.head_started.load(Ordering::Acquire);
+            let wake = if self.busy() > 0 {
+                // No deadline while a request is in flight.
+                now.saturating_add(recheck)
+            } else if head != 0 {
+                // Only the start of the request can take this deadline away.
+                let at = head.saturating_add(header);
+                if now >= at {
+                    return "request headers not received within --header-timeout";
+                }
+                at
             } else {
-                let head = self.head_started.load(Ordering::Acquire);
-                if head != 0 {
-                    let at = head.saturating_add(header);
-                    if now >= at {
-                        return "request headers not received within --header-timeout";
-                    }
-                    Some(at)
-                } else {
-                    let at = self.idle_since.load(Ordering::Acquire).saturating_add(idle);
-                    if now >= at {
-                        return "idle for --idle-timeout";
-                    }
-                    Some(at)
+                let at = self.idle_since.load(Ordering::Acquire).saturating_add(idle);
+                if now >= at {
+                    return "idle for --idle-timeout";
                 }
+                at.min(now.saturating_add(recheck))
             };
-            match deadline {
-                Some(at) => {
-                    let wait = Duration::from_millis(at - now);
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = &mut changed => {}
-                    }
-                }
-                None => changed.await,
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wake - now)) => {}
+                () = &mut evicted => {}
             }
         }
     }
@@ -270,7 +271,6 @@ impl Drop for Busy {
         let conn = &self.conn;
         conn.idle_since.store(millis(conn.epoch), Ordering::Release);
         conn.busy.fetch_sub(1, Ordering::AcqRel);
-        conn.changed.notify_one();
     }
 }
 

@@ -93,10 +93,8 @@ async fn a_slowloris_client_is_closed_within_the_header_timeout() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_keep_alive_connection_is_closed_within_the_idle_timeout() {
-    let proxy = Proxy::start(&["--store", "memory", "--idle-timeout", "1s"]);
-    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+/// Sends `GET /healthz` on `stream` and reads its whole answer.
+async fn healthz(stream: &mut TcpStream) {
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\n\r\n")
         .await
@@ -112,6 +110,45 @@ async fn an_idle_keep_alive_connection_is_closed_within_the_idle_timeout() {
         answer.extend_from_slice(&buf[..read]);
     }
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_that_stalls_in_its_next_head_is_closed_within_the_header_timeout()
+{
+    // The idle timeout is far away: only the header timeout can close the connection.
+    let proxy = Proxy::start(&[
+        "--store",
+        "memory",
+        "--header-timeout",
+        "2s",
+        "--idle-timeout",
+        "60s",
+    ]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    for pause in [0, 300, 2500] {
+        // Requests that come whole keep the connection open, however long apart.
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        healthz(&mut stream).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: pro")
+        .await
+        .expect("half a head sent");
+    let closed = closed_within(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the stalled connection is closed");
+    assert!(
+        closed >= Duration::from_millis(1500) && closed < Duration::from_secs(6),
+        "closed {closed:?} after half a head, the header timeout is 2s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_within_the_idle_timeout() {
+    let proxy = Proxy::start(&["--store", "memory", "--idle-timeout", "1s"]);
+    let mut stream = TcpStream::connect(addr(&proxy)).await.expect("connects");
+    healthz(&mut stream).await;
     let closed = closed_within(&mut stream, Duration::from_secs(10))
         .await
         .expect("the idle connection is closed");

@@ -13,6 +13,8 @@
 
 #[cfg(feature = "codec")]
 mod codec;
+#[cfg(feature = "disk")]
+pub(crate) use codec::encoded_len;
 
 use std::time::{Duration, SystemTime};
 

@@ -272,6 +272,23 @@ impl CachedResponse {
     }
 }
 
+/// The length of the whole entry that starts with `prefix`, as its header announces it
+/// (header included): what a store that keeps a large entry in pieces reads to know how
+/// many bytes follow the first. `None` when `prefix` is not the start of an entry of a
+/// known format. The announced length is not checked here: decoding checks it against the
+/// bytes that are there.
+#[cfg(feature = "disk")]
+pub(crate) fn encoded_len(prefix: &[u8]) -> Option<u64> {
+    let header_len = match check_magic(prefix).ok()?? {
+        FORMAT_VERSION => HEADER_LEN,
+        SEALED_VERSION => SEALED_HEADER_LEN,
+        XCHACHA_VERSION => XCHACHA_HEADER_LEN,
+        _ => return None,
+    };
+    let announced: [u8; 8] = prefix.get(6..14)?.try_into().ok()?;
+    (header_len as u64).checked_add(u64::from_le_bytes(announced))
+}
+
 /// The format version of bytes that start with the magic (`None` when too short to say).
 fn check_magic(bytes: &[u8]) -> Result<Option<u16>, EntryError> {
     let magic_len = bytes.len().min(MAGIC.len());
@@ -429,6 +446,40 @@ mod tests {
         assert_eq!(ids, ["req_1", "req_2"]);
         assert_eq!(decoded.headers()["x-opaque"].as_bytes(), [0x80, 0xff, b'a']);
         assert_eq!(decoded, original);
+    }
+
+    /// A store that keeps a large entry in pieces learns its whole length from its first
+    /// bytes, in each format.
+    #[cfg(feature = "disk")]
+    #[test]
+    fn the_whole_length_is_read_from_the_first_bytes() {
+        let plain = sample().encode();
+        let key = CacheKey::from_bytes([7; 32]);
+        let sealed = sample().encode_sealed(&key, &Seal::from_parts(Some(b"secret"), None));
+        for entry in [&plain, &sealed] {
+            for cut in [14, 46, 60, entry.len()] {
+                assert_eq!(encoded_len(&entry[..cut]), Some(entry.len() as u64));
+            }
+            assert_eq!(
+                encoded_len(&entry[..13]),
+                None,
+                "the length is not all there"
+            );
+        }
+        let mut format_2 = sealed.clone();
+        format_2[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(encoded_len(&format_2), Some(sealed.len() as u64 - 46 + 38));
+        let mut unknown = plain.clone();
+        unknown[4..6].copy_from_slice(&9u16.to_le_bytes());
+        assert_eq!(encoded_len(&unknown), None);
+        assert_eq!(encoded_len(b"not an entry at all"), None);
+        let mut forged = plain.clone();
+        forged[6..14].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(
+            encoded_len(&forged),
+            None,
+            "an announced length past u64 is no length"
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::borrow::Cow;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage};
 use crate::entry::CachedResponse;
@@ -51,8 +53,11 @@ pub enum OnCorrupt {
     Refuse,
 }
 
-/// key -> record: the expiry (unix ms), the write sequence, then the encoded answer.
+/// key -> record: the expiry (unix ms), the write sequence, then the encoded answer; of a
+/// record longer than a page, its head only (see `record`).
 const ENTRIES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("entries");
+/// (key, number) -> the rest of a record longer than a page, in chunks that each fill one.
+const CHUNKS: TableDefinition<'_, (&[u8; 32], u32), &[u8]> = TableDefinition::new("chunks");
 /// write sequence -> key: the oldest answers, evicted first when the store is full.
 const BY_AGE: TableDefinition<'_, u64, &[u8; 32]> = TableDefinition::new("by_age");
 /// (expiry in unix ms, key): what the sweep removes.
@@ -396,13 +401,20 @@ impl DiskStore {
             if parsed.expires_at <= now {
                 continue;
             }
-            let Ok(entry) = CachedResponse::decode(parsed.entry) else {
+            let key = CacheKey::from_bytes(*key.value());
+            let whole = match whole_record(&txn, &key, record.value()) {
+                Ok(whole) => whole,
+                Err(ReadError::Entry(_)) => continue,
+                Err(ReadError::Redb(error)) => return Err(failed(error)),
+            };
+            let Ok(entry) = Record::parse(&whole).and_then(|r| CachedResponse::decode(r.entry))
+            else {
                 continue;
             };
             listed.push(StoredEntry {
-                key: CacheKey::from_bytes(*key.value()),
+                key,
                 stored_at: entry.stored_at(),
-                bytes: record.value().len() as u64,
+                bytes: whole.len() as u64,
             });
         }
         Ok(listed)
@@ -423,13 +435,15 @@ fn read_entry(
     let redb = |error: redb::Error| ReadError::Redb(error);
     let txn = db.begin_read().map_err(|e| redb(e.into()))?;
     let table = txn.open_table(ENTRIES).map_err(|e| redb(e.into()))?;
-    let Some(record) = table.get(key.as_bytes()).map_err(|e| redb(e.into()))? else {
+    let Some(head) = table.get(key.as_bytes()).map_err(|e| redb(e.into()))? else {
         return Ok(None);
     };
-    let record = Record::parse(record.value()).map_err(|e| ReadError::Entry(e.into()))?;
+    let record = Record::parse(head.value()).map_err(|e| ReadError::Entry(e.into()))?;
     if record.expires_at <= unix_millis(SystemTime::now()) {
         return Ok(None);
     }
+    let whole = whole_record(&txn, key, head.value())?;
+    let record = Record::parse(&whole).map_err(|e| ReadError::Entry(e.into()))?;
     let entry = match seal {
         Some(seal) => CachedResponse::decode_sealed(record.entry, key, seal),
         None => CachedResponse::decode(record.entry),
@@ -438,22 +452,71 @@ fn read_entry(
     Ok(Some(Arc::new(entry)))
 }
 
-/// Every entry of the file not yet expired, as stored.
-fn export_entries(db: &Database) -> Result<Vec<RawEntry>, StoreError> {
-    use redb::ReadableTable;
+/// The record whose head is `head` whole: the head itself when the record fits in it, else
+/// the head and the chunks that follow it, checked against the length the head announces
+/// (a chunk missing, out of order or in excess is a damaged entry, never a shorter answer).
+fn whole_record<'h>(
+    txn: &ReadTransaction,
+    key: &CacheKey,
+    head: &'h [u8],
+) -> Result<Cow<'h, [u8]>, ReadError> {
+    let whole = record::whole_len(head);
+    if whole <= head.len() as u64 {
+        return Ok(Cow::Borrowed(head));
+    }
+    let damaged = |actual: usize| {
+        ReadError::Entry(
+            crate::entry::EntryError::Length {
+                expected: whole,
+                actual: actual as u64,
+            }
+            .into(),
+        )
+    };
+    let redb = |error: redb::Error| ReadError::Redb(error);
+    let table = txn.open_table(CHUNKS).map_err(|e| redb(e.into()))?;
+    // The announced length is read from the file: grow towards it as chunks come, rather
+    // than trust it for one allocation.
+    let mut bytes = Vec::with_capacity(head.len() + record::CHUNK_LEN);
+    bytes.extend_from_slice(head);
+    let chunks = table
+        .range((key.as_bytes(), 0)..=(key.as_bytes(), u32::MAX))
+        .map_err(|e| redb(e.into()))?;
+    for (expected, row) in chunks.enumerate() {
+        let (number, chunk) = row.map_err(|e| redb(e.into()))?;
+        if number.value().1 as usize != expected || bytes.len() as u64 >= whole {
+            return Err(damaged(bytes.len()));
+        }
+        bytes.extend_from_slice(chunk.value());
+    }
+    if bytes.len() as u64 != whole {
+        return Err(damaged(bytes.len()));
+    }
+    Ok(Cow::Owned(bytes))
+}
 
+/// Every entry of the file not yet expired, as stored (an entry with a chunk missing is
+/// left out: it could not be read).
+fn export_entries(db: &Database) -> Result<Vec<RawEntry>, StoreError> {
     let txn = db.begin_read().map_err(backend)?;
     let table = txn.open_table(ENTRIES).map_err(backend)?;
     let now = unix_millis(SystemTime::now());
     let mut entries = Vec::new();
     for row in table.iter().map_err(backend)? {
-        let (key, record) = row.map_err(backend)?;
-        let record = Record::parse(record.value())?;
+        let (key, head) = row.map_err(backend)?;
+        let record = Record::parse(head.value())?;
         if record.expires_at <= now {
             continue;
         }
+        let key = CacheKey::from_bytes(*key.value());
+        let whole = match whole_record(&txn, &key, head.value()) {
+            Ok(whole) => whole,
+            Err(ReadError::Entry(_)) => continue,
+            Err(ReadError::Redb(error)) => return Err(backend(error)),
+        };
+        let record = Record::parse(&whole)?;
         entries.push(RawEntry::new(
-            CacheKey::from_bytes(*key.value()),
+            key,
             record.entry.to_vec(),
             UNIX_EPOCH + Duration::from_millis(record.expires_at),
         ));

@@ -1,6 +1,39 @@
-//! The value a [`DiskStore`](super::DiskStore) keeps under each key.
+//! The value a [`DiskStore`](super::DiskStore) keeps under each key, and how a large one
+//! is cut to fit redb's pages.
+//!
+//! redb keeps a value inside a leaf page of its B-tree, and gives a leaf that outgrows its
+//! 4 KiB page a page of the next power of two: a record of 4.2 KiB alone took 8 KiB of the
+//! file. So a record longer than a page is cut: its head (its own header, the entry's
+//! header and the first bytes) stays under the key in `entries`, and the rest goes to
+//! `chunks` in pieces of [`CHUNK_LEN`] bytes, each of which fills one page exactly. The
+//! head says how long the whole entry is (the entry's header announces it), so a reader
+//! knows whether pieces follow without a second lookup for the answers that fit.
 
 use crate::entry::EntryError;
+
+/// The bytes of one chunk: with its key (the answer's key and the chunk's number, 36 bytes),
+/// redb's leaf header (4) and the value's end offset (4), a leaf of one chunk fills a
+/// 4 KiB page exactly.
+pub(super) const CHUNK_LEN: usize = 4096 - 4 - 4 - (32 + 4);
+
+/// What a head keeps at least: the record's header and the entry's (46 bytes at most).
+const HEAD_MIN: usize = Record::HEADER_LEN + 64;
+
+/// How many bytes of a record of `len` bytes stay in its head; the rest is cut into whole
+/// chunks.
+pub(super) fn head_len(len: usize) -> usize {
+    len - len.saturating_sub(HEAD_MIN) / CHUNK_LEN * CHUNK_LEN
+}
+
+/// The length of the whole record whose head is `head`, as its entry's header announces it;
+/// the head's own length when it does not say (a record too damaged to tell is read as it
+/// is, and its decoding fails).
+pub(super) fn whole_len(head: &[u8]) -> u64 {
+    head.get(Record::HEADER_LEN..)
+        .and_then(crate::entry::encoded_len)
+        .and_then(|entry| entry.checked_add(Record::HEADER_LEN as u64))
+        .unwrap_or(head.len() as u64)
+}
 
 /// One stored value: when it expires, its place in the write order, and the answer.
 pub(super) struct Record<'a> {

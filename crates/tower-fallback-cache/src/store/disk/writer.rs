@@ -12,7 +12,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::file::{Fault, move_aside, open_file};
 use super::guard::guarded;
-use super::{BY_AGE, BY_EXPIRY, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
+use super::record::{CHUNK_LEN, head_len};
+use super::{BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
@@ -23,8 +24,13 @@ use crate::throttle::LogThrottle;
 const MAX_BATCH: usize = 512;
 /// Expired answers removed in one transaction of the sweep.
 const SWEEP_BATCH: usize = 4096;
-/// The layout of the tables, kept in the file so a future layout can tell it apart.
-const LAYOUT: u64 = 1;
+/// The layout of the tables, kept in the file so a future layout can tell it apart. Layout
+/// 2 cuts records longer than a page into chunks; a file of layout 1 (every record whole)
+/// reads the same under layout 2, so it is relabelled on open, and a release of layout 1
+/// refuses a file of layout 2 rather than read its heads as whole answers.
+const LAYOUT: u64 = 2;
+/// The layouts this release opens as its own.
+const READS_LAYOUT_1: u64 = 1;
 /// How long after a failure the file is opened again.
 const REOPEN_AFTER: Duration = Duration::from_millis(500);
 /// How long closing the file waits for reads in progress to let go of it.
@@ -109,7 +115,7 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, u64), PrepareError> {
         let mut tables = Tables::open(&txn)?;
         let layout = tables.meta.get("layout")?.map(|layout| layout.value());
         match layout {
-            None => {
+            None | Some(READS_LAYOUT_1) => {
                 tables.meta.insert("layout", LAYOUT)?;
             }
             Some(LAYOUT) => {}
@@ -555,6 +561,7 @@ fn puts(batch: &[Command]) -> u64 {
 /// The store's tables, open in one write transaction.
 struct Tables<'txn> {
     entries: Table<'txn, &'static [u8; 32], &'static [u8]>,
+    chunks: Table<'txn, (&'static [u8; 32], u32), &'static [u8]>,
     by_age: Table<'txn, u64, &'static [u8; 32]>,
     by_expiry: Table<'txn, (u64, &'static [u8; 32]), ()>,
     meta: Table<'txn, &'static str, u64>,
@@ -564,6 +571,7 @@ impl<'txn> Tables<'txn> {
     fn open(txn: &'txn WriteTransaction) -> Result<Self, redb::Error> {
         Ok(Self {
             entries: txn.open_table(ENTRIES)?,
+            chunks: txn.open_table(CHUNKS)?,
             by_age: txn.open_table(BY_AGE)?,
             by_expiry: txn.open_table(BY_EXPIRY)?,
             meta: txn.open_table(META)?,
@@ -589,7 +597,11 @@ impl<'txn> Tables<'txn> {
         weight: u64,
     ) -> Result<(), redb::Error> {
         let sequence = totals.next_sequence;
-        self.entries.insert(key.as_bytes(), record)?;
+        let (head, rest) = record.split_at(head_len(record.len()));
+        self.entries.insert(key.as_bytes(), head)?;
+        for (number, chunk) in (0..).zip(rest.chunks(CHUNK_LEN)) {
+            self.chunks.insert((key.as_bytes(), number), chunk)?;
+        }
         self.by_age.insert(sequence, key.as_bytes())?;
         self.by_expiry.insert((expires_at, key.as_bytes()), ())?;
         totals.next_sequence += 1;
@@ -598,7 +610,7 @@ impl<'txn> Tables<'txn> {
     }
 
     fn remove(&mut self, key: &CacheKey, totals: &mut Totals) -> Result<(), redb::Error> {
-        let (len, header) = match self.entries.remove(key.as_bytes())? {
+        let (mut len, header) = match self.entries.remove(key.as_bytes())? {
             Some(old) => {
                 let old = old.value();
                 let header = Record::parse(old)
@@ -608,6 +620,15 @@ impl<'txn> Tables<'txn> {
             }
             None => return Ok(()),
         };
+        // Every chunk under the key goes, whatever its head says (a damaged head must not
+        // leave chunks behind for the next answer under the key).
+        self.chunks.retain_in(
+            (key.as_bytes(), 0)..=(key.as_bytes(), u32::MAX),
+            |_, chunk| {
+                len += chunk.len();
+                false
+            },
+        )?;
         totals.bytes = totals.bytes.saturating_sub(Record::weight(len));
         if let Some((expires_at, sequence)) = header {
             self.by_age.remove(sequence)?;

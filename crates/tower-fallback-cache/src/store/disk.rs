@@ -56,8 +56,11 @@ pub enum OnCorrupt {
 /// key -> record: the expiry (unix ms), the write sequence, then the encoded answer; of a
 /// record longer than a page, its head only (see `record`).
 const ENTRIES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("entries");
-/// (key, number) -> the rest of a record longer than a page, in chunks that each fill one.
-const CHUNKS: TableDefinition<'_, (&[u8; 32], u32), &[u8]> = TableDefinition::new("chunks");
+/// (write sequence, number) -> the rest of a record longer than a page, in chunks that each
+/// fill one. Keyed by the record's write sequence, which no other record ever has: chunks
+/// are appended in write order, and a chunk left by a damaged record is never read as
+/// another's.
+const CHUNKS: TableDefinition<'_, (u64, u32), &[u8]> = TableDefinition::new("chunks");
 /// write sequence -> key: the oldest answers, evicted first when the store is full.
 const BY_AGE: TableDefinition<'_, u64, &[u8; 32]> = TableDefinition::new("by_age");
 /// (expiry in unix ms, key): what the sweep removes.
@@ -402,7 +405,7 @@ impl DiskStore {
                 continue;
             }
             let key = CacheKey::from_bytes(*key.value());
-            let whole = match whole_record(&txn, &key, record.value()) {
+            let whole = match whole_record(&txn, record.value()) {
                 Ok(whole) => whole,
                 Err(ReadError::Entry(_)) => continue,
                 Err(ReadError::Redb(error)) => return Err(failed(error)),
@@ -442,7 +445,7 @@ fn read_entry(
     if record.expires_at <= unix_millis(SystemTime::now()) {
         return Ok(None);
     }
-    let whole = whole_record(&txn, key, head.value())?;
+    let whole = whole_record(&txn, head.value())?;
     let record = Record::parse(&whole).map_err(|e| ReadError::Entry(e.into()))?;
     let entry = match seal {
         Some(seal) => CachedResponse::decode_sealed(record.entry, key, seal),
@@ -454,12 +457,8 @@ fn read_entry(
 
 /// The record whose head is `head` whole: the head itself when the record fits in it, else
 /// the head and the chunks that follow it, checked against the length the head announces
-/// (a chunk missing, out of order or in excess is a damaged entry, never a shorter answer).
-fn whole_record<'h>(
-    txn: &ReadTransaction,
-    key: &CacheKey,
-    head: &'h [u8],
-) -> Result<Cow<'h, [u8]>, ReadError> {
+/// (a chunk missing or of the wrong length is a damaged entry, never a shorter answer).
+fn whole_record<'h>(txn: &ReadTransaction, head: &'h [u8]) -> Result<Cow<'h, [u8]>, ReadError> {
     let whole = record::whole_len(head);
     if whole <= head.len() as u64 {
         return Ok(Cow::Borrowed(head));
@@ -473,21 +472,22 @@ fn whole_record<'h>(
             .into(),
         )
     };
+    let sequence = Record::parse(head)
+        .map_err(|e| ReadError::Entry(e.into()))?
+        .sequence;
     let redb = |error: redb::Error| ReadError::Redb(error);
     let table = txn.open_table(CHUNKS).map_err(|e| redb(e.into()))?;
     // The announced length is read from the file: grow towards it as chunks come, rather
-    // than trust it for one allocation.
+    // than trust it for one allocation, and stop at the first chunk that is not there.
     let mut bytes = Vec::with_capacity(head.len() + record::CHUNK_LEN);
     bytes.extend_from_slice(head);
-    let chunks = table
-        .range((key.as_bytes(), 0)..=(key.as_bytes(), u32::MAX))
-        .map_err(|e| redb(e.into()))?;
-    for (expected, row) in chunks.enumerate() {
-        let (number, chunk) = row.map_err(|e| redb(e.into()))?;
-        if number.value().1 as usize != expected || bytes.len() as u64 >= whole {
+    let mut number = 0;
+    while (bytes.len() as u64) < whole {
+        let Some(chunk) = table.get((sequence, number)).map_err(|e| redb(e.into()))? else {
             return Err(damaged(bytes.len()));
-        }
+        };
         bytes.extend_from_slice(chunk.value());
+        number += 1;
     }
     if bytes.len() as u64 != whole {
         return Err(damaged(bytes.len()));
@@ -509,7 +509,7 @@ fn export_entries(db: &Database) -> Result<Vec<RawEntry>, StoreError> {
             continue;
         }
         let key = CacheKey::from_bytes(*key.value());
-        let whole = match whole_record(&txn, &key, head.value()) {
+        let whole = match whole_record(&txn, head.value()) {
             Ok(whole) => whole,
             Err(ReadError::Entry(_)) => continue,
             Err(ReadError::Redb(error)) => return Err(backend(error)),

@@ -5,16 +5,18 @@
 //! 4 KiB page a page of the next power of two: a record of 4.2 KiB alone took 8 KiB of the
 //! file. So a record longer than a page is cut: its head (its own header, the entry's
 //! header and the first bytes) stays under the key in `entries`, and the rest goes to
-//! `chunks` in pieces of [`CHUNK_LEN`] bytes, each of which fills one page exactly. The
-//! head says how long the whole entry is (the entry's header announces it), so a reader
-//! knows whether pieces follow without a second lookup for the answers that fit.
+//! `chunks` in pieces of [`CHUNK_LEN`] bytes, each of which fills one page exactly, under
+//! the record's write sequence (so chunks are appended in write order, and no record ever
+//! reads another's). The head says how long the whole entry is (the entry's header
+//! announces it), so a reader knows whether pieces follow without a second lookup for the
+//! answers that fit.
 
 use crate::entry::EntryError;
 
-/// The bytes of one chunk: with its key (the answer's key and the chunk's number, 36 bytes),
-/// redb's leaf header (4) and the value's end offset (4), a leaf of one chunk fills a
-/// 4 KiB page exactly.
-pub(super) const CHUNK_LEN: usize = 4096 - 4 - 4 - (32 + 4);
+/// The bytes of one chunk: with its key (the record's write sequence and the chunk's number,
+/// 12 bytes), redb's leaf header (4) and the value's end offset (4), a leaf of one chunk
+/// fills a 4 KiB page exactly.
+pub(super) const CHUNK_LEN: usize = 4096 - 4 - 4 - (8 + 4);
 
 /// What a head keeps at least: the record's header and the entry's (46 bytes at most).
 const HEAD_MIN: usize = Record::HEADER_LEN + 64;

@@ -1,6 +1,6 @@
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::*;
 use crate::entry::EntryError;
@@ -284,16 +284,34 @@ fn numbered_body(len: usize) -> Bytes {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
-/// The chunk rows held under `key`, by number.
+/// The write sequence of the record under `key`.
+fn sequence_of(store: &DiskStore, key: &CacheKey) -> u64 {
+    let (db, _) = store.shared.database().expect("the file is open");
+    let txn = db.begin_read().expect("read txn");
+    let table = txn.open_table(ENTRIES).expect("entries table");
+    let head = table.get(key.as_bytes()).expect("get").expect("held");
+    Record::parse(head.value()).expect("a record").sequence
+}
+
+/// The chunk rows of the record under `key`, by number.
 fn chunk_rows(store: &DiskStore, key: &CacheKey) -> Vec<u32> {
+    let sequence = sequence_of(store, key);
     let (db, _) = store.shared.database().expect("the file is open");
     let txn = db.begin_read().expect("read txn");
     let table = txn.open_table(CHUNKS).expect("chunks table");
     table
-        .range((key.as_bytes(), 0)..=(key.as_bytes(), u32::MAX))
+        .range((sequence, 0)..=(sequence, u32::MAX))
         .expect("range")
         .map(|row| row.expect("row").0.value().1)
         .collect()
+}
+
+/// Every chunk row in the file.
+fn all_chunks(store: &DiskStore) -> u64 {
+    let (db, _) = store.shared.database().expect("the file is open");
+    let txn = db.begin_read().expect("read txn");
+    let table = txn.open_table(CHUNKS).expect("chunks table");
+    table.len().expect("len")
 }
 
 /// Answers longer than a page are cut into page-sized chunks and read back whole, byte for
@@ -339,6 +357,7 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
         }
     }
     assert_eq!(cut, 4);
+    let held = all_chunks(&store);
     let listed = store.list().expect("list");
     assert_eq!(listed.len(), lens.len());
     assert!(
@@ -369,13 +388,19 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
     }
 
     // A long answer replaced by a short one, and another removed: their chunks go.
+    let gone = chunk_rows(&store, &key(5)).len() + chunk_rows(&store, &key(6)).len();
+    assert!(gone > 20, "{gone}");
     store.put(key(6), entry("short"), HOUR).await.expect("put");
     store.remove(&key(5)).await.expect("remove");
     store.flush().await.expect("flush");
     assert_eq!(body_at(&store, 6).await.as_deref(), Some(&b"short"[..]));
     assert_eq!(body_at(&store, 5).await, None);
     assert!(chunk_rows(&store, &key(6)).is_empty());
-    assert!(chunk_rows(&store, &key(5)).is_empty());
+    assert_eq!(
+        all_chunks(&store),
+        held - gone as u64,
+        "the chunks of both went"
+    );
     for i in 0..lens.len() as u32 {
         store.remove(&key(i)).await.expect("remove");
     }
@@ -386,10 +411,11 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
         (Some(0), Some(0)),
         "{usage:?}"
     );
+    assert_eq!(all_chunks(&store), 0);
 }
 
-/// A chunk flipped, missing or in excess makes the read an error: never a shorter, longer
-/// or altered answer.
+/// A chunk flipped or missing makes the read an error: never a shorter or altered answer.
+/// A stray chunk past the end is never read.
 #[tokio::test]
 async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -403,24 +429,21 @@ async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
     store.flush().await.expect("flush");
     assert_eq!(chunk_rows(&store, &key(1)), [0, 1]);
 
+    let [one, two, three] = [1, 2, 3].map(|i| sequence_of(&store, &key(i)));
     let (db, _) = store.shared.database().expect("the file is open");
     let txn = db.begin_write().expect("write txn");
     {
         let mut table = txn.open_table(CHUNKS).expect("chunks table");
         let mut chunk = table
-            .get((key(1).as_bytes(), 0))
+            .get((one, 0))
             .expect("get")
             .expect("held")
             .value()
             .to_vec();
         chunk[100] ^= 0x01;
-        table
-            .insert((key(1).as_bytes(), 0), chunk.as_slice())
-            .expect("insert");
-        table.remove((key(2).as_bytes(), 1)).expect("remove");
-        table
-            .insert((key(3).as_bytes(), 2), &b"more"[..])
-            .expect("insert");
+        table.insert((one, 0), chunk.as_slice()).expect("insert");
+        table.remove((two, 1)).expect("remove");
+        table.insert((three, 2), &b"more"[..]).expect("insert");
     }
     txn.commit().expect("commit");
     drop(db);
@@ -430,13 +453,12 @@ async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
         matches!(flipped, StoreError::Corrupt(EntryError::Checksum)),
         "{flipped}"
     );
-    for (i, what) in [(2, "a missing chunk"), (3, "a chunk too many")] {
-        let error = store.get(&key(i)).await.expect_err(what);
-        assert!(
-            matches!(error, StoreError::Corrupt(EntryError::Length { .. })),
-            "{what}: {error}"
-        );
-    }
+    let missing = store.get(&key(2)).await.expect_err("a missing chunk");
+    assert!(
+        matches!(missing, StoreError::Corrupt(EntryError::Length { .. })),
+        "{missing}"
+    );
+    assert_eq!(body_at(&store, 3).await, Some(numbered_body(10_000)));
 }
 
 /// A file written before records were cut (layout 1: every record whole under its key)

@@ -12,7 +12,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::file::{Fault, move_aside, open_file};
 use super::guard::guarded;
-use super::record::{CHUNK_LEN, head_len};
+use super::record::{CHUNK_LEN, head_len, whole_len};
 use super::{BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
@@ -561,7 +561,7 @@ fn puts(batch: &[Command]) -> u64 {
 /// The store's tables, open in one write transaction.
 struct Tables<'txn> {
     entries: Table<'txn, &'static [u8; 32], &'static [u8]>,
-    chunks: Table<'txn, (&'static [u8; 32], u32), &'static [u8]>,
+    chunks: Table<'txn, (u64, u32), &'static [u8]>,
     by_age: Table<'txn, u64, &'static [u8; 32]>,
     by_expiry: Table<'txn, (u64, &'static [u8; 32]), ()>,
     meta: Table<'txn, &'static str, u64>,
@@ -600,7 +600,7 @@ impl<'txn> Tables<'txn> {
         let (head, rest) = record.split_at(head_len(record.len()));
         self.entries.insert(key.as_bytes(), head)?;
         for (number, chunk) in (0..).zip(rest.chunks(CHUNK_LEN)) {
-            self.chunks.insert((key.as_bytes(), number), chunk)?;
+            self.chunks.insert((sequence, number), chunk)?;
         }
         self.by_age.insert(sequence, key.as_bytes())?;
         self.by_expiry.insert((expires_at, key.as_bytes()), ())?;
@@ -610,25 +610,27 @@ impl<'txn> Tables<'txn> {
     }
 
     fn remove(&mut self, key: &CacheKey, totals: &mut Totals) -> Result<(), redb::Error> {
-        let (mut len, header) = match self.entries.remove(key.as_bytes())? {
+        let (mut len, header, cut) = match self.entries.remove(key.as_bytes())? {
             Some(old) => {
                 let old = old.value();
                 let header = Record::parse(old)
                     .ok()
                     .map(|record| (record.expires_at, record.sequence));
-                (old.len(), header)
+                (old.len(), header, whole_len(old) > old.len() as u64)
             }
             None => return Ok(()),
         };
-        // Every chunk under the key goes, whatever its head says (a damaged head must not
-        // leave chunks behind for the next answer under the key).
-        self.chunks.retain_in(
-            (key.as_bytes(), 0)..=(key.as_bytes(), u32::MAX),
-            |_, chunk| {
-                len += chunk.len();
-                false
-            },
-        )?;
+        // The chunks go with their head, up to the first one not there (the announced
+        // length is read from the file). A head too damaged to name its chunks leaves them
+        // as unreachable bytes, never read: no other record has its sequence.
+        if let (true, Some((_, sequence))) = (cut, header) {
+            for number in 0.. {
+                match self.chunks.remove((sequence, number))? {
+                    Some(chunk) => len += chunk.value().len(),
+                    None => break,
+                }
+            }
+        }
         totals.bytes = totals.bytes.saturating_sub(Record::weight(len));
         if let Some((expires_at, sequence)) = header {
             self.by_age.remove(sequence)?;

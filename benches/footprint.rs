@@ -211,7 +211,7 @@ fn main() {
         "disk: file",
         "disk: blocks"
     );
-    for body_len in [256, 1024, 2048, 4096, 16384] {
+    for body_len in [256, 1024, 2048, 4096, 6144, 16384] {
         let row = measure(&runtime, count, body_len);
         println!(
             "{:>9} {:>9.0} | {:>13.0} {:>13.0} | {:>13.0} {:>13.0} {:>13.0} |",

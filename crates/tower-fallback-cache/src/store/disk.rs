@@ -56,11 +56,14 @@ pub enum OnCorrupt {
 /// key -> record: the expiry (unix ms), the write sequence, then the encoded answer; of a
 /// record longer than a page, its head only (see `record`).
 const ENTRIES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("entries");
-/// (write sequence, number) -> the rest of a record longer than a page, in chunks that each
-/// fill one. Keyed by the record's write sequence, which no other record ever has: chunks
-/// are appended in write order, and a chunk left by a damaged record is never read as
+/// (write sequence, number) -> the page chunks of a record that was cut (see `record`).
+/// Keyed by the record's write sequence, which no other record ever has: chunks are
+/// appended in write order, and a chunk left by a damaged record is never read as
 /// another's.
 const CHUNKS: TableDefinition<'_, (u64, u32), &[u8]> = TableDefinition::new("chunks");
+/// (write sequence, number) -> the quarter chunks of a record that was cut, after its page
+/// chunks.
+const SMALL_CHUNKS: TableDefinition<'_, (u64, u32), &[u8]> = TableDefinition::new("small_chunks");
 /// write sequence -> key: the oldest answers, evicted first when the store is full.
 const BY_AGE: TableDefinition<'_, u64, &[u8; 32]> = TableDefinition::new("by_age");
 /// (expiry in unix ms, key): what the sweep removes.
@@ -456,8 +459,9 @@ fn read_entry(
 }
 
 /// The record whose head is `head` whole: the head itself when the record fits in it, else
-/// the head and the chunks that follow it, checked against the length the head announces
-/// (a chunk missing or of the wrong length is a damaged entry, never a shorter answer).
+/// the head and the chunks that follow it, checked against the cut of the length the head
+/// announces (a chunk missing or of the wrong length is a damaged entry, never a shorter
+/// answer).
 fn whole_record<'h>(txn: &ReadTransaction, head: &'h [u8]) -> Result<Cow<'h, [u8]>, ReadError> {
     let whole = record::whole_len(head);
     if whole <= head.len() as u64 {
@@ -472,25 +476,41 @@ fn whole_record<'h>(txn: &ReadTransaction, head: &'h [u8]) -> Result<Cow<'h, [u8
             .into(),
         )
     };
+    let cut = record::Cut::of(whole);
+    if cut.head != head.len() {
+        return Err(damaged(head.len()));
+    }
     let sequence = Record::parse(head)
         .map_err(|e| ReadError::Entry(e.into()))?
         .sequence;
     let redb = |error: redb::Error| ReadError::Redb(error);
-    let table = txn.open_table(CHUNKS).map_err(|e| redb(e.into()))?;
     // The announced length is read from the file: grow towards it as chunks come, rather
     // than trust it for one allocation, and stop at the first chunk that is not there.
-    let mut bytes = Vec::with_capacity(head.len() + record::CHUNK_LEN);
+    let mut bytes = Vec::with_capacity(head.len() + record::PAGE_CHUNK);
     bytes.extend_from_slice(head);
-    let mut number = 0;
-    while (bytes.len() as u64) < whole {
-        let Some(chunk) = table.get((sequence, number)).map_err(|e| redb(e.into()))? else {
+    for (table, count, chunk_len) in [
+        (CHUNKS, cut.pages, record::PAGE_CHUNK),
+        (SMALL_CHUNKS, cut.quarters, record::QUARTER_CHUNK),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let table = txn.open_table(table).map_err(|e| redb(e.into()))?;
+        let rows = table
+            .range((sequence, 0)..=(sequence, u32::MAX))
+            .map_err(|e| redb(e.into()))?;
+        let mut read = 0;
+        for (number, row) in rows.take(count).enumerate() {
+            let (key, chunk) = row.map_err(|e| redb(e.into()))?;
+            if key.value().1 as usize != number || chunk.value().len() != chunk_len {
+                return Err(damaged(bytes.len()));
+            }
+            bytes.extend_from_slice(chunk.value());
+            read += 1;
+        }
+        if read != count {
             return Err(damaged(bytes.len()));
-        };
-        bytes.extend_from_slice(chunk.value());
-        number += 1;
-    }
-    if bytes.len() as u64 != whole {
-        return Err(damaged(bytes.len()));
+        }
     }
     Ok(Cow::Owned(bytes))
 }

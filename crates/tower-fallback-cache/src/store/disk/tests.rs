@@ -293,70 +293,72 @@ fn sequence_of(store: &DiskStore, key: &CacheKey) -> u64 {
     Record::parse(head.value()).expect("a record").sequence
 }
 
-/// The chunk rows of the record under `key`, by number.
-fn chunk_rows(store: &DiskStore, key: &CacheKey) -> Vec<u32> {
+/// The numbers of the page chunks, then of the quarter chunks, of the record under `key`.
+fn chunk_rows(store: &DiskStore, key: &CacheKey) -> (Vec<u32>, Vec<u32>) {
     let sequence = sequence_of(store, key);
     let (db, _) = store.shared.database().expect("the file is open");
     let txn = db.begin_read().expect("read txn");
-    let table = txn.open_table(CHUNKS).expect("chunks table");
-    table
-        .range((sequence, 0)..=(sequence, u32::MAX))
-        .expect("range")
-        .map(|row| row.expect("row").0.value().1)
-        .collect()
+    let rows = |definition: TableDefinition<'_, (u64, u32), &[u8]>| {
+        let table = txn.open_table(definition).expect("chunks table");
+        table
+            .range((sequence, 0)..=(sequence, u32::MAX))
+            .expect("range")
+            .map(|row| row.expect("row").0.value().1)
+            .collect::<Vec<_>>()
+    };
+    (rows(CHUNKS), rows(SMALL_CHUNKS))
 }
 
 /// Every chunk row in the file.
 fn all_chunks(store: &DiskStore) -> u64 {
     let (db, _) = store.shared.database().expect("the file is open");
     let txn = db.begin_read().expect("read txn");
-    let table = txn.open_table(CHUNKS).expect("chunks table");
-    table.len().expect("len")
+    let len = |definition: TableDefinition<'_, (u64, u32), &[u8]>| {
+        let table = txn.open_table(definition).expect("chunks table");
+        table.len().expect("len")
+    };
+    len(CHUNKS) + len(SMALL_CHUNKS)
 }
 
-/// Answers longer than a page are cut into page-sized chunks and read back whole, byte for
+/// Answers longer than about 1 KiB are cut into chunks and read back whole, byte for
 /// byte, before and after a reopen; replacing or removing one leaves no chunk behind, and
 /// the store's weight comes back to nothing.
 #[tokio::test]
-async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
-    use record::CHUNK_LEN;
+async fn a_long_answer_is_kept_in_chunks_and_read_back_whole() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("answers.redb");
     let store = DiskStore::open(&path).expect("open");
+    // Each body with the page and quarter chunks its record is cut into (a record is the
+    // body and about 100 bytes more).
     let lens = [
-        0,
-        CHUNK_LEN - 200,
-        CHUNK_LEN,
-        4096,
-        4096 + 100,
-        3 * CHUNK_LEN + 17,
-        100_000,
+        (0, 0, 0),
+        (800, 0, 0),
+        (1_000, 0, 1),
+        (2_100, 0, 2),
+        (4_096, 1, 0),
+        (6_500, 1, 2),
+        (3 * 4_076 + 17, 3, 0),
+        (100_000, 24, 2),
     ];
-    for (i, len) in (0..).zip(lens) {
+    for (i, (len, _, _)) in (0..).zip(lens) {
         store
             .put(key(i), entry(numbered_body(len)), HOUR)
             .await
             .expect("put");
     }
     store.flush().await.expect("flush");
-    let mut cut = 0;
-    for (i, len) in (0..).zip(lens) {
+    for (i, (len, pages, quarters)) in (0..).zip(lens) {
         assert_eq!(
             body_at(&store, i).await,
             Some(numbered_body(len)),
             "{len} B"
         );
-        let chunks = chunk_rows(&store, &key(i));
-        assert_eq!(chunks, (0..chunks.len() as u32).collect::<Vec<_>>());
-        if len > CHUNK_LEN {
-            assert!(!chunks.is_empty(), "a {len} B answer is cut");
-            cut += 1;
-        }
-        if len < CHUNK_LEN - 100 {
-            assert!(chunks.is_empty(), "a {len} B answer is kept whole");
-        }
+        assert_eq!(
+            chunk_rows(&store, &key(i)),
+            ((0..pages).collect(), (0..quarters).collect()),
+            "{len} B"
+        );
     }
-    assert_eq!(cut, 4);
     let held = all_chunks(&store);
     let listed = store.list().expect("list");
     assert_eq!(listed.len(), lens.len());
@@ -367,7 +369,7 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
     drop(store);
 
     let store = DiskStore::open(&path).expect("reopen");
-    for (i, len) in (0..).zip(lens) {
+    for (i, (len, _, _)) in (0..).zip(lens) {
         assert_eq!(
             body_at(&store, i).await,
             Some(numbered_body(len)),
@@ -379,7 +381,7 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
     let other = DiskStore::open(dir.path().join("copy.redb")).expect("open");
     other.import(exported).await.expect("import");
     other.flush().await.expect("flush");
-    for (i, len) in (0..).zip(lens) {
+    for (i, (len, _, _)) in (0..).zip(lens) {
         assert_eq!(
             body_at(&other, i).await,
             Some(numbered_body(len)),
@@ -388,19 +390,16 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
     }
 
     // A long answer replaced by a short one, and another removed: their chunks go.
-    let gone = chunk_rows(&store, &key(5)).len() + chunk_rows(&store, &key(6)).len();
-    assert!(gone > 20, "{gone}");
-    store.put(key(6), entry("short"), HOUR).await.expect("put");
-    store.remove(&key(5)).await.expect("remove");
+    let count = |(pages, quarters): (Vec<u32>, Vec<u32>)| (pages.len() + quarters.len()) as u64;
+    let gone = count(chunk_rows(&store, &key(6))) + count(chunk_rows(&store, &key(7)));
+    assert_eq!(gone, 3 + 24 + 2);
+    store.put(key(7), entry("short"), HOUR).await.expect("put");
+    store.remove(&key(6)).await.expect("remove");
     store.flush().await.expect("flush");
-    assert_eq!(body_at(&store, 6).await.as_deref(), Some(&b"short"[..]));
-    assert_eq!(body_at(&store, 5).await, None);
-    assert!(chunk_rows(&store, &key(6)).is_empty());
-    assert_eq!(
-        all_chunks(&store),
-        held - gone as u64,
-        "the chunks of both went"
-    );
+    assert_eq!(body_at(&store, 7).await.as_deref(), Some(&b"short"[..]));
+    assert_eq!(body_at(&store, 6).await, None);
+    assert_eq!(chunk_rows(&store, &key(7)), (vec![], vec![]));
+    assert_eq!(all_chunks(&store), held - gone, "the chunks of both went");
     for i in 0..lens.len() as u32 {
         store.remove(&key(i)).await.expect("remove");
     }
@@ -420,16 +419,16 @@ async fn a_large_answer_is_kept_in_page_sized_chunks_and_read_back_whole() {
 async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
-    for i in 1..=3 {
+    for i in 1..=5 {
         store
             .put(key(i), entry(numbered_body(10_000)), HOUR)
             .await
             .expect("put");
     }
     store.flush().await.expect("flush");
-    assert_eq!(chunk_rows(&store, &key(1)), [0, 1]);
+    assert_eq!(chunk_rows(&store, &key(1)), (vec![0, 1], vec![0]));
 
-    let [one, two, three] = [1, 2, 3].map(|i| sequence_of(&store, &key(i)));
+    let [one, two, three, four, five] = [1, 2, 3, 4, 5].map(|i| sequence_of(&store, &key(i)));
     let (db, _) = store.shared.database().expect("the file is open");
     let txn = db.begin_write().expect("write txn");
     {
@@ -444,6 +443,9 @@ async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
         table.insert((one, 0), chunk.as_slice()).expect("insert");
         table.remove((two, 1)).expect("remove");
         table.insert((three, 2), &b"more"[..]).expect("insert");
+        let mut small = txn.open_table(SMALL_CHUNKS).expect("small chunks table");
+        small.remove((four, 0)).expect("remove");
+        small.insert((five, 0), &b"short"[..]).expect("insert");
     }
     txn.commit().expect("commit");
     drop(db);
@@ -453,11 +455,17 @@ async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
         matches!(flipped, StoreError::Corrupt(EntryError::Checksum)),
         "{flipped}"
     );
-    let missing = store.get(&key(2)).await.expect_err("a missing chunk");
-    assert!(
-        matches!(missing, StoreError::Corrupt(EntryError::Length { .. })),
-        "{missing}"
-    );
+    for (i, what) in [
+        (2, "a missing page chunk"),
+        (4, "a missing quarter chunk"),
+        (5, "a quarter chunk cut short"),
+    ] {
+        let error = store.get(&key(i)).await.expect_err(what);
+        assert!(
+            matches!(error, StoreError::Corrupt(EntryError::Length { .. })),
+            "{what}: {error}"
+        );
+    }
     assert_eq!(body_at(&store, 3).await, Some(numbered_body(10_000)));
 }
 
@@ -504,7 +512,7 @@ async fn a_file_of_the_previous_layout_opens_and_a_later_one_is_refused() {
         *store.get(&key(1)).await.expect("get").expect("kept"),
         *long
     );
-    assert_eq!(chunk_rows(&store, &key(1)), [0, 1]);
+    assert_eq!(chunk_rows(&store, &key(1)), (vec![0, 1], vec![]));
     store.remove(&key(1)).await.expect("remove");
     store.flush().await.expect("flush");
     assert_eq!(store.usage().bytes, Some(0));

@@ -12,8 +12,10 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::file::{Fault, move_aside, open_file};
 use super::guard::guarded;
-use super::record::{CHUNK_LEN, head_len, whole_len};
-use super::{BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, META, OnCorrupt, Record, Shared, unix_millis};
+use super::record::{Cut, PAGE_CHUNK, QUARTER_CHUNK, whole_len};
+use super::{
+    BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, META, OnCorrupt, Record, SMALL_CHUNKS, Shared, unix_millis,
+};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
@@ -562,6 +564,7 @@ fn puts(batch: &[Command]) -> u64 {
 struct Tables<'txn> {
     entries: Table<'txn, &'static [u8; 32], &'static [u8]>,
     chunks: Table<'txn, (u64, u32), &'static [u8]>,
+    small_chunks: Table<'txn, (u64, u32), &'static [u8]>,
     by_age: Table<'txn, u64, &'static [u8; 32]>,
     by_expiry: Table<'txn, (u64, &'static [u8; 32]), ()>,
     meta: Table<'txn, &'static str, u64>,
@@ -572,6 +575,7 @@ impl<'txn> Tables<'txn> {
         Ok(Self {
             entries: txn.open_table(ENTRIES)?,
             chunks: txn.open_table(CHUNKS)?,
+            small_chunks: txn.open_table(SMALL_CHUNKS)?,
             by_age: txn.open_table(BY_AGE)?,
             by_expiry: txn.open_table(BY_EXPIRY)?,
             meta: txn.open_table(META)?,
@@ -597,10 +601,13 @@ impl<'txn> Tables<'txn> {
         weight: u64,
     ) -> Result<(), redb::Error> {
         let sequence = totals.next_sequence;
-        let (head, rest) = record.split_at(head_len(record.len()));
+        let (head, pages, quarters) = Cut::of(record.len() as u64).split(record);
         self.entries.insert(key.as_bytes(), head)?;
-        for (number, chunk) in (0..).zip(rest.chunks(CHUNK_LEN)) {
+        for (number, chunk) in (0..).zip(pages.chunks(PAGE_CHUNK)) {
             self.chunks.insert((sequence, number), chunk)?;
+        }
+        for (number, chunk) in (0..).zip(quarters.chunks(QUARTER_CHUNK)) {
+            self.small_chunks.insert((sequence, number), chunk)?;
         }
         self.by_age.insert(sequence, key.as_bytes())?;
         self.by_expiry.insert((expires_at, key.as_bytes()), ())?;
@@ -624,10 +631,12 @@ impl<'txn> Tables<'txn> {
         // length is read from the file). A head too damaged to name its chunks leaves them
         // as unreachable bytes, never read: no other record has its sequence.
         if let (true, Some((_, sequence))) = (cut, header) {
-            for number in 0.. {
-                match self.chunks.remove((sequence, number))? {
-                    Some(chunk) => len += chunk.value().len(),
-                    None => break,
+            for table in [&mut self.chunks, &mut self.small_chunks] {
+                for number in 0.. {
+                    match table.remove((sequence, number))? {
+                        Some(chunk) => len += chunk.value().len(),
+                        None => break,
+                    }
                 }
             }
         }

@@ -54,7 +54,7 @@ pub enum OnCorrupt {
 }
 
 /// key -> record: the expiry (unix ms), the write sequence, then the encoded answer; of a
-/// record longer than a page, its head only (see `record`).
+/// record that was cut, its head only (see `record`).
 const ENTRIES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("entries");
 /// (write sequence, number) -> the page chunks of a record that was cut (see `record`).
 /// Keyed by the record's write sequence, which no other record ever has: chunks are

@@ -27,7 +27,7 @@ const MAX_BATCH: usize = 512;
 /// Expired answers removed in one transaction of the sweep.
 const SWEEP_BATCH: usize = 4096;
 /// The layout of the tables, kept in the file so a future layout can tell it apart. Layout
-/// 2 cuts records longer than a page into chunks; a file of layout 1 (every record whole)
+/// 2 cuts records longer than about 1 KiB into chunks; a file of layout 1 (every record whole)
 /// reads the same under layout 2, so it is relabelled on open, and a release of layout 1
 /// refuses a file of layout 2 rather than read its heads as whole answers.
 const LAYOUT: u64 = 2;

@@ -469,6 +469,62 @@ async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
     assert_eq!(body_at(&store, 3).await, Some(numbered_body(10_000)));
 }
 
+/// A head whose entry header announces a length it does not have (a forged or flipped
+/// length) is a damaged entry: the read allocates nothing for the length and fails at
+/// once, and the next answer under the key replaces it and its chunks.
+#[tokio::test]
+async fn a_head_announcing_a_forged_length_is_an_error_and_is_replaced() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
+    for i in 1..=2 {
+        store
+            .put(key(i), entry(numbered_body(10_000)), HOUR)
+            .await
+            .expect("put");
+    }
+    store.flush().await.expect("flush");
+    let before = store.usage().bytes;
+
+    let (db, _) = store.shared.database().expect("the file is open");
+    let txn = db.begin_write().expect("write txn");
+    {
+        let mut table = txn.open_table(ENTRIES).expect("entries table");
+        for (i, announced) in [(1, u64::MAX / 2), (2, 20_000)] {
+            let mut head = table
+                .get(key(i).as_bytes())
+                .expect("get")
+                .expect("held")
+                .value()
+                .to_vec();
+            // The entry's length field: after the record's 16 bytes, the magic and version.
+            head[16 + 6..16 + 14].copy_from_slice(&announced.to_le_bytes());
+            table
+                .insert(key(i).as_bytes(), head.as_slice())
+                .expect("insert");
+        }
+    }
+    txn.commit().expect("commit");
+    drop(db);
+
+    for i in 1..=2 {
+        let error = store.get(&key(i)).await.expect_err("a forged length");
+        assert!(
+            matches!(error, StoreError::Corrupt(EntryError::Length { .. })),
+            "{error}"
+        );
+    }
+    store.put(key(1), entry("fresh"), HOUR).await.expect("put");
+    store.put(key(2), entry("fresh"), HOUR).await.expect("put");
+    store.flush().await.expect("flush");
+    assert_eq!(body_at(&store, 1).await.as_deref(), Some(&b"fresh"[..]));
+    assert_eq!(
+        all_chunks(&store),
+        0,
+        "the old chunks went with their heads"
+    );
+    assert!(store.usage().bytes < before, "{:?}", store.usage());
+}
+
 /// A file written before records were cut (layout 1: every record whole under its key)
 /// opens and serves its answers, and is relabelled; a file of a layout this release does
 /// not know is refused and left as it was.

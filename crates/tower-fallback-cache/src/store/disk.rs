@@ -5,6 +5,7 @@ mod guard;
 mod record;
 mod writer;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use std::borrow::Cow;
 
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -408,7 +407,7 @@ impl DiskStore {
                 continue;
             }
             let key = CacheKey::from_bytes(*key.value());
-            let whole = match whole_record(&txn, record.value()) {
+            let whole = match whole_record(&txn, record.value(), parsed.sequence) {
                 Ok(whole) => whole,
                 Err(ReadError::Entry(_)) => continue,
                 Err(ReadError::Redb(error)) => return Err(failed(error)),
@@ -448,7 +447,7 @@ fn read_entry(
     if record.expires_at <= unix_millis(SystemTime::now()) {
         return Ok(None);
     }
-    let whole = whole_record(&txn, head.value())?;
+    let whole = whole_record(&txn, head.value(), record.sequence)?;
     let record = Record::parse(&whole).map_err(|e| ReadError::Entry(e.into()))?;
     let entry = match seal {
         Some(seal) => CachedResponse::decode_sealed(record.entry, key, seal),
@@ -458,11 +457,15 @@ fn read_entry(
     Ok(Some(Arc::new(entry)))
 }
 
-/// The record whose head is `head` whole: the head itself when the record fits in it, else
-/// the head and the chunks that follow it, checked against the cut of the length the head
-/// announces (a chunk missing or of the wrong length is a damaged entry, never a shorter
-/// answer).
-fn whole_record<'h>(txn: &ReadTransaction, head: &'h [u8]) -> Result<Cow<'h, [u8]>, ReadError> {
+/// The record whose head is `head` (of write sequence `sequence`) whole: the head itself
+/// when the record fits in it, else the head and the chunks that follow it, checked against
+/// the cut of the length the head announces (a chunk missing or of the wrong length is a
+/// damaged entry, never a shorter answer).
+fn whole_record<'h>(
+    txn: &ReadTransaction,
+    head: &'h [u8],
+    sequence: u64,
+) -> Result<Cow<'h, [u8]>, ReadError> {
     let whole = record::whole_len(head);
     if whole <= head.len() as u64 {
         return Ok(Cow::Borrowed(head));
@@ -480,9 +483,6 @@ fn whole_record<'h>(txn: &ReadTransaction, head: &'h [u8]) -> Result<Cow<'h, [u8
     if cut.head != head.len() {
         return Err(damaged(head.len()));
     }
-    let sequence = Record::parse(head)
-        .map_err(|e| ReadError::Entry(e.into()))?
-        .sequence;
     let redb = |error: redb::Error| ReadError::Redb(error);
     // The announced length is read from the file: grow towards it as chunks come, rather
     // than trust it for one allocation, and stop at the first chunk that is not there.
@@ -499,18 +499,17 @@ fn whole_record<'h>(txn: &ReadTransaction, head: &'h [u8]) -> Result<Cow<'h, [u8
         let rows = table
             .range((sequence, 0)..=(sequence, u32::MAX))
             .map_err(|e| redb(e.into()))?;
-        let mut read = 0;
         for (number, row) in rows.take(count).enumerate() {
             let (key, chunk) = row.map_err(|e| redb(e.into()))?;
             if key.value().1 as usize != number || chunk.value().len() != chunk_len {
                 return Err(damaged(bytes.len()));
             }
             bytes.extend_from_slice(chunk.value());
-            read += 1;
         }
-        if read != count {
-            return Err(damaged(bytes.len()));
-        }
+    }
+    // Every chunk read has its cut's length: the record is whole if none was missing.
+    if bytes.len() as u64 != whole {
+        return Err(damaged(bytes.len()));
     }
     Ok(Cow::Owned(bytes))
 }
@@ -529,7 +528,7 @@ fn export_entries(db: &Database) -> Result<Vec<RawEntry>, StoreError> {
             continue;
         }
         let key = CacheKey::from_bytes(*key.value());
-        let whole = match whole_record(&txn, head.value()) {
+        let whole = match whole_record(&txn, head.value(), record.sequence) {
             Ok(whole) => whole,
             Err(ReadError::Entry(_)) => continue,
             Err(ReadError::Redb(error)) => return Err(backend(error)),

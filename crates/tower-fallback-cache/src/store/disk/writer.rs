@@ -31,8 +31,8 @@ const SWEEP_BATCH: usize = 4096;
 /// reads the same under layout 2, so it is relabelled on open, and a release of layout 1
 /// refuses a file of layout 2 rather than read its heads as whole answers.
 const LAYOUT: u64 = 2;
-/// The layouts this release opens as its own.
-const READS_LAYOUT_1: u64 = 1;
+/// The layout before records were cut: read as it is, and relabelled `LAYOUT` on open.
+const LAYOUT_1: u64 = 1;
 /// How long after a failure the file is opened again.
 const REOPEN_AFTER: Duration = Duration::from_millis(500);
 /// How long closing the file waits for reads in progress to let go of it.
@@ -117,7 +117,7 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, u64), PrepareError> {
         let mut tables = Tables::open(&txn)?;
         let layout = tables.meta.get("layout")?.map(|layout| layout.value());
         match layout {
-            None | Some(READS_LAYOUT_1) => {
+            None | Some(LAYOUT_1) => {
                 tables.meta.insert("layout", LAYOUT)?;
             }
             Some(LAYOUT) => {}

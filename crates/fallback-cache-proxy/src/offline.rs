@@ -120,7 +120,10 @@ mod imp {
                     (None, Some(older_than)) => {
                         let limit = humantime::parse_duration(&older_than)
                             .map_err(|error| format!("--older-than {older_than}: {error}"))?;
-                        listed.iter().filter(|entry| age(entry) > limit).collect()
+                        listed
+                            .iter()
+                            .filter(|entry| age(entry).is_some_and(|age| age > limit))
+                            .collect()
                     }
                     (None, None) => return Err("purge needs --key or --older-than".to_owned()),
                 };
@@ -140,6 +143,13 @@ mod imp {
                     ByteSize(bytes),
                     listed.len() - doomed.len()
                 );
+                let sealed = sealed(&listed) - sealed(doomed.iter().copied());
+                if sealed > 0 {
+                    println!(
+                        "{sealed} of them sealed: their age is sealed with them, so --older-than \
+                         leaves them; --key removes one"
+                    );
+                }
                 Ok(())
             }
         }
@@ -157,10 +167,19 @@ mod imp {
             .map_err(|error| error.to_string())
     }
 
-    fn age(entry: &StoredEntry) -> Duration {
-        SystemTime::now()
-            .duration_since(entry.stored_at)
-            .unwrap_or_default()
+    /// How long ago the answer was stored; `None` for a sealed one.
+    fn age(entry: &StoredEntry) -> Option<Duration> {
+        entry
+            .stored_at
+            .map(|at| SystemTime::now().duration_since(at).unwrap_or_default())
+    }
+
+    /// How many of `entries` are sealed.
+    fn sealed<'a>(entries: impl IntoIterator<Item = &'a StoredEntry>) -> usize {
+        entries
+            .into_iter()
+            .filter(|entry| entry.stored_at.is_none())
+            .count()
     }
 
     fn print_stats(store: &str, listed: &[StoredEntry]) {
@@ -168,7 +187,11 @@ mod imp {
         println!("store    {store}");
         println!("entries  {}", listed.len());
         println!("bytes    {bytes} ({})", ByteSize(bytes));
-        let ages: Vec<Duration> = listed.iter().map(age).collect();
+        let sealed = sealed(listed);
+        if sealed > 0 {
+            println!("sealed   {sealed} (their age is sealed with them: not in the ages below)");
+        }
+        let ages: Vec<Duration> = listed.iter().filter_map(age).collect();
         if let (Some(newest), Some(oldest)) = (ages.iter().min(), ages.iter().max()) {
             let round = |age: &Duration| Duration::from_secs(age.as_secs());
             println!(

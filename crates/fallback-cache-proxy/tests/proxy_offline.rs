@@ -13,7 +13,7 @@ use common::Proxy;
 use http::{HeaderMap, StatusCode};
 use mock_upstream::MockUpstream;
 use tower_fallback_cache::store::{DiskStore, Store};
-use tower_fallback_cache::{CacheKey, CachedResponse};
+use tower_fallback_cache::{CacheKey, CachedResponse, Seal};
 
 fn offline(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
@@ -99,6 +99,78 @@ async fn stats_and_purge_older_than_on_a_store_no_proxy_holds() {
             "{key} is still stored"
         );
     }
+}
+
+/// The proxy seals what it stores by default: sealed answers are counted by `stats` (their
+/// age is sealed with them), left by `purge --older-than`, and removed by `purge --key`.
+#[tokio::test]
+async fn sealed_answers_are_counted_and_purged_by_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    let hour = Duration::from_secs(3600);
+    let plain = fill(&path, &[2 * hour]).await;
+    let seal = Seal::from_parts(Some(b"server secret"), Some(b"sk-a"));
+    let sealed_keys = [CacheKey::from_bytes([7; 32]), CacheKey::from_bytes([8; 32])];
+    {
+        let disk = DiskStore::open(&path).expect("reopen");
+        for key in sealed_keys {
+            let answer = CachedResponse::new(
+                StatusCode::OK,
+                HeaderMap::new(),
+                vec![Bytes::from("sealed")],
+            );
+            disk.put_sealed(key, Arc::new(answer), 24 * hour, seal)
+                .await
+                .expect("put sealed");
+        }
+        disk.flush().await.expect("flush");
+    }
+    let store = format!("disk:{}", path.display());
+
+    let stats = offline(&["stats", "--store", &store]);
+    let out = text(&stats.stdout);
+    assert!(stats.status.success(), "{out}{}", text(&stats.stderr));
+    assert_eq!(line_of(&out, "entries"), "entries  3");
+    assert!(line_of(&out, "sealed").starts_with("sealed   2 "), "{out}");
+    assert!(out.contains("<= 6h       1\n"), "{out}");
+
+    let purge = offline(&["purge", "--store", &store, "--older-than", "1h"]);
+    let out = text(&purge.stdout);
+    assert!(purge.status.success(), "{out}{}", text(&purge.stderr));
+    assert!(out.starts_with("purged 1 answer "), "{out}");
+    assert!(out.contains("2 left"), "{out}");
+    assert!(line_of(&out, "2 of them sealed").contains("--key"), "{out}");
+
+    let by_key = offline(&[
+        "purge",
+        "--store",
+        &store,
+        "--key",
+        &sealed_keys[0].to_hex(),
+    ]);
+    let out = text(&by_key.stdout);
+    assert!(by_key.status.success(), "{out}{}", text(&by_key.stderr));
+    assert!(out.starts_with("purged 1 answer "), "{out}");
+
+    let disk = DiskStore::open(&path).expect("reopen");
+    assert!(
+        disk.get(&plain[0]).await.expect("get").is_none(),
+        "purged by age"
+    );
+    assert!(
+        disk.get_sealed(&sealed_keys[0], &seal)
+            .await
+            .expect("get")
+            .is_none(),
+        "purged by key"
+    );
+    assert!(
+        disk.get_sealed(&sealed_keys[1], &seal)
+            .await
+            .expect("get")
+            .is_some(),
+        "the other sealed answer is kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -379,16 +379,18 @@ impl DiskStore {
 pub struct StoredEntry {
     /// Its key, as `x-fallback-cache-key` shows it.
     pub key: CacheKey,
-    /// When it was stored.
-    pub stored_at: SystemTime,
+    /// When it was stored; `None` for a sealed answer, whose time is sealed with it (and
+    /// can only be read under the seal of the request that stored it).
+    pub stored_at: Option<SystemTime>,
     /// The size of its record in the file.
     pub bytes: u64,
 }
 
 impl DiskStore {
     /// Every unexpired answer committed to the file: for inspecting a store offline
-    /// (`fallback-cache-proxy stats` and `purge`). It reads the whole file; a record that
-    /// does not decode is left out.
+    /// (`fallback-cache-proxy stats` and `purge`). It reads the whole file. A sealed answer
+    /// is listed without its time (only its seal opens it, and checks it); any other record
+    /// that does not decode is left out.
     pub fn list(&self) -> Result<Vec<StoredEntry>, StoreError> {
         let Some((db, _)) = self.shared.database() else {
             return Err(self.unusable());
@@ -412,13 +414,15 @@ impl DiskStore {
                 Err(ReadError::Entry(_)) => continue,
                 Err(ReadError::Redb(error)) => return Err(failed(error)),
             };
-            let Ok(entry) = Record::parse(&whole).and_then(|r| CachedResponse::decode(r.entry))
-            else {
-                continue;
-            };
+            let stored_at =
+                match Record::parse(&whole).and_then(|r| CachedResponse::decode(r.entry)) {
+                    Ok(entry) => Some(entry.stored_at()),
+                    Err(crate::entry::EntryError::Sealed) => None,
+                    Err(_) => continue,
+                };
             listed.push(StoredEntry {
                 key,
-                stored_at: entry.stored_at(),
+                stored_at,
                 bytes: whole.len() as u64,
             });
         }

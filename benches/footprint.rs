@@ -1,5 +1,5 @@
 //! What a store holds per answer beyond the answer's own bytes: 100,000 answers in the
-//! memory store and in a disk store (redb), for a small answer and a 4 KiB one.
+//! memory store and in a disk store (redb), for answers of 256 bytes to 16 KiB.
 //!
 //! ```text
 //! cargo bench -p fallback-cache-tests --bench footprint

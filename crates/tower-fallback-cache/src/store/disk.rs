@@ -55,20 +55,31 @@ pub enum OnCorrupt {
 /// key -> record: the expiry (unix ms), the write sequence, then the encoded answer; of a
 /// record that was cut, its head only (see `record`).
 const ENTRIES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("entries");
-/// (write sequence, number) -> the page chunks of a record that was cut (see `record`).
-/// Keyed by the record's write sequence, which no other record ever has: chunks are
-/// appended in write order, and a chunk left by a damaged record is never read as
-/// another's.
+/// (write sequence, number) -> the page chunks of a record that was cut, the largest first
+/// (see `record`). Keyed by the record's write sequence, which no other record ever has:
+/// chunks are appended in write order, and a chunk left by a damaged record is never read
+/// as another's.
 const CHUNKS: TableDefinition<'_, (u64, u32), &[u8]> = TableDefinition::new("chunks");
 /// (write sequence, number) -> the quarter chunks of a record that was cut, after its page
 /// chunks.
 const SMALL_CHUNKS: TableDefinition<'_, (u64, u32), &[u8]> = TableDefinition::new("small_chunks");
 /// write sequence -> key: the oldest answers, evicted first when the store is full.
 const BY_AGE: TableDefinition<'_, u64, &[u8; 32]> = TableDefinition::new("by_age");
-/// (expiry in unix ms, key): what the sweep removes.
+/// (expiry in unix ms, write sequence): what the sweep removes, its key found in `by_age`.
+/// Rows are written in order (the write sequence breaks ties within a millisecond), so
+/// their leaves are full.
+const EXPIRY: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("expiry");
+/// (expiry in unix ms, key): the expiry index of layouts 1 and 2, whose rows sorted by key
+/// within a millisecond and left their leaves about half full; replaced by `EXPIRY` when
+/// such a file is opened.
 const BY_EXPIRY: TableDefinition<'_, (u64, &[u8; 32]), ()> = TableDefinition::new("by_expiry");
-/// Running totals, so that opening a large file does not scan it.
+/// Running totals, so that opening a large file does not scan it, the layout, and
+/// [`LARGE_CHUNKS_FROM`].
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The first write sequence whose record may be cut into page chunks larger than a page
+/// (`meta`): the records of a file written under layout 2 before it was relabelled 3 were
+/// cut into 4 KiB pages only, and are read so.
+const LARGE_CHUNKS_FROM: &str = "large_chunks_from";
 
 /// Answers in a file: they survive restarts, and the proxy keeps them here by default.
 ///
@@ -483,39 +494,67 @@ fn whole_record<'h>(
             .into(),
         )
     };
-    let cut = record::Cut::of(whole);
+    let redb = |error: redb::Error| ReadError::Redb(error);
+    let mut cut = record::Cut::of(whole, record::LAYOUT_2_ORDER);
+    if cut.page_count() > 1 {
+        // Long enough for the rules of layouts 2 and 3 to cut it differently.
+        let meta = txn.open_table(META).map_err(|e| redb(e.into()))?;
+        let large_from = meta
+            .get(LARGE_CHUNKS_FROM)
+            .map_err(|e| redb(e.into()))?
+            .map_or(0, |from| from.value());
+        if sequence >= large_from {
+            cut = record::Cut::of(whole, record::MAX_ORDER);
+        }
+    }
     if cut.head != head.len() {
         return Err(damaged(head.len()));
     }
-    let redb = |error: redb::Error| ReadError::Redb(error);
     // The announced length is read from the file: grow towards it as chunks come, rather
     // than trust it for one allocation, and stop at the first chunk that is not there.
     let mut bytes = Vec::with_capacity(head.len() + record::PAGE_CHUNK);
     bytes.extend_from_slice(head);
-    for (table, count, chunk_len) in [
-        (CHUNKS, cut.pages, record::PAGE_CHUNK),
-        (SMALL_CHUNKS, cut.quarters, record::QUARTER_CHUNK),
-    ] {
-        if count == 0 {
-            continue;
-        }
-        let table = txn.open_table(table).map_err(|e| redb(e.into()))?;
-        let rows = table
-            .range((sequence, 0)..=(sequence, u32::MAX))
-            .map_err(|e| redb(e.into()))?;
-        for (number, row) in rows.take(count).enumerate() {
-            let (key, chunk) = row.map_err(|e| redb(e.into()))?;
-            if key.value().1 as usize != number || chunk.value().len() != chunk_len {
-                return Err(damaged(bytes.len()));
-            }
-            bytes.extend_from_slice(chunk.value());
-        }
+    let quarters = std::iter::repeat_n(record::QUARTER_CHUNK, cut.quarters);
+    let whole_chunks = read_chunks(txn, CHUNKS, sequence, cut.page_chunks(), &mut bytes)
+        .map_err(redb)?
+        && read_chunks(txn, SMALL_CHUNKS, sequence, quarters, &mut bytes).map_err(redb)?;
+    if !whole_chunks {
+        return Err(damaged(bytes.len()));
     }
     // Every chunk read has its cut's length: the record is whole if none was missing.
     if bytes.len() as u64 != whole {
         return Err(damaged(bytes.len()));
     }
     Ok(Cow::Owned(bytes))
+}
+
+/// Appends to `bytes` the chunks of `sequence` in `definition`, of the lengths `lens` names
+/// in the order of their numbers; `false` at the first chunk missing, out of place or of
+/// another length.
+fn read_chunks(
+    txn: &ReadTransaction,
+    definition: TableDefinition<'_, (u64, u32), &[u8]>,
+    sequence: u64,
+    lens: impl Iterator<Item = usize>,
+    bytes: &mut Vec<u8>,
+) -> Result<bool, redb::Error> {
+    let mut lens = lens.peekable();
+    if lens.peek().is_none() {
+        return Ok(true);
+    }
+    let table = txn.open_table(definition)?;
+    let mut rows = table.range((sequence, 0)..=(sequence, u32::MAX))?;
+    for (number, len) in lens.enumerate() {
+        let Some(row) = rows.next() else {
+            return Ok(false);
+        };
+        let (key, chunk) = row?;
+        if key.value().1 as usize != number || chunk.value().len() != len {
+            return Ok(false);
+        }
+        bytes.extend_from_slice(chunk.value());
+    }
+    Ok(true)
 }
 
 /// Every entry of the file not yet expired, as stored (an entry with a chunk missing is

@@ -1,6 +1,6 @@
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata, TableHandle};
 
 use super::*;
 use crate::entry::EntryError;
@@ -290,17 +290,24 @@ fn sequence_of(store: &DiskStore, key: &CacheKey) -> u64 {
     Record::parse(head.value()).expect("a record").sequence
 }
 
-/// The numbers of the page chunks, then of the quarter chunks, of the record under `key`.
-fn chunk_rows(store: &DiskStore, key: &CacheKey) -> (Vec<u32>, Vec<u32>) {
+/// The lengths of the page chunks, then of the quarter chunks, of the record under `key`,
+/// checked to be numbered from 0 without a gap.
+fn chunk_rows(store: &DiskStore, key: &CacheKey) -> (Vec<usize>, Vec<usize>) {
     let sequence = sequence_of(store, key);
     let (db, _) = store.shared.database().expect("the file is open");
     let txn = db.begin_read().expect("read txn");
     let rows = |definition: TableDefinition<'_, (u64, u32), &[u8]>| {
         let table = txn.open_table(definition).expect("chunks table");
-        table
+        let rows = table
             .range((sequence, 0)..=(sequence, u32::MAX))
             .expect("range")
-            .map(|row| row.expect("row").0.value().1)
+            .map(|row| row.expect("row"));
+        (0..)
+            .zip(rows)
+            .map(|(number, (key, chunk))| {
+                assert_eq!(key.value().1, number, "numbered in order");
+                chunk.value().len()
+            })
             .collect::<Vec<_>>()
     };
     (rows(CHUNKS), rows(SMALL_CHUNKS))
@@ -317,8 +324,8 @@ fn all_chunks(store: &DiskStore) -> u64 {
     len(CHUNKS) + len(SMALL_CHUNKS)
 }
 
-/// A store holding answers 1 to `count`, each a 10,000-byte body (two page chunks and a
-/// quarter chunk), committed.
+/// A store holding answers 1 to `count`, each a 10,000-byte body (a page chunk of 8 KiB
+/// and a quarter chunk), committed.
 async fn long_answers(count: u32) -> (tempfile::TempDir, DiskStore) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
@@ -348,17 +355,22 @@ async fn a_long_answer_is_kept_in_chunks_and_read_back_whole() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("answers.redb");
     let store = DiskStore::open(&path).expect("open");
-    // Each body with the page and quarter chunks its record is cut into (a record is the
-    // body and about 100 bytes more).
-    let lens = [
-        (0, 0, 0),
-        (800, 0, 0),
-        (1_000, 0, 1),
-        (2_100, 0, 2),
-        (4_096, 1, 0),
-        (6_500, 1, 2),
-        (3 * 4_076 + 17, 3, 0),
-        (100_000, 24, 2),
+    // Each body with the page chunks (the largest first, each filling a page of 4, 8, 16,
+    // 32 or 64 KiB) and quarter chunks its record is cut into (a record is the body and
+    // about 100 bytes more).
+    const PAGE: [usize; 5] = [4_076, 8_172, 16_364, 32_748, 65_516];
+    const QUARTER: usize = 1_007;
+    let lens: [(usize, &[usize], &[usize]); 10] = [
+        (0, &[], &[]),
+        (800, &[], &[]),
+        (1_000, &[], &[QUARTER]),
+        (2_100, &[], &[QUARTER; 2]),
+        (4_096, &[PAGE[0]], &[]),
+        (6_500, &[PAGE[0]], &[QUARTER; 2]),
+        (3 * 4_076 + 17, &[PAGE[1], PAGE[0]], &[]),
+        (100_000, &[PAGE[4], PAGE[3]], &[QUARTER]),
+        (16_384, &[PAGE[2]], &[]),
+        (200_000, &[PAGE[4]; 3], &[QUARTER; 3]),
     ];
     for (i, (len, _, _)) in (0..).zip(lens) {
         store
@@ -375,7 +387,7 @@ async fn a_long_answer_is_kept_in_chunks_and_read_back_whole() {
         );
         assert_eq!(
             chunk_rows(&store, &key(i)),
-            ((0..pages).collect(), (0..quarters).collect()),
+            (pages.to_vec(), quarters.to_vec()),
             "{len} B"
         );
     }
@@ -383,7 +395,7 @@ async fn a_long_answer_is_kept_in_chunks_and_read_back_whole() {
     let listed = store.list().expect("list");
     assert_eq!(listed.len(), lens.len());
     assert!(
-        listed.iter().any(|entry| entry.bytes > 100_000),
+        listed.iter().any(|entry| entry.bytes > 200_000),
         "{listed:?}"
     );
     drop(store);
@@ -410,9 +422,9 @@ async fn a_long_answer_is_kept_in_chunks_and_read_back_whole() {
     }
 
     // A long answer replaced by a short one, and another removed: their chunks go.
-    let count = |(pages, quarters): (Vec<u32>, Vec<u32>)| (pages.len() + quarters.len()) as u64;
+    let count = |(pages, quarters): (Vec<usize>, Vec<usize>)| (pages.len() + quarters.len()) as u64;
     let gone = count(chunk_rows(&store, &key(6))) + count(chunk_rows(&store, &key(7)));
-    assert_eq!(gone, 3 + 24 + 2);
+    assert_eq!(gone, 2 + 3);
     store.put(key(7), entry("short"), HOUR).await.expect("put");
     store.remove(&key(6)).await.expect("remove");
     store.flush().await.expect("flush");
@@ -438,7 +450,7 @@ async fn a_long_answer_is_kept_in_chunks_and_read_back_whole() {
 #[tokio::test]
 async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
     let (_dir, store) = long_answers(5).await;
-    assert_eq!(chunk_rows(&store, &key(1)), (vec![0, 1], vec![0]));
+    assert_eq!(chunk_rows(&store, &key(1)), (vec![8_172], vec![1_007]));
 
     let [one, two, three, four, five] = [1, 2, 3, 4, 5].map(|i| sequence_of(&store, &key(i)));
     tamper(&store, |txn| {
@@ -451,8 +463,8 @@ async fn a_damaged_chunk_is_an_error_never_a_shorter_answer() {
             .to_vec();
         chunk[100] ^= 0x01;
         table.insert((one, 0), chunk.as_slice()).expect("insert");
-        table.remove((two, 1)).expect("remove");
-        table.insert((three, 2), &b"more"[..]).expect("insert");
+        table.remove((two, 0)).expect("remove");
+        table.insert((three, 1), &b"more"[..]).expect("insert");
         let mut small = txn.open_table(SMALL_CHUNKS).expect("small chunks table");
         small.remove((four, 0)).expect("remove");
         small.insert((five, 0), &b"short"[..]).expect("insert");
@@ -533,75 +545,166 @@ async fn a_head_announcing_a_forged_length_is_an_error_and_is_replaced() {
     assert!(store.usage().bytes < before, "{:?}", store.usage());
 }
 
-/// A file written before records were cut (layout 1: every record whole under its key)
-/// opens and serves its answers, and is relabelled; a file of a layout this release does
-/// not know is refused and left as it was.
+/// Writes a file as a release of `layout` (1 or 2) left it: answers 1 to 3 (bodies of
+/// 9,000, 20,000 and 300 bytes) and answer 4, already expired, each record whole (layout 1)
+/// or cut into 4 KiB pages and quarters (layout 2), indexed by age and by (expiry, key).
+fn earlier_file(path: &Path, layout: u64) -> Vec<(u32, Arc<CachedResponse>)> {
+    let answers = [(1, 9_000), (2, 20_000), (3, 300), (4, 5_000)]
+        .map(|(i, len)| (i, entry(numbered_body(len))));
+    let db = Database::create(path).expect("create");
+    let txn = db.begin_write().expect("write txn");
+    {
+        let mut entries = txn.open_table(ENTRIES).expect("entries");
+        let mut chunks = txn.open_table(CHUNKS).expect("chunks");
+        let mut small_chunks = txn.open_table(SMALL_CHUNKS).expect("small chunks");
+        let mut by_age = txn.open_table(BY_AGE).expect("by_age");
+        let mut by_expiry = txn.open_table(BY_EXPIRY).expect("by_expiry");
+        let mut bytes = 0;
+        for (sequence, (i, answer)) in (0..).zip(&answers) {
+            let expires_at = match i {
+                4 => unix_millis(SystemTime::now() - HOUR),
+                _ => unix_millis(SystemTime::now() + HOUR),
+            };
+            let record = Record::encode(expires_at, sequence, &answer.encode());
+            bytes += Record::weight(record.len());
+            let (head, pages, quarters) = match layout {
+                1 => (&record[..], vec![], &[][..]),
+                _ => record::Cut::of(record.len() as u64, record::LAYOUT_2_ORDER).split(&record),
+            };
+            entries.insert(key(*i).as_bytes(), head).expect("insert");
+            for (number, page) in (0..).zip(pages) {
+                chunks.insert((sequence, number), page).expect("insert");
+            }
+            for (number, quarter) in (0..).zip(quarters.chunks(record::QUARTER_CHUNK)) {
+                small_chunks
+                    .insert((sequence, number), quarter)
+                    .expect("insert");
+            }
+            by_age.insert(sequence, key(*i).as_bytes()).expect("insert");
+            by_expiry
+                .insert((expires_at, key(*i).as_bytes()), ())
+                .expect("insert");
+        }
+        let mut meta = txn.open_table(META).expect("meta");
+        meta.insert("layout", layout).expect("insert");
+        meta.insert("bytes", bytes).expect("insert");
+        meta.insert("next_sequence", answers.len() as u64)
+            .expect("insert");
+    }
+    txn.commit().expect("commit");
+    answers.to_vec()
+}
+
+/// The layout a file is labelled with, and whether it still has the expiry index of
+/// layouts 1 and 2.
+fn layout_of(path: &Path) -> (Option<u64>, bool) {
+    let db = Database::open(path).expect("open");
+    let txn = db.begin_read().expect("read txn");
+    let meta = txn.open_table(META).expect("meta");
+    let layout = meta
+        .get("layout")
+        .expect("get")
+        .map(|layout| layout.value());
+    let by_expiry = txn
+        .list_tables()
+        .expect("tables")
+        .any(|table| table.name() == "by_expiry");
+    (layout, by_expiry)
+}
+
+/// A file of layout 1 (every record whole under its key) or 2 (records cut into 4 KiB
+/// pages) opens and serves its answers as they were written, its expired answer is swept
+/// through the rebuilt expiry index, new answers are cut into larger chunks beside the old
+/// ones, and it is relabelled 3; a file of a layout this release does not know is refused
+/// and left as it was.
 #[tokio::test]
-async fn a_file_of_the_previous_layout_opens_and_a_later_one_is_refused() {
+async fn a_file_of_an_earlier_layout_opens_and_a_later_one_is_refused() {
+    for layout in [1, 2] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("answers.redb");
+        let answers = earlier_file(&path, layout);
+        let store = DiskStore::open(&path).expect("a file of an earlier layout opens");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.usage().entries != Some(3) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.usage().entries, Some(3), "layout {layout}: swept");
+        assert_eq!(store.get(&key(4)).await.expect("get"), None);
+        for (i, answer) in &answers[..3] {
+            let found = store.get(&key(*i)).await.expect("get").expect("kept");
+            assert_eq!(*found, **answer, "layout {layout}: answer {i}");
+        }
+        if layout == 2 {
+            assert_eq!(
+                chunk_rows(&store, &key(2)),
+                (vec![4_076; 4], vec![1_007; 3]),
+                "kept as it was cut"
+            );
+        }
+        // A new answer of the same length is cut into larger chunks, beside the old one.
+        store
+            .put(key(5), answers[1].1.clone(), HOUR)
+            .await
+            .expect("put");
+        store.flush().await.expect("flush");
+        assert_eq!(chunk_rows(&store, &key(5)), (vec![16_364], vec![1_007; 3]));
+        drop(store);
+        assert_eq!(layout_of(&path), (Some(3), false), "relabelled");
+
+        let store = DiskStore::open(&path).expect("reopen");
+        for (i, answer) in [
+            &answers[0],
+            &answers[1],
+            &answers[2],
+            &(5, answers[1].1.clone()),
+        ] {
+            let found = store.get(&key(*i)).await.expect("get").expect("kept");
+            assert_eq!(
+                *found, **answer,
+                "layout {layout}: answer {i} after a reopen"
+            );
+        }
+        // Replaced under the new layout, and removed: nothing is left and nothing miscounted.
+        store
+            .put(key(2), answers[1].1.clone(), HOUR)
+            .await
+            .expect("put");
+        store.flush().await.expect("flush");
+        assert_eq!(chunk_rows(&store, &key(2)), (vec![16_364], vec![1_007; 3]));
+        assert_eq!(
+            *store.get(&key(2)).await.expect("get").expect("kept"),
+            *answers[1].1
+        );
+        for i in 1..=5 {
+            store.remove(&key(i)).await.expect("remove");
+        }
+        store.flush().await.expect("flush");
+        let usage = store.usage();
+        assert_eq!(
+            (usage.entries, usage.bytes),
+            (Some(0), Some(0)),
+            "{usage:?}"
+        );
+        assert_eq!(all_chunks(&store), 0);
+    }
+
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("answers.redb");
-    let long = entry(numbered_body(9_000));
-    {
-        let db = Database::create(&path).expect("create");
-        let txn = db.begin_write().expect("write txn");
-        {
-            let expires_at = unix_millis(SystemTime::now() + HOUR);
-            let record = Record::encode(expires_at, 0, &long.encode());
-            let mut entries = txn.open_table(ENTRIES).expect("entries");
-            entries
-                .insert(key(1).as_bytes(), record.as_slice())
-                .expect("insert");
-            let mut by_age = txn.open_table(BY_AGE).expect("by_age");
-            by_age.insert(0, key(1).as_bytes()).expect("insert");
-            let mut by_expiry = txn.open_table(BY_EXPIRY).expect("by_expiry");
-            by_expiry
-                .insert((expires_at, key(1).as_bytes()), ())
-                .expect("insert");
-            let mut meta = txn.open_table(META).expect("meta");
-            meta.insert("layout", 1).expect("insert");
-            meta.insert("bytes", Record::weight(record.len()))
-                .expect("insert");
-            meta.insert("next_sequence", 1).expect("insert");
-        }
-        txn.commit().expect("commit");
-    }
-    let store = DiskStore::open(&path).expect("a file of layout 1 opens");
-    let found = store.get(&key(1)).await.expect("get").expect("kept");
-    assert_eq!(*found, *long);
-    assert_eq!(store.usage().entries, Some(1));
-    // Replaced under the new layout, and removed: nothing is left and nothing miscounted.
-    store.put(key(1), long.clone(), HOUR).await.expect("put");
-    store.flush().await.expect("flush");
-    assert_eq!(
-        *store.get(&key(1)).await.expect("get").expect("kept"),
-        *long
-    );
-    assert_eq!(chunk_rows(&store, &key(1)), (vec![0, 1], vec![]));
-    store.remove(&key(1)).await.expect("remove");
-    store.flush().await.expect("flush");
-    assert_eq!(store.usage().bytes, Some(0));
-    drop(store);
-
-    let layout = |path: &Path| {
-        let db = Database::open(path).expect("open");
-        let txn = db.begin_read().expect("read txn");
-        let meta = txn.open_table(META).expect("meta");
-        meta.get("layout")
-            .expect("get")
-            .map(|layout| layout.value())
-    };
-    assert_eq!(layout(&path), Some(2), "relabelled");
-
+    drop(DiskStore::open(&path).expect("a new file"));
     {
         let db = Database::open(&path).expect("open");
         let txn = db.begin_write().expect("write txn");
         txn.open_table(META)
             .expect("meta")
-            .insert("layout", 3)
+            .insert("layout", 4)
             .expect("insert");
         txn.commit().expect("commit");
     }
     let error = DiskStore::open(&path).expect_err("a later layout");
-    assert!(error.to_string().contains("layout 3"), "{error}");
-    assert_eq!(layout(&path), Some(3), "left where it was, as it was");
+    assert!(error.to_string().contains("layout 4"), "{error}");
+    assert_eq!(
+        layout_of(&path),
+        (Some(4), false),
+        "left where it was, as it was"
+    );
 }

@@ -12,9 +12,10 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::file::{Fault, move_aside, open_file};
 use super::guard::guarded;
-use super::record::{Cut, PAGE_CHUNK, QUARTER_CHUNK, whole_len};
+use super::record::{Cut, MAX_ORDER, QUARTER_CHUNK, whole_len};
 use super::{
-    BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, META, OnCorrupt, Record, SMALL_CHUNKS, Shared, unix_millis,
+    BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, EXPIRY, LARGE_CHUNKS_FROM, META, OnCorrupt, Record,
+    SMALL_CHUNKS, Shared, unix_millis,
 };
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
@@ -27,12 +28,15 @@ const MAX_BATCH: usize = 512;
 /// Expired answers removed in one transaction of the sweep.
 const SWEEP_BATCH: usize = 4096;
 /// The layout of the tables, kept in the file so a future layout can tell it apart. Layout
-/// 2 cuts records longer than about 1 KiB into chunks; a file of layout 1 (every record whole)
-/// reads the same under layout 2, so it is relabelled on open, and a release of layout 1
-/// refuses a file of layout 2 rather than read its heads as whole answers.
-const LAYOUT: u64 = 2;
-/// The layout before records were cut: read as it is, and relabelled `LAYOUT` on open.
-const LAYOUT_1: u64 = 1;
+/// 2 cut records longer than about 1 KiB into chunks of 4 KiB pages and smaller; layout 3
+/// cuts them into chunks of up to 64 KiB pages, and indexes expiries by write sequence
+/// (the `expiry` table). A file of layout 1 (every record whole) or 2 is taken up on open:
+/// its expiry index is rebuilt, the records it holds are read as they were cut (before
+/// [`LARGE_CHUNKS_FROM`]), and it is relabelled. A release of an earlier layout refuses a
+/// file of a later one rather than misread it.
+const LAYOUT: u64 = 3;
+/// The layouts before this one, taken up on open.
+const EARLIER_LAYOUTS: [u64; 2] = [1, 2];
 /// How long after a failure the file is opened again.
 const REOPEN_AFTER: Duration = Duration::from_millis(500);
 /// How long closing the file waits for reads in progress to let go of it.
@@ -117,7 +121,15 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, u64), PrepareError> {
         let mut tables = Tables::open(&txn)?;
         let layout = tables.meta.get("layout")?.map(|layout| layout.value());
         match layout {
-            None | Some(LAYOUT_1) => {
+            None => {
+                tables.meta.insert("layout", LAYOUT)?;
+                tables.meta.insert(LARGE_CHUNKS_FROM, 0)?;
+            }
+            Some(earlier) if EARLIER_LAYOUTS.contains(&earlier) => {
+                let next_sequence = Totals::load(&tables)?.next_sequence;
+                tables.meta.insert(LARGE_CHUNKS_FROM, next_sequence)?;
+                txn.delete_table(BY_EXPIRY)?;
+                tables.index_expiries()?;
                 tables.meta.insert("layout", LAYOUT)?;
             }
             Some(LAYOUT) => {}
@@ -527,20 +539,22 @@ impl Writer {
             let mut tables = Tables::open(&txn)?;
             let mut totals = Totals::load(&tables)?;
             let mut expired = Vec::new();
-            for row in tables.by_expiry.range(..=(now, &[0xff; 32]))? {
+            for row in tables.expiry.range(..=(now, u64::MAX))? {
                 let (index, _) = row?;
-                let (expires_at, key) = index.value();
-                expired.push((expires_at, *key));
+                expired.push(index.value());
                 if expired.len() > SWEEP_BATCH {
                     break;
                 }
             }
             let more = expired.len() > SWEEP_BATCH;
-            for (expires_at, key) in expired.into_iter().take(SWEEP_BATCH) {
-                tables.by_expiry.remove((expires_at, &key))?;
+            for (expires_at, sequence) in expired.into_iter().take(SWEEP_BATCH) {
+                tables.expiry.remove((expires_at, sequence))?;
+                let Some(key) = tables.by_age.get(sequence)?.map(|key| *key.value()) else {
+                    continue;
+                };
                 let key = CacheKey::from_bytes(key);
-                // A row left behind by a rewrite of the key points at a newer answer.
-                if tables.record_header(&key)?.map(|(at, _)| at) == Some(expires_at) {
+                // Only the write that expired goes (the key may hold a newer one).
+                if tables.record_header(&key)? == Some((expires_at, sequence)) {
                     tables.remove(&key, &mut totals)?;
                 }
             }
@@ -566,7 +580,7 @@ struct Tables<'txn> {
     chunks: Table<'txn, (u64, u32), &'static [u8]>,
     small_chunks: Table<'txn, (u64, u32), &'static [u8]>,
     by_age: Table<'txn, u64, &'static [u8; 32]>,
-    by_expiry: Table<'txn, (u64, &'static [u8; 32]), ()>,
+    expiry: Table<'txn, (u64, u64), ()>,
     meta: Table<'txn, &'static str, u64>,
 }
 
@@ -577,9 +591,26 @@ impl<'txn> Tables<'txn> {
             chunks: txn.open_table(CHUNKS)?,
             small_chunks: txn.open_table(SMALL_CHUNKS)?,
             by_age: txn.open_table(BY_AGE)?,
-            by_expiry: txn.open_table(BY_EXPIRY)?,
+            expiry: txn.open_table(EXPIRY)?,
             meta: txn.open_table(META)?,
         })
+    }
+
+    /// Indexes the expiry of every record in `expiry`, in order (the expiry index of a file
+    /// of an earlier layout is rebuilt so).
+    fn index_expiries(&mut self) -> Result<(), redb::Error> {
+        let mut expiries = Vec::new();
+        for row in self.entries.iter()? {
+            let (_, head) = row?;
+            if let Ok(record) = Record::parse(head.value()) {
+                expiries.push((record.expires_at, record.sequence));
+            }
+        }
+        expiries.sort_unstable();
+        for expiry in expiries {
+            self.expiry.insert(expiry, ())?;
+        }
+        Ok(())
     }
 
     /// The expiry and write sequence of the answer under `key`, if it has a readable one.
@@ -601,16 +632,16 @@ impl<'txn> Tables<'txn> {
         weight: u64,
     ) -> Result<(), redb::Error> {
         let sequence = totals.next_sequence;
-        let (head, pages, quarters) = Cut::of(record.len() as u64).split(record);
+        let (head, pages, quarters) = Cut::of(record.len() as u64, MAX_ORDER).split(record);
         self.entries.insert(key.as_bytes(), head)?;
-        for (number, chunk) in (0..).zip(pages.chunks(PAGE_CHUNK)) {
+        for (number, chunk) in (0..).zip(pages) {
             self.chunks.insert((sequence, number), chunk)?;
         }
         for (number, chunk) in (0..).zip(quarters.chunks(QUARTER_CHUNK)) {
             self.small_chunks.insert((sequence, number), chunk)?;
         }
         self.by_age.insert(sequence, key.as_bytes())?;
-        self.by_expiry.insert((expires_at, key.as_bytes()), ())?;
+        self.expiry.insert((expires_at, sequence), ())?;
         totals.next_sequence += 1;
         totals.bytes = totals.bytes.saturating_add(weight);
         Ok(())
@@ -643,7 +674,7 @@ impl<'txn> Tables<'txn> {
         totals.bytes = totals.bytes.saturating_sub(Record::weight(len));
         if let Some((expires_at, sequence)) = header {
             self.by_age.remove(sequence)?;
-            self.by_expiry.remove((expires_at, key.as_bytes()))?;
+            self.expiry.remove((expires_at, sequence))?;
         }
         Ok(())
     }

@@ -47,7 +47,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -68,8 +68,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Clone, Debug)]
 pub struct ReqwestService {
     client: ::reqwest::Client,
-    /// The base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
-    base: Option<String>,
+    /// The base URL without a trailing slash, e.g. `https://api.openai.com/v1` (shared:
+    /// the layer clones its service for each request).
+    base: Option<Arc<str>>,
 }
 
 impl ReqwestService {
@@ -89,7 +90,7 @@ impl ReqwestService {
     /// `base` must be an absolute `http` or `https` URL without credentials, query or
     /// fragment.
     pub fn base_url(mut self, base: &str) -> Result<Self, InvalidBaseUrl> {
-        self.base = Some(normalize_base_url(base)?);
+        self.base = Some(normalize_base_url(base)?.into());
         Ok(self)
     }
 

@@ -114,6 +114,9 @@ async fn a_removed_answer_is_gone_before_and_after_its_commit() {
     );
 }
 
+/// An expired answer is never served and is swept, through the expiry index; an answer
+/// written again with a longer time to live is not swept with its first write, and the
+/// indexes keep one row for each answer held.
 #[tokio::test]
 async fn an_expired_answer_is_not_served_and_is_swept() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -125,9 +128,17 @@ async fn an_expired_answer_is_not_served_and_is_swept() {
     let put_at = std::time::Instant::now();
     store.put(key(1), entry("short"), ttl).await.expect("put");
     store.put(key(2), entry("long"), HOUR).await.expect("put");
+    store.put(key(3), entry("first"), ttl).await.expect("put");
+    store.flush().await.expect("flush");
+    store.put(key(3), entry("again"), HOUR).await.expect("put");
     assert!(body_at(&store, 1).await.is_some());
     store.flush().await.expect("flush");
-    assert_eq!(store.usage().entries, Some(2));
+    assert_eq!(store.usage().entries, Some(3));
+    assert_eq!(
+        index_rows(&store),
+        (3, 3),
+        "the first write's rows went with it"
+    );
 
     tokio::time::sleep_until((put_at + ttl + Duration::from_millis(100)).into()).await;
     assert_eq!(
@@ -136,15 +147,30 @@ async fn an_expired_answer_is_not_served_and_is_swept() {
         "expired answers are never served"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while store.usage().entries != Some(1) && std::time::Instant::now() < deadline {
+    while store.usage().entries != Some(2) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
         store.usage().entries,
-        Some(1),
+        Some(2),
         "the sweep removed the expired answer"
     );
     assert!(body_at(&store, 2).await.is_some());
+    assert_eq!(body_at(&store, 3).await.as_deref(), Some(&b"again"[..]));
+    assert_eq!(
+        index_rows(&store),
+        (2, 2),
+        "one row of each index per answer"
+    );
+}
+
+/// The rows of the expiry index and of the age index.
+fn index_rows(store: &DiskStore) -> (u64, u64) {
+    let (db, _) = store.shared.database().expect("the file is open");
+    let txn = db.begin_read().expect("read txn");
+    let expiry = txn.open_table(EXPIRY).expect("expiry").len().expect("len");
+    let by_age = txn.open_table(BY_AGE).expect("by_age").len().expect("len");
+    (expiry, by_age)
 }
 
 #[tokio::test]

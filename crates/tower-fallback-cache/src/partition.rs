@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 
+use blake3::Hasher;
+use blake3::hazmat::HasherExt;
 use http::HeaderName;
 use http::request::Parts;
 
@@ -105,12 +107,13 @@ impl Partition {
 /// present (name and each value) and every `key` query parameter (Gemini). The same for
 /// the answer partition ([`Partition::ByCredential`]) and for the quota breaker.
 fn credential_partition(parts: &Parts) -> PartitionId {
-    // Deriving the context key is a hash of its own: done once, then cloned.
-    static CONTEXT: LazyLock<blake3::Hasher> =
-        LazyLock::new(|| blake3::Hasher::new_derive_key(PARTITION_CONTEXT));
+    // Deriving the context key is a hash of its own: done once. A hasher started from it
+    // hashes as `Hasher::new_derive_key(PARTITION_CONTEXT)`, without a copy of one.
+    static CONTEXT_KEY: LazyLock<blake3::hazmat::ContextKey> =
+        LazyLock::new(|| blake3::hazmat::hash_derive_key_context(PARTITION_CONTEXT));
     let mut hasher: Option<blake3::Hasher> = None;
     let mut add = |name: &[u8], value: &[u8]| {
-        let hasher = hasher.get_or_insert_with(|| CONTEXT.clone());
+        let hasher = hasher.get_or_insert_with(|| Hasher::new_from_context_key(&CONTEXT_KEY));
         // Length-prefixed, so that no two lists of credentials hash alike.
         for bytes in [name, value] {
             hasher.update(&(bytes.len() as u64).to_le_bytes());
@@ -132,9 +135,10 @@ fn credential_partition(parts: &Parts) -> PartitionId {
     for value in query_keys(parts.uri.query().unwrap_or_default()) {
         add(b"?key", value.as_bytes());
     }
-    hasher.map_or_else(PartitionId::anonymous, |hasher| {
-        PartitionId(*hasher.finalize().as_bytes())
-    })
+    match &hasher {
+        Some(hasher) => PartitionId(*hasher.finalize().as_bytes()),
+        None => PartitionId::anonymous(),
+    }
 }
 
 /// The values of the `key` parameters of a query, as sent (Gemini's API key).
@@ -220,6 +224,44 @@ mod tests {
         }
         assert_eq!(p.of(&parts(&[])), PartitionId::anonymous());
         assert_ne!(PartitionId::anonymous(), PartitionId::SHARED);
+    }
+
+    /// Partitions are part of every stored answer's key: they never change between releases.
+    /// Known credentials give known partitions, the length-prefixed derive-key hash of their
+    /// names and values.
+    #[test]
+    fn known_credentials_have_known_partitions() {
+        let hex = |id: PartitionId| {
+            id.as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let by_hand = |fields: &[&[u8]]| {
+            let mut hasher = blake3::Hasher::new_derive_key(PARTITION_CONTEXT);
+            for field in fields {
+                hasher.update(&(field.len() as u64).to_le_bytes());
+                hasher.update(field);
+            }
+            PartitionId(*hasher.finalize().as_bytes())
+        };
+        let one = parts(&[("authorization", "Bearer sk-test")]);
+        let two = parts(&[("authorization", "Bearer x"), ("api-key", "k")]);
+        let one = Partition::ByCredential.of(&one);
+        let two = Partition::ByCredential.of(&two);
+        assert_eq!(one, by_hand(&[b"authorization", b"Bearer sk-test"]));
+        assert_eq!(
+            two,
+            by_hand(&[b"authorization", b"Bearer x", b"api-key", b"k"])
+        );
+        assert_eq!(
+            hex(one),
+            "2fc9bf2757a4c3dc006f508245cbd08810c5c620bc94633088296832addc4303"
+        );
+        assert_eq!(
+            hex(two),
+            "09b644632a48357a2586d703ed70b4e6c4b9307a2882a42d6885ba1e93270336"
+        );
     }
 
     #[test]

@@ -27,6 +27,18 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Runs an offline command that must succeed; its standard output.
+fn succeeds(args: &[&str]) -> String {
+    let output = offline(args);
+    let out = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{args:?}: {out}{}",
+        text(&output.stderr)
+    );
+    out
+}
+
 /// Writes answers stored `ago` under keys 1, 2, ... into a fresh file at `path`.
 async fn fill(path: &Path, ages: &[Duration]) -> Vec<CacheKey> {
     let store = DiskStore::open(path).expect("a disk store");
@@ -69,28 +81,19 @@ async fn stats_and_purge_older_than_on_a_store_no_proxy_holds() {
     let keys = fill(&path, &[Duration::from_secs(10), 2 * hour, 3 * 24 * hour]).await;
     let store = format!("disk:{}", path.display());
 
-    let stats = offline(&["stats", "--store", &store]);
-    let out = text(&stats.stdout);
-    assert!(stats.status.success(), "{out}{}", text(&stats.stderr));
+    let out = succeeds(&["stats", "--store", &store]);
     assert_eq!(line_of(&out, "entries"), "entries  3");
     assert!(line_of(&out, "bytes").starts_with("bytes    "), "{out}");
     assert!(out.contains("<= 1m       1\n"), "{out}");
     assert!(out.contains("<= 6h       1\n"), "{out}");
     assert!(out.contains("<= 7days    1\n"), "{out}");
 
-    let purge = offline(&["purge", "--store", &store, "--older-than", "1h"]);
-    let out = text(&purge.stdout);
-    assert!(purge.status.success(), "{out}{}", text(&purge.stderr));
+    let out = succeeds(&["purge", "--store", &store, "--older-than", "1h"]);
     assert!(out.starts_with("purged 2 answers"), "{out}");
     assert!(out.trim_end().ends_with("1 left"), "{out}");
 
-    let by_key = offline(&["purge", "--store", &store, "--key", &keys[0].to_hex()]);
-    assert!(by_key.status.success(), "{}", text(&by_key.stderr));
-    assert!(
-        text(&by_key.stdout).starts_with("purged 1 answer "),
-        "{}",
-        text(&by_key.stdout)
-    );
+    let out = succeeds(&["purge", "--store", &store, "--key", &keys[0].to_hex()]);
+    assert!(out.starts_with("purged 1 answer "), "{out}");
 
     let empty = DiskStore::open(&path).expect("reopen");
     for key in &keys {
@@ -127,29 +130,23 @@ async fn sealed_answers_are_counted_and_purged_by_key() {
     }
     let store = format!("disk:{}", path.display());
 
-    let stats = offline(&["stats", "--store", &store]);
-    let out = text(&stats.stdout);
-    assert!(stats.status.success(), "{out}{}", text(&stats.stderr));
+    let out = succeeds(&["stats", "--store", &store]);
     assert_eq!(line_of(&out, "entries"), "entries  3");
     assert!(line_of(&out, "sealed").starts_with("sealed   2 "), "{out}");
     assert!(out.contains("<= 6h       1\n"), "{out}");
 
-    let purge = offline(&["purge", "--store", &store, "--older-than", "1h"]);
-    let out = text(&purge.stdout);
-    assert!(purge.status.success(), "{out}{}", text(&purge.stderr));
+    let out = succeeds(&["purge", "--store", &store, "--older-than", "1h"]);
     assert!(out.starts_with("purged 1 answer "), "{out}");
     assert!(out.contains("2 left"), "{out}");
     assert!(line_of(&out, "2 of them sealed").contains("--key"), "{out}");
 
-    let by_key = offline(&[
+    let out = succeeds(&[
         "purge",
         "--store",
         &store,
         "--key",
         &sealed_keys[0].to_hex(),
     ]);
-    let out = text(&by_key.stdout);
-    assert!(by_key.status.success(), "{out}{}", text(&by_key.stderr));
     assert!(out.starts_with("purged 1 answer "), "{out}");
 
     let disk = DiskStore::open(&path).expect("reopen");
@@ -200,9 +197,8 @@ async fn while_a_proxy_holds_the_store_they_say_so_in_one_line() {
     assert!(proxy.stop().success(), "{}", proxy.logs());
 
     // Once the proxy is gone, the same command works, and nothing was removed.
-    let stats = offline(&["stats", "--store", &store]);
-    assert!(stats.status.success(), "{}", text(&stats.stderr));
-    assert_eq!(line_of(&text(&stats.stdout), "entries"), "entries  1");
+    let out = succeeds(&["stats", "--store", &store]);
+    assert_eq!(line_of(&out, "entries"), "entries  1");
 }
 
 #[test]

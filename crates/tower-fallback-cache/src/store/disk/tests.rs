@@ -621,6 +621,14 @@ fn earlier_file(path: &Path, layout: u64) -> Vec<(u32, Arc<CachedResponse>)> {
     answers.to_vec()
 }
 
+/// Asserts that `store` serves each answer under its key, as it was put.
+async fn serves(store: &DiskStore, answers: &[(u32, Arc<CachedResponse>)], what: &str) {
+    for (i, answer) in answers {
+        let found = store.get(&key(*i)).await.expect("get").expect("kept");
+        assert_eq!(*found, **answer, "{what}: answer {i}");
+    }
+}
+
 /// The layout a file is labelled with, and whether it still has the expiry index of
 /// layouts 1 and 2.
 fn layout_of(path: &Path) -> (Option<u64>, bool) {
@@ -656,10 +664,7 @@ async fn a_file_of_an_earlier_layout_opens_and_a_later_one_is_refused() {
         }
         assert_eq!(store.usage().entries, Some(3), "layout {layout}: swept");
         assert_eq!(store.get(&key(4)).await.expect("get"), None);
-        for (i, answer) in &answers[..3] {
-            let found = store.get(&key(*i)).await.expect("get").expect("kept");
-            assert_eq!(*found, **answer, "layout {layout}: answer {i}");
-        }
+        serves(&store, &answers[..3], &format!("layout {layout}")).await;
         if layout == 2 {
             assert_eq!(
                 chunk_rows(&store, &key(2)),
@@ -678,18 +683,9 @@ async fn a_file_of_an_earlier_layout_opens_and_a_later_one_is_refused() {
         assert_eq!(layout_of(&path), (Some(3), false), "relabelled");
 
         let store = DiskStore::open(&path).expect("reopen");
-        for (i, answer) in [
-            &answers[0],
-            &answers[1],
-            &answers[2],
-            &(5, answers[1].1.clone()),
-        ] {
-            let found = store.get(&key(*i)).await.expect("get").expect("kept");
-            assert_eq!(
-                *found, **answer,
-                "layout {layout}: answer {i} after a reopen"
-            );
-        }
+        let mut held = answers[..3].to_vec();
+        held.push((5, answers[1].1.clone()));
+        serves(&store, &held, &format!("layout {layout}, after a reopen")).await;
         // Replaced under the new layout, and removed: nothing is left and nothing miscounted.
         store
             .put(key(2), answers[1].1.clone(), HOUR)

@@ -83,13 +83,24 @@ PY
 }
 
 # Everything started below writes its PID file in $SERVERS; each is stopped by that PID on
-# exit, pass or fail (a cluster node a test restarted writes its new PID there too).
+# exit, pass or fail (a cluster node a test restarted writes its new PID there too). The
+# directory goes only once they have exited: a redis-server shutting down still writes its
+# log. The run's exit status is the tests', never the clean-up's.
 SERVERS="$(mktemp -d)"
 cleanup() {
+  local status=$? pids="" pid
   for pidfile in "$SERVERS"/*/redis.pid; do
-    if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
+    if [ -f "$pidfile" ] && pid="$(cat "$pidfile" 2>/dev/null)" && kill "$pid" 2>/dev/null; then
+      pids="$pids $pid"
+    fi
   done
-  rm -rf "$SERVERS"
+  for pid in $pids; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$SERVERS" 2>/dev/null || { sleep 0.2; rm -rf "$SERVERS" 2>/dev/null; } ||
+    log "could not remove $SERVERS"
+  exit "$status"
 }
 trap cleanup EXIT
 wait_for() { # port [redis-cli args...]

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::Proxy;
+use fallback_cache_test_support::stores::shared_redis;
 use mock_upstream::{Fixture, MockUpstream, Mode};
 
 const TOKEN: &str = "admin-token-for-tests";
@@ -114,48 +114,9 @@ async fn a_purged_answer_is_gone_from_the_disk_after_a_restart() {
     assert_eq!(ask(&proxy, "purge me").await.0, "MISS");
 }
 
-/// A redis-server of this test's own, stopped when dropped.
-struct RedisServer(Child);
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis_url() -> (Option<RedisServer>, String) {
-    if let Ok(url) = std::env::var("FALLBACK_CACHE_TEST_REDIS_URL") {
-        if !url.is_empty() {
-            return (None, url);
-        }
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (apt-get install redis-server, or FALLBACK_CACHE_TEST_REDIS_URL)");
-    let server = RedisServer(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not listen within 10s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Some(server), format!("redis://127.0.0.1:{port}/0"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purged_answer_is_gone_from_redis_for_every_replica() {
-    let (_server, url) = redis_url();
+    let (url, _server) = shared_redis();
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos());

@@ -4,68 +4,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{API_KEY, Proxy};
+use fallback_cache_test_support::stores::shared_redis;
 use mock_upstream::{Fixture, MockUpstream, Mode};
-
-/// A redis-server of this test's own, stopped when dropped.
-struct RedisServer {
-    child: Child,
-    url: String,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!(
-                    "cannot start redis-server ({error}): install it (apt-get install redis-server) \
-                     or set FALLBACK_CACHE_TEST_REDIS_URL, as scripts/test.sh does"
-                )
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen within 10s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RedisServer {
-            child,
-            url: format!("redis://127.0.0.1:{port}/0"),
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The Redis scripts/test.sh started, or one of this test's own.
-fn redis() -> (String, Option<RedisServer>) {
-    match std::env::var("FALLBACK_CACHE_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => (url, None),
-        _ => {
-            let server = RedisServer::start();
-            (server.url.clone(), Some(server))
-        }
-    }
-}
 
 fn redis_connection(url: &str) -> redis::Connection {
     redis::Client::open(url)
@@ -189,7 +133,7 @@ async fn the_redb_file_holds_no_answer_in_clear_and_serves_it_after_a_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_values_hold_no_answer_in_clear() {
-    let (url, _server) = redis();
+    let (url, _server) = shared_redis();
     let mock = MockUpstream::start().await.expect("mock upstream");
     let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
     let mut stored = Vec::new();
@@ -220,7 +164,7 @@ async fn redis_values_hold_no_answer_in_clear() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_resealed_or_forged_redis_value_is_refused_and_counted() {
-    let (url, _server) = redis();
+    let (url, _server) = shared_redis();
     let mock = MockUpstream::start().await.expect("mock upstream");
     let secret = ["--secret", "the first server secret, 32 bytes"];
     let other_secret = ["--secret", "another server's secret, 32 bytes"];
@@ -407,7 +351,7 @@ fn subcommand(args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_snapshot_imported_into_redis_is_served_byte_for_byte_and_a_cut_one_is_refused() {
-    let (url, _server) = redis();
+    let (url, _server) = shared_redis();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let disk = format!("disk:{}", dir.path().join("answers.redb").display());
     let mock = MockUpstream::start().await.expect("mock upstream");

@@ -6,7 +6,6 @@
 
 use http::request::Parts;
 
-use super::json::type_of;
 use super::{Completeness, Event, Protocol, Verdict, path};
 
 /// The Anthropic Messages API: requests whose path ends with `/messages` (not those of
@@ -34,14 +33,7 @@ struct MessagesStream;
 
 impl Completeness for MessagesStream {
     fn event(&mut self, event: &Event<'_>) -> Verdict {
-        let typed;
-        let kind = if event.has_name() {
-            event.name()
-        } else {
-            typed = type_of(event.data());
-            typed.as_deref().unwrap_or("")
-        };
-        match kind {
+        match event.kind().as_deref().unwrap_or("") {
             "message_stop" => Verdict::Complete,
             "error" => Verdict::Failed,
             _ => Verdict::Pending,
@@ -69,6 +61,11 @@ mod tests {
         assert_eq!(judge(&Anthropic, path, cut), Some(false));
         let comment_first = format!(": keep-alive\n\n{cut}");
         assert_eq!(judge(&Anthropic, path, &comment_first), Some(false));
+        // A server that sends no `event:` lines: the `type` in the data decides.
+        let unnamed = |stream: &str| stream.replace("event: ", ": was event ");
+        assert_eq!(judge(&Anthropic, path, &unnamed(complete)), Some(true));
+        assert_eq!(judge(&Anthropic, path, &unnamed(error)), Some(false));
+        assert_eq!(judge(&Anthropic, path, &unnamed(cut)), Some(false));
         assert!(!Anthropic.matches(&super::super::tests::request("/v1/threads/t/messages")));
     }
 }

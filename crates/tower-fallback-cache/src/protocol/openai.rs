@@ -8,7 +8,7 @@
 
 use http::request::Parts;
 
-use super::json::{says_failed, type_of};
+use super::json::says_failed;
 use super::{Completeness, Event, Protocol, Verdict, path};
 
 /// The OpenAI API family: chat completions, legacy completions and the Responses API, and
@@ -82,15 +82,7 @@ struct ResponsesStream;
 
 impl Completeness for ResponsesStream {
     fn event(&mut self, event: &Event<'_>) -> Verdict {
-        let typed;
-        let kind = if event.has_name() {
-            event.name()
-        } else {
-            // A server that sends no `event:` lines: the type is in the data.
-            typed = type_of(event.data());
-            typed.as_deref().unwrap_or("")
-        };
-        match kind {
+        match event.kind().as_deref().unwrap_or("") {
             "response.completed" | "response.incomplete" => Verdict::Complete,
             "response.failed" | "error" => Verdict::Failed,
             _ => Verdict::Pending,

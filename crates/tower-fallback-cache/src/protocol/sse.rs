@@ -39,6 +39,26 @@ impl<'a> Event<'a> {
     pub fn data(&self) -> &[u8] {
         &self.data
     }
+
+    /// What kind of event this is where a protocol names it either way: its `event:`
+    /// field, or else (a server that sends no `event:` lines) the top-level `"type"` of its
+    /// JSON data; `None` when it has neither.
+    ///
+    /// ```
+    /// use tower_fallback_cache::protocol::Event;
+    ///
+    /// let named = Event::new(Some("message_stop"), b"{}");
+    /// let typed = Event::new(None, br#"{"type":"message_stop"}"#);
+    /// assert_eq!(named.kind().as_deref(), Some("message_stop"));
+    /// assert_eq!(typed.kind().as_deref(), Some("message_stop"));
+    /// assert_eq!(Event::new(None, b"[DONE]").kind(), None);
+    /// ```
+    pub fn kind(&self) -> Option<Cow<'_, str>> {
+        match self.name {
+            Some(name) => Some(Cow::Borrowed(name)),
+            None => super::json::type_of(&self.data),
+        }
+    }
 }
 
 /// [`parse_event_from`] without a hint: the full reading.

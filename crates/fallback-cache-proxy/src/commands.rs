@@ -1,5 +1,6 @@
-//! The proxy's subcommands: `fingerprint`, `export`, `import`. With no subcommand the proxy
-//! serves, as it always has, so every existing invocation keeps working.
+//! The proxy's subcommands: `fingerprint`, `export`, `import`, and the offline `stats` and
+//! `purge` (see [`crate::offline`]). With no subcommand the proxy serves, as it always has,
+//! so every existing invocation keeps working.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -39,17 +40,19 @@ struct Import {
 
 /// Runs the subcommand `args` names, if the first argument is one; `None` otherwise.
 pub(crate) fn run(args: impl IntoIterator<Item = OsString>) -> Option<ExitCode> {
-    let mut args = args.into_iter().skip(1);
-    match args.next()?.to_str()? {
-        "fingerprint" => Some(fingerprint(args.collect())),
-        "export" => Some(snapshot_command(
-            Export::try_parse_from(std::iter::once("export".into()).chain(args)).map(Job::Export),
-        )),
-        "import" => Some(snapshot_command(
-            Import::try_parse_from(std::iter::once("import".into()).chain(args)).map(Job::Import),
-        )),
-        _ => None,
-    }
+    let args: Vec<OsString> = args.into_iter().collect();
+    let rest = || args.iter().skip(2).cloned();
+    Some(match args.get(1)?.to_str()? {
+        "fingerprint" => fingerprint(rest().collect()),
+        "export" => snapshot_command(
+            Export::try_parse_from(std::iter::once("export".into()).chain(rest())).map(Job::Export),
+        ),
+        "import" => snapshot_command(
+            Import::try_parse_from(std::iter::once("import".into()).chain(rest())).map(Job::Import),
+        ),
+        "stats" | "purge" => crate::offline::run(args),
+        _ => return None,
+    })
 }
 
 /// `fallback-cache-proxy fingerprint`: the fingerprint of the credential read from stdin
@@ -93,15 +96,9 @@ fn snapshot_command(job: Result<Job, clap::Error>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let done = runtime.block_on(async {
         match job {

@@ -31,17 +31,9 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // A subcommand (`fingerprint`, ...) runs on its own; no subcommand serves.
+    // A subcommand (`fingerprint`, `stats`, ...) runs on its own; no subcommand serves.
     if let Some(code) = commands::run(std::env::args_os()) {
         return code;
-    }
-    // `stats` and `purge` work on a store offline; anything else runs the proxy.
-    let mut args = std::env::args_os();
-    if args
-        .nth(1)
-        .is_some_and(|first| offline::COMMANDS.iter().any(|command| first == *command))
-    {
-        return offline::run(std::env::args_os().collect());
     }
     // Settings first: a bad one is one line on stderr and nothing else.
     let config = match config::load(std::env::args_os()) {
@@ -49,20 +41,26 @@ fn main() -> ExitCode {
         Err(error) => return fail(&error),
     };
     init_logging(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error),
     }
+}
+
+/// The multi-threaded runtime the proxy and its subcommands run on; when it cannot start,
+/// one line on stderr and the exit code to leave with.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("error: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
 }
 
 fn fail(error: &error::ProxyError) -> ExitCode {

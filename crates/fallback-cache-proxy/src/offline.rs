@@ -9,9 +9,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// The first arguments that select an offline command instead of the proxy.
-pub(crate) const COMMANDS: [&str; 2] = ["stats", "purge"];
-
 /// Offline commands of fallback-cache-proxy.
 #[derive(Debug, Parser)]
 #[command(name = "fallback-cache-proxy", version)]

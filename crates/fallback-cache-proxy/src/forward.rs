@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use http::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use http::{HeaderValue, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use tower::ServiceExt;
 use tower_fallback_cache::headers::remove_hop_by_hop;
 use tower_fallback_cache::reqwest::ReqwestService;
@@ -64,6 +64,26 @@ pub(crate) async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -
 async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
+    // Requests for the proxy itself, never for the upstream: a tunnel (the proxy asks one
+    // upstream, it opens no connection elsewhere) and `OPTIONS *` (RFC 9110, 9.3.7: what
+    // the server supports; forwarded, it would become a request for a resource `/*`).
+    if method == Method::CONNECT {
+        return refused(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not supported: this is a reverse proxy of one upstream, not a tunnel",
+        );
+    }
+    if parts.uri.path() == "*" {
+        return if method == Method::OPTIONS {
+            let mut response = Response::new(Body::empty());
+            response
+                .headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+            response
+        } else {
+            bad_request("the request target * is for OPTIONS only")
+        };
+    }
     // Only the path and query choose what is asked upstream: a request in absolute form
     // (`GET http://elsewhere/...`) must not send the proxy elsewhere. Dot segments are
     // resolved before the join to the upstream's base path, traversal is refused.
@@ -209,37 +229,21 @@ fn describe(error: &reqwest::Error) -> String {
 
 /// A 400 in OpenAI's error shape, for a request the proxy will not forward.
 fn bad_request(message: &str) -> Response {
-    let body = serde_json::json!({
-        "error": {
-            "message": format!("fallback-cache-proxy: {message}"),
-            "type": "invalid_request_error",
-            "param": null,
-            "code": null,
-        }
-    });
-    let mut response = Response::new(Body::from(body.to_string()));
-    *response.status_mut() = StatusCode::BAD_REQUEST;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    refused(StatusCode::BAD_REQUEST, message)
+}
+
+/// A request the proxy answers itself, in OpenAI's error shape.
+fn refused(status: StatusCode, message: &str) -> Response {
+    let message = format!("fallback-cache-proxy: {message}");
+    openai_error(status, &message, "invalid_request_error", None)
 }
 
 /// A 502 in OpenAI's error shape, marked as a miss whose upstream was unreachable.
 fn bad_gateway(upstream: &str, cause: &str) -> Response {
     let message = format!("fallback-cache-proxy could not reach the upstream {upstream}: {cause}");
-    let body = serde_json::json!({
-        "error": {
-            "message": message,
-            "type": "upstream_unreachable",
-            "param": null,
-            "code": "upstream_unreachable",
-        }
-    });
-    let mut response = Response::new(Body::from(body.to_string()));
-    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    let code = "upstream_unreachable";
+    let mut response = openai_error(StatusCode::BAD_GATEWAY, &message, code, Some(code));
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(
         X_FALLBACK_CACHE,
         HeaderValue::from_static(CacheStatus::Miss.as_str()),
@@ -261,19 +265,36 @@ fn client_fault_status(fault: &ClientFault) -> StatusCode {
 /// A 400 (a broken body) or 408 (a stalled one) in OpenAI's error shape; the connection is
 /// closed after it, since what is left of the body cannot be read.
 fn client_fault(fault: &ClientFault) -> Response {
+    let status = client_fault_status(fault);
+    let message = fault.to_string();
+    let mut response = openai_error(
+        status,
+        &message,
+        "invalid_request_error",
+        Some("request_body_error"),
+    );
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// An error as OpenAI's API writes one (`{"error": {message, type, param, code}}`), so
+/// that the SDKs read the proxy's own errors as they read the API's.
+fn openai_error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
     let body = serde_json::json!({
         "error": {
-            "message": fault.to_string(),
-            "type": "invalid_request_error",
+            "message": message,
+            "type": kind,
             "param": null,
-            "code": "request_body_error",
+            "code": code,
         }
     });
     let mut response = Response::new(Body::from(body.to_string()));
-    *response.status_mut() = client_fault_status(fault);
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

@@ -1,5 +1,6 @@
 //! What the proxy must never do, seen on the wire: send a request outside the upstream's
-//! base path, answer an endpoint with side effects from the cache, or give a 204 a length.
+//! base path, forward a tunnel (CONNECT) or a question to itself (`OPTIONS *`), answer an
+//! endpoint with side effects from the cache, or give a 204 a length.
 
 mod common;
 
@@ -28,6 +29,53 @@ fn get(target: &str) -> String {
     format!(
         "GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {API_KEY}\r\nconnection: close\r\n\r\n"
     )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_and_options_asterisk_are_answered_by_the_proxy_never_forwarded() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+
+    // A tunnel through a reverse proxy of one upstream means nothing: refused at once,
+    // with the reason, whatever the upstream would have said.
+    let answer = raw(
+        &proxy,
+        "CONNECT 169.254.169.254:80 HTTP/1.1\r\nhost: 169.254.169.254:80\r\nconnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 501 "), "{answer}");
+    assert!(answer.contains("CONNECT is not supported"), "{answer}");
+    assert!(
+        answer.contains(r#""type":"invalid_request_error""#),
+        "{answer}"
+    );
+    // `OPTIONS *` asks the proxy itself what it supports (RFC 9110, 9.3.7); it is not a
+    // request for a resource named `/*`.
+    let answer = raw(
+        &proxy,
+        "OPTIONS * HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-length: 0\r\n"),
+        "{answer}"
+    );
+    assert!(
+        mock.control().seen_paths().is_empty(),
+        "the upstream saw {:?}",
+        mock.control().seen_paths()
+    );
+
+    // An OPTIONS of a path still goes to the upstream, as any other method does.
+    let answer = raw(
+        &proxy,
+        &format!(
+            "OPTIONS /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {API_KEY}\r\nconnection: close\r\n\r\n"
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    assert_eq!(mock.control().seen_paths(), ["/v1/models"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,5 +1,5 @@
-//! `fallback-cache-proxy stats` and `purge` on a disk store no proxy holds, and the one
-//! line they print when a proxy holds it.
+//! `fallback-cache-proxy stats` and `purge` on a disk store no proxy holds, the one
+//! line they print when a proxy holds it, and the bound `--max-disk` puts on what it keeps.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::Proxy;
 use http::{HeaderMap, StatusCode};
-use mock_upstream::MockUpstream;
+use mock_upstream::{Fixture, MockUpstream, Mode};
 use tower_fallback_cache::store::{DiskStore, Store};
 use tower_fallback_cache::{CacheKey, CachedResponse, Seal};
 
@@ -212,4 +212,79 @@ fn the_offline_commands_need_a_disk_store_and_a_selection() {
     );
     let output = offline(&["purge", "--store", "disk:/nonexistent/cache.redb"]);
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+}
+
+/// Streams a chat answer of about 3 KiB through the proxy to its end: its cache status and
+/// its length.
+async fn streamed_chat(proxy: &Proxy, n: usize) -> (String, usize) {
+    let words: Vec<String> = (0..300).map(|w| format!("request{n}word{w}")).collect();
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": true,
+        "messages": [{"role": "user", "content": words.join(" ")}],
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("an answer");
+    let cache = response.headers()["x-fallback-cache"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let text = response.text().await.expect("the whole stream");
+    (cache, text.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_disk_bounds_the_answers_kept_and_the_oldest_go_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    let store = format!("disk:{}", path.display());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--max-disk",
+        "64KiB",
+    ];
+
+    // Sixty answers of about 3 KiB each: 170 KiB, more than twice the bound.
+    let mut proxy = Proxy::start(&args);
+    for n in 0..60 {
+        let (cache, len) = streamed_chat(&proxy, n).await;
+        assert_eq!(cache, "MISS", "{}", proxy.logs());
+        assert!(len > 2500, "an answer of {len} bytes");
+    }
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+
+    let out = succeeds(&["stats", "--store", &store]);
+    let entries: usize = line_of(&out, "entries")["entries".len()..]
+        .trim()
+        .parse()
+        .expect("a count");
+    let bytes: u64 = line_of(&out, "bytes")["bytes".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|count| count.parse().ok())
+        .expect("a byte count");
+    assert!((1..60).contains(&entries), "{out}");
+    assert!(bytes <= 64 * 1024, "{out}");
+
+    // The newest answer is still served when the quota is gone; the oldest is not.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let proxy = Proxy::start(&args);
+    assert_eq!(
+        streamed_chat(&proxy, 59).await.0,
+        "FALLBACK",
+        "{}",
+        proxy.logs()
+    );
+    assert_eq!(streamed_chat(&proxy, 0).await.0, "MISS", "{}", proxy.logs());
 }

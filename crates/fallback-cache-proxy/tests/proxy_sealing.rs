@@ -44,17 +44,21 @@ fn unique(prompt: &str) -> String {
     format!("{prompt} (run {nanos}, process {})", std::process::id())
 }
 
-/// One chat completion: (status, `x-fallback-cache`, `x-fallback-cache-key`, body).
+/// One chat completion: (status, `x-fallback-cache`, `x-fallback-cache-key`, body). An
+/// empty `api_key` sends no credential.
 async fn ask(proxy: &Proxy, api_key: &str, prompt: &str) -> (u16, String, String, String) {
     let body = serde_json::json!({
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": prompt}],
     });
-    let response = reqwest::Client::new()
+    let mut request = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", proxy.url()))
-        .header("authorization", format!("Bearer {api_key}"))
         .header("content-type", "application/json")
-        .body(body.to_string())
+        .body(body.to_string());
+    if !api_key.is_empty() {
+        request = request.header("authorization", format!("Bearer {api_key}"));
+    }
+    let response = request
         .send()
         .await
         .unwrap_or_else(|error| panic!("no answer to {prompt:?}: {error}\n{}", proxy.logs()));
@@ -128,6 +132,102 @@ async fn the_redb_file_holds_no_answer_in_clear_and_serves_it_after_a_restart() 
     }
     // Another credential asking the same: nothing of theirs.
     let (status, cache, _, body) = ask(&proxy, "sk-someone-else", &answers[0].0).await;
+    assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
+}
+
+/// `stats` on a disk store: (entries, sealed entries).
+fn stats(store: &str) -> (usize, usize) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(["stats", "--store", store])
+        .output()
+        .expect("the proxy binary runs");
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{out}");
+    let count = |label: &str| {
+        out.lines()
+            .find_map(|line| line.strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map_or(0, |count| count.parse().expect("a count"))
+    };
+    (count("entries "), count("sealed "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seal_off_stores_in_clear_and_a_secret_file_seals_requests_without_a_credential() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let prompt = "Tell me about the private matter of the secret file, in detail please";
+
+    // `--seal off`: what the operator asked for, an answer kept as it came.
+    let file = dir.path().join("clear.redb");
+    let store = format!("disk:{}", file.display());
+    let mut proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--seal",
+        "off",
+    ]);
+    let (status, cache, _, answer) = ask(&proxy, API_KEY, prompt).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{answer}");
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+    let raw = std::fs::read(&file).expect("the redb file");
+    let clear = answer.as_bytes();
+    assert!(raw.windows(clear.len()).any(|window| window == clear));
+    assert_eq!(stats(&store), (1, 0));
+
+    // A server secret from a file (its trailing newline ignored): a request without a
+    // credential is sealed under it alone, and served only under the same secret.
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "a server secret kept in a file, 32+ bytes\n").expect("write");
+    let other_file = dir.path().join("other");
+    std::fs::write(&other_file, "another server secret in a file, 32+ bytes\n").expect("write");
+    let file = dir.path().join("sealed.redb");
+    let store = format!("disk:{}", file.display());
+    let secret = secret_file.display().to_string();
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--secret-file",
+        &secret,
+    ];
+    let mut proxy = Proxy::start(&args);
+    let (status, cache, _, answer) = ask(&proxy, "", prompt).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{answer}");
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+    assert!(!proxy.logs().contains("UNSEALED"), "{}", proxy.logs());
+    assert_no_run_of(
+        &std::fs::read(&file).expect("the redb file"),
+        &answer,
+        "the redb file",
+    );
+    assert_eq!(stats(&store), (1, 1));
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let proxy = Proxy::start(&args);
+    let (status, cache, _, body) = ask(&proxy, "", prompt).await;
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "FALLBACK"),
+        "{body}\n{}",
+        proxy.logs()
+    );
+    assert_eq!(body, answer);
+    drop(proxy);
+    let other = other_file.display().to_string();
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--secret-file",
+        &other,
+    ]);
+    let (status, cache, _, body) = ask(&proxy, "", prompt).await;
     assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
 }
 

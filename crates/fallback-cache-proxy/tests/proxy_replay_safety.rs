@@ -1,6 +1,7 @@
 //! What the proxy must never do, seen on the wire: send a request outside the upstream's
 //! base path, forward a tunnel (CONNECT) or a question to itself (`OPTIONS *`), answer an
-//! endpoint with side effects from the cache, or give a 204 a length.
+//! endpoint with side effects from the cache unless told to (`--cacheable`), or give a 204 a
+//! length.
 
 mod common;
 
@@ -246,4 +247,63 @@ async fn key_ignore_lets_requests_that_differ_in_those_fields_share_an_answer() 
     assert_eq!(other_user.text().await.expect("body"), first);
     let other_model = ask("alice", "1", "gpt-4o").await.expect("answered");
     assert_eq!(other_model.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_named_in_cacheable_is_kept_and_replayed_and_only_then() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let default = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let chosen = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--cacheable",
+        "inference, POST /v1/vector_stores",
+    ]);
+    let create = |proxy: &Proxy| {
+        let url = format!("{}/v1/vector_stores", proxy.url());
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("authorization", format!("Bearer {API_KEY}"))
+                .header("content-type", "application/json")
+                .body(r#"{"name":"handbook"}"#)
+                .send()
+                .await
+                .expect("an answer");
+            let cache = response.headers()["x-fallback-cache"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let status = response.status().as_u16();
+            (status, cache, response.text().await.expect("a body"))
+        }
+    };
+
+    let (status, cache, created) = create(&chosen).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{created}");
+    let (status, cache, _) = create(&default).await;
+    assert_eq!((status, cache.as_str()), (200, "BYPASS"));
+
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    // The operator named the endpoint: its last good answer is served, byte for byte.
+    let (status, cache, body) = create(&chosen).await;
+    assert_eq!((status, cache.as_str()), (200, "FALLBACK"), "{body}");
+    assert_eq!(body, created);
+    // Without it, the upstream's error, never a stored answer.
+    let (status, cache, body) = create(&default).await;
+    assert_eq!((status, cache.as_str()), (429, "BYPASS"), "{body}");
+    // `inference` in the list keeps the default endpoints.
+    let chat = raw(
+        &chosen,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {API_KEY}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ),
+    );
+    assert!(
+        chat.to_ascii_lowercase().contains("x-fallback-cache: miss"),
+        "{chat}"
+    );
 }

@@ -1,0 +1,86 @@
+//! Clients that speak HTTP/2 from the start (prior knowledge, no TLS): the same answers,
+//! marks and whole streams as over HTTP/1.1, and many requests on one connection.
+
+mod common;
+
+use common::{API_KEY, Proxy};
+use http::Version;
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+/// One chat completion over `client`: (status, `x-fallback-cache`, body).
+async fn ask(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    prompt: &str,
+    stream: bool,
+) -> (u16, String, String) {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": stream,
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let response = client
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("no answer to {prompt:?}: {error}\n{}", proxy.logs()));
+    assert_eq!(response.version(), Version::HTTP_2);
+    let cache = response
+        .headers()
+        .get("x-fallback-cache")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let status = response.status().as_u16();
+    (
+        status,
+        cache,
+        response.text().await.expect("the whole body"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_the_same_answers_marks_and_whole_streams() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an HTTP/2 client");
+
+    let (status, cache, answer) = ask(&client, &proxy, "What is HTTP/2?", false).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{answer}");
+    let (status, cache, streamed) = ask(&client, &proxy, "Stream HTTP/2 to me", true).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{streamed}");
+    assert!(streamed.trim_end().ends_with("data: [DONE]"), "{streamed}");
+
+    // Out of quota: the last good answers, byte for byte, to fifty requests at once on one
+    // connection (streams of one HTTP/2 connection, not fifty connections).
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let asked = (0..50).map(|i| {
+        let (client, proxy) = (&client, &proxy);
+        async move {
+            match i % 2 {
+                0 => (ask(client, proxy, "What is HTTP/2?", false).await, false),
+                _ => (ask(client, proxy, "Stream HTTP/2 to me", true).await, true),
+            }
+        }
+    });
+    for ((status, cache, body), stream) in futures_util::future::join_all(asked).await {
+        assert_eq!((status, cache.as_str()), (200, "FALLBACK"), "{body}");
+        assert_eq!(&body, if stream { &streamed } else { &answer });
+    }
+    // The client's connection and the scrape's own.
+    let samples = common::metrics(proxy.url()).await;
+    assert!(
+        samples["fallback_cache_open_connections"] <= 2,
+        "{:?}",
+        samples["fallback_cache_open_connections"]
+    );
+    let (status, cache, body) = ask(&client, &proxy, "Never asked before", false).await;
+    assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
+}

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{API_KEY, Proxy};
 use http::Version;
 use mock_upstream::{Fixture, MockUpstream, Mode};
@@ -83,4 +85,65 @@ async fn http2_clients_get_the_same_answers_marks_and_whole_streams() {
     );
     let (status, cache, body) = ask(&client, &proxy, "Never asked before", false).await;
     assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_only_pings_is_closed_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--idle-timeout",
+        "2s",
+    ]);
+    let address = proxy.url().trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connects");
+    let (mut read, mut write) = stream.into_split();
+    // The preface and empty SETTINGS, then a PING every 200 ms and never a request: frames
+    // keep coming, yet the connection is idle (an HTTP/2 connection carries frames between
+    // requests, so it has no header deadline; only a request's end makes it not idle).
+    let pinging = tokio::spawn(async move {
+        let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        for n in 0u8.. {
+            frames.extend_from_slice(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, n]);
+            if write.write_all(&frames).await.is_err() {
+                return;
+            }
+            frames.clear();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), read.read(&mut buf)).await {
+            Err(_) => break None,
+            Ok(Ok(0) | Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+    };
+    pinging.abort();
+    let closed = closed.expect("the connection is closed within 10 s");
+    assert!(
+        closed >= Duration::from_millis(1500),
+        "closed after {closed:?}"
+    );
+
+    // Others are served meanwhile and after.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an HTTP/2 client");
+    let (status, cache, body) = ask(&client, &proxy, "Still here?", false).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
 }

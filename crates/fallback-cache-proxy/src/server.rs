@@ -356,7 +356,8 @@ async fn serve_connection(
             async move { Ok::<_, Infallible>(handle(app, &conn, request).await) }
         })
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_HTTP2_STREAMS);
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     let mut closing: Option<tokio::time::Instant> = None;
@@ -389,6 +390,9 @@ async fn serve_connection(
     }
     conns.remove(&conn);
 }
+
+/// The requests one HTTP/2 connection may have in flight at once.
+const MAX_HTTP2_STREAMS: u32 = 200;
 
 /// How long a connection asked to close with no request in flight may take to do so.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);

@@ -122,11 +122,12 @@ async fn an_http2_client_that_only_pings_is_closed_at_the_idle_timeout() {
     });
     let started = Instant::now();
     let mut buf = [0u8; 4096];
+    let mut received = Vec::new();
     let closed = loop {
         match tokio::time::timeout(Duration::from_secs(10), read.read(&mut buf)).await {
             Err(_) => break None,
             Ok(Ok(0) | Err(_)) => break Some(started.elapsed()),
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
         }
         if started.elapsed() > Duration::from_secs(10) {
             break None;
@@ -138,6 +139,21 @@ async fn an_http2_client_that_only_pings_is_closed_at_the_idle_timeout() {
         closed >= Duration::from_millis(1500),
         "closed after {closed:?}"
     );
+    // The server's first frame, SETTINGS, caps the requests in flight at 200
+    // (SETTINGS_MAX_CONCURRENT_STREAMS, 0x3).
+    assert!(received.len() >= 9 && received[3] == 4, "{received:?}");
+    let len =
+        usize::from(received[0]) << 16 | usize::from(received[1]) << 8 | usize::from(received[2]);
+    let settings: Vec<(u16, u32)> = received[9..9 + len]
+        .chunks(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    assert!(settings.contains(&(3, 200)), "{settings:?}");
 
     // Others are served meanwhile and after.
     let client = reqwest::Client::builder()

@@ -21,7 +21,7 @@ use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
 use file::{Fault, move_aside, open_file};
-use guard::guarded;
+use guard::{GuardedDatabase, guarded};
 use record::Record;
 use writer::{Command, Value, Writer};
 
@@ -146,7 +146,7 @@ pub struct DiskStoreBuilder {
 struct Shared {
     /// The open file and its number (each reopening counts one); `None` while it is
     /// closed after a failure.
-    db: RwLock<Option<(Arc<Database>, u64)>>,
+    db: RwLock<Option<(Arc<GuardedDatabase>, u64)>>,
     /// Answers accepted but not yet committed, so that a read right after a put sees it.
     pending: Mutex<HashMap<CacheKey, Pending>>,
     next_generation: AtomicU64,
@@ -170,14 +170,17 @@ struct Shared {
 
 impl Shared {
     /// The open file, if it is open.
-    fn database(&self) -> Option<(Arc<Database>, u64)> {
+    fn database(&self) -> Option<(Arc<GuardedDatabase>, u64)> {
         self.db
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    fn set_database(&self, db: Option<(Arc<Database>, u64)>) -> Option<(Arc<Database>, u64)> {
+    fn set_database(
+        &self,
+        db: Option<(Arc<GuardedDatabase>, u64)>,
+    ) -> Option<(Arc<GuardedDatabase>, u64)> {
         std::mem::replace(
             &mut *self.db.write().unwrap_or_else(PoisonError::into_inner),
             db,
@@ -660,7 +663,10 @@ impl DiskStoreBuilder {
             },
         };
         let shared = Arc::new(Shared {
-            db: RwLock::new(Some((Arc::new(db), 0))),
+            db: RwLock::new(Some((
+                Arc::new(GuardedDatabase::new(db, self.path.clone())),
+                0,
+            ))),
             pending: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),

@@ -27,6 +27,13 @@ impl Fault {
             redb::Error::Corrupted(message) => Fault::Damaged(message),
             poisoned @ redb::Error::LockPoisoned(_) => Fault::Damaged(poisoned.to_string()),
             redb::Error::Io(error) if damaged_io(&error) => Fault::Damaged(error.to_string()),
+            // The store's tables are defined once, in this code: in a file that is a store
+            // (its magic and its layout read), a table whose stored definition (types,
+            // fixed width, alignment, kind) differs can only have been damaged.
+            definition @ (redb::Error::TableTypeMismatch { .. }
+            | redb::Error::TypeDefinitionChanged { .. }
+            | redb::Error::TableIsMultimap(_)
+            | redb::Error::TableIsNotMultimap(_)) => Fault::Damaged(definition.to_string()),
             other => Fault::Failed(other.to_string()),
         }
     }
@@ -84,7 +91,7 @@ fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Opened, Fault> {
             .set_cache_size(cache_bytes)
             .create_with_backend(file)
     });
-    let db = opened.map_err(|error| match error {
+    let mut db = opened.map_err(|error| match error {
         redb::DatabaseError::DatabaseAlreadyOpen => Fault::Failed(format!(
             "{} is already open, by another process or another store in this one; \
              stop it or choose another file",
@@ -103,6 +110,17 @@ fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Opened, Fault> {
             path.display()
         )),
     })?;
+    // Every page checked before the first commit: redb trusts a file closed cleanly, and a
+    // damaged page it meets in a commit can make it panic twice, which aborts the process
+    // (no guard can catch that). A file it can repair is repaired; one it cannot is damaged.
+    db.check_integrity()
+        .map_err(|error| match Fault::of(error) {
+            Fault::Failed(why) => Fault::Failed(format!(
+                "cannot check {} as a disk store: {why}",
+                path.display()
+            )),
+            damaged => damaged,
+        })?;
     let (entries, bytes) = prepare(&db).map_err(|error| match error {
         PrepareError::Layout(layout) => Fault::Failed(format!(
             "{} cannot be used as a disk store: its layout {layout} was written by another version",

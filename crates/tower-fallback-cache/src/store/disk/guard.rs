@@ -2,8 +2,12 @@
 //! can make it panic) becomes an error, and its message stays out of the log.
 
 use std::cell::Cell;
+use std::ops::Deref;
 use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::Once;
+
+use redb::Database;
 
 thread_local! {
     /// Set while this thread runs a guarded call: the panic hook stays quiet.
@@ -35,6 +39,44 @@ pub(super) fn guarded<T>(call: impl FnOnce() -> T) -> Result<T, String> {
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".to_owned())
     })
+}
+
+/// A redb database that is closed under [`guarded`] too. redb commits and trims the file
+/// when the last handle to it goes, and can panic doing so on a damaged file, in whichever
+/// thread lets go last: the writer's, a read that outlived the writer's close, or the one
+/// dropping the store.
+pub(super) struct GuardedDatabase {
+    /// `Some` until dropped.
+    db: Option<Database>,
+    path: PathBuf,
+}
+
+impl GuardedDatabase {
+    pub(super) fn new(db: Database, path: PathBuf) -> Self {
+        Self { db: Some(db), path }
+    }
+}
+
+impl Deref for GuardedDatabase {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        self.db.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl Drop for GuardedDatabase {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            if guarded(move || drop(db)).is_err() {
+                tracing::warn!(
+                    "disk store: {} failed its closing commit, it is damaged; \
+                     it will be found so when opened again",
+                    self.path.display()
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -290,6 +290,120 @@ fn a_file_that_is_not_a_store_is_refused() {
     );
 }
 
+/// A damaged table definition (the fixed width, alignment or type name redb keeps for each
+/// table) is damage, never a file of another kind: each byte around every stored type name
+/// is flipped in turn, and the file either opens or is reported damaged.
+#[tokio::test]
+async fn a_damaged_table_definition_is_damage_not_a_foreign_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    {
+        let store = DiskStore::open(&path).expect("a new store");
+        for i in 0..3 {
+            let body = vec![b'a' + i as u8; 1000 + 9000 * i as usize];
+            store.put(key(i), entry(body), HOUR).await.expect("put");
+        }
+        store.flush().await.expect("flush");
+    }
+    let intact = std::fs::read(&path).expect("the file");
+    let mut damaged = 0;
+    let mut tried = 0;
+    for name in ["(u64,u64)", "(u64,u32)", "[u8;32]"] {
+        let name = name.as_bytes();
+        let found: Vec<usize> = intact
+            .windows(name.len())
+            .enumerate()
+            .filter(|(_, window)| *window == name)
+            .map(|(at, _)| at)
+            .collect();
+        assert!(
+            !found.is_empty(),
+            "{} is stored",
+            String::from_utf8_lossy(name)
+        );
+        for at in found {
+            for byte in at.saturating_sub(24)..at + name.len() {
+                let mut copy = intact.clone();
+                copy[byte] ^= 0xff;
+                std::fs::write(&path, &copy).expect("the damaged copy");
+                tried += 1;
+                let opened = DiskStore::builder(&path)
+                    .on_corrupt(OnCorrupt::Refuse)
+                    .open();
+                if let Err(error) = opened {
+                    assert!(
+                        error.to_string().contains("is damaged"),
+                        "byte {byte} ({} at {at}): {error}",
+                        String::from_utf8_lossy(name)
+                    );
+                    damaged += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        damaged > 0,
+        "none of {tried} damaged copies was found damaged"
+    );
+}
+
+/// Damage at the head of each page (where redb keeps a page's kind, its allocator state
+/// and its tree headers), a byte at a time: the file opens and serves each answer whole or
+/// not at all, or is reported damaged; never another error, a panic, an abort of the
+/// process (a panic while redb unwinds from another, in a commit on a damaged file), or a
+/// different answer. Dropping each store closes its file under the guard too.
+#[tokio::test]
+async fn damage_at_any_page_head_is_reported_or_costs_answers_never_a_wrong_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    let bodies: Vec<Bytes> = (0..3)
+        .map(|i| Bytes::from(vec![b'a' + i as u8; 1000 + 9000 * i as usize]))
+        .collect();
+    {
+        let store = DiskStore::open(&path).expect("a new store");
+        for (i, body) in bodies.iter().enumerate() {
+            store
+                .put(key(i as u32), entry(body.clone()), HOUR)
+                .await
+                .expect("put");
+        }
+        store.flush().await.expect("flush");
+    }
+    let intact = std::fs::read(&path).expect("the file");
+    let (mut opened, mut damaged) = (0, 0);
+    for page in (0..intact.len()).step_by(4096) {
+        for byte in page..(page + 16).min(intact.len()) {
+            let mut copy = intact.clone();
+            copy[byte] ^= 0xff;
+            std::fs::write(&path, &copy).expect("the damaged copy");
+            let store = match DiskStore::builder(&path)
+                .on_corrupt(OnCorrupt::Refuse)
+                .open()
+            {
+                Ok(store) => store,
+                Err(error) => {
+                    assert!(
+                        error.to_string().contains("is damaged"),
+                        "byte {byte}: {error}"
+                    );
+                    damaged += 1;
+                    continue;
+                }
+            };
+            opened += 1;
+            for (i, body) in bodies.iter().enumerate() {
+                if let Ok(Some(found)) = store.get(&key(i as u32)).await {
+                    assert_eq!(&body_of(&found), body, "byte {byte}: answer {i}");
+                }
+            }
+        }
+    }
+    assert!(
+        opened > 0 && damaged > 0,
+        "opened {opened}, damaged {damaged}"
+    );
+}
+
 #[test]
 fn a_file_already_open_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use super::file::{Fault, move_aside, open_file};
-use super::guard::guarded;
+use super::guard::{GuardedDatabase, guarded};
 use super::record::{Cut, MAX_ORDER, QUARTER_CHUNK, whole_len};
 use super::{
     BY_AGE, BY_EXPIRY, CHUNKS, ENTRIES, EXPIRY, LARGE_CHUNKS_FROM, META, OnCorrupt, Record,
@@ -188,7 +188,8 @@ impl Writer {
                     self.handle(batch);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                // Every sender is gone and the queue is empty: write what waits, and stop.
+                // Every sender is gone and the queue is empty: write what waits, close the
+                // file, and stop.
                 Err(RecvTimeoutError::Disconnected) => {
                     if matches!(self.state, State::Closed { .. }) {
                         self.reopen();
@@ -197,6 +198,7 @@ impl Writer {
                         let backlog = std::mem::take(&mut self.backlog);
                         self.handle(backlog);
                     }
+                    self.close();
                     return;
                 }
             }
@@ -346,9 +348,9 @@ impl Writer {
         let deadline = Instant::now() + CLOSE_WAIT;
         loop {
             match Arc::try_unwrap(db) {
+                // Closed here, under the guard (redb may panic closing a damaged file).
                 Ok(db) => {
-                    // redb may panic dropping a database it found damaged.
-                    let _ = guarded(move || drop(db));
+                    drop(db);
                     return;
                 }
                 Err(shared) if Instant::now() < deadline => {
@@ -386,6 +388,7 @@ impl Writer {
         self.opening += 1;
         self.shared.entries.store(entries, Ordering::Relaxed);
         self.shared.bytes.store(bytes, Ordering::Relaxed);
+        let db = GuardedDatabase::new(db, self.shared.path.clone());
         self.shared.set_database(Some((Arc::new(db), self.opening)));
         self.state = State::Open;
     }

@@ -20,7 +20,7 @@ use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth, S
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
-use file::{Fault, move_aside, open_file};
+use file::{Check, Fault, move_aside, open_file};
 use guard::{GuardedDatabase, guarded};
 use record::Record;
 use writer::{Command, Value, Writer};
@@ -631,7 +631,7 @@ impl DiskStoreBuilder {
     /// [`on_corrupt`](Self::on_corrupt) says.
     pub fn open(self) -> Result<DiskStore, StoreError> {
         let page_cache_bytes = usize::try_from(self.page_cache_bytes).unwrap_or(usize::MAX);
-        let (db, entries, bytes) = match open_file(&self.path, page_cache_bytes) {
+        let (db, entries, bytes) = match open_file(&self.path, page_cache_bytes, Check::Pages) {
             Ok(opened) => opened,
             Err(Fault::Failed(why)) => return Err(backend(io::Error::other(why))),
             Err(Fault::Damaged(reason)) => match self.on_corrupt {
@@ -653,7 +653,7 @@ impl DiskStoreBuilder {
                         self.path.display(),
                         aside.display()
                     );
-                    match open_file(&self.path, page_cache_bytes) {
+                    match open_file(&self.path, page_cache_bytes, Check::Pages) {
                         Ok(opened) => opened,
                         Err(Fault::Failed(why) | Fault::Damaged(why)) => {
                             return Err(backend(io::Error::other(why)));

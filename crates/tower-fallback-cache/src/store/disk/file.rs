@@ -55,16 +55,27 @@ fn damaged_io(error: &io::Error) -> bool {
 /// An open file and what it holds: entries and bytes.
 pub(super) type Opened = (Database, u64, u64);
 
+/// How much of the file is checked when it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Check {
+    /// Every page (redb's `check_integrity`): a file the store has not had open until now.
+    Pages,
+    /// Only what opening reads: the file the store had open until a commit failed (checked
+    /// when the store opened it, written since by its own commits only; redb repairs a file
+    /// that was not closed cleanly), reopened every half second until commits work again.
+    Opening,
+}
+
 /// Opens the file (creating it, mode 0600) and checks its tables, with every redb call
 /// guarded.
-pub(super) fn open_file(path: &Path, cache_bytes: usize) -> Result<Opened, Fault> {
-    match guarded(|| open_unguarded(path, cache_bytes)) {
+pub(super) fn open_file(path: &Path, cache_bytes: usize, check: Check) -> Result<Opened, Fault> {
+    match guarded(|| open_unguarded(path, cache_bytes, check)) {
         Ok(opened) => opened,
         Err(message) => Err(Fault::panicked(message)),
     }
 }
 
-fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Opened, Fault> {
+fn open_unguarded(path: &Path, cache_bytes: usize, check: Check) -> Result<Opened, Fault> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -113,14 +124,16 @@ fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Opened, Fault> {
     // Every page checked before the first commit: redb trusts a file closed cleanly, and a
     // damaged page it meets in a commit can make it panic twice, which aborts the process
     // (no guard can catch that). A file it can repair is repaired; one it cannot is damaged.
-    db.check_integrity()
-        .map_err(|error| match Fault::of(error) {
-            Fault::Failed(why) => Fault::Failed(format!(
-                "cannot check {} as a disk store: {why}",
-                path.display()
-            )),
-            damaged => damaged,
-        })?;
+    if check == Check::Pages {
+        db.check_integrity()
+            .map_err(|error| match Fault::of(error) {
+                Fault::Failed(why) => Fault::Failed(format!(
+                    "cannot check {} as a disk store: {why}",
+                    path.display()
+                )),
+                damaged => damaged,
+            })?;
+    }
     let (entries, bytes) = prepare(&db).map_err(|error| match error {
         PrepareError::Layout(layout) => Fault::Failed(format!(
             "{} cannot be used as a disk store: its layout {layout} was written by another version",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
-use super::file::{Fault, move_aside, open_file};
+use super::file::{Check, Fault, move_aside, open_file};
 use super::guard::{GuardedDatabase, guarded};
 use super::record::{Cut, MAX_ORDER, QUARTER_CHUNK, whole_len};
 use super::{
@@ -365,7 +365,11 @@ impl Writer {
 
     /// Opens the file again after a failure; on success the backlog is written.
     fn reopen(&mut self) {
-        match open_file(&self.shared.path, self.shared.page_cache_bytes) {
+        match open_file(
+            &self.shared.path,
+            self.shared.page_cache_bytes,
+            Check::Opening,
+        ) {
             Ok((db, entries, bytes)) => {
                 self.install(db, entries, bytes);
                 tracing::debug!("disk store: {} opened again", self.shared.path.display());
@@ -412,7 +416,7 @@ impl Writer {
         let replaced = move_aside(&path)
             .map_err(|error| format!("it cannot be moved aside: {error}"))
             .and_then(|aside| {
-                open_file(&path, self.shared.page_cache_bytes)
+                open_file(&path, self.shared.page_cache_bytes, Check::Pages)
                     .map(|opened| (aside, opened))
                     .map_err(|(Fault::Failed(why) | Fault::Damaged(why))| {
                         format!("a fresh file cannot be started: {why}")

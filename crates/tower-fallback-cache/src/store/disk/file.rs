@@ -27,9 +27,9 @@ impl Fault {
             redb::Error::Corrupted(message) => Fault::Damaged(message),
             poisoned @ redb::Error::LockPoisoned(_) => Fault::Damaged(poisoned.to_string()),
             redb::Error::Io(error) if damaged_io(&error) => Fault::Damaged(error.to_string()),
-            // The store's tables are defined once, in this code: in a file that is a store
-            // (its magic and its layout read), a table whose stored definition (types,
-            // fixed width, alignment, kind) differs can only have been damaged.
+            // The store's tables are defined once, in this code: in a redb file (its magic
+            // checked before) holding one of them, a stored definition (types, fixed width,
+            // alignment, kind) that differs is damage; moved aside, it is kept, not lost.
             definition @ (redb::Error::TableTypeMismatch { .. }
             | redb::Error::TypeDefinitionChanged { .. }
             | redb::Error::TableIsMultimap(_)

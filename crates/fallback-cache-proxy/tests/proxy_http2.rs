@@ -5,11 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{API_KEY, Proxy};
+use common::{Proxy, post_json};
 use http::Version;
 use mock_upstream::{Fixture, MockUpstream, Mode};
 
-/// One chat completion over `client`: (status, `x-fallback-cache`, body).
+/// One chat completion over `client`, which must have been answered over HTTP/2:
+/// (status, `x-fallback-cache`, body).
 async fn ask(
     client: &reqwest::Client,
     proxy: &Proxy,
@@ -21,27 +22,15 @@ async fn ask(
         "stream": stream,
         "messages": [{"role": "user", "content": prompt}],
     });
-    let response = client
-        .post(format!("{}/v1/chat/completions", proxy.url()))
-        .header("authorization", format!("Bearer {API_KEY}"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|error| panic!("no answer to {prompt:?}: {error}\n{}", proxy.logs()));
-    assert_eq!(response.version(), Version::HTTP_2);
-    let cache = response
-        .headers()
-        .get("x-fallback-cache")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let status = response.status().as_u16();
-    (
-        status,
-        cache,
-        response.text().await.expect("the whole body"),
+    let answered = post_json(
+        client,
+        proxy.url(),
+        "/v1/chat/completions",
+        &body.to_string(),
     )
+    .await;
+    assert_eq!(answered.version, Version::HTTP_2);
+    (answered.status, answered.cache, answered.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

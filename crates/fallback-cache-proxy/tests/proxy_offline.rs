@@ -223,20 +223,15 @@ async fn streamed_chat(proxy: &Proxy, n: usize) -> (String, usize) {
         "stream": true,
         "messages": [{"role": "user", "content": words.join(" ")}],
     });
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", proxy.url()))
-        .header("authorization", format!("Bearer {}", common::API_KEY))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("an answer");
-    let cache = response.headers()["x-fallback-cache"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
-    let text = response.text().await.expect("the whole stream");
-    (cache, text.len())
+    let client = reqwest::Client::new();
+    let answered = common::post_json(
+        &client,
+        proxy.url(),
+        "/v1/chat/completions",
+        &body.to_string(),
+    )
+    .await;
+    (answered.cache, answered.body.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

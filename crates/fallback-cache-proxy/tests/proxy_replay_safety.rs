@@ -261,23 +261,14 @@ async fn an_endpoint_named_in_cacheable_is_kept_and_replayed_and_only_then() {
         "--cacheable",
         "inference, POST /v1/vector_stores",
     ]);
+    let client = reqwest::Client::new();
     let create = |proxy: &Proxy| {
-        let url = format!("{}/v1/vector_stores", proxy.url());
+        let (client, url) = (client.clone(), proxy.url().to_owned());
         async move {
-            let response = reqwest::Client::new()
-                .post(url)
-                .header("authorization", format!("Bearer {API_KEY}"))
-                .header("content-type", "application/json")
-                .body(r#"{"name":"handbook"}"#)
-                .send()
-                .await
-                .expect("an answer");
-            let cache = response.headers()["x-fallback-cache"]
-                .to_str()
-                .expect("ascii")
-                .to_owned();
-            let status = response.status().as_u16();
-            (status, cache, response.text().await.expect("a body"))
+            let answered =
+                common::post_json(&client, &url, "/v1/vector_stores", r#"{"name":"handbook"}"#)
+                    .await;
+            (answered.status, answered.cache, answered.body)
         }
     };
 

@@ -284,3 +284,42 @@ pub async fn metrics(proxy_url: &str) -> std::collections::HashMap<String, u64> 
         })
         .collect()
 }
+
+/// What a POST through the proxy got back.
+pub struct Answered {
+    pub status: u16,
+    /// `x-fallback-cache` (empty when absent).
+    pub cache: String,
+    pub version: reqwest::Version,
+    pub body: String,
+}
+
+/// POSTs the JSON `body` to `path` on the proxy at `proxy_url` over `client`, with the test
+/// credential, and reads the whole answer.
+pub async fn post_json(
+    client: &reqwest::Client,
+    proxy_url: &str,
+    path: &str,
+    body: &str,
+) -> Answered {
+    let response = client
+        .post(format!("{proxy_url}{path}"))
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("no answer to POST {path}: {error}"));
+    let cache = response
+        .headers()
+        .get("x-fallback-cache")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Answered {
+        status: response.status().as_u16(),
+        cache,
+        version: response.version(),
+        body: response.text().await.expect("the whole body"),
+    }
+}

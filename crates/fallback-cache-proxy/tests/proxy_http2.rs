@@ -152,3 +152,70 @@ async fn an_http2_client_that_only_pings_is_closed_at_the_idle_timeout() {
     let (status, cache, body) = ask(&client, &proxy, "Still here?", false).await;
     assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_over_http2_is_refused_and_never_reaches_the_upstream() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let address = proxy.url().trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connects");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("an h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready for a request");
+
+    // A tunnel to the cloud metadata address, as over HTTP/1.1 in proxy_replay_safety.rs:
+    // here the target is only an `:authority` (RFC 9113, 8.5).
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("169.254.169.254:80")
+        .body(())
+        .expect("a CONNECT request");
+    let (answer, _) = client.send_request(connect, true).expect("sent");
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered within 10 s")
+        .expect("an answer, not a reset stream");
+    assert_eq!(answer.status(), 501);
+    let mut body = answer.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the body");
+        body.flow_control()
+            .release_capacity(chunk.len())
+            .expect("capacity");
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(text).expect("UTF-8");
+    assert!(text.contains("CONNECT is not supported"), "{text}");
+    assert!(text.contains(r#""type":"invalid_request_error""#), "{text}");
+
+    // The connection goes on: a chat completion on the next stream is answered as usual.
+    let mut client = client.ready().await.expect("ready for the next request");
+    let chat = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("{}/v1/chat/completions", proxy.url()))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-h2-connect")
+        .body(())
+        .expect("a request");
+    let (answer, mut send) = client.send_request(chat, false).expect("sent");
+    send.send_data(
+        bytes::Bytes::from_static(
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"After a CONNECT"}]}"#,
+        ),
+        true,
+    )
+    .expect("the body");
+    let answer = answer.await.expect("an answer");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-fallback-cache"], "MISS");
+    assert_eq!(
+        mock.control().seen_paths(),
+        ["/v1/chat/completions"],
+        "only the chat completion reached the upstream"
+    );
+    drop(client);
+    connection.abort();
+}

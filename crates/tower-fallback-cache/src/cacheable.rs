@@ -45,6 +45,10 @@ struct Rule {
     method: Method,
     text: String,
     segments: Vec<String>,
+    /// For a pattern `**` then plain segments (`**/chat/completions`, most of
+    /// [`Cacheable::INFERENCE`]): those segments as one string (`chat/completions`), which
+    /// a path matches when it ends with them on a segment boundary. No split, no search.
+    tail: Option<String>,
 }
 
 /// A pattern [`Cacheable::patterns`] cannot use.
@@ -107,25 +111,61 @@ impl Cacheable {
 
     /// Whether a request with this method and path is keyed.
     pub fn allows(&self, method: &Method, path: &str) -> bool {
+        // This runs for every request. A dot segment is written with a `.` or `%2e`, an
+        // encoded slash with `%`: a path with neither (most API paths) needs no closer look.
+        if memchr::memchr2(b'.', b'%', path.as_bytes()).is_some()
+            && (has_dot_segment(path) || contains_ignore_case(path, b"%2f"))
+        {
+            return false;
+        }
+        let rest = path.strip_prefix('/').unwrap_or(path);
+        // A path of more segments than any API has is not cached.
+        if memchr::memchr_iter(b'/', rest.as_bytes()).count() >= MAX_SEGMENTS {
+            return false;
+        }
+        // The path's segments, split on the stack the first time a rule needs them.
+        let mut segments = [""; MAX_SEGMENTS];
+        let mut count = None;
+        self.rules.iter().any(|rule| {
+            if rule.method != method {
+                return false;
+            }
+            if let Some(tail) = &rule.tail {
+                return ends_with_segments(rest, tail);
+            }
+            let count = *count.get_or_insert_with(|| {
+                let mut count = 0;
+                for (slot, segment) in segments.iter_mut().zip(rest.split('/')) {
+                    *slot = segment;
+                    count += 1;
+                }
+                count
+            });
+            matches(&rule.segments, &segments[..count])
+        })
+    }
+
+    /// [`allows`](Self::allows) by the general matcher alone, every rule matched segment by
+    /// segment: what the shortcut for `**/plain/segments` rules must agree with.
+    #[cfg(test)]
+    fn allows_by_segments(&self, method: &Method, path: &str) -> bool {
         if has_dot_segment(path) || contains_ignore_case(path, b"%2f") {
             return false;
         }
-        // On the stack: this runs for every request. A path of more segments than any API
-        // has is not cached.
-        let mut segments = [""; MAX_SEGMENTS];
-        let mut count = 0;
-        for segment in path.strip_prefix('/').unwrap_or(path).split('/') {
-            let Some(slot) = segments.get_mut(count) else {
-                return false;
-            };
-            *slot = segment;
-            count += 1;
-        }
-        let segments = &segments[..count];
-        self.rules
-            .iter()
-            .any(|rule| rule.method == method && matches(&rule.segments, segments))
+        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        segments.len() <= MAX_SEGMENTS
+            && self
+                .rules
+                .iter()
+                .any(|rule| rule.method == method && matches(&rule.segments, &segments))
     }
+}
+
+/// Whether the last segments of `path` (without its leading `/`) are `tail`'s: `path` is
+/// `tail`, or ends with `/` and `tail`.
+fn ends_with_segments(path: &str, tail: &str) -> bool {
+    path.strip_suffix(tail)
+        .is_some_and(|before| before.is_empty() || before.ends_with('/'))
 }
 
 impl Default for Cacheable {
@@ -169,10 +209,21 @@ impl Rule {
         if segments.iter().any(|s| s.contains("**") && s != "**") {
             return Err(invalid("** is a whole segment"));
         }
+        let tail = match segments.split_first() {
+            Some((first, plain))
+                if first == "**"
+                    && !plain.is_empty()
+                    && plain.iter().all(|s| !s.is_empty() && !s.contains('*')) =>
+            {
+                Some(plain.join("/"))
+            }
+            _ => None,
+        };
         Ok(Self {
             text: format!("{method} {path}"),
             method,
             segments,
+            tail,
         })
     }
 }
@@ -325,6 +376,74 @@ mod tests {
         }
         assert!(!rule.allows(&Method::PUT, "/v1/chat/completions"));
         assert!(!rule.allows(&Method::DELETE, "/v1/models"));
+    }
+
+    #[test]
+    fn the_shortcut_for_plain_tails_agrees_with_the_segment_matcher() {
+        let rules = [
+            Cacheable::inference(),
+            Cacheable::every_get_and_post(),
+            Cacheable::patterns(["**/a/b", "GET **/b", "**/a/*", "/a/**/b", "/b"]).expect("valid"),
+        ];
+        let mut paths: Vec<String> = [
+            "",
+            "/",
+            "//",
+            "a",
+            "b",
+            "/a",
+            "/b",
+            "a/b",
+            "/a/b",
+            "//a/b",
+            "/a//b",
+            "/a/b/",
+            "/xa/b",
+            "/a/xb",
+            "/x/a/b",
+            "/x/y/a/b",
+            "/a/b/a/b",
+            "/ab",
+            "/a.b/b",
+            "/a/%2e/b",
+            "/chat/completions",
+            "chat/completions",
+            "/v1/chat/completions",
+            "/v1/chat/completions/",
+            "/v1/xchat/completions",
+            "/v1/chat/completionsx",
+            "/v1/chat//completions",
+            "/v1/messages",
+            "/v2/v1/messages",
+            "/v1/messages/",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            "/v1/models",
+            "/models",
+        ]
+        .iter()
+        .map(|p| (*p).to_owned())
+        .collect();
+        // At the bound of segments, and past it.
+        for n in [MAX_SEGMENTS - 1, MAX_SEGMENTS, MAX_SEGMENTS + 1] {
+            paths.push(format!("{}/chat/completions", "/x".repeat(n - 2)));
+            paths.push(format!("{}/a/b", "/x".repeat(n - 2)));
+        }
+        for rule in &rules {
+            for path in &paths {
+                for method in [Method::GET, Method::POST, Method::PUT] {
+                    assert_eq!(
+                        rule.allows(&method, path),
+                        rule.allows_by_segments(&method, path),
+                        "{rule:?} {method} {path:?}"
+                    );
+                }
+            }
+        }
+        let inference = Cacheable::inference();
+        let at_bound = format!("{}/chat/completions", "/x".repeat(MAX_SEGMENTS - 2));
+        assert!(inference.allows(&Method::POST, &at_bound));
+        let past = format!("/x{at_bound}");
+        assert!(!inference.allows(&Method::POST, &past));
     }
 
     #[test]

@@ -111,54 +111,36 @@ fn credential_partition(parts: &Parts) -> PartitionId {
     // hashes as `Hasher::new_derive_key(PARTITION_CONTEXT)`, without a copy of one.
     static CONTEXT_KEY: LazyLock<blake3::hazmat::ContextKey> =
         LazyLock::new(|| blake3::hazmat::hash_derive_key_context(PARTITION_CONTEXT));
-    let mut hasher: Option<blake3::Hasher> = None;
-    // The bytes are gathered here and given to the hasher in one update (each update has a
-    // cost of its own, beyond the bytes): the same hash as one update per field.
-    let mut pending = [0u8; 256];
-    let mut len = 0;
-    let mut add = |name: &[u8], value: &[u8]| {
-        let hasher = hasher.get_or_insert_with(|| Hasher::new_from_context_key(&CONTEXT_KEY));
+    crate::key::with_fields(|out| {
         // Length-prefixed, so that no two lists of credentials hash alike.
-        for bytes in [name, value] {
-            for bytes in [&(bytes.len() as u64).to_le_bytes()[..], bytes] {
-                if len + bytes.len() > pending.len() {
-                    hasher.update(&pending[..len]);
-                    len = 0;
-                }
-                match pending.get_mut(len..len + bytes.len()) {
-                    Some(room) => {
-                        room.copy_from_slice(bytes);
-                        len += bytes.len();
-                    }
-                    None => {
-                        hasher.update(bytes);
-                    }
-                }
+        let mut add = |name: &[u8], value: &[u8]| {
+            crate::key::put(out, name);
+            crate::key::put(out, value);
+        };
+        // As header names, not strings: a string is parsed into a name at every lookup.
+        const NAMES: [HeaderName; CREDENTIAL_HEADERS.len()] = [
+            http::header::AUTHORIZATION,
+            HeaderName::from_static(CREDENTIAL_HEADERS[1]),
+            HeaderName::from_static(CREDENTIAL_HEADERS[2]),
+            HeaderName::from_static(CREDENTIAL_HEADERS[3]),
+        ];
+        for (name, header) in CREDENTIAL_HEADERS.into_iter().zip(&NAMES) {
+            for value in parts.headers.get_all(header) {
+                add(name.as_bytes(), value.as_bytes());
             }
         }
-    };
-    // As header names, not strings: a string is parsed into a name at every lookup.
-    const NAMES: [HeaderName; CREDENTIAL_HEADERS.len()] = [
-        http::header::AUTHORIZATION,
-        HeaderName::from_static(CREDENTIAL_HEADERS[1]),
-        HeaderName::from_static(CREDENTIAL_HEADERS[2]),
-        HeaderName::from_static(CREDENTIAL_HEADERS[3]),
-    ];
-    for (name, header) in CREDENTIAL_HEADERS.into_iter().zip(&NAMES) {
-        for value in parts.headers.get_all(header) {
-            add(name.as_bytes(), value.as_bytes());
+        for value in query_keys(parts.uri.query().unwrap_or_default()) {
+            add(b"?key", value.as_bytes());
         }
-    }
-    for value in query_keys(parts.uri.query().unwrap_or_default()) {
-        add(b"?key", value.as_bytes());
-    }
-    match &mut hasher {
-        Some(hasher) => {
-            hasher.update(&pending[..len]);
-            PartitionId(*hasher.finalize().as_bytes())
+        if out.is_empty() {
+            return PartitionId::anonymous();
         }
-        None => PartitionId::anonymous(),
-    }
+        let mut hasher = Hasher::new_from_context_key(&CONTEXT_KEY);
+        hasher.update(out);
+        // The credentials are not left in the thread's buffer.
+        out.fill(0);
+        PartitionId(*hasher.finalize().as_bytes())
+    })
 }
 
 /// The values of the `key` parameters of a query, as sent (Gemini's API key).

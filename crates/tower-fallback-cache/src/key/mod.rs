@@ -221,22 +221,28 @@ impl KeyRules {
         parts: &Parts,
         body: &BodyDigest,
     ) -> CacheKey {
-        // The fields are written to one buffer and hashed with one update: blake3 takes
-        // small updates one at a time, at a cost of their own.
-        let mut out = FIELDS.with(Cell::take);
-        out.clear();
-        put(&mut out, partition.as_bytes());
-        put(&mut out, parts.method.as_str().as_bytes());
+        with_fields(|out| self.hash_fields(out, partition, parts, body))
+    }
+
+    fn hash_fields(
+        &self,
+        out: &mut Vec<u8>,
+        partition: &PartitionId,
+        parts: &Parts,
+        body: &BodyDigest,
+    ) -> CacheKey {
+        put(out, partition.as_bytes());
+        put(out, parts.method.as_str().as_bytes());
         // Empty for a relative URI (the common case: a base URL or a proxy decides the host).
         let scheme = parts.uri.scheme_str().unwrap_or_default();
         let authority = parts.uri.authority().map_or("", |a| a.as_str());
-        put(&mut out, scheme.as_bytes());
-        put(&mut out, authority.as_bytes());
+        put(out, scheme.as_bytes());
+        put(out, authority.as_bytes());
         let target = parts
             .uri
             .path_and_query()
             .map_or("/", |path_and_query| path_and_query.as_str());
-        put(&mut out, target.as_bytes());
+        put(out, target.as_bytes());
 
         // One pass over the request's headers (a few) instead of a lookup per name: the
         // media type, and the values of the headers of the rules.
@@ -258,9 +264,9 @@ impl KeyRules {
             .unwrap_or_default()
             .trim_ascii();
         if media_type.iter().any(u8::is_ascii_uppercase) {
-            put(&mut out, &media_type.to_ascii_lowercase());
+            put(out, &media_type.to_ascii_lowercase());
         } else {
-            put(&mut out, media_type);
+            put(out, media_type);
         }
 
         // In the order of the rules' names, each name's values in the order sent (stable).
@@ -275,20 +281,30 @@ impl KeyRules {
             out.extend_from_slice(value.as_bytes());
         }
 
-        put(&mut out, &body.0);
+        put(out, &body.0);
         let mut hasher = blake3::Hasher::new_from_context_key(&KEY_CONTEXT_KEY);
-        hasher.update(&out);
-        if out.capacity() <= KEEP_FIELDS {
-            FIELDS.with(|cell| cell.set(out));
-        }
+        hasher.update(out);
         CacheKey(*hasher.finalize().as_bytes())
     }
 }
 
 /// A field's length (8 bytes, little-endian), then the field.
-fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
     out.extend_from_slice(bytes);
+}
+
+/// Calls `f` with the thread's buffer of fields, empty: fields written to it with [`put`]
+/// are then hashed in one update (blake3 takes small updates one at a time, at a cost of
+/// their own). The buffer is kept for the next call unless it grew past `KEEP_FIELDS`.
+pub(crate) fn with_fields<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut out = FIELDS.with(Cell::take);
+    out.clear();
+    let result = f(&mut out);
+    if out.capacity() <= KEEP_FIELDS {
+        FIELDS.with(|cell| cell.set(out));
+    }
+    result
 }
 
 /// The buffer of the fields a key hashes, kept for the next key of the thread unless it grew

@@ -264,9 +264,9 @@ mod tests {
             hex(two),
             "09b644632a48357a2586d703ed70b4e6c4b9307a2882a42d6885ba1e93270336"
         );
-        // Credentials of every length around the bytes gathered before an update, a long
-        // one among short ones, a Gemini key in the query (in the order the headers are
-        // read: CREDENTIAL_HEADERS, then the query).
+        // Credentials of every length up to 4 KiB, a long one among short ones, a Gemini
+        // key in the query (in the order the headers are read: CREDENTIAL_HEADERS, then
+        // the query).
         for len in [0, 1, 200, 231, 232, 233, 247, 248, 249, 256, 257, 300, 4096] {
             let long = "k".repeat(len);
             let request =

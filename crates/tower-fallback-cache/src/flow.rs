@@ -389,15 +389,15 @@ async fn fresh_hit<B: Body>(
 
 /// The key of a request, its body's part from the key memo when the body was sent before.
 fn key_of(shared: &Shared, partition: &PartitionId, parts: &Parts, body: &[u8]) -> CacheKey {
-    let (digest, memo) = shared
+    let (key, memo) = shared
         .key_memo
-        .body_digest(&shared.key_rules, partition, body);
+        .key(&shared.key_rules, partition, parts, body);
     match memo {
         Memo::Hit => Counters::add(&shared.stats.counters().key_memo_hits),
         Memo::Miss => Counters::add(&shared.stats.counters().key_memo_misses),
         Memo::Off => {}
     }
-    shared.key_rules.key_of_digest(partition, parts, &digest)
+    key
 }
 
 /// Forwards a request that is not keyed, and marks the answer `BYPASS`.

@@ -278,9 +278,13 @@ impl FallbackCacheBuilder {
     /// never kept. The bodies are kept in memory only, never in a store.
     ///
     /// A request whose body was sent before in its partition gets the body's part of its
-    /// key from the memo, without parsing and hashing the body again. An entry is found by a
-    /// hash seeded per process and confirmed by comparing the whole body, so the memo never
-    /// gives a request another's key; a request only finds bodies of its own partition.
+    /// key from the memo, without parsing and hashing the body again; sent again with the
+    /// same head (method, target, media type, the key's headers), it gets the whole key,
+    /// without hashing the head either. An entry is found by a hash seeded per process and
+    /// confirmed by comparing the whole body (and the head's fields), so the memo never
+    /// gives a request another's key; a request only finds bodies of its own partition. A
+    /// head that may hold a credential (a `key` query parameter, a credential header among
+    /// the key's headers) is never kept; the heads kept count against `max_bytes`.
     /// Counted in [`StatsSnapshot::key_memo_hits`](crate::StatsSnapshot::key_memo_hits)
     /// and `key_memo_misses`.
     pub fn key_memo(mut self, max_entries: usize, max_bytes: usize) -> Self {

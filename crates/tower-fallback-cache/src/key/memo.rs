@@ -13,14 +13,24 @@
 //!   its own partition sent. The bound is shared, so one partition's traffic can push out
 //!   another's entries; that makes the other's next request as slow as without a memo, and
 //!   reveals nothing to the one that pushed.
-//! - The memo holds raw request bodies in memory (as the in-flight request does), for at
-//!   most [`KeyMemo::new`]'s bounds; it is never written anywhere.
+//! - With a body, the memo keeps the key it last gave and the fields of the request's head
+//!   it was derived from (method, target, media type, the rules' headers: [`KeyRules::write_head`]);
+//!   a repeat whose head writes the very same fields gets that key without hashing them
+//!   again. The key is a function of those fields and the body's digest, so it is the key
+//!   the request would get anyway. Fields that may hold a credential (a `key` query
+//!   parameter, a credential header among the rules' headers) are never kept: such a
+//!   request has its head hashed every time.
+//! - The memo holds raw request bodies (and those heads' fields) in memory, as the
+//!   in-flight request does, for at most [`KeyMemo::new`]'s bounds; it is never written
+//!   anywhere.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
-use super::{BodyDigest, KeyRules};
+use http::request::Parts;
+
+use super::{BodyDigest, CacheKey, KeyRules, finish, with_fields};
 use crate::partition::PartitionId;
 
 /// Shards, so that requests on several threads rarely wait for one another.
@@ -60,7 +70,16 @@ struct Remembered {
     partition: PartitionId,
     body: Box<[u8]>,
     digest: BodyDigest,
+    /// The fields of the last head sent with this body, and the key they gave with it.
+    head: Option<(Box<[u8]>, CacheKey)>,
     serial: u64,
+}
+
+impl Remembered {
+    /// The bytes it counts against the memo's bound.
+    fn bytes(&self) -> usize {
+        self.body.len() + self.head.as_ref().map_or(0, |(fields, _)| fields.len())
+    }
 }
 
 impl KeyMemo {
@@ -80,43 +99,79 @@ impl KeyMemo {
         }
     }
 
-    /// The digest of `body` under `rules`, remembered or computed.
-    pub(crate) fn body_digest(
+    /// The key of a request (`parts` and its whole `body`) under `rules`, with what the memo
+    /// did for its body. Equal to `rules.key(partition, parts, body)`.
+    pub(crate) fn key(
         &self,
         rules: &KeyRules,
         partition: &PartitionId,
+        parts: &Parts,
         body: &[u8],
-    ) -> (BodyDigest, Memo) {
+    ) -> (CacheKey, Memo) {
         // A body over a shard's byte bound is never kept: not worth a lookup.
         if self.shards.is_empty() || body.len() > self.max_bytes {
-            return (rules.body_digest(body), Memo::Off);
+            return (
+                rules.key_of_digest(partition, parts, &rules.body_digest(body)),
+                Memo::Off,
+            );
         }
+        let keep_head = !rules.head_may_hold_credentials(parts);
         let hash = self.hash(partition, body);
         let shard = self.shard(hash);
-        {
-            let shard = shard
+        with_fields(|fields| {
+            rules.write_head(fields, partition, parts);
+            let found = {
+                let shard = shard
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                match shard.entries.get(&hash) {
+                    Some(found) if found.partition == *partition && *found.body == *body => {
+                        if let Some((head, key)) = &found.head
+                            && keep_head
+                            && **head == **fields
+                        {
+                            return (*key, Memo::Hit);
+                        }
+                        Some((found.digest, found.serial))
+                    }
+                    _ => None,
+                }
+            };
+            let head = keep_head.then(|| Box::<[u8]>::from(&fields[..]));
+            let (digest, memo) = match found {
+                Some((digest, _)) => (digest, Memo::Hit),
+                None => (rules.body_digest(body), Memo::Miss),
+            };
+            let key = finish(fields, &digest);
+            let mut shard = shard
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Some(found) = shard.entries.get(&hash)
-                && found.partition == *partition
-                && *found.body == *body
-            {
-                return (found.digest, Memo::Hit);
+            match found {
+                // The body stays; its head is the one just sent (unless the entry went
+                // in the meantime).
+                Some((_, serial)) => {
+                    if let Some(head) = head {
+                        shard.set_head(hash, serial, head, key, self.max_bytes);
+                    }
+                }
+                None => shard.insert(
+                    hash,
+                    Remembered {
+                        partition: *partition,
+                        body: body.into(),
+                        digest,
+                        // Without its head if both would not fit.
+                        head: head
+                            .filter(|head| body.len() + head.len() <= self.max_bytes)
+                            .map(|head| (head, key)),
+                        serial: 0,
+                    },
+                    self.max_entries,
+                    self.max_bytes,
+                ),
             }
-        }
-        let digest = rules.body_digest(body);
-        let mut shard = shard
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        shard.insert(
-            hash,
-            *partition,
-            body,
-            digest,
-            self.max_entries,
-            self.max_bytes,
-        );
-        (digest, Memo::Miss)
+            (key, memo)
+        })
     }
 }
 
@@ -136,43 +191,60 @@ impl KeyMemo {
 }
 
 impl Shard {
-    fn insert(
-        &mut self,
-        hash: u64,
-        partition: PartitionId,
-        body: &[u8],
-        digest: BodyDigest,
-        max_entries: usize,
-        max_bytes: usize,
-    ) {
+    fn insert(&mut self, hash: u64, mut entry: Remembered, max_entries: usize, max_bytes: usize) {
         self.serial += 1;
         let serial = self.serial;
-        let entry = Remembered {
-            partition,
-            body: body.into(),
-            digest,
-            serial,
-        };
-        self.bytes += body.len();
+        entry.serial = serial;
+        self.bytes += entry.bytes();
         if let Some(old) = self.entries.insert(hash, entry) {
-            self.bytes -= old.body.len();
+            self.bytes -= old.bytes();
         }
         self.order.push_back((hash, serial));
+        self.evict(max_entries, max_bytes);
+    }
+
+    /// Gives the entry under `hash` (if it is still the one of `serial`) the fields of a
+    /// new head and its key; an entry that would grow past the bound keeps no head.
+    fn set_head(
+        &mut self,
+        hash: u64,
+        serial: u64,
+        head: Box<[u8]>,
+        key: CacheKey,
+        max_bytes: usize,
+    ) {
+        let Some(entry) = self.entries.get_mut(&hash).filter(|e| e.serial == serial) else {
+            return;
+        };
+        let before = entry.bytes();
+        entry.head = (entry.body.len() + head.len() <= max_bytes).then_some((head, key));
+        let after = entry.bytes();
+        self.bytes = self.bytes - before + after;
+        self.evict(usize::MAX, max_bytes);
+    }
+
+    /// Drops the oldest entries until both bounds hold.
+    fn evict(&mut self, max_entries: usize, max_bytes: usize) {
         while self.entries.len() > max_entries || self.bytes > max_bytes {
             let Some((hash, serial)) = self.order.pop_front() else {
                 break;
             };
-            if self.entries.get(&hash).is_some_and(|e| e.serial == serial)
-                && let Some(old) = self.entries.remove(&hash)
-            {
-                self.bytes -= old.body.len();
-            }
+            self.remove(hash, serial);
         }
         // Places of replaced entries: dropped once they are as many as the live ones.
         if self.order.len() > 2 * self.entries.len() + 16 {
             let entries = &self.entries;
             self.order
                 .retain(|(hash, serial)| entries.get(hash).is_some_and(|e| e.serial == *serial));
+        }
+    }
+
+    /// Removes the entry under `hash` if it is still the one of `serial`.
+    fn remove(&mut self, hash: u64, serial: u64) {
+        if self.entries.get(&hash).is_some_and(|e| e.serial == serial)
+            && let Some(old) = self.entries.remove(&hash)
+        {
+            self.bytes -= old.bytes();
         }
     }
 }
@@ -201,67 +273,174 @@ impl Hasher for Identity {
 mod tests {
     use super::*;
 
-    fn digest(body: &[u8]) -> BodyDigest {
-        KeyRules::default().body_digest(body)
+    fn post(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut request = http::Request::post(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).expect("valid request").into_parts().0
+    }
+
+    fn chat() -> Parts {
+        post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+        )
+    }
+
+    /// The head kept with the entry of `body` in `partition`, if any.
+    fn kept_head(memo: &KeyMemo, partition: &PartitionId, body: &[u8]) -> Option<Vec<u8>> {
+        let hash = memo.hash(partition, body);
+        let shard = memo.shard(hash).lock().expect("unpoisoned");
+        let entry = shard.entries.get(&hash).expect("the body is remembered");
+        entry.head.as_ref().map(|(head, _)| head.to_vec())
     }
 
     #[test]
-    fn a_repeat_is_remembered_and_gets_the_same_digest() {
+    fn a_repeat_is_remembered_and_gets_the_same_key() {
         let memo = KeyMemo::new(16, 1 << 20);
         let rules = KeyRules::default();
         let body = br#"{"model":"m","n":1}"#;
         let a = PartitionId::derive(b"a");
-        assert_eq!(
-            memo.body_digest(&rules, &a, body),
-            (digest(body), Memo::Miss)
-        );
-        assert_eq!(
-            memo.body_digest(&rules, &a, body),
-            (digest(body), Memo::Hit)
-        );
+        let parts = chat();
+        let key = rules.key(&a, &parts, body);
+        assert_eq!(memo.key(&rules, &a, &parts, body), (key, Memo::Miss));
+        assert_eq!(memo.key(&rules, &a, &parts, body), (key, Memo::Hit));
         // Another partition does not find it.
         let b = PartitionId::derive(b"b");
         assert_eq!(
-            memo.body_digest(&rules, &b, body),
-            (digest(body), Memo::Miss)
+            memo.key(&rules, &b, &parts, body),
+            (rules.key(&b, &parts, body), Memo::Miss)
         );
-        // Another body that canonicalizes alike has the same digest, found on its own.
+        // Another body that canonicalizes alike has the same key, found on its own.
         let other = br#"{ "n": 1, "model": "m" }"#;
-        assert_eq!(
-            memo.body_digest(&rules, &a, other),
-            (digest(body), Memo::Miss)
-        );
+        assert_eq!(memo.key(&rules, &a, &parts, other), (key, Memo::Miss));
     }
 
     #[test]
-    fn a_colliding_hash_is_a_miss_never_another_digest() {
+    fn the_same_body_under_another_head_gets_that_heads_key() {
+        let memo = KeyMemo::new(16, 1 << 20);
+        let rules = KeyRules::default();
+        let body = br#"{"model":"m"}"#;
+        let a = PartitionId::derive(b"a");
+        let heads = [
+            chat(),
+            post("/v1/responses", &[("content-type", "application/json")]),
+            post("/v1/chat/completions", &[("content-type", "text/plain")]),
+            post(
+                "/v1/chat/completions",
+                &[
+                    ("content-type", "application/json"),
+                    ("openai-project", "p"),
+                ],
+            ),
+            post("https://api.example/v1/chat/completions", &[]),
+        ];
+        let keys: Vec<CacheKey> = heads.iter().map(|h| rules.key(&a, h, body)).collect();
+        for (i, key) in keys.iter().enumerate() {
+            assert!(
+                !keys[..i].contains(key),
+                "heads {i} and another share a key"
+            );
+        }
+        // Each head in turn replaces the one kept, and each gets its own key from the
+        // body's remembered digest, twice over.
+        for round in 0..2 {
+            for (head, key) in heads.iter().zip(&keys) {
+                let memo_said = if round == 0 && std::ptr::eq(head, &heads[0]) {
+                    Memo::Miss
+                } else {
+                    Memo::Hit
+                };
+                assert_eq!(memo.key(&rules, &a, head, body), (*key, memo_said));
+                assert_eq!(memo.key(&rules, &a, head, body), (*key, Memo::Hit));
+                assert!(kept_head(&memo, &a, body).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_that_may_hold_a_credential_is_never_kept() {
+        let body = br#"{"contents":[]}"#;
+        let a = PartitionId::derive(b"a");
+        let gemini = post(
+            "/v1beta/models/gemini-2.5-flash:generateContent?key=AIza-secret",
+            &[("content-type", "application/json")],
+        );
+        let rules = KeyRules::default();
+        let memo = KeyMemo::new(16, 1 << 20);
+        for memo_said in [Memo::Miss, Memo::Hit, Memo::Hit] {
+            assert_eq!(
+                memo.key(&rules, &a, &gemini, body),
+                (rules.key(&a, &gemini, body), memo_said)
+            );
+            assert_eq!(kept_head(&memo, &a, body), None);
+        }
+        // A query without a `key` parameter is kept.
+        let sse = post("/v1beta/models/m:streamGenerateContent?alt=sse", &[]);
+        assert_eq!(
+            memo.key(&rules, &a, &sse, body),
+            (rules.key(&a, &sse, body), Memo::Hit)
+        );
+        assert!(kept_head(&memo, &a, body).is_some());
+
+        // Rules that key on a credential header: no head is kept, whatever it holds.
+        let rules = KeyRules::default().headers([http::header::AUTHORIZATION]);
+        let memo = KeyMemo::new(16, 1 << 20);
+        let bearer = post(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-secret")],
+        );
+        for memo_said in [Memo::Miss, Memo::Hit] {
+            assert_eq!(
+                memo.key(&rules, &a, &bearer, body),
+                (rules.key(&a, &bearer, body), memo_said)
+            );
+            assert_eq!(kept_head(&memo, &a, body), None);
+        }
+    }
+
+    #[test]
+    fn a_colliding_hash_is_a_miss_never_another_key() {
         let rules = KeyRules::default();
         let memo = KeyMemo::new(16, 1 << 20);
         let a = PartitionId::derive(b"a");
         let b = PartitionId::derive(b"b");
-        // Under the hash `[1]` has in `a`: another body, then `[1]` of another partition.
+        let parts = chat();
+        // Under the hash `[1]` has in `a`: another body with the head `[1]` is sent with,
+        // then `[1]` of another partition, each with the key of `[2]`.
         let hash = memo.hash(&a, b"[1]");
+        let wrong = rules.key(&a, &parts, b"[2]");
+        let head = with_fields(|fields| {
+            rules.write_head(fields, &a, &parts);
+            Box::<[u8]>::from(&fields[..])
+        });
         for (partition, body) in [(a, &b"[2]"[..]), (b, &b"[1]"[..])] {
             memo.shard(hash).lock().expect("unpoisoned").insert(
                 hash,
-                partition,
-                body,
-                digest(b"[2]"),
+                Remembered {
+                    partition,
+                    body: body.into(),
+                    digest: rules.body_digest(b"[2]"),
+                    head: Some((head.clone(), wrong)),
+                    serial: 0,
+                },
                 4,
                 1024,
             );
             assert_eq!(
-                memo.body_digest(&rules, &a, b"[1]"),
-                (digest(b"[1]"), Memo::Miss)
+                memo.key(&rules, &a, &parts, b"[1]"),
+                (rules.key(&a, &parts, b"[1]"), Memo::Miss)
             );
-            // The miss replaced the colliding entry: one per hash.
+            // The miss replaced the colliding entry: one per hash, its body and head
+            // counted.
             let shard = memo.shard(hash).lock().expect("unpoisoned");
             assert_eq!(shard.entries.len(), 1);
-            assert_eq!(shard.bytes, 3);
+            assert_eq!(shard.bytes, 3 + head.len());
         }
         assert_eq!(
-            memo.body_digest(&rules, &a, b"[1]"),
-            (digest(b"[1]"), Memo::Hit)
+            memo.key(&rules, &a, &parts, b"[1]"),
+            (rules.key(&a, &parts, b"[1]"), Memo::Hit)
         );
     }
 
@@ -269,9 +448,10 @@ mod tests {
     fn bounded_by_entries_and_bytes_and_off_at_zero() {
         let rules = KeyRules::default();
         let a = PartitionId::derive(b"a");
+        let parts = chat();
         let memo = KeyMemo::new(SHARDS * 2, 1 << 20);
         for n in 0..1000 {
-            memo.body_digest(&rules, &a, format!("[{n}]").as_bytes());
+            memo.key(&rules, &a, &parts, format!("[{n}]").as_bytes());
         }
         let entries: usize = memo
             .shards
@@ -283,59 +463,74 @@ mod tests {
             assert!(shard.lock().expect("unpoisoned").order.len() <= 2 * 2 + 16);
         }
 
-        let memo = KeyMemo::new(1000, SHARDS * 64);
+        // Bodies and heads count against the bytes: bodies of 32 bytes and heads of
+        // over 100 in shards of 256 bytes.
+        let memo = KeyMemo::new(1000, SHARDS * 256);
         for n in 0..1000 {
-            memo.body_digest(&rules, &a, format!("[{n:>30}]").as_bytes());
+            memo.key(&rules, &a, &parts, format!("[{n:>30}]").as_bytes());
         }
         for shard in memo.shards.iter() {
-            assert!(shard.lock().expect("unpoisoned").bytes <= 64);
+            let shard = shard.lock().expect("unpoisoned");
+            assert!(shard.bytes <= 256, "{}", shard.bytes);
+            let counted: usize = shard.entries.values().map(Remembered::bytes).sum();
+            assert_eq!(shard.bytes, counted);
         }
+        // A body that fits without its head is kept without it.
+        let body = vec![b' '; 250];
+        memo.key(&rules, &a, &parts, &body);
+        assert_eq!(kept_head(&memo, &a, &body), None);
+        assert_eq!(memo.key(&rules, &a, &parts, &body).1, Memo::Hit);
         // A body over a shard's bound is not kept.
-        let big = vec![b' '; 65];
-        assert_eq!(memo.body_digest(&rules, &a, &big).1, Memo::Off);
+        let big = vec![b' '; 257];
+        assert_eq!(memo.key(&rules, &a, &parts, &big).1, Memo::Off);
 
         for off in [KeyMemo::new(0, 1 << 20), KeyMemo::new(16, 0)] {
-            assert_eq!(
-                off.body_digest(&rules, &a, b"[1]"),
-                (digest(b"[1]"), Memo::Off)
-            );
-            assert_eq!(
-                off.body_digest(&rules, &a, b"[1]"),
-                (digest(b"[1]"), Memo::Off)
-            );
+            for _ in 0..2 {
+                assert_eq!(
+                    off.key(&rules, &a, &parts, b"[1]"),
+                    (rules.key(&a, &parts, b"[1]"), Memo::Off)
+                );
+            }
         }
     }
 
     proptest::proptest! {
-        /// The memo's digest is the direct one, for any body sent any number of times, in
-        /// any partition, whatever the memo evicted on the way.
+        /// The memo's key is the direct one, for any body sent any number of times with
+        /// any of several heads, in any partition, whatever the memo evicted on the way.
         #[test]
         fn the_memo_and_the_direct_path_give_equal_keys(
-            bodies in proptest::collection::vec(
-                proptest::prop_oneof![
-                    "\\{\"model\":\"[a-c]\",\"n\":[0-9]\\}",
-                    "\\{ \"n\" : [0-9] , \"model\" : \"[a-c]\" \\}",
-                    "\\[[0-9. e-]{0,6}\\]",
-                    "[ -~]{0,12}",
-                ],
+            requests in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        "\\{\"model\":\"[a-c]\",\"n\":[0-9]\\}",
+                        "\\{ \"n\" : [0-9] , \"model\" : \"[a-c]\" \\}",
+                        "\\[[0-9. e-]{0,6}\\]",
+                        "[ -~]{0,12}",
+                    ],
+                    0usize..5,
+                    0u8..3,
+                ),
                 1..40,
             ),
-            partitions in proptest::collection::vec(0u8..3, 40),
             bound in 1usize..12,
         ) {
             let rules = KeyRules::default().ignore_fields(["n"]);
-            let memo = KeyMemo::new(bound, 64 * bound);
-            let (parts, ()) = http::Request::post("/v1/chat/completions")
-                .body(())
-                .expect("valid request")
-                .into_parts();
+            let memo = KeyMemo::new(bound, 160 * bound);
+            let heads = [
+                chat(),
+                post("/v1/responses", &[]),
+                post("/v1/chat/completions", &[("openai-beta", "assistants=v2")]),
+                post("/v1beta/models/m:generateContent?key=k", &[]),
+                post("/v1beta/models/m:generateContent?key=l", &[]),
+            ];
             for _round in 0..3 {
-                for (body, p) in bodies.iter().zip(&partitions) {
+                for (body, head, p) in &requests {
                     let partition = PartitionId::derive(&[*p]);
-                    let (remembered, _) = memo.body_digest(&rules, &partition, body.as_bytes());
+                    let (remembered, _) =
+                        memo.key(&rules, &partition, &heads[*head], body.as_bytes());
                     proptest::prop_assert_eq!(
-                        rules.key_of_digest(&partition, &parts, &remembered),
-                        rules.key(&partition, &parts, body.as_bytes())
+                        remembered,
+                        rules.key(&partition, &heads[*head], body.as_bytes())
                     );
                 }
             }

@@ -221,16 +221,15 @@ impl KeyRules {
         parts: &Parts,
         body: &BodyDigest,
     ) -> CacheKey {
-        with_fields(|out| self.hash_fields(out, partition, parts, body))
+        with_fields(|out| {
+            self.write_head(out, partition, parts);
+            finish(out, body)
+        })
     }
 
-    fn hash_fields(
-        &self,
-        out: &mut Vec<u8>,
-        partition: &PartitionId,
-        parts: &Parts,
-        body: &BodyDigest,
-    ) -> CacheKey {
+    /// Writes the fields of the key that come from the request's head (all but the body's
+    /// digest) to `out`; [`finish`] adds the digest and hashes them.
+    pub(crate) fn write_head(&self, out: &mut Vec<u8>, partition: &PartitionId, parts: &Parts) {
         put(out, partition.as_bytes());
         put(out, parts.method.as_str().as_bytes());
         // Empty for a relative URI (the common case: a base URL or a proxy decides the host).
@@ -280,12 +279,31 @@ impl KeyRules {
             out.push(b'=');
             out.extend_from_slice(value.as_bytes());
         }
-
-        put(out, &body.0);
-        let mut hasher = blake3::Hasher::new_from_context_key(&KEY_CONTEXT_KEY);
-        hasher.update(out);
-        CacheKey(*hasher.finalize().as_bytes())
     }
+
+    /// Whether the fields [`KeyRules::write_head`] writes for `parts` may hold a credential:
+    /// a `key` query parameter (Gemini's API key) or a credential header among the rules'
+    /// headers. The key memo keeps the fields of a head only when they hold none.
+    pub(crate) fn head_may_hold_credentials(&self, parts: &Parts) -> bool {
+        parts
+            .uri
+            .query()
+            .is_some_and(|query| crate::partition::query_keys(query).next().is_some())
+            || self.headers.iter().any(|name| {
+                crate::partition::CREDENTIAL_HEADERS
+                    .iter()
+                    .any(|credential| name.as_str() == *credential)
+            })
+    }
+}
+
+/// Adds the body's digest to the fields of a head ([`KeyRules::write_head`]) and hashes
+/// them: the key.
+pub(crate) fn finish(out: &mut Vec<u8>, body: &BodyDigest) -> CacheKey {
+    put(out, &body.0);
+    let mut hasher = blake3::Hasher::new_from_context_key(&KEY_CONTEXT_KEY);
+    hasher.update(out);
+    CacheKey(*hasher.finalize().as_bytes())
 }
 
 /// A field's length (8 bytes, little-endian), then the field.

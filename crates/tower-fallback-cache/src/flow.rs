@@ -58,9 +58,11 @@ where
 
     // 1. Key, or bypass.
     let declared_len = content_length(&parts.headers);
+    // The request's `cache-control`, read once.
+    let controls = Controls::of(&parts.headers);
     let bypass_because = if !shared.cacheable.allows(&parts.method, parts.uri.path()) {
         Some("not cacheable")
-    } else if cache_control_has(&parts.headers, "no-store") {
+    } else if controls.no_store {
         Some("no-store")
     } else if declared_len.is_some_and(|len| len > shared.max_request_body as u64) {
         Some("body over max_request_body")
@@ -122,7 +124,6 @@ where
             || matches!(shared.partition, Partition::ByCredential) && !partition.is_anonymous();
         sealing.seal(own.then_some(&partition))
     });
-    let controls = Controls::of(&parts.headers);
     let mut coverage = Coverage::new(&shared);
 
     // `only-if-cached` (RFC 9111, 5.2.1.7): the stored answer, or a 504; never the upstream.
@@ -147,7 +148,7 @@ where
     // requests that miss together make one call.
     let mut leader = None;
     if let Mode::CacheFirst { fresh_for } = shared.mode {
-        if !cache_control_has(&parts.headers, "no-cache") {
+        if !controls.no_cache {
             if let Some(hit) =
                 fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
             {
@@ -682,6 +683,10 @@ impl Coverage {
 /// What a request's `cache-control` asks of the cache (RFC 9111, 5.2.1).
 #[derive(Debug, Clone, Copy, Default)]
 struct Controls {
+    /// `no-store`: neither looked up nor stored (the request bypasses the layer).
+    no_store: bool,
+    /// `no-cache`: not served from the store before the upstream is asked (cache-first).
+    no_cache: bool,
     /// `max-stale=N`: serve a stored answer at most this old, as a fallback or for
     /// `only-if-cached`.
     max_stale: Option<Duration>,
@@ -705,6 +710,10 @@ impl Controls {
             };
             if name.eq_ignore_ascii_case("only-if-cached") {
                 controls.only_if_cached = true;
+            } else if name.eq_ignore_ascii_case("no-store") {
+                controls.no_store = true;
+            } else if name.eq_ignore_ascii_case("no-cache") {
+                controls.no_cache = true;
             } else if name.eq_ignore_ascii_case("max-stale") {
                 // Without a value, any age is accepted (RFC 9111, 5.2.1.2); a value that
                 // is not a number of seconds is ignored, as an unknown directive is.

@@ -118,13 +118,26 @@ fn credential_partition(parts: &Parts) -> PartitionId {
             crate::key::put(out, value);
         };
         // As header names, not strings: a string is parsed into a name at every lookup.
-        const NAMES: [HeaderName; CREDENTIAL_HEADERS.len()] = [
+        static NAMES: [HeaderName; CREDENTIAL_HEADERS.len()] = [
             http::header::AUTHORIZATION,
             HeaderName::from_static(CREDENTIAL_HEADERS[1]),
             HeaderName::from_static(CREDENTIAL_HEADERS[2]),
             HeaderName::from_static(CREDENTIAL_HEADERS[3]),
         ];
-        for (name, header) in CREDENTIAL_HEADERS.into_iter().zip(&NAMES) {
+        // Which of them the request has, in one pass over its (few) headers: most have
+        // one, looked up then alone.
+        let mut present = [false; CREDENTIAL_HEADERS.len()];
+        for name in parts.headers.keys() {
+            if let Some(i) = NAMES.iter().position(|credential| credential == name) {
+                present[i] = true;
+            }
+        }
+        for ((name, header), _) in CREDENTIAL_HEADERS
+            .into_iter()
+            .zip(&NAMES)
+            .zip(present)
+            .filter(|&(_, present)| present)
+        {
             for value in parts.headers.get_all(header) {
                 add(name.as_bytes(), value.as_bytes());
             }

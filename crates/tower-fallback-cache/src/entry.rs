@@ -36,10 +36,11 @@ pub struct CachedResponse {
     frames: Vec<Bytes>,
     stored_at: SystemTime,
     key_version: u8,
-    /// The `x-fallback-cache-key` value of the key this answer was first replayed under,
-    /// encoded once: a replay under that key (the only one, as the layer stores it) clones
-    /// it without an allocation. Not part of the answer (ignored by `==`).
-    key_header: OnceBox<HeaderValue>,
+    /// The key this answer was first replayed under and its `x-fallback-cache-key` value,
+    /// encoded once: a replay under that key (the only one, as the layer stores it) knows
+    /// it by the key's bytes and clones the value without an allocation. Not part of the
+    /// answer (ignored by `==`).
+    key_header: OnceBox<(CacheKey, HeaderValue)>,
 }
 
 impl PartialEq for CachedResponse {
@@ -152,13 +153,14 @@ impl CachedResponse {
     /// The `x-fallback-cache-key` value of `key`: encoded on the first replay, then shared
     /// by every replay under the same key.
     pub(crate) fn key_header(&self, key: &CacheKey) -> HeaderValue {
-        let digits = key.hex_digits();
         match self.key_header.get() {
-            Some(value) if value.as_bytes() == digits => value.clone(),
-            Some(_) => key_header_value(digits),
+            // Known by the key's bytes: its digits are written once.
+            Some((encoded, value)) if encoded == key => value.clone(),
+            Some(_) => key_header_value(key.hex_digits()),
             None => self
                 .key_header
-                .get_or_init(|| Box::new(key_header_value(digits)))
+                .get_or_init(|| Box::new((*key, key_header_value(key.hex_digits()))))
+                .1
                 .clone(),
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use http::header::{
     ACCEPT_ENCODING, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, DATE, RETRY_AFTER,
 };
@@ -42,7 +42,7 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// The flow of one request (see ARCHITECTURE.md).
 pub(crate) async fn serve<S, ReqB, ResB>(
     shared: Arc<Shared>,
-    mut inner: S,
+    inner: S,
     request: Request<ReqB>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
@@ -72,7 +72,7 @@ where
     let (parts, bytes) = match bypass_because {
         Some(why) => {
             let request = Request::from_parts(parts, RequestBody::passthrough(body));
-            return bypass(&shared, inner, request, why).await;
+            return Box::pin(bypass(&shared, inner, request, why)).await;
         }
         // A body that says it fits (an exact `content-length`, a buffered body) is read in
         // place: it never has to move on half read. One longer than it said is read to its
@@ -81,11 +81,17 @@ where
             Ok(bytes) if bytes.len() <= shared.max_request_body => (parts, bytes),
             Ok(bytes) => {
                 let request = Request::from_parts(parts, RequestBody::full(bytes));
-                return bypass(&shared, inner, request, "body over max_request_body").await;
+                return Box::pin(bypass(
+                    &shared,
+                    inner,
+                    request,
+                    "body over max_request_body",
+                ))
+                .await;
             }
             Err((prefix, error)) => {
                 let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
-                return bypass(&shared, inner, request, "request body failed").await;
+                return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
             }
         },
         // Pinned on the heap to be read: a body longer than the limit moves on, half
@@ -95,11 +101,17 @@ where
             Collected::Complete(bytes) => (parts, bytes),
             Collected::Over { prefix, rest } => {
                 let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
-                return bypass(&shared, inner, request, "body over max_request_body").await;
+                return Box::pin(bypass(
+                    &shared,
+                    inner,
+                    request,
+                    "body over max_request_body",
+                ))
+                .await;
             }
             Collected::Failed { prefix, error } => {
                 let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
-                return bypass(&shared, inner, request, "request body failed").await;
+                return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
             }
         },
     };
@@ -144,47 +156,107 @@ where
         });
     }
 
-    // 2. Cache-first: a fresh answer is served without calling the upstream, and identical
-    // requests that miss together make one call.
-    let mut leader = None;
-    if let Mode::CacheFirst { fresh_for } = shared.mode {
-        if !controls.no_cache {
+    // 2. Cache-first: a fresh answer is served without calling the upstream.
+    let fresh_for = match shared.mode {
+        Mode::CacheFirst { fresh_for } if !controls.no_cache => {
             if let Some(hit) =
                 fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
             {
                 return Ok(hit);
             }
-            // A follower waits for the leader at most `coalesce_wait` in all; when the
-            // leader's answer is not stored, the followers join again and one leads.
-            let waited = Instant::now();
-            loop {
-                match shared.in_flight.join(key) {
-                    Turn::Lead(lead) => {
-                        // The previous leader may have stored the answer between our
-                        // lookup and our turn.
-                        if let Some(hit) =
-                            fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
-                        {
-                            return Ok(hit);
-                        }
-                        leader = Some(lead);
+            Some(fresh_for)
+        }
+        _ => None,
+    };
+
+    // The rest goes on in a future of its own, on the heap: the future of every request
+    // (boxed by the service) need not make room for the upstream call's states, nor copy
+    // them, when a stored answer is served.
+    let asked = Asked {
+        parts,
+        bytes,
+        key,
+        credential,
+        seal,
+        controls,
+        coverage,
+        fresh_for,
+    };
+    Box::pin(ask_upstream(shared, inner, asked)).await
+}
+
+/// A keyed request on its way to the upstream, with what [`serve`] learned of it.
+struct Asked {
+    parts: Parts,
+    bytes: Bytes,
+    key: CacheKey,
+    /// Whose quota the upstream judges (the breaker's partition).
+    credential: PartitionId,
+    seal: Option<Seal>,
+    controls: Controls,
+    coverage: Coverage,
+    /// In cache-first mode (and not `no-cache`), how young a stored answer is served.
+    fresh_for: Option<Duration>,
+}
+
+/// Steps 2 (coalescing) to 6 of the flow: the request was not answered from the store.
+async fn ask_upstream<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    asked: Asked,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body,
+    ReqB::Data: Buf,
+    ResB: Body,
+    ResB::Data: Buf,
+{
+    let Asked {
+        parts,
+        bytes,
+        key,
+        credential,
+        seal,
+        controls,
+        mut coverage,
+        fresh_for,
+    } = asked;
+    let counters = shared.stats.counters();
+
+    // Identical requests that miss together make one call.
+    let mut leader = None;
+    if let Some(fresh_for) = fresh_for {
+        // A follower waits for the leader at most `coalesce_wait` in all; when the
+        // leader's answer is not stored, the followers join again and one leads.
+        let waited = Instant::now();
+        loop {
+            match shared.in_flight.join(key) {
+                Turn::Lead(lead) => {
+                    // The previous leader may have stored the answer between our
+                    // lookup and our turn.
+                    if let Some(hit) =
+                        fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                    {
+                        return Ok(hit);
+                    }
+                    leader = Some(lead);
+                    break;
+                }
+                Turn::Follow(call) => {
+                    let left = shared.coalesce_wait.saturating_sub(waited.elapsed());
+                    if tokio::time::timeout(left, coalesce::wait(call))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
                         break;
                     }
-                    Turn::Follow(call) => {
-                        let left = shared.coalesce_wait.saturating_sub(waited.elapsed());
-                        if tokio::time::timeout(left, coalesce::wait(call))
-                            .await
-                            .is_err()
-                        {
-                            tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
-                            break;
-                        }
-                        if let Some(hit) =
-                            fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
-                        {
-                            Counters::add(&counters.coalesced);
-                            return Ok(hit);
-                        }
+                    if let Some(hit) =
+                        fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                    {
+                        Counters::add(&counters.coalesced);
+                        return Ok(hit);
                     }
                 }
             }

@@ -39,12 +39,22 @@ const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// How much of an error body is read to classify it.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
-/// The flow of one request (see ARCHITECTURE.md).
-pub(crate) async fn serve<S, ReqB, ResB>(
+/// The flow of one request (see ARCHITECTURE.md), given as its head and body.
+///
+/// A plain function returning an `async` block rather than an `async fn`: an `async fn`
+/// keeps its arguments and a moved copy of each for its whole life, where the block uses
+/// what it captured in place. `parts` is never moved to another binding until the request
+/// goes upstream, so the future of a HIT holds the request's head once.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep each argument twice in the future"
+)]
+pub(crate) fn serve<S, ReqB, ResB>(
     shared: Arc<Shared>,
     inner: S,
-    request: Request<ReqB>,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    parts: Parts,
+    body: ReqB,
+) -> impl Future<Output = Result<Response<ResponseBody<ResB>>, S::Error>>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body,
@@ -52,137 +62,146 @@ where
     ResB: Body,
     ResB::Data: Buf,
 {
-    let counters = shared.stats.counters();
-    Counters::add(&counters.requests);
-    let (parts, body) = request.into_parts();
+    async move {
+        let counters = shared.stats.counters();
+        Counters::add(&counters.requests);
 
-    // 1. Key, or bypass.
-    let declared_len = content_length(&parts.headers);
-    // The request's `cache-control`, read once.
-    let controls = Controls::of(&parts.headers);
-    let bypass_because = if !shared.cacheable.allows(&parts.method, parts.uri.path()) {
-        Some("not cacheable")
-    } else if controls.no_store {
-        Some("no-store")
-    } else if declared_len.is_some_and(|len| len > shared.max_request_body as u64) {
-        Some("body over max_request_body")
-    } else {
-        None
-    };
-    let (parts, bytes) = match bypass_because {
-        Some(why) => {
-            let request = Request::from_parts(parts, RequestBody::passthrough(body));
-            return Box::pin(bypass(&shared, inner, request, why)).await;
-        }
-        // A body that says it fits (an exact `content-length`, a buffered body) is read in
-        // place: it never has to move on half read. One longer than it said is read to its
-        // end and forwarded whole, not keyed.
-        None if bounded_by(&body, shared.max_request_body) => match collect_all(pin!(body)).await {
-            Ok(bytes) if bytes.len() <= shared.max_request_body => (parts, bytes),
-            Ok(bytes) => {
-                let request = Request::from_parts(parts, RequestBody::full(bytes));
-                return Box::pin(bypass(
-                    &shared,
-                    inner,
-                    request,
-                    "body over max_request_body",
-                ))
-                .await;
+        // 1. Key, or bypass.
+        let declared_len = content_length(&parts.headers);
+        // The request's `cache-control`, read once.
+        let controls = Controls::of(&parts.headers);
+        let bypass_because = if !shared.cacheable.allows(&parts.method, parts.uri.path()) {
+            Some("not cacheable")
+        } else if controls.no_store {
+            Some("no-store")
+        } else if declared_len.is_some_and(|len| len > shared.max_request_body as u64) {
+            Some("body over max_request_body")
+        } else {
+            None
+        };
+        let bytes = match bypass_because {
+            Some(why) => {
+                let request = Request::from_parts(parts, RequestBody::passthrough(body));
+                return Box::pin(bypass(&shared, inner, request, why)).await;
             }
-            Err((prefix, error)) => {
-                let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
-                return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
-            }
-        },
-        // Pinned on the heap to be read: a body longer than the limit moves on, half
-        // read, to the inner service, and a body of any type (not only an `Unpin` one)
-        // can move only so.
-        None => match collect_up_to(Box::pin(body), shared.max_request_body).await {
-            Collected::Complete(bytes) => (parts, bytes),
-            Collected::Over { prefix, rest } => {
-                let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
-                return Box::pin(bypass(
-                    &shared,
-                    inner,
-                    request,
-                    "body over max_request_body",
-                ))
-                .await;
-            }
-            Collected::Failed { prefix, error } => {
-                let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
-                return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
-            }
-        },
-    };
-    // A credential of a tenant is partitioned, suspended and sealed as its tenant.
-    let tenant = shared
-        .tenants
-        .as_ref()
-        .and_then(|tenants| tenants.of(&parts));
-    let partition = tenant.unwrap_or_else(|| shared.partition.of(&parts));
-    let key = key_of(&shared, &partition, &parts, &bytes);
-    // The breaker follows the credential the upstream judges, not the answer partition
-    // (by default they are one and the same hash).
-    let credential = match (tenant, &shared.partition) {
-        (Some(_), _) | (None, Partition::ByCredential) => partition,
-        _ => credential_identity(&parts),
-    };
-    // Sealed under the credential (or tenant) where answers are partitioned by it;
-    // requests without one and shared partitions under the server secret alone. Only a
-    // copy here: the key is derived where an entry is sealed or opened.
-    let seal = shared.sealing.as_ref().and_then(|sealing| {
-        let own = tenant.is_some()
-            || matches!(shared.partition, Partition::ByCredential) && !partition.is_anonymous();
-        sealing.seal(own.then_some(&partition))
-    });
-    let mut coverage = Coverage::new(&shared);
-
-    // `only-if-cached` (RFC 9111, 5.2.1.7): the stored answer, or a 504; never the upstream.
-    if controls.only_if_cached {
-        let found = lookup(&shared, &key, seal.as_ref()).await;
-        coverage.count(&shared, found.as_ref());
-        return Ok(match found.filter(|(_, age)| controls.accepts(*age)) {
-            Some((entry, age)) => {
-                Counters::add(&counters.hits);
-                tracing::debug!(%key, "HIT (only-if-cached)");
-                replay(entry, age, CacheStatus::Hit, key, None)
-            }
-            None => {
-                Counters::add(&counters.misses);
-                tracing::debug!(%key, "only-if-cached: nothing stored, 504");
-                not_cached(key)
-            }
-        });
-    }
-
-    // 2. Cache-first: a fresh answer is served without calling the upstream.
-    let fresh_for = match shared.mode {
-        Mode::CacheFirst { fresh_for } if !controls.no_cache => {
-            if let Some(hit) =
-                fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+            // A body that says it fits (an exact `content-length`, a buffered body) is read in
+            // place: it never has to move on half read. One longer than it said is read to its
+            // end and forwarded whole, not keyed.
+            None if bounded_by(&body, shared.max_request_body) => match collect_all(pin!(body))
+                .await
             {
-                return Ok(hit);
-            }
-            Some(fresh_for)
-        }
-        _ => None,
-    };
+                Ok(bytes) if bytes.len() <= shared.max_request_body => bytes,
+                Ok(bytes) => {
+                    let request = Request::from_parts(parts, RequestBody::full(bytes));
+                    return Box::pin(bypass(
+                        &shared,
+                        inner,
+                        request,
+                        "body over max_request_body",
+                    ))
+                    .await;
+                }
+                Err((prefix, error)) => {
+                    let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
+                    return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
+                }
+            },
+            // Pinned on the heap to be read: a body longer than the limit moves on, half
+            // read, to the inner service, and a body of any type (not only an `Unpin` one)
+            // can move only so.
+            None => match collect_up_to(Box::pin(body), shared.max_request_body).await {
+                Collected::Complete(bytes) => bytes,
+                Collected::Over { prefix, rest } => {
+                    let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
+                    return Box::pin(bypass(
+                        &shared,
+                        inner,
+                        request,
+                        "body over max_request_body",
+                    ))
+                    .await;
+                }
+                Collected::Failed { prefix, error } => {
+                    let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
+                    return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
+                }
+            },
+        };
+        // In a block of its own, so that the tenant and the partition are not kept in the
+        // future past it.
+        let (key, credential, seal) = {
+            // A credential of a tenant is partitioned, suspended and sealed as its tenant.
+            let tenant = shared
+                .tenants
+                .as_ref()
+                .and_then(|tenants| tenants.of(&parts));
+            let partition = tenant.unwrap_or_else(|| shared.partition.of(&parts));
+            let key = key_of(&shared, &partition, &parts, &bytes);
+            // The breaker follows the credential the upstream judges, not the answer
+            // partition (by default they are one and the same hash).
+            let credential = match (tenant, &shared.partition) {
+                (Some(_), _) | (None, Partition::ByCredential) => partition,
+                _ => credential_identity(&parts),
+            };
+            // Sealed under the credential (or tenant) where answers are partitioned by it;
+            // requests without one and shared partitions under the server secret alone.
+            // Only a copy here: the key is derived where an entry is sealed or opened.
+            let seal = shared.sealing.as_ref().and_then(|sealing| {
+                let own = tenant.is_some()
+                    || matches!(shared.partition, Partition::ByCredential)
+                        && !partition.is_anonymous();
+                sealing.seal(own.then_some(&partition))
+            });
+            (key, credential, seal)
+        };
+        let mut coverage = Coverage::new(&shared);
 
-    // The rest goes on in a future of its own, on the heap: the future of every request
-    // (boxed by the service) need not make room for the upstream call's states, nor copy
-    // them, when a stored answer is served.
-    let asked = Asked {
-        parts,
-        bytes,
-        key,
-        credential,
-        seal,
-        controls,
-        coverage,
-        fresh_for,
-    };
-    Box::pin(ask_upstream(shared, inner, asked)).await
+        // `only-if-cached` (RFC 9111, 5.2.1.7): the stored answer, or a 504; never the upstream.
+        if controls.only_if_cached {
+            let found = lookup(&shared, &key, seal.as_ref()).await;
+            coverage.count(&shared, found.as_ref());
+            return Ok(match found.filter(|(_, age)| controls.accepts(*age)) {
+                Some((entry, age)) => {
+                    Counters::add(&counters.hits);
+                    tracing::debug!(%key, "HIT (only-if-cached)");
+                    replay(entry, age, CacheStatus::Hit, key, None)
+                }
+                None => {
+                    Counters::add(&counters.misses);
+                    tracing::debug!(%key, "only-if-cached: nothing stored, 504");
+                    not_cached(key)
+                }
+            });
+        }
+
+        // 2. Cache-first: a fresh answer is served without calling the upstream.
+        let fresh_for = match shared.mode {
+            Mode::CacheFirst { fresh_for } if !controls.no_cache => {
+                if let Some(hit) =
+                    fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                {
+                    return Ok(hit);
+                }
+                Some(fresh_for)
+            }
+            _ => None,
+        };
+
+        // The rest goes on in a future of its own, on the heap: the future of every request
+        // (boxed by the service) need not make room for the upstream call's states, nor copy
+        // them, when a stored answer is served.
+        let asked = Asked {
+            parts,
+            bytes,
+            key,
+            credential,
+            seal,
+            controls,
+            coverage,
+            fresh_for,
+        };
+        Box::pin(ask_upstream(shared, inner, asked)).await
+    }
 }
 
 /// A keyed request on its way to the upstream, with what [`serve`] learned of it.

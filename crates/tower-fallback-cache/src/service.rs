@@ -106,6 +106,7 @@ where
         // A clone of the inner service goes with the request; it is made ready (and
         // called) only if the upstream is asked.
         let inner = self.inner.clone();
-        ResponseFuture::new(Box::pin(serve(self.shared.clone(), inner, request)))
+        let (parts, body) = request.into_parts();
+        ResponseFuture::new(Box::pin(serve(self.shared.clone(), inner, parts, body)))
     }
 }

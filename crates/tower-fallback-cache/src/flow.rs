@@ -218,12 +218,14 @@ struct Asked {
     fresh_for: Option<Duration>,
 }
 
-/// Steps 2 (coalescing) to 6 of the flow: the request was not answered from the store.
-async fn ask_upstream<S, ReqB, ResB>(
+/// Steps 2 (coalescing) to 6 of the flow: the request was not answered from the store. A
+/// function returning an `async` block, as [`serve`], so that its future keeps the fields
+/// of `asked` once.
+fn ask_upstream<S, ReqB, ResB>(
     shared: Arc<Shared>,
     mut inner: S,
     asked: Asked,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
+) -> impl Future<Output = Result<Response<ResponseBody<ResB>>, S::Error>>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body,
@@ -232,7 +234,7 @@ where
     ResB::Data: Buf,
 {
     let Asked {
-        parts,
+        mut parts,
         bytes,
         key,
         credential,
@@ -241,223 +243,225 @@ where
         mut coverage,
         fresh_for,
     } = asked;
-    let counters = shared.stats.counters();
+    async move {
+        let counters = shared.stats.counters();
 
-    // Identical requests that miss together make one call.
-    let mut leader = None;
-    if let Some(fresh_for) = fresh_for {
-        // A follower waits for the leader at most `coalesce_wait` in all; when the
-        // leader's answer is not stored, the followers join again and one leads.
-        let waited = Instant::now();
-        loop {
-            match shared.in_flight.join(key) {
-                Turn::Lead(lead) => {
-                    // The previous leader may have stored the answer between our
-                    // lookup and our turn.
-                    if let Some(hit) =
-                        fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
-                    {
-                        return Ok(hit);
-                    }
-                    leader = Some(lead);
-                    break;
-                }
-                Turn::Follow(call) => {
-                    let left = shared.coalesce_wait.saturating_sub(waited.elapsed());
-                    if tokio::time::timeout(left, coalesce::wait(call))
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
+        // Identical requests that miss together make one call.
+        let mut leader = None;
+        if let Some(fresh_for) = fresh_for {
+            // A follower waits for the leader at most `coalesce_wait` in all; when the
+            // leader's answer is not stored, the followers join again and one leads.
+            let waited = Instant::now();
+            loop {
+                match shared.in_flight.join(key) {
+                    Turn::Lead(lead) => {
+                        // The previous leader may have stored the answer between our
+                        // lookup and our turn.
+                        if let Some(hit) =
+                            fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                        {
+                            return Ok(hit);
+                        }
+                        leader = Some(lead);
                         break;
                     }
-                    if let Some(hit) =
-                        fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
-                    {
-                        Counters::add(&counters.coalesced);
-                        return Ok(hit);
+                    Turn::Follow(call) => {
+                        let left = shared.coalesce_wait.saturating_sub(waited.elapsed());
+                        if tokio::time::timeout(left, coalesce::wait(call))
+                            .await
+                            .is_err()
+                        {
+                            tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
+                            break;
+                        }
+                        if let Some(hit) =
+                            fresh_hit(&shared, key, seal.as_ref(), fresh_for, &mut coverage).await
+                        {
+                            Counters::add(&counters.coalesced);
+                            return Ok(hit);
+                        }
                     }
                 }
             }
         }
-    }
 
-    // 3. The quota breaker: a suspended credential does not call the upstream.
-    let probe = match shared.breaker.admit(credential) {
-        Admission::Call => None,
-        Admission::Probe(probe) => Some(probe),
-        Admission::Suspended {
-            last_error,
-            retry_after,
-        } => {
-            Counters::add(&counters.suspended);
-            let reason = Reason::InsufficientQuota;
-            let arrived = coverage.look(&shared, &key, seal.as_ref()).await;
-            if let Some(served) =
-                fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
-            {
-                return Ok(served);
+        // 3. The quota breaker: a suspended credential does not call the upstream.
+        let probe = match shared.breaker.admit(credential) {
+            Admission::Call => None,
+            Admission::Probe(probe) => Some(probe),
+            Admission::Suspended {
+                last_error,
+                retry_after,
+            } => {
+                Counters::add(&counters.suspended);
+                let reason = Reason::InsufficientQuota;
+                let arrived = coverage.look(&shared, &key, seal.as_ref()).await;
+                if let Some(served) =
+                    fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
+                {
+                    return Ok(served);
+                }
+                Counters::add(&counters.misses);
+                tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
+                let (mut parts, body) = stored_response(&last_error).into_parts();
+                mark(
+                    &mut parts.headers,
+                    &mut parts.extensions,
+                    CacheStatus::Miss,
+                    key,
+                    Some(reason),
+                    None,
+                );
+                let seconds = retry_after
+                    .as_secs()
+                    .saturating_add(u64::from(retry_after.subsec_nanos() > 0));
+                parts
+                    .headers
+                    .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                // The OpenAI SDKs retry a 429 after `retry-after`, up to two minutes; a retry
+                // within the cooldown gets this same answer, so tell them not to.
+                parts
+                    .headers
+                    .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+                return Ok(Response::from_parts(parts, body));
+            }
+        };
+
+        // 4. Upstream. Asked for an uncompressed answer: a stored answer is served to clients
+        // whatever they accept, and a stream is judged complete on its events. An answer that
+        // comes encoded anyway is passed on as it is, never stored. Its readiness is awaited
+        // here, not in `poll_ready`: the answers above never wait behind upstream
+        // backpressure, and a readiness error is a failed call.
+        // The judge of the answer comes from the request's protocol (its path).
+        let rules = shared.protocols.completeness(&parts);
+        parts
+            .headers
+            .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        // The coverage lookup runs beside the call (the call is polled first) and is given up
+        // if the call ends first, adding nothing to its latency.
+        let call = async {
+            match poll_fn(|cx| inner.poll_ready(cx)).await {
+                Ok(()) => {
+                    inner
+                        .call(Request::from_parts(parts, RequestBody::full(bytes)))
+                        .await
+                }
+                Err(error) => Err(error),
+            }
+        };
+        let (called, arrived) = beside(call, coverage.look(&shared, &key, seal.as_ref())).await;
+        let arrived = arrived.flatten();
+        let response = match called {
+            Ok(response) => response,
+            Err(error) => {
+                let reason = Reason::Unreachable;
+                Counters::add(&counters.failures[reason as usize]);
+                if let Some(served) =
+                    fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
+                {
+                    return Ok(served);
+                }
+                tracing::debug!(%key, %reason, "inner service failed; error returned");
+                return Err(error);
+            }
+        };
+
+        // 5. Classify.
+        let status = response.status();
+        if !status.is_client_error() && !status.is_server_error() {
+            // An answer: a success is stored as it streams past; anything else (a redirect)
+            // is only passed on.
+            if let Some(probe) = probe.filter(|_| status.is_success()) {
+                probe.succeeded();
             }
             Counters::add(&counters.misses);
-            tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
-            let (mut parts, body) = stored_response(&last_error).into_parts();
+            let (mut parts, body) = response.into_parts();
+            clean_upstream_head(status, &mut parts.headers, true);
+            let body = if status.is_success() && storable(&parts.headers, shared.max_response_body)
+            {
+                let sink = CaptureSink {
+                    key,
+                    store: shared.store.clone(),
+                    stats: shared.stats.clone(),
+                    ttl: shared.ttl,
+                    seal,
+                    leader,
+                };
+                let headers = parts.headers.clone();
+                let capture = Capture::new(sink, status, headers, shared.max_response_body, rules);
+                ResponseBody::capture(body, capture)
+            } else {
+                tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding or size)");
+                ResponseBody::upstream(body)
+            };
             mark(
                 &mut parts.headers,
                 &mut parts.extensions,
                 CacheStatus::Miss,
                 key,
-                Some(reason),
+                None,
                 None,
             );
-            let seconds = retry_after
-                .as_secs()
-                .saturating_add(u64::from(retry_after.subsec_nanos() > 0));
-            parts
-                .headers
-                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            // The OpenAI SDKs retry a 429 after `retry-after`, up to two minutes; a retry
-            // within the cooldown gets this same answer, so tell them not to.
-            parts
-                .headers
-                .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+            tracing::debug!(%key, %status, "MISS");
             return Ok(Response::from_parts(parts, body));
         }
-    };
-
-    // 4. Upstream. Asked for an uncompressed answer: a stored answer is served to clients
-    // whatever they accept, and a stream is judged complete on its events. An answer that
-    // comes encoded anyway is passed on as it is, never stored. Its readiness is awaited
-    // here, not in `poll_ready`: the answers above never wait behind upstream
-    // backpressure, and a readiness error is a failed call.
-    // The judge of the answer comes from the request's protocol (its path).
-    let rules = shared.protocols.completeness(&parts);
-    let mut parts = parts;
-    parts
-        .headers
-        .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    // The coverage lookup runs beside the call (the call is polled first) and is given up
-    // if the call ends first, adding nothing to its latency.
-    let call = async {
-        match poll_fn(|cx| inner.poll_ready(cx)).await {
-            Ok(()) => {
-                inner
-                    .call(Request::from_parts(parts, RequestBody::full(bytes)))
-                    .await
+        let (mut parts, body) = response.into_parts();
+        clean_upstream_head(status, &mut parts.headers, true);
+        // An error body that says it fits the limit is read in place; any other is pinned on
+        // the heap to be read, so that the unread rest of a long one can move into the
+        // response (only error bodies pay for it).
+        let (prefix, error, rest) = if bounded_by(&body, ERROR_BODY_LIMIT) {
+            match collect_all(pin!(body)).await {
+                Ok(prefix) => (prefix, None, None),
+                Err((prefix, error)) => (prefix, Some(error), None),
             }
-            Err(error) => Err(error),
+        } else {
+            match collect_up_to(Box::pin(body), ERROR_BODY_LIMIT).await {
+                Collected::Complete(prefix) => (prefix, None, None),
+                Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
+                Collected::Failed { prefix, error } => (prefix, Some(error), None),
+            }
+        };
+        let reason = shared.classifier.classify(status, &parts.headers, &prefix);
+        if reason == Some(Reason::InsufficientQuota)
+            && rest.is_none()
+            && error.is_none()
+            && shared.breaker.is_enabled()
+        {
+            // Kept whole, so that requests of a suspended partition get the same error (with
+            // a `date` of when it is served, not of when it was first sent).
+            let mut headers = parts.headers.clone();
+            headers.remove(DATE);
+            let last_error = CachedResponse::new(status, headers, vec![prefix.clone()]);
+            shared
+                .breaker
+                .quota_exhausted(credential, Arc::new(last_error), probe);
         }
-    };
-    let (called, arrived) = beside(call, coverage.look(&shared, &key, seal.as_ref())).await;
-    let arrived = arrived.flatten();
-    let response = match called {
-        Ok(response) => response,
-        Err(error) => {
-            let reason = Reason::Unreachable;
+
+        // 6. Fall back.
+        if let Some(reason) = reason {
             Counters::add(&counters.failures[reason as usize]);
             if let Some(served) =
                 fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
             {
                 return Ok(served);
             }
-            tracing::debug!(%key, %reason, "inner service failed; error returned");
-            return Err(error);
-        }
-    };
-
-    // 5. Classify.
-    let status = response.status();
-    if !status.is_client_error() && !status.is_server_error() {
-        // An answer: a success is stored as it streams past; anything else (a redirect)
-        // is only passed on.
-        if let Some(probe) = probe.filter(|_| status.is_success()) {
-            probe.succeeded();
         }
         Counters::add(&counters.misses);
-        let (mut parts, body) = response.into_parts();
-        clean_upstream_head(status, &mut parts.headers, true);
-        let body = if status.is_success() && storable(&parts.headers, shared.max_response_body) {
-            let sink = CaptureSink {
-                key,
-                store: shared.store.clone(),
-                stats: shared.stats.clone(),
-                ttl: shared.ttl,
-                seal,
-                leader,
-            };
-            let headers = parts.headers.clone();
-            let capture = Capture::new(sink, status, headers, shared.max_response_body, rules);
-            ResponseBody::capture(body, capture)
-        } else {
-            tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding or size)");
-            ResponseBody::upstream(body)
-        };
+        tracing::debug!(%key, %status, reason = reason.map(Reason::as_str), "MISS: upstream error passed through");
         mark(
             &mut parts.headers,
             &mut parts.extensions,
             CacheStatus::Miss,
             key,
-            None,
+            reason,
             None,
         );
-        tracing::debug!(%key, %status, "MISS");
-        return Ok(Response::from_parts(parts, body));
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::resumed(prefix, error, rest),
+        ))
     }
-    let (mut parts, body) = response.into_parts();
-    clean_upstream_head(status, &mut parts.headers, true);
-    // An error body that says it fits the limit is read in place; any other is pinned on
-    // the heap to be read, so that the unread rest of a long one can move into the
-    // response (only error bodies pay for it).
-    let (prefix, error, rest) = if bounded_by(&body, ERROR_BODY_LIMIT) {
-        match collect_all(pin!(body)).await {
-            Ok(prefix) => (prefix, None, None),
-            Err((prefix, error)) => (prefix, Some(error), None),
-        }
-    } else {
-        match collect_up_to(Box::pin(body), ERROR_BODY_LIMIT).await {
-            Collected::Complete(prefix) => (prefix, None, None),
-            Collected::Over { prefix, rest } => (prefix, None, Some(rest)),
-            Collected::Failed { prefix, error } => (prefix, Some(error), None),
-        }
-    };
-    let reason = shared.classifier.classify(status, &parts.headers, &prefix);
-    if reason == Some(Reason::InsufficientQuota)
-        && rest.is_none()
-        && error.is_none()
-        && shared.breaker.is_enabled()
-    {
-        // Kept whole, so that requests of a suspended partition get the same error (with
-        // a `date` of when it is served, not of when it was first sent).
-        let mut headers = parts.headers.clone();
-        headers.remove(DATE);
-        let last_error = CachedResponse::new(status, headers, vec![prefix.clone()]);
-        shared
-            .breaker
-            .quota_exhausted(credential, Arc::new(last_error), probe);
-    }
-
-    // 6. Fall back.
-    if let Some(reason) = reason {
-        Counters::add(&counters.failures[reason as usize]);
-        if let Some(served) =
-            fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
-        {
-            return Ok(served);
-        }
-    }
-    Counters::add(&counters.misses);
-    tracing::debug!(%key, %status, reason = reason.map(Reason::as_str), "MISS: upstream error passed through");
-    mark(
-        &mut parts.headers,
-        &mut parts.extensions,
-        CacheStatus::Miss,
-        key,
-        reason,
-        None,
-    );
-    Ok(Response::from_parts(
-        parts,
-        ResponseBody::resumed(prefix, error, rest),
-    ))
 }
 
 /// A stored answer younger than `fresh_for`, served as `HIT`.

@@ -118,7 +118,6 @@ impl KeyMemo {
                 Memo::Off,
             );
         }
-        let keep_head = !rules.head_may_hold_credentials(parts);
         let hash = self.hash(partition, body);
         let shard = self.shard(hash);
         with_fields(|fields| {
@@ -129,8 +128,8 @@ impl KeyMemo {
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 match shard.entries.get(&hash) {
                     Some(found) if found.partition == *partition && *found.body == *body => {
+                        // A kept head holds no credential, nor then does one equal to it.
                         if let Some((head, key)) = &found.head
-                            && keep_head
                             && **head == **fields
                         {
                             return (*key, Memo::Hit);
@@ -140,7 +139,10 @@ impl KeyMemo {
                     _ => None,
                 }
             };
-            let head = keep_head.then(|| Box::<[u8]>::from(&fields[..]));
+            // This head is kept if it holds no credential and fits beside its body.
+            let head = (body.len() + fields.len() <= self.max_bytes
+                && !rules.head_may_hold_credentials(parts))
+            .then(|| Box::<[u8]>::from(&fields[..]));
             let (digest, memo) = match found {
                 Some((digest, _)) => (digest, Memo::Hit),
                 None => (rules.body_digest(body), Memo::Miss),
@@ -163,10 +165,7 @@ impl KeyMemo {
                         partition: *partition,
                         body: body.into(),
                         digest,
-                        // Without its head if both would not fit.
-                        head: head
-                            .filter(|head| body.len() + head.len() <= self.max_bytes)
-                            .map(|head| (head, key)),
+                        head: head.map(|head| (head, key)),
                         serial: 0,
                     },
                     self.max_entries,
@@ -212,7 +211,7 @@ impl Shard {
     }
 
     /// Gives the entry under `hash` (if it is still the one of `serial`) the fields of a
-    /// new head and its key; an entry that would grow past the bound keeps no head.
+    /// new head and its key (a head that fits beside the entry's body in `max_bytes`).
     fn set_head(
         &mut self,
         hash: u64,
@@ -225,7 +224,7 @@ impl Shard {
             return;
         };
         let before = entry.bytes();
-        entry.head = (entry.body.len() + head.len() <= max_bytes).then_some((head, key));
+        entry.head = Some((head, key));
         let after = entry.bytes();
         self.bytes = self.bytes - before + after;
         self.evict(usize::MAX, max_bytes);

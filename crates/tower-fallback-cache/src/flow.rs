@@ -2,7 +2,7 @@
 //! classify, fall back, mark. ARCHITECTURE.md tells it step by step.
 
 use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -39,6 +39,9 @@ const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// How much of an error body is read to classify it.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
+/// What the flow gives for a request: the response, or the inner service's error.
+type Served<B, E> = Result<Response<ResponseBody<B>>, E>;
+
 /// The flow of one request (see ARCHITECTURE.md), given as its head and body.
 ///
 /// A plain function returning an `async` block rather than an `async fn`: an `async fn`
@@ -54,7 +57,7 @@ pub(crate) fn serve<S, ReqB, ResB>(
     inner: S,
     parts: Parts,
     body: ReqB,
-) -> impl Future<Output = Result<Response<ResponseBody<ResB>>, S::Error>>
+) -> impl Future<Output = Served<ResB, S::Error>>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body,
@@ -82,7 +85,7 @@ where
         let bytes = match bypass_because {
             Some(why) => {
                 let request = Request::from_parts(parts, RequestBody::passthrough(body));
-                return Box::pin(bypass(&shared, inner, request, why)).await;
+                return bypass(&shared, inner, request, why).await;
             }
             // A body that says it fits (an exact `content-length`, a buffered body) is read in
             // place: it never has to move on half read. One longer than it said is read to its
@@ -93,17 +96,11 @@ where
                 Ok(bytes) if bytes.len() <= shared.max_request_body => bytes,
                 Ok(bytes) => {
                     let request = Request::from_parts(parts, RequestBody::full(bytes));
-                    return Box::pin(bypass(
-                        &shared,
-                        inner,
-                        request,
-                        "body over max_request_body",
-                    ))
-                    .await;
+                    return bypass(&shared, inner, request, "body over max_request_body").await;
                 }
                 Err((prefix, error)) => {
                     let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
-                    return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
+                    return bypass(&shared, inner, request, "request body failed").await;
                 }
             },
             // Pinned on the heap to be read: a body longer than the limit moves on, half
@@ -113,17 +110,11 @@ where
                 Collected::Complete(bytes) => bytes,
                 Collected::Over { prefix, rest } => {
                     let request = Request::from_parts(parts, RequestBody::resumed(prefix, rest));
-                    return Box::pin(bypass(
-                        &shared,
-                        inner,
-                        request,
-                        "body over max_request_body",
-                    ))
-                    .await;
+                    return bypass(&shared, inner, request, "body over max_request_body").await;
                 }
                 Collected::Failed { prefix, error } => {
                     let request = Request::from_parts(parts, RequestBody::failed(prefix, error));
-                    return Box::pin(bypass(&shared, inner, request, "request body failed")).await;
+                    return bypass(&shared, inner, request, "request body failed").await;
                 }
             },
         };
@@ -225,7 +216,7 @@ fn ask_upstream<S, ReqB, ResB>(
     shared: Arc<Shared>,
     mut inner: S,
     asked: Asked,
-) -> impl Future<Output = Result<Response<ResponseBody<ResB>>, S::Error>>
+) -> impl Future<Output = Served<ResB, S::Error>>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body,
@@ -496,8 +487,23 @@ fn key_of(shared: &Shared, partition: &PartitionId, parts: &Parts, body: &[u8]) 
     key
 }
 
-/// Forwards a request that is not keyed, and marks the answer `BYPASS`.
-async fn bypass<S, ReqB, ResB>(
+/// Forwards a request that is not keyed, and marks the answer `BYPASS`. Boxed: the future
+/// of every request need not make room for the inner service's call.
+fn bypass<S, ReqB, ResB>(
+    shared: &Shared,
+    inner: S,
+    request: Request<RequestBody<ReqB>>,
+    why: &'static str,
+) -> Pin<Box<impl Future<Output = Served<ResB, S::Error>>>>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body,
+    ResB: Body,
+{
+    Box::pin(forward_bypassed(shared, inner, request, why))
+}
+
+async fn forward_bypassed<S, ReqB, ResB>(
     shared: &Shared,
     mut inner: S,
     request: Request<RequestBody<ReqB>>,

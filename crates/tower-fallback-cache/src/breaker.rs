@@ -110,7 +110,9 @@ impl QuotaBreaker {
 /// admitted (and none at all while nothing is suspended).
 pub(crate) struct Breaker {
     policy: QuotaBreaker,
-    partitions: moka::sync::Cache<PartitionId, Arc<Suspension>>,
+    /// Found by foldhash, seeded per process: a partition is already a blake3 output, so
+    /// the standard library's SipHash would only add cost (a quarter of `admit`).
+    partitions: moka::sync::Cache<PartitionId, Arc<Suspension>, foldhash::fast::RandomState>,
     stats: Stats,
     openings: Summary,
     closings: Summary,
@@ -196,7 +198,7 @@ impl Breaker {
                     );
                 }
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             policy,
             partitions,

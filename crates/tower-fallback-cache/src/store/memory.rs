@@ -52,7 +52,9 @@ const NIL: u32 = u32::MAX;
 /// The answers by key, and a doubly linked recency list over their slots (most recent at
 /// `head`). Freed slots are reused, so the list allocates only while the store grows.
 struct Lru {
-    index: HashMap<CacheKey, u32>,
+    /// Found by foldhash, seeded per process: a key is already a blake3 output, so the
+    /// standard library's SipHash would only add cost (about 230 instructions a lookup).
+    index: HashMap<CacheKey, u32, foldhash::fast::RandomState>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     head: u32,
@@ -79,7 +81,7 @@ fn weight(entry: &CachedResponse) -> u64 {
 impl Lru {
     fn new() -> Self {
         Self {
-            index: HashMap::new(),
+            index: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
             head: NIL,

@@ -44,19 +44,30 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
             "{answer:?}"
         );
     }
+    // The node dies once a third of this traffic is answered, so that the rest (and the
+    // writes it makes) comes after, however fast the machine answers.
+    let (underway, started) = tokio::sync::oneshot::channel();
     let traffic = {
         let url = writer.url().to_owned();
         let during = during.clone();
         tokio::spawn(async move {
             let client = reqwest::Client::new();
             let mut answers = Vec::new();
-            for prompt in &during {
+            let mut underway = Some(underway);
+            for (n, prompt) in during.iter().enumerate() {
+                if n == during.len() / 3
+                    && let Some(underway) = underway.take()
+                {
+                    let _ = underway.send(());
+                    // Time for the kill before the next request.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 answers.push(cluster::ask(&client, &url, prompt).await);
             }
             answers
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    started.await.expect("the traffic is underway");
     victim.kill();
     for answer in traffic.await.expect("traffic") {
         assert_eq!(

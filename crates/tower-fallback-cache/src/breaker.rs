@@ -32,8 +32,9 @@ pub const MAX_QUOTA_COOLDOWN: Duration = Duration::from_secs(30 * 24 * 3600);
 /// one is replaced by a short error of the same status and type.
 const LAST_ERROR_LIMIT: usize = 8 * 1024;
 /// What the kept errors of every suspended partition may weigh together, in bytes. Past
-/// it the least recently used suspensions are forgotten (their next request calls the
-/// upstream, which suspends them again).
+/// it moka forgets suspensions by its policy, which sees them written (suspended, renewed),
+/// not read: requests read the mirror. Their next request calls the upstream, which
+/// suspends them again.
 const STATE_BYTES: u64 = 16 * 1024 * 1024;
 /// What one suspension weighs beyond its error's body and headers.
 const ENTRY_OVERHEAD: usize = 256;

@@ -251,26 +251,26 @@ impl Breaker {
             return Admission::Call;
         };
         let now = Instant::now();
-        if now >= suspension.until && now - suspension.until >= self.policy.max_cooldown {
+        match now.checked_duration_since(suspension.until) {
             // Forgotten (moka lets it go at its next upkeep): as if never suspended.
-            return Admission::Call;
-        }
-        if now >= suspension.until
-            && suspension
-                .probing
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            tracing::debug!(?partition, "quota cooldown over: probing the upstream");
-            return Admission::Probe(Probe {
-                breaker: self.clone(),
-                partition,
-                settled: false,
-            });
-        }
-        Admission::Suspended {
-            last_error: suspension.last_error.clone(),
-            retry_after: suspension.until.saturating_duration_since(now),
+            Some(over) if over >= self.policy.max_cooldown => Admission::Call,
+            Some(_)
+                if suspension
+                    .probing
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok() =>
+            {
+                tracing::debug!(?partition, "quota cooldown over: probing the upstream");
+                Admission::Probe(Probe {
+                    breaker: self.clone(),
+                    partition,
+                    settled: false,
+                })
+            }
+            _ => Admission::Suspended {
+                last_error: suspension.last_error.clone(),
+                retry_after: suspension.until.saturating_duration_since(now),
+            },
         }
     }
 
@@ -574,25 +574,25 @@ mod tests {
     #[test]
     fn a_renewed_suspension_is_read_and_a_closed_one_is_not() {
         let breaker = Arc::new(Breaker::new(
-            QuotaBreaker::new().cooldown(Duration::from_millis(1)),
+            QuotaBreaker::new().cooldown(Duration::from_millis(20)),
             Stats::default(),
         ));
         breaker.quota_exhausted(partition(1), quota_error(10), None);
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(30));
         let Admission::Probe(probe) = breaker.admit(partition(1)) else {
             panic!("the cooldown is over: the next request probes")
         };
-        // Still exhausted: suspended again, for twice as long (2 ms), and read as such.
+        // Still exhausted: suspended again, for twice as long (40 ms), and read as such.
         breaker.quota_exhausted(partition(1), quota_error(20), Some(probe));
         assert_eq!(breaker.held(), 1);
         match breaker.admit(partition(1)) {
             Admission::Suspended { last_error, .. } => {
                 assert!(last_error.body_len() > 20, "the newer error is served");
             }
-            Admission::Probe(_) => {} // 2 ms may have passed on a slow machine
+            Admission::Probe(_) => {} // 40 ms may have passed on a very slow machine
             Admission::Call => panic!("renewed, not forgotten"),
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(60));
         let Admission::Probe(probe) = breaker.admit(partition(1)) else {
             panic!("the second cooldown is over: the next request probes")
         };

@@ -206,6 +206,19 @@ pub(crate) struct Cli {
     )]
     pub(crate) max_connections: String,
 
+    /// Threads that serve client connections, each with a single-threaded runtime of its
+    /// own: a connection and its requests stay on one thread, as with nginx's workers
+    /// (`auto`: one per CPU). `shared`: every connection on one work-stealing runtime, so
+    /// that the requests of one HTTP/2 connection (a sidecar that multiplexes all traffic
+    /// over one) spread over the CPUs.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_WORKERS",
+        value_name = "COUNT|auto|shared",
+        default_value = "auto"
+    )]
+    pub(crate) workers: String,
+
     /// After an insufficient_quota for a credential, how long its upstream calls are
     /// suspended: its requests get the cached answer at once, or the last quota error with
     /// retry-after, and one probe per cooldown asks the upstream whether the quota is back.
@@ -385,6 +398,7 @@ pub(crate) const SETTINGS: &[&str] = &[
     "body-timeout",
     "idle-timeout",
     "max-connections",
+    "workers",
     "quota-cooldown",
     "quota-cooldown-max",
     "no-quota-breaker",

@@ -15,7 +15,7 @@ use tower_fallback_cache::{
 
 use crate::cli::{self, Cli};
 use crate::error::ProxyError;
-use crate::parse::{self, ModeName, OnCorrupt, StoreSpec};
+use crate::parse::{self, ModeName, OnCorrupt, StoreSpec, Workers};
 
 /// Everything the proxy runs with.
 #[derive(Debug, Clone)]
@@ -42,6 +42,8 @@ pub(crate) struct Config {
     pub(crate) body_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_connections: usize,
+    /// The threads that serve connections (`--workers`).
+    pub(crate) workers: Workers,
     pub(crate) quota_breaker: QuotaBreaker,
     /// Which requests are keyed (`--cacheable`).
     pub(crate) cacheable: Cacheable,
@@ -247,6 +249,7 @@ where
         body_timeout: raw("body-timeout").parse(parse::positive_duration)?,
         idle_timeout: raw("idle-timeout").parse(parse::positive_duration)?,
         max_connections: raw("max-connections").parse(parse::count)?,
+        workers: raw("workers").parse(parse::workers)?,
         quota_breaker,
         sealing: sealing.clone(),
         tenants,
@@ -377,6 +380,8 @@ mod tests {
         assert_eq!(config.body_timeout, Duration::from_secs(30));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 1024);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(config.workers, Workers::Threads(cpus));
         assert!(config.ignored.is_empty());
     }
 

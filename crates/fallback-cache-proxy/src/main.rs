@@ -19,6 +19,7 @@ mod server;
 mod snapshot;
 mod store;
 mod target;
+mod workers;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -66,6 +66,30 @@ pub(crate) fn count(text: &str) -> Result<usize, String> {
     }
 }
 
+/// The threads that serve client connections (`--workers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Workers {
+    /// This many threads, each with a single-threaded runtime: a connection stays on one.
+    Threads(usize),
+    /// Every connection on the main work-stealing runtime.
+    Shared,
+}
+
+/// `auto` (one worker per CPU), `shared`, or a count of at least 1.
+pub(crate) fn workers(text: &str) -> Result<Workers, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(Workers::Threads(
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        )),
+        "shared" => Ok(Workers::Shared),
+        count => match count.parse::<usize>() {
+            Ok(0) => Err("must be at least 1 (or auto, or shared)".to_owned()),
+            Ok(count) => Ok(Workers::Threads(count)),
+            Err(_) => Err("expected auto, shared or a whole number such as 4".to_owned()),
+        },
+    }
+}
+
 /// A size in human form: `256MiB`, `4 MiB`, `1GiB`, `500kB`, or bytes. Not zero.
 pub(crate) fn size(text: &str) -> Result<u64, String> {
     let size: bytesize::ByteSize = text
@@ -340,6 +364,16 @@ mod tests {
         assert_eq!(size("1000"), Ok(1000));
         assert!(size("lots").is_err());
         assert!(size("0").is_err());
+    }
+
+    #[test]
+    fn workers_are_a_count_auto_or_shared() {
+        assert_eq!(workers("4"), Ok(Workers::Threads(4)));
+        assert_eq!(workers(" Shared "), Ok(Workers::Shared));
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(workers("auto"), Ok(Workers::Threads(cpus)));
+        assert!(workers("0").is_err());
+        assert!(workers("many").is_err());
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::forward::{Proxy, Throttle, forward};
 use crate::metrics::{self, Metrics};
 use crate::parse::StoreSpec;
 use crate::store;
+use crate::workers::Workers;
 
 /// Runs the proxy until it is told to stop. Returns once the store is flushed.
 pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
@@ -95,6 +96,8 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         let addr = crate::admin::start(admin, store.clone()).await?;
         tracing::info!("admin endpoint on http://{addr} (DELETE /cache/{{key}})");
     }
+    // Started before the proxy says it listens: every connection it accepts has a worker.
+    let workers = Workers::start(config.workers).map_err(ProxyError::Serve)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ProxyError::Listen {
@@ -119,7 +122,15 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         proxy,
         access_log: config.access_log,
     };
-    serve(listener, app, conns, timeouts, config.shutdown_timeout).await?;
+    serve(
+        listener,
+        app,
+        conns,
+        timeouts,
+        workers,
+        config.shutdown_timeout,
+    )
+    .await?;
 
     match tokio::time::timeout(
         config.shutdown_timeout.max(Duration::from_secs(1)),
@@ -245,6 +256,7 @@ async fn serve(
     app: App,
     conns: Arc<Conns>,
     timeouts: Timeouts,
+    workers: Workers,
     drain_for: Duration,
 ) -> Result<(), ProxyError> {
     let (stop, stopping) = watch::channel(false);
@@ -284,14 +296,10 @@ async fn serve(
         };
         match conns.admit() {
             Admission::Serve(conn) => {
-                tokio::spawn(serve_connection(
-                    stream,
-                    app.clone(),
-                    conn,
-                    conns.clone(),
-                    timeouts,
-                    stopping.clone(),
-                ));
+                let (app, conns, stopping) = (app.clone(), conns.clone(), stopping.clone());
+                workers.serve(stream, move |stream| {
+                    serve_connection(stream, app, conn, conns, timeouts, stopping)
+                });
             }
             Admission::Refuse => {
                 if refusals.first_in_a_while() {

@@ -488,3 +488,80 @@ async fn sigterm_closes_idle_connections_at_once() {
     );
     drop((stream, unused, half));
 }
+
+/// The threads of the proxy whose name starts with `prefix` (`/proc/PID/task/*/comm`).
+fn threads_named(proxy: &Proxy, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
+        .expect("/proc/PID/task")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_served_by_the_workers_asked_for_or_on_the_shared_runtime() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    for (workers, threads) in [("1", 1), ("3", 3), ("shared", 0)] {
+        let mut proxy = Proxy::start(&[
+            "--upstream",
+            &mock.url(),
+            "--store",
+            "memory",
+            "--workers",
+            workers,
+        ]);
+        assert_eq!(
+            threads_named(&proxy, "fc-worker-"),
+            threads,
+            "--workers {workers}"
+        );
+        // Eight connections at once, HTTP/1.1 and HTTP/2, each asking three times on the
+        // same connection.
+        let connections = (0..8).map(|i| {
+            let client = if i % 2 == 0 {
+                reqwest::Client::new()
+            } else {
+                reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .build()
+                    .expect("an HTTP/2 client")
+            };
+            let url = proxy.url().to_owned();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for _ in 0..3 {
+                    let response = client
+                        .post(format!("{url}/v1/chat/completions"))
+                        .header("authorization", format!("Bearer sk-worker-{i}"))
+                        .header("content-type", "application/json")
+                        .body(CHAT)
+                        .send()
+                        .await
+                        .expect("answered");
+                    answers.push((
+                        response.status().as_u16(),
+                        response.text().await.expect("body"),
+                    ));
+                }
+                answers
+            })
+        });
+        for connection in connections.collect::<Vec<_>>() {
+            for (status, body) in connection.await.expect("the connection's requests") {
+                assert_eq!(status, 200, "--workers {workers}: {body}");
+                assert!(
+                    body.contains("chat.completion"),
+                    "--workers {workers}: {body}"
+                );
+            }
+        }
+        proxy.terminate();
+        let status = proxy.wait(Duration::from_secs(10));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "--workers {workers}: {}",
+            proxy.logs()
+        );
+    }
+}

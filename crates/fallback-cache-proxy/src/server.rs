@@ -296,9 +296,13 @@ async fn serve(
         };
         match conns.admit() {
             Admission::Serve(conn) => {
-                let (app, conns, stopping) = (app.clone(), conns.clone(), stopping.clone());
+                let place = Place {
+                    conn,
+                    conns: conns.clone(),
+                };
+                let (app, stopping) = (app.clone(), stopping.clone());
                 workers.serve(stream, move |stream| {
-                    serve_connection(stream, app, conn, conns, timeouts, stopping)
+                    serve_connection(stream, app, place, timeouts, stopping)
                 });
             }
             Admission::Refuse => {
@@ -345,11 +349,11 @@ fn is_connection_error(error: &std::io::Error) -> bool {
 async fn serve_connection(
     stream: TcpStream,
     app: App,
-    conn: Arc<Conn>,
-    conns: Arc<Conns>,
+    place: Place,
     timeouts: Timeouts,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let conn = &place.conn;
     // Answers are streamed event by event: each write goes out at once.
     no_delay(&stream);
     let io = TokioIo::new(Watched {
@@ -396,7 +400,20 @@ async fn serve_connection(
             }
         }
     }
-    conns.remove(&conn);
+}
+
+/// A connection's place among the open ones (`--max-connections`), given back when it is
+/// dropped: when its connection ends, when its task panics, or when it is never served (a
+/// hand-off to a worker that failed).
+struct Place {
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.conns.remove(&self.conn);
+    }
 }
 
 /// The requests one HTTP/2 connection may have in flight at once.

@@ -75,7 +75,10 @@ pub(crate) enum Workers {
     Shared,
 }
 
-/// `auto` (one worker per CPU), `shared`, or a count of at least 1.
+/// The most worker threads `--workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
+/// `auto` (one worker per CPU), `shared`, or a count from 1 to [`MAX_WORKERS`].
 pub(crate) fn workers(text: &str) -> Result<Workers, String> {
     match text.trim().to_ascii_lowercase().as_str() {
         "auto" => Ok(Workers::Threads(
@@ -84,6 +87,7 @@ pub(crate) fn workers(text: &str) -> Result<Workers, String> {
         "shared" => Ok(Workers::Shared),
         count => match count.parse::<usize>() {
             Ok(0) => Err("must be at least 1 (or auto, or shared)".to_owned()),
+            Ok(count) if count > MAX_WORKERS => Err(format!("at most {MAX_WORKERS} threads")),
             Ok(count) => Ok(Workers::Threads(count)),
             Err(_) => Err("expected auto, shared or a whole number such as 4".to_owned()),
         },
@@ -373,6 +377,8 @@ mod tests {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         assert_eq!(workers("auto"), Ok(Workers::Threads(cpus)));
         assert!(workers("0").is_err());
+        assert_eq!(workers("1024"), Ok(Workers::Threads(1024)));
+        assert!(workers("100000").is_err());
         assert!(workers("many").is_err());
     }
 

@@ -5,8 +5,10 @@
 //! with a single-threaded runtime, which serves the connection and every request on it to
 //! the end, as nginx's worker processes do. A request is then read, answered and written
 //! on one thread, without the work-stealing runtime's hand-offs between threads (a wake-up
-//! of another worker, a stolen task, its queue's atomics) on every read and write; on
-//! loopback that is most of a HIT's cost beyond the cache's own work (BENCHMARKS.md).
+//! of another worker, a stolen task, its queue's atomics) on every read and write: on
+//! loopback, 10-15% more HITs a second from two connections up (BENCHMARKS.md, "Connections
+//! on worker threads"; one client sending one request at a time is answered sooner by the
+//! shared runtime there).
 //!
 //! A connection goes to the worker with the fewest open; it stays there until it ends.
 //! With `--workers shared` there are no workers: connections are served on the main
@@ -107,7 +109,7 @@ impl Workers {
             });
         });
         if worker.jobs.send(job).is_err() {
-            tracing::debug!("a worker has stopped: connection dropped");
+            tracing::error!("a connection worker has stopped: connection dropped");
         }
     }
 }

@@ -14,8 +14,8 @@
 # HIT-vs-static (the same proxy against nginx answering the same bytes with `return 200`,
 # no cache at all: the ceiling); HIT-vs-hyper (the same proxy against `static-http`, the
 # proxy's HTTP stack alone, hyper on Tokio answering the same bytes: what the proxy adds to
-# it); FALLBACK
-# (the upstream answers 429 insufficient_quota; the proxy with --no-quota-breaker and nginx
+# it); HIT-vs-shared (the same proxy, its connections on one worker thread each, the
+# default, against the same proxy with --workers shared); FALLBACK (the upstream answers 429 insufficient_quota; the proxy with --no-quota-breaker and nginx
 # both ask it every time and serve the stored answer); FALLBACK-breaker (the proxy's
 # default quota breaker, open: the stored answer is served without asking; nginx as above).
 # All traffic stays on 127.0.0.1; every run is bounded by DURATION (and a timeout).
@@ -100,7 +100,7 @@ free_port() {
   die "no free port found"
 }
 
-say "starting the mock upstream, two proxies and nginx on 127.0.0.1"
+say "starting the mock upstream, four proxies and nginx on 127.0.0.1"
 "$BIN/mock-upstream" --listen 127.0.0.1:0 >"$WORK/mock.log" 2>&1 &
 PIDS+=($!)
 MOCK="$(listening_on "$WORK/mock.log")"
@@ -110,6 +110,11 @@ MOCK="$(listening_on "$WORK/mock.log")"
 PIDS+=($!)
 PID_HIT=$!
 PROXY_HIT="$(listening_on "$WORK/proxy-hit.log")"
+"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+  --store memory --mode cache-first --fresh-for 1h --workers shared 2>"$WORK/proxy-shared.log" &
+PIDS+=($!)
+PID_SHARED=$!
+PROXY_SHARED="$(listening_on "$WORK/proxy-shared.log")"
 "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode fallback 2>"$WORK/proxy-fallback.log" &
 PIDS+=($!)
@@ -188,11 +193,12 @@ EOF
 
 say "warming: every server stores the answer"
 set_mock '{"mode":"ok"}'
-for base in "$PROXY_HIT" "$PROXY_FALLBACK" "$PROXY_ASKING" "$NGINX_HIT" "$NGINX_FALLBACK"; do
+for base in "$PROXY_HIT" "$PROXY_SHARED" "$PROXY_FALLBACK" "$PROXY_ASKING" "$NGINX_HIT" "$NGINX_FALLBACK"; do
   curl -sS -o /dev/null -X POST "$base$PATH_CHAT" -H 'content-type: application/json' \
     -H 'authorization: Bearer sk-load-test' --data-binary "@$BODY_FILE"
 done
 expect_marking "$PROXY_HIT" x-fallback-cache HIT
+expect_marking "$PROXY_SHARED" x-fallback-cache HIT
 expect_marking "$NGINX_HIT" x-cache-status HIT
 # nginx's static server answers the very bytes the proxy serves.
 curl -sSf -o "$WORK/static.json" -X POST "$NGINX_STATIC$PATH_CHAT" \
@@ -267,6 +273,7 @@ run_scenario() {
 run_scenario HIT "$PROXY_HIT" "$PID_HIT" "$NGINX_HIT" "$PID_NGINX"
 run_scenario HIT-vs-static "$PROXY_HIT" "$PID_HIT" "$NGINX_STATIC" "$PID_NGINX"
 run_scenario HIT-vs-hyper "$PROXY_HIT" "$PID_HIT" "$STATIC_HTTP" "$PID_STATIC_HTTP"
+run_scenario HIT-vs-shared "$PROXY_HIT" "$PID_HIT" "$PROXY_SHARED" "$PID_SHARED"
 
 say "the upstream runs out of quota (429 insufficient_quota)"
 sleep 1.2 # nginx's FALLBACK answer (valid 1s) is now stale: it asks the upstream each time
@@ -297,7 +304,9 @@ set_mock '{"mode":"ok"}'
   echo "req/s ratio above 1 and p99 ratio below 1: the proxy is ahead."
   echo "HIT-vs-static: the \"nginx\" columns are nginx answering the same bytes with return 200 (no cache)."
   echo "HIT-vs-hyper: the \"nginx\" columns are static-http, the proxy's HTTP stack alone (hyper, Tokio,"
-  echo "mimalloc) answering the same bytes."
+  echo "mimalloc, the same worker threads) answering the same bytes."
+  echo "HIT-vs-shared: the \"nginx\" columns are the same proxy with --workers shared (every"
+  echo "connection on one work-stealing runtime) instead of one worker thread per CPU."
   echo "FALLBACK: the proxy with --no-quota-breaker (asks the upstream each time, as nginx does);"
   echo "FALLBACK-breaker: the proxy's default, its quota breaker open (does not ask)."
   echo "CPU µs/request: user + system time of the server's processes (nginx: master and workers)"

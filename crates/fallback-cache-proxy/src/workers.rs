@@ -6,7 +6,7 @@
 //! the end, as nginx's worker processes do. A request is then read, answered and written
 //! on one thread, without the work-stealing runtime's hand-offs between threads (a wake-up
 //! of another worker, a stolen task, its queue's atomics) on every read and write: on
-//! loopback, 10-15% more HITs a second from two connections up (BENCHMARKS.md, "Connections
+//! loopback, 5-16% more HITs a second from two connections up (BENCHMARKS.md, "Connections
 //! on worker threads"; one client sending one request at a time is answered sooner by the
 //! shared runtime there).
 //!

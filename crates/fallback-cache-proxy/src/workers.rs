@@ -40,21 +40,25 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts the workers `setting` asks for.
+    /// Starts the workers `setting` asks for, and returns once each thread runs.
     pub(crate) fn start(setting: parse::Workers) -> std::io::Result<Self> {
         let count = match setting {
             parse::Workers::Threads(count) => count.max(1),
             parse::Workers::Shared => 0,
         };
+        let (started, running) = std::sync::mpsc::channel::<()>();
         let workers = (0..count)
             .map(|index| {
                 let (jobs, mut taken) = mpsc::unbounded_channel::<Job>();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
+                let started = started.clone();
                 std::thread::Builder::new()
                     .name(format!("fc-worker-{index}"))
                     .spawn(move || {
+                        // The thread has its name once it runs this.
+                        let _ = started.send(());
                         runtime.block_on(async move {
                             while let Some(job) = taken.recv().await {
                                 job();
@@ -67,6 +71,13 @@ impl Workers {
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
+        drop(started);
+        for _ in 0..count {
+            // A thread that ended before it said so: gone, and its worker's sends fail.
+            if running.recv().is_err() {
+                break;
+            }
+        }
         Ok(Self { workers })
     }
 

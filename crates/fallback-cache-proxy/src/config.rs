@@ -380,8 +380,7 @@ mod tests {
         assert_eq!(config.body_timeout, Duration::from_secs(30));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 1024);
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        assert_eq!(config.workers, Workers::Threads(cpus));
+        assert_eq!(Ok(config.workers), parse::workers("auto"));
         assert!(config.ignored.is_empty());
     }
 

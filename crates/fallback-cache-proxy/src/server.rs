@@ -97,7 +97,12 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         tracing::info!("admin endpoint on http://{addr} (DELETE /cache/{{key}})");
     }
     // Started before the proxy says it listens: every connection it accepts has a worker.
-    let workers = Workers::start(config.workers).map_err(ProxyError::Serve)?;
+    let workers = Workers::start(config.workers).map_err(|error| {
+        ProxyError::Serve(std::io::Error::new(
+            error.kind(),
+            format!("cannot start the --workers threads: {error}"),
+        ))
+    })?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ProxyError::Listen {

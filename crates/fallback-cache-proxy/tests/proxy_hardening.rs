@@ -526,34 +526,25 @@ async fn connections_are_served_by_the_workers_asked_for_or_on_the_shared_runtim
                     .build()
                     .expect("an HTTP/2 client")
             };
-            let url = proxy.url().to_owned();
-            tokio::spawn(async move {
+            let proxy = &proxy;
+            async move {
                 let mut answers = Vec::new();
                 for _ in 0..3 {
-                    let response = client
-                        .post(format!("{url}/v1/chat/completions"))
-                        .header("authorization", format!("Bearer sk-worker-{i}"))
-                        .header("content-type", "application/json")
-                        .body(CHAT)
-                        .send()
-                        .await
-                        .expect("answered");
-                    answers.push((
-                        response.status().as_u16(),
-                        response.text().await.expect("body"),
-                    ));
+                    answers.push(chat(&client, proxy, &format!("sk-worker-{i}")).await);
                 }
                 answers
-            })
-        });
-        for connection in connections.collect::<Vec<_>>() {
-            for (status, body) in connection.await.expect("the connection's requests") {
-                assert_eq!(status, 200, "--workers {workers}: {body}");
-                assert!(
-                    body.contains("chat.completion"),
-                    "--workers {workers}: {body}"
-                );
             }
+        });
+        for (status, body) in futures_util::future::join_all(connections)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            assert_eq!(status, 200, "--workers {workers}: {body}");
+            assert!(
+                body.contains("chat.completion"),
+                "--workers {workers}: {body}"
+            );
         }
         proxy.terminate();
         let status = proxy.wait(Duration::from_secs(10));

@@ -260,15 +260,69 @@ fn failing_variants(api: &Api, crlf: bool) -> Vec<(&'static str, Vec<Bytes>)> {
     variants
 }
 
+/// How an upstream's body cuts a stream into frames.
+#[derive(Debug, Clone, Copy)]
+enum Chunking {
+    /// One event per frame, as the fixtures' events are written.
+    PerEvent,
+    /// Three events per frame.
+    ThreeEvents,
+    /// Each event cut in two frames, at a third of its length.
+    SplitEvents,
+    /// The whole stream in one frame.
+    Whole,
+    /// Frames of 7 bytes, whatever the events.
+    SevenBytes,
+}
+
+const CHUNKINGS: [Chunking; 5] = [
+    Chunking::PerEvent,
+    Chunking::ThreeEvents,
+    Chunking::SplitEvents,
+    Chunking::Whole,
+    Chunking::SevenBytes,
+];
+
+fn rechunk(events: &[Bytes], how: Chunking) -> Vec<Bytes> {
+    let all = Bytes::from(events.concat());
+    match how {
+        Chunking::PerEvent => events.to_vec(),
+        Chunking::ThreeEvents => events
+            .chunks(3)
+            .map(|three| three.concat().into())
+            .collect(),
+        Chunking::SplitEvents => events
+            .iter()
+            .flat_map(|event| {
+                let at = (event.len() / 3).max(1).min(event.len());
+                [event.slice(..at), event.slice(at..)]
+            })
+            .filter(|frame| !frame.is_empty())
+            .collect(),
+        Chunking::Whole => vec![all],
+        Chunking::SevenBytes => (0..all.len())
+            .step_by(7)
+            .map(|at| all.slice(at..(at + 7).min(all.len())))
+            .collect(),
+    }
+}
+
 #[tokio::test]
 async fn every_protocol_stores_its_complete_stream_and_never_a_failing_one() {
-    for crlf in [false, true] {
+    for (crlf, how) in [false, true]
+        .into_iter()
+        .flat_map(|crlf| CHUNKINGS.map(|how| (crlf, how)))
+    {
         for api in &APIS {
             let upstream = Upstream::new();
             let layer = layer();
             let service = layer.layer(upstream.clone().service());
-            let complete = fixture_events(api.complete, crlf);
-            let ctx = format!("{} ({})", api.name, if crlf { "CRLF" } else { "LF" });
+            let complete = rechunk(&fixture_events(api.complete, crlf), how);
+            let ctx = format!(
+                "{} ({}, {how:?})",
+                api.name,
+                if crlf { "CRLF" } else { "LF" }
+            );
 
             // A good answer, stored.
             upstream.answer(Next::Stream(complete.clone()));
@@ -277,6 +331,7 @@ async fn every_protocol_stores_its_complete_stream_and_never_a_failing_one() {
             assert_eq!(layer.stats().snapshot().stored, 1, "{ctx}: not stored");
 
             for (what, variant) in failing_variants(api, crlf) {
+                let variant = rechunk(&variant, how);
                 // The same request gets a failing answer: the client sees it as it is...
                 upstream.answer(Next::Stream(variant.clone()));
                 let (status, got) = ask(&service, api.path, "good").await;
@@ -292,7 +347,12 @@ async fn every_protocol_stores_its_complete_stream_and_never_a_failing_one() {
                 upstream.answer(Next::Quota(api.quota));
                 let (status, got) = ask(&service, api.path, "good").await;
                 assert_eq!(status, "FALLBACK", "{ctx}: {what}");
-                assert_eq!(got, complete, "{ctx}: {what}: the good answer was replaced");
+                // The same bytes (replayed in frames of the layer's own size).
+                assert_eq!(
+                    got.concat(),
+                    complete.concat(),
+                    "{ctx}: {what}: the good answer was replaced"
+                );
                 let (status, _) = ask(&service, api.path, what).await;
                 assert_eq!(status, "MISS", "{ctx}: {what}: a failing answer was served");
             }
@@ -343,8 +403,8 @@ async fn a_stream_is_stored_at_its_closing_event_even_if_the_client_leaves_then(
         upstream.answer(Next::Quota(api.quota));
         let (status, got) = ask(&service, api.path, "leave").await;
         assert_eq!(
-            (status.as_str(), got),
-            ("FALLBACK", complete),
+            (status.as_str(), got.concat()),
+            ("FALLBACK", complete.concat()),
             "{}",
             api.name
         );
@@ -516,4 +576,51 @@ async fn an_event_stream_of_an_unknown_api_is_stored_only_with_a_rule_for_it() {
         ask(&service, "/v1/generate", "x").await;
         assert_eq!(layer.stats().snapshot().stored, stored);
     }
+}
+
+#[tokio::test]
+async fn a_deciding_event_whose_type_is_written_with_escapes_still_decides() {
+    // Events without `event:` lines, judged by the `type` of their data, which JSON lets a
+    // server write with escapes: `\u0065rror` is `error`, `message\u005fstop` is
+    // `message_stop`. Each event is its own frame, the frames a capture passes over when
+    // none of the judge's needles is in them.
+    let upstream = Upstream::new();
+    let layer = layer();
+    let service = layer.layer(upstream.clone().service());
+    let delta = "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
+    let start = "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"role\":\"assistant\"}}\n\n";
+    let escaped_stop = "data: {\"type\":\"message\\u005fstop\"}\n\n";
+    let escaped_error = "data: {\"type\":\"\\u0065rror\",\"detail\":{\"type\":\"overloaded\"}}\n\n";
+    let stream = |events: &[&str]| -> Vec<Bytes> {
+        events.iter().map(|e| Bytes::from(e.to_string())).collect()
+    };
+
+    // An error written with escapes mid-stream, then the closing event: never stored.
+    let failing = stream(&[
+        start,
+        delta,
+        escaped_error,
+        delta,
+        "data: {\"type\":\"message_stop\"}\n\n",
+    ]);
+    upstream.answer(Next::Stream(failing));
+    ask(&service, "/v1/messages", "escaped error").await;
+    assert_eq!(
+        layer.stats().snapshot().stored,
+        0,
+        "an escaped error was stored"
+    );
+
+    // The closing event written with escapes: the answer is whole, and stored.
+    let good = stream(&[start, delta, delta, escaped_stop]);
+    upstream.answer(Next::Stream(good.clone()));
+    ask(&service, "/v1/messages", "escaped stop").await;
+    assert_eq!(
+        layer.stats().snapshot().stored,
+        1,
+        "an escaped closing event was missed"
+    );
+    upstream.answer(Next::Quota("anthropic-400-credit_balance_too_low"));
+    let (status, got) = ask(&service, "/v1/messages", "escaped stop").await;
+    assert_eq!((status.as_str(), got.concat()), ("FALLBACK", good.concat()));
 }

@@ -1,4 +1,4 @@
-//! Streamed answers: passed on as they arrive, captured on the way, replayed event by event.
+//! Streamed answers: passed on as they arrive, captured on the way, replayed as whole events.
 
 mod common;
 
@@ -88,8 +88,49 @@ where
     }
 }
 
+/// Every data frame of `body`, in order.
+async fn all_frames<B>(mut body: B) -> Vec<Bytes>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut frames = Vec::new();
+    while let Some(frame) = next_data(&mut body).await {
+        frames.push(frame);
+    }
+    frames
+}
+
+/// Asserts that `frames` carry `events`, byte for byte, and that no frame ends inside an
+/// event: a client that reads a frame at a time gets whole events.
+fn assert_whole_events(frames: &[Bytes], events: &[Bytes]) {
+    let (got, sent) = (frames.concat(), events.concat());
+    let differ = got.iter().zip(&sent).position(|(a, b)| a != b);
+    assert!(
+        got == sent,
+        "not the same bytes: {} against {}, first difference at {differ:?}",
+        got.len(),
+        sent.len()
+    );
+    let ends: std::collections::HashSet<usize> = events
+        .iter()
+        .scan(0, |at, event| {
+            *at += event.len();
+            Some(*at)
+        })
+        .collect();
+    let mut at = 0;
+    for frame in frames {
+        at += frame.len();
+        assert!(
+            ends.contains(&at),
+            "a frame ends inside an event, at byte {at}"
+        );
+    }
+}
+
 #[tokio::test]
-async fn a_stream_passes_through_unbuffered_and_replays_event_by_event() {
+async fn a_stream_passes_through_unbuffered_and_replays_as_whole_events() {
     let upstream = StreamingUpstream::default();
     let layer = FallbackCacheLayer::new();
     let service = layer.layer(upstream.clone().into_service());
@@ -127,15 +168,7 @@ async fn a_stream_passes_through_unbuffered_and_replays_event_by_event() {
         replay.headers()["content-type"],
         "text/event-stream; charset=utf-8"
     );
-    let mut body = replay.into_body();
-    let mut frames = Vec::new();
-    while let Some(frame) = next_data(&mut body).await {
-        frames.push(frame);
-    }
-    assert_eq!(
-        frames, events,
-        "the same events, byte for byte, one frame each"
-    );
+    assert_whole_events(&all_frames(replay.into_body()).await, &events);
 }
 
 #[tokio::test]
@@ -166,12 +199,54 @@ async fn events_split_across_frames_are_replayed_whole() {
         .oneshot(chat_request("sk", STREAM_REQUEST))
         .await
         .expect("ok");
-    let mut body = replay.into_body();
-    let mut frames = Vec::new();
-    while let Some(frame) = next_data(&mut body).await {
-        frames.push(frame);
+    assert_whole_events(&all_frames(replay.into_body()).await, &events);
+}
+
+#[tokio::test]
+async fn a_long_stream_cut_anywhere_is_replayed_as_whole_events() {
+    // Longer than the capture's first blocks, with events of many sizes (one larger than a
+    // block), sent in frames that cut through events wherever they fall.
+    let events: Vec<Bytes> = (0..400)
+        .map(|i| {
+            let text = "token ".repeat(if i == 123 { 3000 } else { i % 37 });
+            Bytes::from(format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}{i}\"}}}}]}}\n\n"
+            ))
+        })
+        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
+        .collect();
+    let all = events.concat();
+    assert!(all.len() > 64 * 1024);
+    for size in [1000, 4093, 40_000] {
+        let upstream = StreamingUpstream::default();
+        let layer = FallbackCacheLayer::new();
+        let service = layer.layer(upstream.clone().into_service());
+        let response = service
+            .clone()
+            .oneshot(chat_request("sk", STREAM_REQUEST))
+            .await
+            .expect("ok");
+        let reader = tokio::spawn(read_body(response.into_body()));
+        let tx = upstream.last_sender();
+        for chunk in all.chunks(size) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk)))
+                .await
+                .expect("open");
+        }
+        drop(tx);
+        assert_eq!(reader.await.expect("reader completes"), all, "{size}");
+        assert_eq!(layer.stats().snapshot().stored, 1, "{size}");
+
+        upstream.run_out_of_quota();
+        let replay = service
+            .oneshot(chat_request("sk", STREAM_REQUEST))
+            .await
+            .expect("ok");
+        assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
+        let frames = all_frames(replay.into_body()).await;
+        assert!(frames.len() < 20, "{size}: {} frames", frames.len());
+        assert_whole_events(&frames, &events);
     }
-    assert_eq!(frames, events);
 }
 
 #[tokio::test]
@@ -347,11 +422,7 @@ async fn an_anthropic_event_stream_is_stored_at_message_stop() {
     upstream.run_out_of_quota();
     let replay = service.oneshot(messages_request()).await.expect("ok");
     assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
-    let mut body = replay.into_body();
-    for event in &events {
-        assert_eq!(next_data(&mut body).await.as_ref(), Some(event));
-    }
-    assert!(next_data(&mut body).await.is_none());
+    assert_whole_events(&all_frames(replay.into_body()).await, &events);
 }
 
 /// A streamed Anthropic Messages request.

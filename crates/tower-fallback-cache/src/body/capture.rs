@@ -9,7 +9,9 @@ use http::{HeaderMap, StatusCode};
 use crate::coalesce::Leader;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::protocol::{Completeness, EventSplitter, Verdict, parse_event_from};
+use crate::protocol::{
+    Completeness, EventSplitter, Needles, Verdict, ends_an_event, parse_event_from,
+};
 use crate::seal::Seal;
 use crate::stats::{Counters, Stats};
 use crate::store::{Store, StoreFuture};
@@ -37,11 +39,16 @@ pub(crate) struct Capture {
     total: usize,
     /// The length the upstream announced, if it did.
     expected_len: Option<usize>,
-    /// Plain bodies: the chunks as they came. Event streams: one complete event each.
+    /// Plain bodies: the chunks as they came.
     frames: Vec<Bytes>,
+    /// Event streams: the events read so far, split to be judged one by one.
     events: Option<EventSplitter>,
+    /// Event streams: a copy of the bytes of the stream up to the last event judged.
+    copy: Blocks,
     /// The judge of this answer, from the request's protocol.
     rules: Box<dyn Completeness>,
+    /// Searches for the judge's [needles](Completeness::needles), when it has them.
+    needles: Option<Needles>,
     verdict: Verdict,
 }
 
@@ -79,6 +86,11 @@ impl Capture {
             expected_len,
             frames: Vec::new(),
             events: is_event_stream.then(EventSplitter::default),
+            copy: Blocks::default(),
+            needles: rules
+                .needles()
+                .filter(|_| is_event_stream)
+                .map(Needles::new),
             rules,
             verdict: Verdict::Pending,
         }
@@ -95,12 +107,25 @@ impl Capture {
             self.frames.push(chunk.clone());
             return Step::More;
         };
-        let (frames, rules, verdict) = (&mut self.frames, &mut self.rules, &mut self.verdict);
-        splitter.push(chunk, |event, first_line_end| {
-            *verdict = judge(rules.as_mut(), &event, first_line_end);
-            frames.push(event);
+        let unfinished = splitter.unfinished();
+        // Whole events none of which can decide (most chunks): copied without reading them.
+        if let Some(needles) = &self.needles
+            && unfinished == 0
+            && ends_an_event(chunk)
+            && !needles.any_in(chunk)
+        {
+            self.copy.extend(chunk, 0);
+            return Step::More;
+        }
+        let (rules, verdict) = (&mut self.rules, &mut self.verdict);
+        let stop = splitter.push(chunk, |event, first_line_end| {
+            *verdict = judge(rules.as_mut(), event, first_line_end);
             *verdict == Verdict::Pending
         });
+        // Up to the end of the event that decided, or all of it (an event cut by the
+        // chunk's end is judged with the next chunk, and its bytes are already kept).
+        self.copy
+            .extend(&chunk[..stop.unwrap_or(chunk.len())], unfinished);
         self.step()
     }
 
@@ -127,9 +152,9 @@ impl Capture {
     pub(crate) fn finish(mut self) -> Option<StoreFuture<'static, ()>> {
         if let Some(splitter) = self.events.take() {
             if self.verdict == Verdict::Pending {
+                // Its bytes are in the copy already.
                 if let Some(last) = splitter.finish() {
                     self.verdict = judge(self.rules.as_mut(), &last, None);
-                    self.frames.push(last);
                 }
             }
             let complete = match self.verdict {
@@ -141,6 +166,7 @@ impl Capture {
                 tracing::debug!(key = %self.sink.key, "stream ended without its closing event: not stored");
                 return None;
             }
+            self.frames = self.copy.finish();
         } else {
             if self.frames.len() > 1 {
                 let mut joined = BytesMut::with_capacity(self.total);
@@ -183,6 +209,62 @@ impl Capture {
             }
             result
         }))
+    }
+}
+
+/// A copy of a stream's bytes, in blocks that double in size (from [`Blocks::FIRST`] to
+/// [`Blocks::LARGEST`]), each holding whole events: each chunk is copied once (only the
+/// start of an event that straddles two blocks is copied again, into the second), and the
+/// answer is stored as a few large frames of whole events, whatever the upstream's
+/// chunking.
+///
+/// A copy rather than the chunks themselves: a chunk is a counted reference into the
+/// buffer it was read into, and a stream is hundreds of small chunks; keeping each would
+/// cost two atomic operations per chunk (on taking it and on dropping the stored answer),
+/// pin the buffers of the connection it came from in the store, and replay hundreds of
+/// frames where a few carry the same events.
+#[derive(Default)]
+struct Blocks {
+    full: Vec<Bytes>,
+    current: Vec<u8>,
+}
+
+impl Blocks {
+    /// The capacity of the first block.
+    const FIRST: usize = 4 * 1024;
+    /// The capacity blocks stop doubling at.
+    const LARGEST: usize = 1024 * 1024;
+
+    /// Appends `bytes`; the last `unfinished` bytes copied before them are the start of an
+    /// event they go on with, which a new block takes along.
+    fn extend(&mut self, bytes: &[u8], unfinished: usize) {
+        if self.current.capacity() - self.current.len() < bytes.len() {
+            let next = match self.current.capacity() {
+                0 => Self::FIRST,
+                capacity => (capacity * 2).min(Self::LARGEST),
+            };
+            let mut block = Vec::with_capacity(next.max(unfinished + bytes.len()));
+            let whole = self.current.len() - unfinished;
+            block.extend_from_slice(&self.current[whole..]);
+            self.current.truncate(whole);
+            let done = std::mem::replace(&mut self.current, block);
+            self.seal(done);
+        }
+        self.current.extend_from_slice(bytes);
+    }
+
+    /// A block as a frame, its unused capacity given back (in place, as allocators shrink).
+    fn seal(&mut self, mut block: Vec<u8>) {
+        if !block.is_empty() {
+            block.shrink_to_fit();
+            self.full.push(Bytes::from(block));
+        }
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        let last = std::mem::take(&mut self.current);
+        self.seal(last);
+        self.full
     }
 }
 

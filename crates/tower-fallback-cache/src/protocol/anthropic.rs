@@ -39,6 +39,11 @@ impl Completeness for MessagesStream {
             _ => Verdict::Pending,
         }
     }
+
+    /// The deciding kinds, and `\u` for a type written with escapes.
+    fn needles(&self) -> Option<&'static [&'static [u8]]> {
+        Some(&[b"message_stop", b"error", b"\\u"])
+    }
 }
 
 #[cfg(test)]

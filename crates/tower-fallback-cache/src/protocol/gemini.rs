@@ -55,6 +55,12 @@ impl Completeness for GenerateContentStream {
     fn end_of_stream(&mut self) -> bool {
         self.finished
     }
+
+    /// `error` (in an `"error"` member, which is only looked for written as such, or an
+    /// `error` event) and `"finishReason"`, each only looked for as written.
+    fn needles(&self) -> Option<&'static [&'static [u8]]> {
+        Some(&[b"error", b"\"finishReason\""])
+    }
 }
 
 #[cfg(test)]

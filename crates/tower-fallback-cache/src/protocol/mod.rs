@@ -16,6 +16,7 @@
 mod anthropic;
 mod gemini;
 mod json;
+mod needles;
 mod openai;
 mod sse;
 
@@ -31,7 +32,8 @@ pub use json::default_body_is_good;
 pub use openai::OpenAi;
 pub use sse::Event;
 
-pub(crate) use sse::{EventSplitter, parse_event_from};
+pub(crate) use needles::Needles;
+pub(crate) use sse::{EventSplitter, ends_an_event, parse_event_from};
 
 /// One API family: which requests it speaks for, and when their answers are complete.
 ///
@@ -116,6 +118,19 @@ pub trait Completeness: Send + 'static {
         false
     }
 
+    /// Byte strings without which no event changes this judge: in a run of whole events
+    /// where none of them occurs, every event would get [`Verdict::Pending`] and leave the
+    /// judge as it was. The layer then passes over such a run (most chunks of a stream)
+    /// with one search per string instead of reading each event. `None`, the default:
+    /// every event is read.
+    ///
+    /// Think of every way a deciding event can be written: an event name, or a JSON string
+    /// the judge decodes (`"type":"message_stop"` may also come as
+    /// `"type":"message\u005fstop"`; adding `\u` covers those).
+    fn needles(&self) -> Option<&'static [&'static [u8]]> {
+        None
+    }
+
     /// Whether a whole non-streamed answer is good. The default is
     /// [`default_body_is_good`]: a body declared JSON must parse and must not say it failed.
     fn body_is_good(&self, headers: &HeaderMap, body: &[u8]) -> bool {
@@ -196,8 +211,6 @@ fn path(request: &Parts) -> &str {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     pub(crate) fn request(path: &str) -> Parts {
@@ -218,15 +231,15 @@ pub(crate) mod tests {
         let mut rules = protocol.completeness(&request);
         let mut splitter = EventSplitter::default();
         let mut verdict = Verdict::Pending;
-        let mut judge = |raw: Bytes, first_line_end: Option<usize>| {
-            if let Some(event) = parse_event_from(&raw, first_line_end) {
+        let mut judge = |raw: &[u8], first_line_end: Option<usize>| {
+            if let Some(event) = parse_event_from(raw, first_line_end) {
                 verdict = rules.event(&event);
             }
             verdict == Verdict::Pending
         };
-        if splitter.push(&Bytes::copy_from_slice(stream.as_bytes()), &mut judge) {
+        if splitter.push(stream.as_bytes(), &mut judge).is_none() {
             if let Some(last) = splitter.finish() {
-                judge(last, None);
+                judge(&last, None);
             }
         }
         Some(match verdict {

@@ -73,6 +73,12 @@ impl Completeness for CompletionsStream {
             Verdict::Pending
         }
     }
+
+    /// `[DONE]`, and `error` (in an `"error"` member, which is only looked for written as
+    /// such, or an `error` event).
+    fn needles(&self) -> Option<&'static [&'static [u8]]> {
+        Some(&[b"error", b"[DONE]"])
+    }
 }
 
 /// Responses: complete at `response.completed` or `response.incomplete` (the terminal
@@ -87,6 +93,12 @@ impl Completeness for ResponsesStream {
             "response.failed" | "error" => Verdict::Failed,
             _ => Verdict::Pending,
         }
+    }
+
+    /// What the deciding kinds have in common (`complete` in `response.completed` and
+    /// `response.incomplete`), and `\u` for a type written with escapes.
+    fn needles(&self) -> Option<&'static [&'static [u8]]> {
+        Some(&[b"complete", b"fail", b"error", b"\\u"])
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 
 /// One event of a server-sent event stream, as a [`Completeness`](super::Completeness)
 /// judge sees it.
@@ -173,50 +173,74 @@ pub(crate) struct EventSplitter {
 }
 
 impl EventSplitter {
-    /// Cuts the complete events out of `chunk` (with what came before it) and hands each to
+    /// Finds the complete events of `chunk` (with what came before it) and hands each to
     /// `event`, with where its first line ends when known, until `event` returns `false`.
-    /// Returns `false` if it did.
+    /// Returns `None` when every event was handed on, or, if `event` returned `false`, how
+    /// many bytes of `chunk` (from its start) the stream had up to the end of that event.
     pub(crate) fn push(
         &mut self,
-        chunk: &Bytes,
-        mut event: impl FnMut(Bytes, Option<usize>) -> bool,
-    ) -> bool {
+        chunk: &[u8],
+        mut event: impl FnMut(&[u8], Option<usize>) -> bool,
+    ) -> Option<usize> {
         if self.partial.is_empty() {
-            // The common case, a frame of whole events: they are cut out of the frame
-            // itself, without a copy.
+            // The common case, a frame of whole events: they are read in the frame itself,
+            // without a copy.
             let mut start = 0;
             while start < chunk.len()
                 && let Some((end, first_line_end)) = event_end(chunk, start)
             {
-                if !event(chunk.slice(start..end), Some(first_line_end - start)) {
-                    return false;
+                if !event(&chunk[start..end], Some(first_line_end - start)) {
+                    return Some(end);
                 }
                 start = end;
             }
             self.partial.extend_from_slice(&chunk[start..]);
             self.scanned = 0;
-            return true;
+            return None;
         }
-        // An event split across frames: gathered in `partial`.
+        // An event split across frames: gathered in `partial`. `before` counts the bytes of
+        // `partial` that came before this chunk, `taken` those handed on since.
+        let before = self.partial.len();
+        let mut taken = 0;
         self.partial.extend_from_slice(chunk);
         while let Some((end, first_line_end)) = event_end(&self.partial, self.scanned) {
             // Scanning resumed past the start: earlier line endings were not seen.
             let first_line_end = (self.scanned == 0).then_some(first_line_end);
             self.scanned = 0;
-            if !event(self.partial.split_to(end).freeze(), first_line_end) {
-                return false;
+            let more = event(&self.partial[..end], first_line_end);
+            self.partial.advance(end);
+            taken += end;
+            if !more {
+                return Some(taken.saturating_sub(before));
             }
         }
         // A blank line that ends later starts in the last three bytes at the earliest
         // (`\r\n\r` waits for its `\n`).
         self.scanned = self.partial.len().saturating_sub(3);
-        true
+        None
+    }
+
+    /// How many bytes of the stream so far belong to an event not yet ended (0: the stream
+    /// so far ends where an event ends).
+    pub(crate) fn unfinished(&self) -> usize {
+        self.partial.len()
     }
 
     /// The unterminated last event, if any bytes are left.
-    pub(crate) fn finish(mut self) -> Option<Bytes> {
-        (!self.partial.is_empty()).then(|| self.partial.split().freeze())
+    pub(crate) fn finish(self) -> Option<BytesMut> {
+        (!self.partial.is_empty()).then_some(self.partial)
     }
+}
+
+/// Whether `bytes` end with a blank line, so that a stream that continues with them from
+/// the start of an event ends an event with them. Only a final LF counts (a final CR may be
+/// the first half of a CRLF still to come).
+pub(crate) fn ends_an_event(bytes: &[u8]) -> bool {
+    let Some(rest) = bytes.strip_suffix(b"\n") else {
+        return false;
+    };
+    let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
+    matches!(rest.last(), Some(b'\n' | b'\r'))
 }
 
 /// The end of the first complete event in `bytes` at or after `from`: just after the blank
@@ -270,9 +294,9 @@ mod tests {
         let mut splitter = EventSplitter::default();
         let mut events = Vec::new();
         for chunk in chunks {
-            splitter.push(&Bytes::copy_from_slice(chunk), |e, first_line_end| {
+            splitter.push(chunk, |e, first_line_end| {
                 // The fast reading of one-line events agrees with the full one.
-                assert_eq!(parse_event_from(&e, first_line_end), parse_event(&e));
+                assert_eq!(parse_event_from(e, first_line_end), parse_event(e));
                 events.push(e.to_vec());
                 true
             });
@@ -299,6 +323,62 @@ mod tests {
             assert_eq!(split(&[stream.as_bytes()]), expected, "{eol:?}");
             assert_eq!(one_byte_at_a_time(stream.as_bytes()), expected, "{eol:?}");
         }
+    }
+
+    #[test]
+    fn a_stop_says_where_the_deciding_event_ends_in_its_chunk() {
+        let stream: &[u8] = b"data: a\n\ndata: bb\r\n\r\n: c\n\ndata: STOP\n\ndata: e\n\n";
+        let stop_end = stream.windows(4).position(|w| w == b"STOP").expect("STOP") + 6;
+        // Every cut of the stream in three chunks.
+        for i in 0..=stream.len() {
+            for j in i..=stream.len() {
+                let mut splitter = EventSplitter::default();
+                let mut offset = 0;
+                let mut stopped = None;
+                for chunk in [&stream[..i], &stream[i..j], &stream[j..]] {
+                    let stop = splitter.push(chunk, |event, _| !event.starts_with(b"data: STOP"));
+                    if let Some(at) = stop {
+                        stopped = Some(offset + at);
+                        break;
+                    }
+                    offset += chunk.len();
+                }
+                assert_eq!(stopped, Some(stop_end), "cut at {i} and {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_ends_an_event_where_the_splitter_says_so() {
+        let cases: [&[u8]; 12] = [
+            b"data: x\n\n",
+            b"data: x\r\n\r\n",
+            b"data: x\r\r\n",
+            b"data: x\n\r\n",
+            b"data: x\r\n\n",
+            b"data: x\n",
+            b"data: x\r\n",
+            b"data: x\r\r",
+            b"data: x\n\r",
+            b"data: x",
+            b"\n\n",
+            b"data: a\n\ndata: b",
+        ];
+        for chunk in cases {
+            let mut splitter = EventSplitter::default();
+            let mut seen = 0;
+            splitter.push(chunk, |event, _| {
+                seen += event.len();
+                true
+            });
+            // Where the chunk is said to end an event, the splitter keeps nothing back.
+            if ends_an_event(chunk) {
+                assert_eq!(splitter.unfinished(), 0, "{chunk:?}");
+                assert_eq!(seen, chunk.len(), "{chunk:?}");
+            }
+        }
+        assert!(ends_an_event(b"data: x\n\n") && ends_an_event(b"data: x\r\n\r\n"));
+        assert!(!ends_an_event(b"data: x\r\n") && !ends_an_event(b"data: x\r\r"));
     }
 
     #[test]

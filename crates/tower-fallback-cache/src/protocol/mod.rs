@@ -105,7 +105,9 @@ pub enum Verdict {
 ///
 /// For a server-sent event stream (`text/event-stream`) the layer calls
 /// [`event`](Completeness::event) for each event that carries a field (comment-only events
-/// and `ping` events are skipped), until a verdict other than [`Verdict::Pending`]; if the
+/// and `ping` events are skipped, and so are the events of a chunk without any of the
+/// judge's [`needles`](Completeness::needles)), until a verdict other than
+/// [`Verdict::Pending`]; if the
 /// body ends cleanly first, [`end_of_stream`](Completeness::end_of_stream) decides. For any
 /// other 2xx answer, [`body_is_good`](Completeness::body_is_good) decides on the whole body.
 pub trait Completeness: Send + 'static {
@@ -127,6 +129,31 @@ pub trait Completeness: Send + 'static {
     /// Think of every way a deciding event can be written: an event name, or a JSON string
     /// the judge decodes (`"type":"message_stop"` may also come as
     /// `"type":"message\u005fstop"`; adding `\u` covers those).
+    ///
+    /// ```
+    /// use tower_fallback_cache::protocol::{Completeness, Event, Verdict};
+    ///
+    /// /// Complete at `event: end`; a `"fault"` anywhere in an event's data fails it.
+    /// struct EndsWithEnd;
+    ///
+    /// impl Completeness for EndsWithEnd {
+    ///     fn event(&mut self, event: &Event<'_>) -> Verdict {
+    ///         if event.name() == "end" {
+    ///             Verdict::Complete
+    ///         } else if event.data().windows(7).any(|w| w == b"\"fault\"") {
+    ///             Verdict::Failed
+    ///         } else {
+    ///             Verdict::Pending
+    ///         }
+    ///     }
+    ///
+    ///     // `event: end` holds `end`; the search for `"fault"` reads the data as written.
+    ///     fn needles(&self) -> Option<&'static [&'static [u8]]> {
+    ///         Some(&[b"end", b"\"fault\""])
+    ///     }
+    /// }
+    /// # let _ = EndsWithEnd.needles();
+    /// ```
     fn needles(&self) -> Option<&'static [&'static [u8]]> {
         None
     }

@@ -1,8 +1,9 @@
 //! A 500-event streamed answer through the layer: with capture (the answer is copied and
 //! stored as it passes), without capture (the answer is marked `no-store`, so the layer
-//! only passes it on), and straight from the upstream (the baseline).
+//! only passes it on), replayed from the store (a `HIT` in cache-first mode), and straight
+//! from the upstream (the baseline).
 //!
-//! cargo bench --bench stream
+//! cargo bench -p fallback-cache-tests --bench stream
 //!
 //! For a count that does not move with the machine's load, `STREAM_BENCH_CAPTURES=N` runs
 //! the case without capture N times, then the capture case N times, outside criterion, to
@@ -18,7 +19,7 @@ use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use tower::{Layer, ServiceExt, service_fn};
-use tower_fallback_cache::FallbackCacheLayer;
+use tower_fallback_cache::{FallbackCacheLayer, Mode};
 
 const EVENTS: usize = 500;
 
@@ -110,6 +111,33 @@ fn bench(c: &mut Criterion) {
             response.into_body().collect().await.expect("reads")
         });
         assert!(layer.stats().snapshot().stored > 0, "the stream was stored");
+    });
+    group.bench_function("layer_hit", |b| {
+        let layer = FallbackCacheLayer::builder()
+            .mode(Mode::CacheFirst {
+                fresh_for: Duration::from_secs(3600),
+            })
+            .build();
+        let service = layer.layer(upstream(events.clone(), false));
+        let whole = runtime.block_on(async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("reads")
+                .to_bytes()
+        });
+        b.to_async(&runtime).iter(|| async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            debug_assert_eq!(response.headers()["x-fallback-cache"], "HIT");
+            response.into_body().collect().await.expect("reads")
+        });
+        let response = runtime.block_on(service.clone().oneshot(request()));
+        let response = response.expect("answers");
+        assert_eq!(response.headers()["x-fallback-cache"], "HIT");
+        let replayed = runtime.block_on(response.into_body().collect());
+        assert_eq!(replayed.expect("reads").to_bytes(), whole, "the same bytes");
     });
     group.finish();
 }

@@ -239,16 +239,23 @@ impl Blocks {
     /// event they go on with, which a new block takes along.
     fn extend(&mut self, bytes: &[u8], unfinished: usize) {
         if self.current.capacity() - self.current.len() < bytes.len() {
-            let next = match self.current.capacity() {
-                0 => Self::FIRST,
-                capacity => (capacity * 2).min(Self::LARGEST),
-            };
-            let mut block = Vec::with_capacity(next.max(unfinished + bytes.len()));
-            let whole = self.current.len() - unfinished;
-            block.extend_from_slice(&self.current[whole..]);
-            self.current.truncate(whole);
-            let done = std::mem::replace(&mut self.current, block);
-            self.seal(done);
+            let whole = self.current.len().saturating_sub(unfinished);
+            if whole == 0 {
+                // One event fills the block: the block grows with it (doubling, as a `Vec`
+                // does), so an event of any size is copied a bounded number of times.
+                self.current.reserve(bytes.len().max(Self::FIRST));
+            } else {
+                let next = match self.current.capacity() {
+                    0 => Self::FIRST,
+                    capacity => (capacity * 2).min(Self::LARGEST),
+                };
+                let tail = &self.current[whole..];
+                let mut block = Vec::with_capacity(next.max(2 * (tail.len() + bytes.len())));
+                block.extend_from_slice(tail);
+                self.current.truncate(whole);
+                let done = std::mem::replace(&mut self.current, block);
+                self.seal(done);
+            }
         }
         self.current.extend_from_slice(bytes);
     }
@@ -273,5 +280,69 @@ fn judge(rules: &mut dyn Completeness, raw: &[u8], first_line_end: Option<usize>
     match parse_event_from(raw, first_line_end) {
         Some(event) => rules.event(&event),
         None => Verdict::Pending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies `events`, sent in chunks of `size` bytes, as a capture does (with a splitter
+    /// to say how much of the copy is an event not yet ended), and returns the frames.
+    fn copied(events: &[Vec<u8>], size: usize) -> Vec<Bytes> {
+        let stream = events.concat();
+        let mut splitter = EventSplitter::default();
+        let mut blocks = Blocks::default();
+        for chunk in stream.chunks(size) {
+            let unfinished = splitter.unfinished();
+            assert_eq!(splitter.push(chunk, |_, _| true), None);
+            blocks.extend(chunk, unfinished);
+        }
+        blocks.finish()
+    }
+
+    #[test]
+    fn blocks_hold_whole_events_of_any_size() {
+        let events: Vec<Vec<u8>> = (0..300)
+            .map(|i| {
+                // One event of 3 MiB among small ones.
+                let len = if i == 150 {
+                    3 << 20
+                } else {
+                    10 + (i * 37) % 900
+                };
+                let mut event = b"data: ".to_vec();
+                event.extend(std::iter::repeat_n(b'x', len));
+                event.extend_from_slice(b"\n\n");
+                event
+            })
+            .collect();
+        let stream = events.concat();
+        let ends: std::collections::HashSet<usize> = events
+            .iter()
+            .scan(0, |at, event| {
+                *at += event.len();
+                Some(*at)
+            })
+            .collect();
+        // Byte by byte, over the small events before the large one.
+        assert_eq!(copied(&events[..100], 1).concat(), events[..100].concat());
+        for size in [7, 1000, 4096, 65_536, stream.len()] {
+            let frames = copied(&events, size);
+            assert_eq!(frames.concat(), stream, "chunks of {size}");
+            let mut at = 0;
+            for frame in &frames {
+                at += frame.len();
+                assert!(
+                    ends.contains(&at),
+                    "chunks of {size}: a frame ends inside an event"
+                );
+            }
+            assert!(
+                frames.len() <= 16,
+                "chunks of {size}: {} frames",
+                frames.len()
+            );
+        }
     }
 }

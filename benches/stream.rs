@@ -1,7 +1,8 @@
 //! A 500-event streamed answer through the layer: with capture (the answer is copied and
 //! stored as it passes), without capture (the answer is marked `no-store`, so the layer
 //! only passes it on), replayed from the store (a `HIT` in cache-first mode), and straight
-//! from the upstream (the baseline).
+//! from the upstream (the baseline); one event per frame, and the pass-through and the
+//! capture again with the stream in frames of 1,000 bytes cut anywhere.
 //!
 //! cargo bench -p fallback-cache-tests --bench stream
 //!
@@ -106,6 +107,29 @@ fn bench(c: &mut Criterion) {
     group.bench_function("layer_with_capture", |b| {
         let layer = FallbackCacheLayer::new();
         let service = layer.layer(upstream(events.clone(), false));
+        b.to_async(&runtime).iter(|| async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads")
+        });
+        assert!(layer.stats().snapshot().stored > 0, "the stream was stored");
+    });
+    // The same stream in frames of 1,000 bytes, cut wherever they fall, as reads from a
+    // network often come: most frames end inside an event.
+    let all = Bytes::from(events.concat());
+    let kilo: Vec<Bytes> = (0..all.len())
+        .step_by(1000)
+        .map(|at| all.slice(at..(at + 1000).min(all.len())))
+        .collect();
+    group.bench_function("layer_without_capture_1000_byte_frames", |b| {
+        let service = FallbackCacheLayer::new().layer(upstream(kilo.clone(), true));
+        b.to_async(&runtime).iter(|| async {
+            let response = service.clone().oneshot(request()).await.expect("answers");
+            response.into_body().collect().await.expect("reads")
+        });
+    });
+    group.bench_function("layer_with_capture_1000_byte_frames", |b| {
+        let layer = FallbackCacheLayer::new();
+        let service = layer.layer(upstream(kilo.clone(), false));
         b.to_async(&runtime).iter(|| async {
             let response = service.clone().oneshot(request()).await.expect("answers");
             response.into_body().collect().await.expect("reads")

@@ -9,9 +9,7 @@ use http::{HeaderMap, StatusCode};
 use crate::coalesce::Leader;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::protocol::{
-    Completeness, EventSplitter, Needles, Verdict, ends_an_event, parse_event_from,
-};
+use crate::protocol::{Completeness, EventSplitter, Needles, Verdict, parse_event_from};
 use crate::seal::Seal;
 use crate::stats::{Counters, Stats};
 use crate::store::{Store, StoreFuture};
@@ -108,17 +106,11 @@ impl Capture {
             return Step::More;
         };
         let unfinished = splitter.unfinished();
-        // Whole events none of which can decide (most chunks): copied without reading them.
-        if let Some(needles) = &self.needles
-            && unfinished == 0
-            && ends_an_event(chunk)
-            && !needles.any_in(chunk)
-        {
-            self.copy.extend(chunk, 0);
-            return Step::More;
-        }
-        let (rules, verdict) = (&mut self.rules, &mut self.verdict);
-        let stop = splitter.push(chunk, |event, first_line_end| {
+        let (needles, rules, verdict) = (&self.needles, &mut self.rules, &mut self.verdict);
+        // Runs of whole events without any of the judge's needles (most chunks) cannot
+        // decide: they are copied without being read.
+        let skip = |run: &[u8]| needles.as_ref().is_some_and(|n| !n.any_in(run));
+        let stop = splitter.push(chunk, skip, |event, first_line_end| {
             *verdict = judge(rules.as_mut(), event, first_line_end);
             *verdict == Verdict::Pending
         });
@@ -295,7 +287,7 @@ mod tests {
         let mut blocks = Blocks::default();
         for chunk in stream.chunks(size) {
             let unfinished = splitter.unfinished();
-            assert_eq!(splitter.push(chunk, |_, _| true), None);
+            assert_eq!(splitter.push(chunk, |_| false, |_, _| true), None);
             blocks.extend(chunk, unfinished);
         }
         blocks.finish()

@@ -33,7 +33,7 @@ pub use openai::OpenAi;
 pub use sse::Event;
 
 pub(crate) use needles::Needles;
-pub(crate) use sse::{EventSplitter, ends_an_event, parse_event_from};
+pub(crate) use sse::{EventSplitter, parse_event_from};
 
 /// One API family: which requests it speaks for, and when their answers are complete.
 ///
@@ -264,7 +264,10 @@ pub(crate) mod tests {
             }
             verdict == Verdict::Pending
         };
-        if splitter.push(stream.as_bytes(), &mut judge).is_none() {
+        if splitter
+            .push(stream.as_bytes(), |_| false, &mut judge)
+            .is_none()
+        {
             if let Some(last) = splitter.finish() {
                 judge(&last, None);
             }

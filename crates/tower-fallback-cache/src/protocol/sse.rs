@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 /// One event of a server-sent event stream, as a [`Completeness`](super::Completeness)
 /// judge sees it.
@@ -177,46 +177,68 @@ impl EventSplitter {
     /// `event`, with where its first line ends when known, until `event` returns `false`.
     /// Returns `None` when every event was handed on, or, if `event` returned `false`, how
     /// many bytes of `chunk` (from its start) the stream had up to the end of that event.
+    ///
+    /// A run of whole events, from where an event starts to the last blank line of the
+    /// chunk, is not split at all when `skip` says so of its bytes: its events are passed
+    /// over (the capture's judge has said that no event without its needles decides).
     pub(crate) fn push(
         &mut self,
         chunk: &[u8],
+        skip: impl Fn(&[u8]) -> bool,
         mut event: impl FnMut(&[u8], Option<usize>) -> bool,
     ) -> Option<usize> {
         if self.partial.is_empty() {
-            // The common case, a frame of whole events: they are read in the frame itself,
-            // without a copy.
-            let mut start = 0;
-            while start < chunk.len()
-                && let Some((end, first_line_end)) = event_end(chunk, start)
-            {
-                if !event(&chunk[start..end], Some(first_line_end - start)) {
-                    return Some(end);
-                }
-                start = end;
-            }
-            self.partial.extend_from_slice(&chunk[start..]);
-            self.scanned = 0;
-            return None;
+            return self.whole(chunk, &skip, &mut event);
         }
-        // An event split across frames: gathered in `partial`. `before` counts the bytes of
-        // `partial` that came before this chunk, `taken` those handed on since.
+        // An event begun in an earlier chunk: gathered in `partial` until it ends.
         let before = self.partial.len();
-        let mut taken = 0;
         self.partial.extend_from_slice(chunk);
-        while let Some((end, first_line_end)) = event_end(&self.partial, self.scanned) {
-            // Scanning resumed past the start: earlier line endings were not seen.
-            let first_line_end = (self.scanned == 0).then_some(first_line_end);
-            self.scanned = 0;
-            let more = event(&self.partial[..end], first_line_end);
-            self.partial.advance(end);
-            taken += end;
-            if !more {
-                return Some(taken.saturating_sub(before));
-            }
+        let Some((end, first_line_end)) = event_end(&self.partial, self.scanned) else {
+            // A blank line that ends later starts in the last three bytes at the earliest
+            // (`\r\n\r` waits for its `\n`).
+            self.scanned = self.partial.len().saturating_sub(3);
+            return None;
+        };
+        // Scanning resumed past the start: earlier line endings were not seen.
+        let first_line_end = (self.scanned == 0).then_some(first_line_end);
+        self.scanned = 0;
+        let more = event(&self.partial[..end], first_line_end);
+        // The bytes of `chunk` that event took (none when a CR that ended the earlier bytes
+        // ended it: the partial bytes never hold a whole event, so it ends no earlier).
+        let taken = end.saturating_sub(before);
+        self.partial.clear();
+        if !more {
+            return Some(taken);
         }
-        // A blank line that ends later starts in the last three bytes at the earliest
-        // (`\r\n\r` waits for its `\n`).
-        self.scanned = self.partial.len().saturating_sub(3);
+        // The rest of the chunk starts where an event starts.
+        self.whole(&chunk[taken..], &skip, &mut event)
+            .map(|at| taken + at)
+    }
+
+    /// [`EventSplitter::push`] of a chunk that starts where an event starts.
+    fn whole(
+        &mut self,
+        chunk: &[u8],
+        skip: &impl Fn(&[u8]) -> bool,
+        event: &mut impl FnMut(&[u8], Option<usize>) -> bool,
+    ) -> Option<usize> {
+        let mut start = 0;
+        if let Some(run) = last_event_end(chunk)
+            && skip(&chunk[..run])
+        {
+            start = run;
+        }
+        // The events left are read in the chunk itself, without a copy.
+        while start < chunk.len()
+            && let Some((end, first_line_end)) = event_end(chunk, start)
+        {
+            if !event(&chunk[start..end], Some(first_line_end - start)) {
+                return Some(end);
+            }
+            start = end;
+        }
+        self.partial.extend_from_slice(&chunk[start..]);
+        self.scanned = 0;
         None
     }
 
@@ -232,10 +254,25 @@ impl EventSplitter {
     }
 }
 
+/// Where the last blank line of `bytes` that ends in LF ends, if one of the last few line
+/// feeds ends one: `bytes[..at]` is a run of whole events when `bytes` start where an event
+/// starts. `None` when none is found there (the caller then reads the events one by one).
+fn last_event_end(bytes: &[u8]) -> Option<usize> {
+    let mut end = bytes.len();
+    for _ in 0..4 {
+        let lf = memchr::memrchr(b'\n', &bytes[..end])?;
+        if ends_an_event(&bytes[..=lf]) {
+            return Some(lf + 1);
+        }
+        end = lf;
+    }
+    None
+}
+
 /// Whether `bytes` end with a blank line, so that a stream that continues with them from
 /// the start of an event ends an event with them. Only a final LF counts (a final CR may be
 /// the first half of a CRLF still to come).
-pub(crate) fn ends_an_event(bytes: &[u8]) -> bool {
+fn ends_an_event(bytes: &[u8]) -> bool {
     let Some(rest) = bytes.strip_suffix(b"\n") else {
         return false;
     };
@@ -294,12 +331,16 @@ mod tests {
         let mut splitter = EventSplitter::default();
         let mut events = Vec::new();
         for chunk in chunks {
-            splitter.push(chunk, |e, first_line_end| {
-                // The fast reading of one-line events agrees with the full one.
-                assert_eq!(parse_event_from(e, first_line_end), parse_event(e));
-                events.push(e.to_vec());
-                true
-            });
+            splitter.push(
+                chunk,
+                |_| false,
+                |e, first_line_end| {
+                    // The fast reading of one-line events agrees with the full one.
+                    assert_eq!(parse_event_from(e, first_line_end), parse_event(e));
+                    events.push(e.to_vec());
+                    true
+                },
+            );
         }
         events.extend(splitter.finish().map(|e| e.to_vec()));
         events
@@ -325,6 +366,69 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the chunking and the line endings, a splitter that passes over runs
+        /// without `N` hands on every event with `N` that one reading every event sees, in
+        /// order, and stops at the same byte.
+        #[test]
+        fn passing_over_runs_without_the_needle_misses_no_event_with_it(
+            events in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        proptest::prop_oneof![
+                            proptest::prelude::Just(b'a'),
+                            proptest::prelude::Just(b'N'),
+                            proptest::prelude::Just(b':'),
+                            proptest::prelude::Just(b'\r'),
+                            proptest::prelude::Just(b'\n'),
+                        ],
+                        0..12,
+                    ),
+                    0usize..6,
+                ),
+                1..12,
+            ),
+            cuts in proptest::collection::vec(0usize..200, 0..8),
+            stop_at_nth in 0usize..4,
+        ) {
+            // Each event: `data:` and some bytes, then one of the forms of a blank line.
+            const BLANK: [&[u8]; 6] = [b"\n\n", b"\r\n\r\n", b"\r\r\n", b"\n\r\n", b"\r\n\n", b"\r\r"];
+            let mut stream = Vec::new();
+            for (body, blank) in &events {
+                stream.extend_from_slice(b"data:");
+                stream.extend(body.iter().filter(|&&b| b != b'\r' && b != b'\n'));
+                stream.extend_from_slice(BLANK[*blank]);
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+            cuts.sort_unstable();
+            let read = |skip: &dyn Fn(&[u8]) -> bool| {
+                let mut splitter = EventSplitter::default();
+                let mut seen = Vec::new();
+                let mut offset = 0;
+                let mut last = 0;
+                for cut in cuts.iter().copied().chain([stream.len()]) {
+                    let chunk = &stream[last..cut];
+                    let stop = splitter.push(chunk, skip, |event, _| {
+                        if event.contains(&b'N') {
+                            seen.push(event.to_vec());
+                            return seen.len() <= stop_at_nth;
+                        }
+                        true
+                    });
+                    if let Some(at) = stop {
+                        return (seen, Some(offset + at));
+                    }
+                    offset += chunk.len();
+                    last = cut;
+                }
+                (seen, None)
+            };
+            let every = read(&|_| false);
+            let passing = read(&|run: &[u8]| !run.contains(&b'N'));
+            proptest::prop_assert_eq!(passing, every);
+        }
+    }
+
     #[test]
     fn a_stop_says_where_the_deciding_event_ends_in_its_chunk() {
         let stream: &[u8] = b"data: a\n\ndata: bb\r\n\r\n: c\n\ndata: STOP\n\ndata: e\n\n";
@@ -336,7 +440,11 @@ mod tests {
                 let mut offset = 0;
                 let mut stopped = None;
                 for chunk in [&stream[..i], &stream[i..j], &stream[j..]] {
-                    let stop = splitter.push(chunk, |event, _| !event.starts_with(b"data: STOP"));
+                    let stop = splitter.push(
+                        chunk,
+                        |_| false,
+                        |event, _| !event.starts_with(b"data: STOP"),
+                    );
                     if let Some(at) = stop {
                         stopped = Some(offset + at);
                         break;
@@ -367,10 +475,14 @@ mod tests {
         for chunk in cases {
             let mut splitter = EventSplitter::default();
             let mut seen = 0;
-            splitter.push(chunk, |event, _| {
-                seen += event.len();
-                true
-            });
+            splitter.push(
+                chunk,
+                |_| false,
+                |event, _| {
+                    seen += event.len();
+                    true
+                },
+            );
             // Where the chunk is said to end an event, the splitter keeps nothing back.
             if ends_an_event(chunk) {
                 assert_eq!(splitter.unfinished(), 0, "{chunk:?}");

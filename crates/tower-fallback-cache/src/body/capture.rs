@@ -39,9 +39,10 @@ pub(crate) struct Capture {
     expected_len: Option<usize>,
     /// Plain bodies: the chunks as they came.
     frames: Vec<Bytes>,
-    /// Event streams: the events read so far, split to be judged one by one.
+    /// Event streams: where events end, and the one not ended yet.
     events: Option<EventSplitter>,
-    /// Event streams: a copy of the bytes of the stream up to the last event judged.
+    /// Event streams: a copy of the stream's bytes so far (up to the end of the deciding
+    /// event, once one decides).
     copy: Blocks,
     /// The judge of this answer, from the request's protocol.
     rules: Box<dyn Completeness>,

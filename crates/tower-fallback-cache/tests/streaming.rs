@@ -172,41 +172,11 @@ async fn a_stream_passes_through_unbuffered_and_replays_as_whole_events() {
 }
 
 #[tokio::test]
-async fn events_split_across_frames_are_replayed_whole() {
-    let upstream = StreamingUpstream::default();
-    let service = FallbackCacheLayer::new().layer(upstream.clone().into_service());
-    let events = stream_events();
-    let all: Vec<u8> = events.iter().flat_map(|e| e.to_vec()).collect();
-
-    let response = service
-        .clone()
-        .oneshot(chat_request("sk", STREAM_REQUEST))
-        .await
-        .expect("ok");
-    let reader = tokio::spawn(read_body(response.into_body()));
-    let tx = upstream.last_sender();
-    // Frames of 7 bytes, cutting through events and their blank lines.
-    for chunk in all.chunks(7) {
-        tx.send(Ok(Bytes::copy_from_slice(chunk)))
-            .await
-            .expect("open");
-    }
-    drop(tx);
-    assert_eq!(reader.await.expect("reader completes"), all);
-
-    upstream.run_out_of_quota();
-    let replay = service
-        .oneshot(chat_request("sk", STREAM_REQUEST))
-        .await
-        .expect("ok");
-    assert_whole_events(&all_frames(replay.into_body()).await, &events);
-}
-
-#[tokio::test]
-async fn a_long_stream_cut_anywhere_is_replayed_as_whole_events() {
-    // Longer than the capture's first blocks, with events of many sizes (one larger than a
-    // block), sent in frames that cut through events wherever they fall.
-    let events: Vec<Bytes> = (0..400)
+async fn a_stream_cut_anywhere_is_replayed_as_whole_events() {
+    // A short stream, and one longer than the capture's first blocks with events of many
+    // sizes (one larger than a block), each sent in frames that cut through events and
+    // their blank lines wherever they fall.
+    let long: Vec<Bytes> = (0..400)
         .map(|i| {
             let text = "token ".repeat(if i == 123 { 3000 } else { i % 37 });
             Bytes::from(format!(
@@ -215,9 +185,10 @@ async fn a_long_stream_cut_anywhere_is_replayed_as_whole_events() {
         })
         .chain([Bytes::from_static(b"data: [DONE]\n\n")])
         .collect();
-    let all = events.concat();
-    assert!(all.len() > 64 * 1024);
-    for size in [1000, 4093, 40_000] {
+    assert!(long.concat().len() > 64 * 1024);
+    let short = stream_events();
+    for (events, size) in [(&short, 7), (&long, 1000), (&long, 4093), (&long, 40_000)] {
+        let all = events.concat();
         let upstream = StreamingUpstream::default();
         let layer = FallbackCacheLayer::new();
         let service = layer.layer(upstream.clone().into_service());
@@ -245,7 +216,7 @@ async fn a_long_stream_cut_anywhere_is_replayed_as_whole_events() {
         assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
         let frames = all_frames(replay.into_body()).await;
         assert!(frames.len() < 20, "{size}: {} frames", frames.len());
-        assert_whole_events(&frames, &events);
+        assert_whole_events(&frames, events);
     }
 }
 

@@ -3,6 +3,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -42,6 +43,10 @@ impl MockUpstream {
         let app = router_with_shutdown(control.clone(), shutdown_rx.clone());
         let mut signal = shutdown_rx;
         let server = tokio::spawn(async move {
+            // Each event of a stream goes out when it is written, as an LLM API sends it
+            // (without TCP_NODELAY, Nagle's algorithm holds a small write back until the
+            // client acknowledges the one before: up to 40 ms per streamed answer).
+            let listener = listener.tap_io(no_delay);
             let result = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     // Err: the handle is gone, which also means shut down.
@@ -84,5 +89,28 @@ impl Drop for MockUpstream {
         self.shutdown.send_replace(true);
         // ...and stops accepting at once (connections run in their own tasks).
         self.server.abort();
+    }
+}
+
+/// Sets `TCP_NODELAY` on an accepted connection.
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%error, "mock-upstream: cannot set TCP_NODELAY");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_tcp_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        assert!(!accepted.nodelay().expect("read TCP_NODELAY"));
+        no_delay(&mut accepted);
+        assert!(accepted.nodelay().expect("read TCP_NODELAY"));
     }
 }

@@ -426,6 +426,24 @@ mod tests {
             let every = read(&|_| false);
             let passing = read(&|run: &[u8]| !run.contains(&b'N'));
             proptest::prop_assert_eq!(passing, every);
+            // And the cuts change no event: every event and the unended rest, as read from
+            // the stream in one piece.
+            let all_events = |cuts: &[usize]| {
+                let mut splitter = EventSplitter::default();
+                let mut seen = Vec::new();
+                let mut last = 0;
+                for &cut in cuts.iter().chain([&stream.len()]) {
+                    splitter.push(&stream[last..cut], |_| false, |event, first_line_end| {
+                        assert_eq!(parse_event_from(event, first_line_end), parse_event(event));
+                        seen.push(event.to_vec());
+                        true
+                    });
+                    last = cut;
+                }
+                seen.extend(splitter.finish().map(|rest| rest.to_vec()));
+                seen
+            };
+            proptest::prop_assert_eq!(all_events(&cuts), all_events(&[]));
         }
     }
 

@@ -220,6 +220,62 @@ async fn a_stream_cut_anywhere_is_replayed_as_whole_events() {
     }
 }
 
+/// A long stream captured into a redb file is replayed whole after the file is opened
+/// again (a restart): its blocks go through the disk store's encoding, head and chunks.
+#[cfg(feature = "disk")]
+#[tokio::test]
+async fn a_long_stream_stored_on_disk_is_replayed_whole_after_a_restart() {
+    use tower_fallback_cache::store::DiskStore;
+
+    let events: Vec<Bytes> = (0..2000)
+        .map(|i| {
+            let text = "token ".repeat(i % 53);
+            Bytes::from(format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}{i}\"}}}}]}}\n\n"
+            ))
+        })
+        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
+        .collect();
+    let all = events.concat();
+    assert!(all.len() > 256 * 1024);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("answers.redb");
+    {
+        let upstream = StreamingUpstream::default();
+        let layer = FallbackCacheLayer::builder()
+            .store(DiskStore::open(&path).expect("the file opens"))
+            .build();
+        let service = layer.layer(upstream.clone().into_service());
+        let response = service
+            .oneshot(chat_request("sk", STREAM_REQUEST))
+            .await
+            .expect("ok");
+        let reader = tokio::spawn(read_body(response.into_body()));
+        let tx = upstream.last_sender();
+        for chunk in all.chunks(1000) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk)))
+                .await
+                .expect("open");
+        }
+        drop(tx);
+        assert_eq!(reader.await.expect("reader completes"), all);
+        assert_eq!(layer.stats().snapshot().stored, 1);
+    }
+
+    let upstream = StreamingUpstream::default();
+    upstream.run_out_of_quota();
+    let layer = FallbackCacheLayer::builder()
+        .store(DiskStore::open(&path).expect("the file opens again"))
+        .build();
+    let replay = layer
+        .layer(upstream.into_service())
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    assert_eq!(replay.headers()["x-fallback-cache"], "FALLBACK");
+    assert_whole_events(&all_frames(replay.into_body()).await, &events);
+}
+
 #[tokio::test]
 async fn a_stream_cut_by_the_upstream_is_not_stored() {
     let upstream = StreamingUpstream::default();

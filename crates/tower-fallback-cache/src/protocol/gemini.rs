@@ -9,10 +9,9 @@
 use std::sync::LazyLock;
 
 use http::request::Parts;
-use memchr::memmem::Finder;
 
 use super::json::says_failed;
-use super::{Completeness, Event, Protocol, Verdict, path};
+use super::{Completeness, Event, Needles, Protocol, Verdict, path};
 
 /// The Gemini API: requests whose path has `:generateContent` or `:streamGenerateContent`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,9 +43,9 @@ impl Completeness for GenerateContentStream {
         if event.name() == "error" || says_failed(data) {
             return Verdict::Failed;
         }
-        static FINISH_REASON: LazyLock<Finder<'static>> =
-            LazyLock::new(|| Finder::new(b"\"finishReason\""));
-        if !self.finished && FINISH_REASON.find(data).is_some() {
+        static FINISH_REASON: LazyLock<Needles> =
+            LazyLock::new(|| Needles::new(&[b"\"finishReason\""]));
+        if !self.finished && FINISH_REASON.any_in(data) {
             self.finished = true;
         }
         Verdict::Pending

@@ -105,7 +105,7 @@ pub enum Verdict {
 ///
 /// For a server-sent event stream (`text/event-stream`) the layer calls
 /// [`event`](Completeness::event) for each event that carries a field (comment-only events
-/// and `ping` events are skipped, and so are the events of a chunk without any of the
+/// and `ping` events are skipped, and so are the runs of whole events without any of the
 /// judge's [`needles`](Completeness::needles)), until a verdict other than
 /// [`Verdict::Pending`]; if the
 /// body ends cleanly first, [`end_of_stream`](Completeness::end_of_stream) decides. For any

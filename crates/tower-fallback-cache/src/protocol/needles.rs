@@ -1,5 +1,6 @@
-//! The search for a judge's [needles](super::Completeness::needles) in a chunk of a stream:
-//! whether any occurs, asked of most chunks a capture sees.
+//! The search for a judge's [needles](super::Completeness::needles) in a chunk of a stream,
+//! whether any occurs (asked of most chunks a capture sees), and for the words the built-in
+//! judges look for in an event (`"error"`, `"finishReason"`).
 
 use memchr::arch::all::packedpair::HeuristicFrequencyRank;
 use memchr::memmem::{Finder, FinderBuilder};
@@ -56,7 +57,9 @@ impl Needle {
 /// memchr's byte ranking for a search in the events of an LLM stream: JSON punctuation,
 /// digits and lower-case letters (the keys, and most prose) are frequent; upper-case
 /// letters and the backslash are rare. The search looks first for the two rarest bytes of
-/// a needle (`D` and `O` of `[DONE]`, `R` of `"finishReason"`).
+/// a needle (`D` and `O` of `[DONE]`, `R` of `"finishReason"`, letters of `"error"`, never
+/// its quotes, which stand six bytes apart around every five-letter key: `"index"`,
+/// `"delta"`, `"model"`).
 #[derive(Debug, Clone, Copy)]
 struct StreamRank;
 

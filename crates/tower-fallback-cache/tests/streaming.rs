@@ -88,6 +88,33 @@ where
     }
 }
 
+/// Asks `service` for the streamed chat answer, which `upstream` sends as `frames` (then
+/// ends), and returns what the client read.
+async fn stream_through<S, B>(
+    service: &S,
+    upstream: &StreamingUpstream,
+    frames: Vec<Bytes>,
+) -> Bytes
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    let response = service
+        .clone()
+        .oneshot(chat_request("sk", STREAM_REQUEST))
+        .await
+        .expect("ok");
+    let tx = upstream.last_sender();
+    let send = async move {
+        for frame in frames {
+            tx.send(Ok(frame)).await.expect("open");
+        }
+    };
+    tokio::join!(read_body(response.into_body()), send).0
+}
+
 /// Every data frame of `body`, in order.
 async fn all_frames<B>(mut body: B) -> Vec<Bytes>
 where
@@ -192,20 +219,9 @@ async fn a_stream_cut_anywhere_is_replayed_as_whole_events() {
         let upstream = StreamingUpstream::default();
         let layer = FallbackCacheLayer::new();
         let service = layer.layer(upstream.clone().into_service());
-        let response = service
-            .clone()
-            .oneshot(chat_request("sk", STREAM_REQUEST))
-            .await
-            .expect("ok");
-        let reader = tokio::spawn(read_body(response.into_body()));
-        let tx = upstream.last_sender();
-        for chunk in all.chunks(size) {
-            tx.send(Ok(Bytes::copy_from_slice(chunk)))
-                .await
-                .expect("open");
-        }
-        drop(tx);
-        assert_eq!(reader.await.expect("reader completes"), all, "{size}");
+        let frames = all.chunks(size).map(Bytes::copy_from_slice).collect();
+        let read = stream_through(&service, &upstream, frames).await;
+        assert_eq!(read, all, "{size}");
         assert_eq!(layer.stats().snapshot().stored, 1, "{size}");
 
         upstream.run_out_of_quota();
@@ -246,19 +262,8 @@ async fn a_long_stream_stored_on_disk_is_replayed_whole_after_a_restart() {
             .store(DiskStore::open(&path).expect("the file opens"))
             .build();
         let service = layer.layer(upstream.clone().into_service());
-        let response = service
-            .oneshot(chat_request("sk", STREAM_REQUEST))
-            .await
-            .expect("ok");
-        let reader = tokio::spawn(read_body(response.into_body()));
-        let tx = upstream.last_sender();
-        for chunk in all.chunks(1000) {
-            tx.send(Ok(Bytes::copy_from_slice(chunk)))
-                .await
-                .expect("open");
-        }
-        drop(tx);
-        assert_eq!(reader.await.expect("reader completes"), all);
+        let frames = all.chunks(1000).map(Bytes::copy_from_slice).collect();
+        assert_eq!(stream_through(&service, &upstream, frames).await, all);
         assert_eq!(layer.stats().snapshot().stored, 1);
     }
 
@@ -392,25 +397,16 @@ async fn a_stream_over_the_limit_is_delivered_whole_and_not_stored() {
         .build();
     let service = layer.layer(upstream.clone().into_service());
 
-    let response = service
-        .clone()
-        .oneshot(chat_request("sk", STREAM_REQUEST))
-        .await
-        .expect("ok");
-    let reader = tokio::spawn(read_body(response.into_body()));
-    let tx = upstream.last_sender();
-    let mut sent = Vec::new();
-    for i in 0..100 {
-        let event = format!("data: {{\"object\":\"chat.completion.chunk\",\"i\":{i}}}\n\n");
-        sent.extend_from_slice(event.as_bytes());
-        tx.send(Ok(Bytes::from(event))).await.expect("open");
-    }
-    sent.extend_from_slice(b"data: [DONE]\n\n");
-    tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
-        .await
-        .expect("open");
-    drop(tx);
-    let delivered = reader.await.expect("reader completes");
+    let frames: Vec<Bytes> = (0..100)
+        .map(|i| {
+            Bytes::from(format!(
+                "data: {{\"object\":\"chat.completion.chunk\",\"i\":{i}}}\n\n"
+            ))
+        })
+        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
+        .collect();
+    let sent = frames.concat();
+    let delivered = stream_through(&service, &upstream, frames).await;
     assert!(sent.len() > 2048);
     assert_eq!(delivered, sent);
     assert_eq!(layer.stats().snapshot().stored, 0);

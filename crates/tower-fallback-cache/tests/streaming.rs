@@ -338,17 +338,8 @@ async fn a_stream_that_ends_without_done_is_not_stored() {
     let service = layer.layer(upstream.clone().into_service());
     let events = stream_events();
 
-    let response = service
-        .clone()
-        .oneshot(chat_request("sk", STREAM_REQUEST))
-        .await
-        .expect("ok");
-    let tx = upstream.last_sender();
-    for event in &events[..3] {
-        tx.send(Ok(event.clone())).await.expect("open");
-    }
-    drop(tx); // a clean end, but the completion never said [DONE]
-    let delivered = read_body(response.into_body()).await;
+    // A clean end, but the completion never said [DONE].
+    let delivered = stream_through(&service, &upstream, events[..3].to_vec()).await;
     assert_eq!(delivered, events[..3].concat());
     assert_eq!(layer.stats().snapshot().stored, 0);
 }

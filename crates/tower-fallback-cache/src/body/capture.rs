@@ -9,7 +9,7 @@ use http::{HeaderMap, StatusCode};
 use crate::coalesce::Leader;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::protocol::{Completeness, EventSplitter, Needles, Verdict, parse_event_from};
+use crate::protocol::{Completeness, EventCopy, Needles, Verdict, parse_event_from};
 use crate::seal::Seal;
 use crate::stats::{Counters, Stats};
 use crate::store::{Store, StoreFuture};
@@ -39,11 +39,9 @@ pub(crate) struct Capture {
     expected_len: Option<usize>,
     /// Plain bodies: the chunks as they came.
     frames: Vec<Bytes>,
-    /// Event streams: where events end, and the one not ended yet.
-    events: Option<EventSplitter>,
     /// Event streams: a copy of the stream's bytes so far (up to the end of the deciding
-    /// event, once one decides).
-    copy: Blocks,
+    /// event, once one decides), split into events as they come.
+    events: Option<EventCopy>,
     /// The judge of this answer, from the request's protocol.
     rules: Box<dyn Completeness>,
     /// Searches for the judge's [needles](Completeness::needles), when it has them.
@@ -84,8 +82,7 @@ impl Capture {
             total: 0,
             expected_len,
             frames: Vec::new(),
-            events: is_event_stream.then(EventSplitter::default),
-            copy: Blocks::default(),
+            events: is_event_stream.then(EventCopy::default),
             needles: rules
                 .needles()
                 .filter(|_| is_event_stream)
@@ -102,23 +99,19 @@ impl Capture {
             tracing::debug!(key = %self.sink.key, limit = self.max_bytes, "answer over max_response_body: not stored");
             return Step::Refused;
         }
-        let Some(splitter) = &mut self.events else {
+        let Some(stream) = &mut self.events else {
             self.frames.push(chunk.clone());
             return Step::More;
         };
-        let unfinished = splitter.unfinished();
         let (needles, rules, verdict) = (&self.needles, &mut self.rules, &mut self.verdict);
         // Runs of whole events without any of the judge's needles (most chunks) cannot
         // decide: they are copied without being read.
         let skip = |run: &[u8]| needles.as_ref().is_some_and(|n| !n.any_in(run));
-        let stop = splitter.push(chunk, skip, |event, first_line_end| {
+        // The copy ends with the event that decided, if one did.
+        stream.push(chunk, skip, |event, first_line_end| {
             *verdict = judge(rules.as_mut(), event, first_line_end);
             *verdict == Verdict::Pending
         });
-        // Up to the end of the event that decided, or all of it (an event cut by the
-        // chunk's end is judged with the next chunk, and its bytes are already kept).
-        self.copy
-            .extend(&chunk[..stop.unwrap_or(chunk.len())], unfinished);
         self.step()
     }
 
@@ -143,12 +136,11 @@ impl Capture {
     /// The body ended cleanly (or its terminal event came): the write of the answer, or
     /// `None` when the protocol's rules say it is not a whole, good answer.
     pub(crate) fn finish(mut self) -> Option<StoreFuture<'static, ()>> {
-        if let Some(splitter) = self.events.take() {
-            if self.verdict == Verdict::Pending {
-                // Its bytes are in the copy already.
-                if let Some(last) = splitter.finish() {
-                    self.verdict = judge(self.rules.as_mut(), &last, None);
-                }
+        if let Some(stream) = self.events.take() {
+            if self.verdict == Verdict::Pending
+                && let Some(last) = stream.rest()
+            {
+                self.verdict = judge(self.rules.as_mut(), last, None);
             }
             let complete = match self.verdict {
                 Verdict::Complete => true,
@@ -159,7 +151,7 @@ impl Capture {
                 tracing::debug!(key = %self.sink.key, "stream ended without its closing event: not stored");
                 return None;
             }
-            self.frames = self.copy.finish();
+            self.frames = stream.into_frames();
         } else {
             if self.frames.len() > 1 {
                 let mut joined = BytesMut::with_capacity(self.total);
@@ -205,137 +197,10 @@ impl Capture {
     }
 }
 
-/// A copy of a stream's bytes, in blocks that double in size (from [`Blocks::FIRST`] to
-/// [`Blocks::LARGEST`]), each holding whole events: each chunk is copied once (only the
-/// start of an event that straddles two blocks is copied again, into the second), and the
-/// answer is stored as a few large frames of whole events, whatever the upstream's
-/// chunking.
-///
-/// A copy rather than the chunks themselves: a chunk is a counted reference into the
-/// buffer it was read into, and a stream is hundreds of small chunks; keeping each would
-/// cost two atomic operations per chunk (on taking it and on dropping the stored answer),
-/// pin the buffers of the connection it came from in the store, and replay hundreds of
-/// frames where a few carry the same events.
-#[derive(Default)]
-struct Blocks {
-    full: Vec<Bytes>,
-    current: Vec<u8>,
-}
-
-impl Blocks {
-    /// The capacity of the first block.
-    const FIRST: usize = 4 * 1024;
-    /// The capacity blocks stop doubling at.
-    const LARGEST: usize = 1024 * 1024;
-
-    /// Appends `bytes`; the last `unfinished` bytes copied before them are the start of an
-    /// event they go on with, which a new block takes along.
-    fn extend(&mut self, bytes: &[u8], unfinished: usize) {
-        if self.current.capacity() - self.current.len() < bytes.len() {
-            let whole = self.current.len().saturating_sub(unfinished);
-            if whole == 0 {
-                // One event fills the block: the block grows with it (doubling, as a `Vec`
-                // does), so an event of any size is copied a bounded number of times.
-                self.current.reserve(bytes.len().max(Self::FIRST));
-            } else {
-                let next = match self.current.capacity() {
-                    0 => Self::FIRST,
-                    capacity => (capacity * 2).min(Self::LARGEST),
-                };
-                let tail = &self.current[whole..];
-                let mut block = Vec::with_capacity(next.max(2 * (tail.len() + bytes.len())));
-                block.extend_from_slice(tail);
-                self.current.truncate(whole);
-                let done = std::mem::replace(&mut self.current, block);
-                self.seal(done);
-            }
-        }
-        self.current.extend_from_slice(bytes);
-    }
-
-    /// A block as a frame, its unused capacity given back (in place, as allocators shrink).
-    fn seal(&mut self, mut block: Vec<u8>) {
-        if !block.is_empty() {
-            block.shrink_to_fit();
-            self.full.push(Bytes::from(block));
-        }
-    }
-
-    fn finish(mut self) -> Vec<Bytes> {
-        let last = std::mem::take(&mut self.current);
-        self.seal(last);
-        self.full
-    }
-}
-
 /// The verdict of the rules on one raw event; events that carry nothing decide nothing.
 fn judge(rules: &mut dyn Completeness, raw: &[u8], first_line_end: Option<usize>) -> Verdict {
     match parse_event_from(raw, first_line_end) {
         Some(event) => rules.event(&event),
         None => Verdict::Pending,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Copies `events`, sent in chunks of `size` bytes, as a capture does (with a splitter
-    /// to say how much of the copy is an event not yet ended), and returns the frames.
-    fn copied(events: &[Vec<u8>], size: usize) -> Vec<Bytes> {
-        let stream = events.concat();
-        let mut splitter = EventSplitter::default();
-        let mut blocks = Blocks::default();
-        for chunk in stream.chunks(size) {
-            let unfinished = splitter.unfinished();
-            assert_eq!(splitter.push(chunk, |_| false, |_, _| true), None);
-            blocks.extend(chunk, unfinished);
-        }
-        blocks.finish()
-    }
-
-    #[test]
-    fn blocks_hold_whole_events_of_any_size() {
-        let events: Vec<Vec<u8>> = (0..300)
-            .map(|i| {
-                // One event of 3 MiB among small ones.
-                let len = if i == 150 {
-                    3 << 20
-                } else {
-                    10 + (i * 37) % 900
-                };
-                let mut event = b"data: ".to_vec();
-                event.extend(std::iter::repeat_n(b'x', len));
-                event.extend_from_slice(b"\n\n");
-                event
-            })
-            .collect();
-        let stream = events.concat();
-        let ends: std::collections::HashSet<usize> = events
-            .iter()
-            .scan(0, |at, event| {
-                *at += event.len();
-                Some(*at)
-            })
-            .collect();
-        // Byte by byte, over the small events before the large one.
-        assert_eq!(copied(&events[..100], 1).concat(), events[..100].concat());
-        for size in [7, 1000, 4096, 65_536, stream.len()] {
-            let frames = copied(&events, size);
-            assert_eq!(frames.concat(), stream, "chunks of {size}");
-            let mut at = 0;
-            for frame in &frames {
-                at += frame.len();
-                assert!(
-                    ends.contains(&at),
-                    "chunks of {size}: a frame ends inside an event"
-                );
-            }
-            assert!(
-                frames.len() <= 16,
-                "chunks of {size}: {} frames",
-                frames.len()
-            );
-        }
     }
 }

@@ -33,7 +33,7 @@ pub use openai::OpenAi;
 pub use sse::Event;
 
 pub(crate) use needles::Needles;
-pub(crate) use sse::{EventSplitter, parse_event_from};
+pub(crate) use sse::{EventCopy, parse_event_from};
 
 /// One API family: which requests it speaks for, and when their answers are complete.
 ///
@@ -256,7 +256,7 @@ pub(crate) mod tests {
             return None;
         }
         let mut rules = protocol.completeness(&request);
-        let mut splitter = EventSplitter::default();
+        let mut splitter = EventCopy::default();
         let mut verdict = Verdict::Pending;
         let mut judge = |raw: &[u8], first_line_end: Option<usize>| {
             if let Some(event) = parse_event_from(raw, first_line_end) {
@@ -268,8 +268,8 @@ pub(crate) mod tests {
             .push(stream.as_bytes(), |_| false, &mut judge)
             .is_none()
         {
-            if let Some(last) = splitter.finish() {
-                judge(&last, None);
+            if let Some(last) = splitter.rest() {
+                judge(last, None);
             }
         }
         Some(match verdict {

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 
 /// One event of a server-sent event stream, as a [`Completeness`](super::Completeness)
 /// judge sees it.
@@ -164,103 +164,177 @@ fn single_line(line: &[u8]) -> Option<Event<'_>> {
     }
 }
 
-/// Splits an event stream into its events, whatever the chunking.
+/// A copy of an event stream, split into its events as it comes, whatever the chunking.
+///
+/// Each chunk is copied once, into blocks that double in size (from [`EventCopy::FIRST`]
+/// to [`EventCopy::LARGEST`]), each holding whole events: only the start of an event that
+/// straddles two blocks is copied again, into the second. The events are found in the copy
+/// itself, so an event split across chunks is read where its bytes already are, and the
+/// answer is stored as those few large frames of whole events.
+///
+/// A copy rather than the chunks themselves: a chunk is a counted reference into the
+/// buffer it was read into, and a stream is hundreds of small chunks; keeping each would
+/// cost two atomic operations per chunk (on taking it and on dropping the stored answer),
+/// pin the buffers of the connection it came from in the store, and replay hundreds of
+/// frames where a few carry the same events.
 #[derive(Default)]
-pub(crate) struct EventSplitter {
-    partial: BytesMut,
-    /// Where to resume looking for the end of the event in `partial`.
+pub(crate) struct EventCopy {
+    full: Vec<Bytes>,
+    current: Vec<u8>,
+    /// Where the first event not yet ended starts in `current`.
+    pending: usize,
+    /// Where to resume looking for the end of that event in `current`.
     scanned: usize,
 }
 
-impl EventSplitter {
-    /// Finds the complete events of `chunk` (with what came before it) and hands each to
-    /// `event`, with where its first line ends when known, until `event` returns `false`.
-    /// Returns `None` when every event was handed on, or, if `event` returned `false`, how
-    /// many bytes of `chunk` (from its start) the stream had up to the end of that event.
+impl EventCopy {
+    /// The capacity of the first block.
+    const FIRST: usize = 4 * 1024;
+    /// The capacity blocks stop doubling at.
+    const LARGEST: usize = 1024 * 1024;
+
+    /// Copies `chunk` and hands each event it completes to `event`, with where its first
+    /// line ends when known, until `event` returns `false`. Returns `None` when every event
+    /// was handed on, or, if `event` returned `false`, how many bytes of `chunk` (from its
+    /// start) the stream had up to the end of that event: the copy ends there.
     ///
-    /// A run of whole events, from where an event starts to the last blank line of the
-    /// chunk, is not split at all when `skip` says so of its bytes: its events are passed
-    /// over (the capture's judge has said that no event without its needles decides).
+    /// A run of whole events, from where the first event not yet ended starts to the last
+    /// blank line so far, is not split at all when `skip` says so of its bytes: its events
+    /// are passed over (the capture's judge has said that no event without its needles
+    /// decides).
     pub(crate) fn push(
+        &mut self,
+        chunk: &[u8],
+        skip: impl Fn(&[u8]) -> bool,
+        event: impl FnMut(&[u8], Option<usize>) -> bool,
+    ) -> Option<usize> {
+        if self.pending == self.current.len() && ends_an_event(chunk) && skip(chunk) {
+            // Most chunks start and end where events do, and hold no needle: read where the
+            // upstream's bytes are, not in the copy, whose bytes are still being written.
+            self.append(chunk);
+            self.pending = self.current.len();
+            self.scanned = self.pending;
+            return None;
+        }
+        self.read(chunk, skip, event)
+    }
+
+    /// [`EventCopy::push`] of any chunk: copied, then read in the copy, where an event begun
+    /// in an earlier chunk is whole.
+    #[inline(never)]
+    fn read(
         &mut self,
         chunk: &[u8],
         skip: impl Fn(&[u8]) -> bool,
         mut event: impl FnMut(&[u8], Option<usize>) -> bool,
     ) -> Option<usize> {
-        if self.partial.is_empty() {
-            return self.whole(chunk, &skip, &mut event);
-        }
-        // An event begun in an earlier chunk: gathered in `partial` until it ends.
-        let before = self.partial.len();
-        self.partial.extend_from_slice(chunk);
-        let Some((end, first_line_end)) = event_end(&self.partial, self.scanned) else {
-            // A blank line that ends later starts in the last three bytes at the earliest
-            // (`\r\n\r` waits for its `\n`).
-            self.scanned = self.partial.len().saturating_sub(3);
-            return None;
+        let start = self.append(chunk);
+        let bytes = &self.current[..];
+        let from = self.pending;
+        // The run of whole events the stream has so far; most chunks end with a blank line.
+        let run = if ends_an_event(&bytes[from..]) {
+            Some(bytes.len())
+        } else {
+            last_event_end(&bytes[from..], start.saturating_sub(from)).map(|at| from + at)
         };
-        // Scanning resumed past the start: earlier line endings were not seen.
-        let first_line_end = (self.scanned == 0).then_some(first_line_end);
-        self.scanned = 0;
-        let more = event(&self.partial[..end], first_line_end);
-        // The bytes of `chunk` that event took (none when a CR that ended the earlier bytes
-        // ended it: the partial bytes never hold a whole event, so it ends no earlier).
-        let taken = end.saturating_sub(before);
-        self.partial.clear();
-        if !more {
-            return Some(taken);
+        if let Some(run) = run
+            && skip(&bytes[from..run])
+        {
+            self.pending = run;
+            self.scanned = run;
         }
-        // The rest of the chunk starts where an event starts.
-        self.whole(&chunk[taken..], &skip, &mut event)
-            .map(|at| taken + at)
+        // The events left are read one by one, in the copy.
+        while self.pending < bytes.len() {
+            let begin = self.pending;
+            // Scanning resumes past the start of an event begun in an earlier chunk, whose
+            // earlier line endings were not seen.
+            let resume = self.scanned.max(begin);
+            let Some((end, first_line_end)) = event_end(bytes, resume) else {
+                // A blank line that ends later starts in the last three bytes at the
+                // earliest (`\r\n\r` waits for its `\n`).
+                self.scanned = bytes.len().saturating_sub(3).max(begin);
+                return None;
+            };
+            let first_line_end = (resume == begin).then_some(first_line_end - begin);
+            self.pending = end;
+            self.scanned = end;
+            if !event(&bytes[begin..end], first_line_end) {
+                self.current.truncate(end);
+                // None of `chunk` when a CR that ended the earlier bytes ended the event.
+                return Some(end.saturating_sub(start));
+            }
+        }
+        None
     }
 
-    /// [`EventSplitter::push`] of a chunk that starts where an event starts.
-    fn whole(
-        &mut self,
-        chunk: &[u8],
-        skip: &impl Fn(&[u8]) -> bool,
-        event: &mut impl FnMut(&[u8], Option<usize>) -> bool,
-    ) -> Option<usize> {
-        let mut start = 0;
-        if let Some(run) = last_event_end(chunk)
-            && skip(&chunk[..run])
-        {
-            start = run;
-        }
-        // The events left are read in the chunk itself, without a copy.
-        while start < chunk.len()
-            && let Some((end, first_line_end)) = event_end(chunk, start)
-        {
-            if !event(&chunk[start..end], Some(first_line_end - start)) {
-                return Some(end);
+    /// Appends `chunk` to the current block, or to a new one (which takes along the start
+    /// of the event not yet ended) when it does not fit. Returns where it starts.
+    #[inline]
+    fn append(&mut self, chunk: &[u8]) -> usize {
+        if self.current.capacity() - self.current.len() < chunk.len() {
+            let whole = self.pending;
+            if whole == 0 {
+                // One event fills the block: the block grows with it (doubling, as a `Vec`
+                // does), so an event of any size is copied a bounded number of times.
+                self.current.reserve(chunk.len().max(Self::FIRST));
+            } else {
+                let next = match self.current.capacity() {
+                    0 => Self::FIRST,
+                    capacity => (capacity * 2).min(Self::LARGEST),
+                };
+                let tail = &self.current[whole..];
+                let mut block = Vec::with_capacity(next.max(2 * (tail.len() + chunk.len())));
+                block.extend_from_slice(tail);
+                self.current.truncate(whole);
+                let done = std::mem::replace(&mut self.current, block);
+                self.seal(done);
+                self.pending = 0;
+                self.scanned -= whole;
             }
-            start = end;
         }
-        self.partial.extend_from_slice(&chunk[start..]);
-        self.scanned = 0;
-        None
+        let start = self.current.len();
+        self.current.extend_from_slice(chunk);
+        start
     }
 
     /// How many bytes of the stream so far belong to an event not yet ended (0: the stream
     /// so far ends where an event ends).
+    #[cfg(test)]
     pub(crate) fn unfinished(&self) -> usize {
-        self.partial.len()
+        self.current.len() - self.pending
     }
 
-    /// The unterminated last event, if any bytes are left.
-    pub(crate) fn finish(self) -> Option<BytesMut> {
-        (!self.partial.is_empty()).then_some(self.partial)
+    /// The unterminated last event, if any bytes are left after the last blank line.
+    pub(crate) fn rest(&self) -> Option<&[u8]> {
+        let rest = &self.current[self.pending..];
+        (!rest.is_empty()).then_some(rest)
+    }
+
+    /// The copy: its blocks as frames, each ending where an event ends (but the last, when
+    /// the stream ended inside an event).
+    pub(crate) fn into_frames(mut self) -> Vec<Bytes> {
+        let last = std::mem::take(&mut self.current);
+        self.seal(last);
+        self.full
+    }
+
+    /// A block as a frame, its unused capacity given back (in place, as allocators shrink).
+    fn seal(&mut self, mut block: Vec<u8>) {
+        if !block.is_empty() {
+            block.shrink_to_fit();
+            self.full.push(Bytes::from(block));
+        }
     }
 }
 
-/// Where the last blank line of `bytes` that ends in LF ends, if one of the last few line
-/// feeds ends one: `bytes[..at]` is a run of whole events when `bytes` start where an event
-/// starts. `None` when none is found there (the caller then reads the events one by one).
-fn last_event_end(bytes: &[u8]) -> Option<usize> {
+/// Where the last blank line of `bytes` that ends in LF at or after `from` ends, if one of
+/// the last few line feeds ends one: `bytes[..at]` is a run of whole events when `bytes`
+/// start where an event starts. `None` when none is found there (the caller then reads the
+/// events one by one).
+fn last_event_end(bytes: &[u8], from: usize) -> Option<usize> {
     let mut end = bytes.len();
     for _ in 0..4 {
-        let lf = memchr::memrchr(b'\n', &bytes[..end])?;
+        let lf = from + memchr::memrchr(b'\n', bytes.get(from..end)?)?;
         if ends_an_event(&bytes[..=lf]) {
             return Some(lf + 1);
         }
@@ -328,7 +402,7 @@ mod tests {
     use super::*;
 
     fn split(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
-        let mut splitter = EventSplitter::default();
+        let mut splitter = EventCopy::default();
         let mut events = Vec::new();
         for chunk in chunks {
             splitter.push(
@@ -342,13 +416,77 @@ mod tests {
                 },
             );
         }
-        events.extend(splitter.finish().map(|e| e.to_vec()));
+        events.extend(splitter.rest().map(|e| e.to_vec()));
         events
     }
 
     fn one_byte_at_a_time(stream: &[u8]) -> Vec<Vec<u8>> {
         let chunks: Vec<&[u8]> = stream.chunks(1).collect();
         split(&chunks)
+    }
+
+    /// Copies `events`, sent in chunks of `size` bytes, as a capture does (passing over
+    /// every run of whole events, or reading each event), and returns the frames.
+    fn copied(events: &[Vec<u8>], size: usize, pass_over: bool) -> Vec<Bytes> {
+        let stream = events.concat();
+        let mut copy = EventCopy::default();
+        for chunk in stream.chunks(size) {
+            assert_eq!(copy.push(chunk, |_| pass_over, |_, _| true), None);
+        }
+        copy.into_frames()
+    }
+
+    #[test]
+    fn blocks_hold_whole_events_of_any_size() {
+        let events: Vec<Vec<u8>> = (0..300)
+            .map(|i| {
+                // One event of 3 MiB among small ones.
+                let len = if i == 150 {
+                    3 << 20
+                } else {
+                    10 + (i * 37) % 900
+                };
+                let mut event = b"data: ".to_vec();
+                event.extend(std::iter::repeat_n(b'x', len));
+                event.extend_from_slice(b"\n\n");
+                event
+            })
+            .collect();
+        let stream = events.concat();
+        let ends: std::collections::HashSet<usize> = events
+            .iter()
+            .scan(0, |at, event| {
+                *at += event.len();
+                Some(*at)
+            })
+            .collect();
+        // Byte by byte, over the small events before the large one.
+        for pass_over in [false, true] {
+            assert_eq!(
+                copied(&events[..100], 1, pass_over).concat(),
+                events[..100].concat()
+            );
+        }
+        for (size, pass_over) in [7, 1000, 4096, 65_536, stream.len()]
+            .into_iter()
+            .flat_map(|size| [(size, false), (size, true)])
+        {
+            let frames = copied(&events, size, pass_over);
+            assert_eq!(frames.concat(), stream, "chunks of {size}");
+            let mut at = 0;
+            for frame in &frames {
+                at += frame.len();
+                assert!(
+                    ends.contains(&at),
+                    "chunks of {size}: a frame ends inside an event"
+                );
+            }
+            assert!(
+                frames.len() <= 16,
+                "chunks of {size}: {} frames",
+                frames.len()
+            );
+        }
     }
 
     #[test]
@@ -402,7 +540,7 @@ mod tests {
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
             cuts.sort_unstable();
             let read = |skip: &dyn Fn(&[u8]) -> bool| {
-                let mut splitter = EventSplitter::default();
+                let mut splitter = EventCopy::default();
                 let mut seen = Vec::new();
                 let mut offset = 0;
                 let mut last = 0;
@@ -429,7 +567,7 @@ mod tests {
             // And the cuts change no event: every event and the unended rest, as read from
             // the stream in one piece.
             let all_events = |cuts: &[usize]| {
-                let mut splitter = EventSplitter::default();
+                let mut splitter = EventCopy::default();
                 let mut seen = Vec::new();
                 let mut last = 0;
                 for &cut in cuts.iter().chain([&stream.len()]) {
@@ -440,7 +578,7 @@ mod tests {
                     });
                     last = cut;
                 }
-                seen.extend(splitter.finish().map(|rest| rest.to_vec()));
+                seen.extend(splitter.rest().map(|rest| rest.to_vec()));
                 seen
             };
             proptest::prop_assert_eq!(all_events(&cuts), all_events(&[]));
@@ -454,7 +592,7 @@ mod tests {
         // Every cut of the stream in three chunks.
         for i in 0..=stream.len() {
             for j in i..=stream.len() {
-                let mut splitter = EventSplitter::default();
+                let mut splitter = EventCopy::default();
                 let mut offset = 0;
                 let mut stopped = None;
                 for chunk in [&stream[..i], &stream[i..j], &stream[j..]] {
@@ -491,7 +629,7 @@ mod tests {
             b"data: a\n\ndata: b",
         ];
         for chunk in cases {
-            let mut splitter = EventSplitter::default();
+            let mut splitter = EventCopy::default();
             let mut seen = 0;
             splitter.push(
                 chunk,

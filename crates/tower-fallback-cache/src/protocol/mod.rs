@@ -107,9 +107,9 @@ pub enum Verdict {
 /// [`event`](Completeness::event) for each event that carries a field (comment-only events
 /// and `ping` events are skipped, and so are the runs of whole events without any of the
 /// judge's [`needles`](Completeness::needles)), until a verdict other than
-/// [`Verdict::Pending`]; if the
-/// body ends cleanly first, [`end_of_stream`](Completeness::end_of_stream) decides. For any
-/// other 2xx answer, [`body_is_good`](Completeness::body_is_good) decides on the whole body.
+/// [`Verdict::Pending`]; if the body ends cleanly first,
+/// [`end_of_stream`](Completeness::end_of_stream) decides. For any other 2xx answer,
+/// [`body_is_good`](Completeness::body_is_good) decides on the whole body.
 pub trait Completeness: Send + 'static {
     /// One event of the stream.
     fn event(&mut self, event: &Event<'_>) -> Verdict;

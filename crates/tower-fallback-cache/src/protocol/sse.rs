@@ -208,13 +208,17 @@ impl EventCopy {
         skip: impl Fn(&[u8]) -> bool,
         event: impl FnMut(&[u8], Option<usize>) -> bool,
     ) -> Option<usize> {
-        if self.pending == self.current.len() && ends_an_event(chunk) && skip(chunk) {
+        if self.pending == self.current.len() && ends_an_event(chunk) {
             // Most chunks start and end where events do, and hold no needle: read where the
             // upstream's bytes are, not in the copy, whose bytes are still being written.
-            self.append(chunk);
-            self.pending = self.current.len();
-            self.scanned = self.pending;
-            return None;
+            if skip(chunk) {
+                self.append(chunk);
+                self.pending = self.current.len();
+                self.scanned = self.pending;
+                return None;
+            }
+            // The chunk is the run, and it holds a needle: each of its events is read.
+            return self.read(chunk, |_| false, event);
         }
         self.read(chunk, skip, event)
     }

@@ -18,6 +18,7 @@ mod parse;
 mod server;
 mod snapshot;
 mod store;
+mod supervised;
 mod target;
 mod workers;
 

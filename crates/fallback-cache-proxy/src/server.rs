@@ -6,6 +6,7 @@
 //! (out of file descriptors) backs off instead of spinning.
 
 use std::convert::Infallible;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use crate::forward::{Proxy, Throttle, forward};
 use crate::metrics::{self, Metrics};
 use crate::parse::StoreSpec;
 use crate::store;
+use crate::supervised::{Ended, Supervised};
 use crate::workers::Workers;
 
 /// Runs the proxy until it is told to stop. Returns once the store is flushed.
@@ -377,7 +379,25 @@ async fn serve_connection(
     builder.http2().max_concurrent_streams(MAX_HTTP2_STREAMS);
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-    let mut closing: Option<tokio::time::Instant> = None;
+    // Until a timeout, an eviction or the proxy stopping closes it, the connection is polled
+    // alone: the watcher only when one of those woke it.
+    let watcher = pin!(async {
+        tokio::select! {
+            why = conn.watch(timeouts) => why,
+            _ = stopping.changed() => "the proxy is stopping",
+        }
+    });
+    match Supervised::new(connection.as_mut(), watcher).await {
+        Ended::Main(ended) => {
+            if let Err(error) = ended {
+                tracing::debug!("connection ended: {error}");
+            }
+            return;
+        }
+        Ended::Watcher(why) => tracing::debug!("closing a connection: {why}"),
+    }
+    connection.as_mut().graceful_shutdown();
+    let mut closing = tokio::time::Instant::now();
     loop {
         tokio::select! {
             ended = connection.as_mut() => {
@@ -386,22 +406,13 @@ async fn serve_connection(
                 }
                 break;
             }
-            why = conn.watch(timeouts), if closing.is_none() => {
-                tracing::debug!("closing a connection: {why}");
-                connection.as_mut().graceful_shutdown();
-                closing = Some(tokio::time::Instant::now());
-            }
-            _ = stopping.changed(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
-                closing = Some(tokio::time::Instant::now());
-            }
-            () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now) + CLOSE_GRACE), if closing.is_some() => {
+            () = tokio::time::sleep_until(closing + CLOSE_GRACE) => {
                 // Asked to close with no request in flight, yet still open (half a request
                 // head): drop it.
                 if conn.is_idle() {
                     break;
                 }
-                closing = Some(tokio::time::Instant::now());
+                closing = tokio::time::Instant::now();
             }
         }
     }

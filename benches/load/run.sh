@@ -7,8 +7,14 @@
 #   benches/load/run.sh
 #
 # Settings (environment): DURATION seconds per run (10), CONCURRENCY list ("1 16 64"),
-# THREADS of wrk (2). Installs nginx and wrk with apt-get when they are missing (as root),
-# builds the release binaries, and stops every process it started, whatever happens.
+# THREADS of wrk (2), PIN (0). Installs nginx and wrk with apt-get when they are missing (as
+# root), builds the release binaries, and stops every process it started, whatever happens.
+#
+# PIN=1 puts wrk on CPU 0 (one thread unless THREADS says otherwise) and every server on
+# the other CPUs (nginx with one worker process per CPU of theirs, the proxies and
+# static-http with one worker thread per CPU of theirs), as a load generator on another
+# machine would be: on a small machine, a server whose requests take more CPU is otherwise
+# also preempted more often by wrk's threads, and its ratio moves with the scheduler.
 #
 # Scenarios: HIT (proxy --mode cache-first; nginx serving a fresh cached answer);
 # HIT-vs-static (the same proxy against nginx answering the same bytes with `return 200`,
@@ -25,6 +31,18 @@ ROOT="$PWD"
 
 DURATION="${DURATION:-10}"
 CONCURRENCY="${CONCURRENCY:-1 16 64}"
+PIN="${PIN:-0}"
+SERVE=()
+CLIENT=()
+NGINX_WORKERS=auto
+if [ "$PIN" = 1 ]; then
+  CPUS="$(nproc)"
+  [ "$CPUS" -ge 2 ] || { printf 'run.sh: PIN=1 needs at least 2 CPUs\n' >&2; exit 1; }
+  SERVE=(taskset -c "1-$((CPUS - 1))")
+  CLIENT=(taskset -c 0)
+  NGINX_WORKERS=$((CPUS - 1))
+  THREADS="${THREADS:-1}"
+fi
 THREADS="${THREADS:-2}"
 BODY_FILE="$ROOT/benches/load/request.json"
 
@@ -36,6 +54,7 @@ die() {
 
 # --- tools ------------------------------------------------------------------------------
 missing=()
+[ "$PIN" = 1 ] && ! command -v taskset >/dev/null 2>&1 && missing+=(util-linux)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
@@ -101,27 +120,27 @@ free_port() {
 }
 
 say "starting the mock upstream, four proxies and nginx on 127.0.0.1"
-"$BIN/mock-upstream" --listen 127.0.0.1:0 >"$WORK/mock.log" 2>&1 &
+${SERVE[@]+"${SERVE[@]}"} "$BIN/mock-upstream" --listen 127.0.0.1:0 >"$WORK/mock.log" 2>&1 &
 PIDS+=($!)
 MOCK="$(listening_on "$WORK/mock.log")"
 
-"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+${SERVE[@]+"${SERVE[@]}"} "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode cache-first --fresh-for 1h 2>"$WORK/proxy-hit.log" &
 PIDS+=($!)
 PID_HIT=$!
 PROXY_HIT="$(listening_on "$WORK/proxy-hit.log")"
-"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+${SERVE[@]+"${SERVE[@]}"} "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode cache-first --fresh-for 1h --workers shared 2>"$WORK/proxy-shared.log" &
 PIDS+=($!)
 PID_SHARED=$!
 PROXY_SHARED="$(listening_on "$WORK/proxy-shared.log")"
-"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+${SERVE[@]+"${SERVE[@]}"} "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode fallback 2>"$WORK/proxy-fallback.log" &
 PIDS+=($!)
 PID_FALLBACK=$!
 PROXY_FALLBACK="$(listening_on "$WORK/proxy-fallback.log")"
 # Without the quota breaker every request asks the upstream, as nginx does.
-"$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
+${SERVE[@]+"${SERVE[@]}"} "$BIN/fallback-cache-proxy" --listen 127.0.0.1:0 --upstream "$MOCK" \
   --store memory --mode fallback --no-quota-breaker 2>"$WORK/proxy-asking.log" &
 PIDS+=($!)
 PID_ASKING=$!
@@ -148,10 +167,11 @@ sed -e 's/[\\&|]/\\&/g' "$WORK/answer.nginx" >"$WORK/answer.sed"
 sed -e "s|@WORK@|$WORK|g" -e "s|@USER@|$(id -un)|g" -e "s|@UPSTREAM@|${MOCK#http://}|g" \
   -e "s|@HIT_PORT@|$HIT_PORT|g" -e "s|@FALLBACK_PORT@|$FALLBACK_PORT|g" \
   -e "s|@STATIC_PORT@|$STATIC_PORT|g" -e "s|@STATIC_ANSWER@|$(cat "$WORK/answer.sed")|" \
+  -e "s|^worker_processes auto;|worker_processes $NGINX_WORKERS;|" \
   "$ROOT/benches/load/nginx.conf.template" >"$WORK/nginx.conf"
 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -t -q 2>"$WORK/nginx-test.log" ||
   { cat "$WORK/nginx-test.log" >&2; die "nginx refused its configuration"; }
-"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" 2>>"$WORK/nginx-error.log" &
+${SERVE[@]+"${SERVE[@]}"} "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" 2>>"$WORK/nginx-error.log" &
 PIDS+=($!)
 PID_NGINX=$!
 NGINX_HIT="http://127.0.0.1:$HIT_PORT"
@@ -206,7 +226,7 @@ curl -sSf -o "$WORK/static.json" -X POST "$NGINX_STATIC$PATH_CHAT" \
 cmp -s "$WORK/static.json" "$WORK/answer.json" ||
   die "nginx's static answer differs from the proxy's ($WORK/static.json, $WORK/answer.json)"
 # The proxy's HTTP stack alone, answering the same bytes.
-"$BIN/static-http" "$WORK/answer.json" 127.0.0.1:0 2>"$WORK/static-http.log" &
+${SERVE[@]+"${SERVE[@]}"} "$BIN/static-http" "$WORK/answer.json" 127.0.0.1:0 2>"$WORK/static-http.log" &
 PIDS+=($!)
 PID_STATIC_HTTP=$!
 STATIC_HTTP="$(listening_on "$WORK/static-http.log")"
@@ -234,7 +254,7 @@ load() {
   [ "$connections" -lt "$threads" ] && threads="$connections"
   # shellcheck disable=SC2086 # a list of pids
   before="$(cpu_ticks $pids)"
-  out="$(timeout $((DURATION + 30)) wrk --latency -t "$threads" -c "$connections" \
+  out="$(timeout $((DURATION + 30)) ${CLIENT[@]+"${CLIENT[@]}"} wrk --latency -t "$threads" -c "$connections" \
     -d "${DURATION}s" -s "$WORK/post.lua" "$base$PATH_CHAT")" || die "wrk failed: $out"
   # shellcheck disable=SC2086
   after="$(cpu_ticks $pids)"
@@ -292,6 +312,7 @@ set_mock '{"mode":"ok"}'
 {
   echo
   echo "fallback-cache-proxy (--store memory) vs nginx proxy_cache, loopback, ${DURATION}s per run,"
+  [ "$PIN" = 1 ] && echo "PIN=1: wrk on CPU 0, the servers on CPUs 1-$((CPUS - 1)) (nginx worker processes: $NGINX_WORKERS)."
   echo "wrk -t$THREADS, 2 KiB POST body; $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo
   echo "| scenario | connections | proxy req/s | nginx req/s | req/s proxy/nginx | proxy p50 µs | nginx p50 µs | proxy p99 µs | nginx p99 µs | p99 proxy/nginx | CPU µs/request proxy | CPU µs/request nginx | errors proxy/nginx |"

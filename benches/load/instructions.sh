@@ -21,55 +21,16 @@ CONNECTIONS="${CONNECTIONS:-4}"
 TOP="${TOP:-25}"
 BODY_FILE="$ROOT/benches/load/request.json"
 
-say() { printf '\n==> %s\n' "$*" >&2; }
-die() {
-  printf 'instructions.sh: %s\n' "$*" >&2
-  exit 1
-}
+SCRIPT=instructions.sh
+# shellcheck source=benches/load/common.sh
+. "$ROOT/benches/load/common.sh"
 
 missing=()
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
-if [ "${#missing[@]}" -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || die "needs ${missing[*]}: run as root, or: sudo apt-get install -y ${missing[*]}"
-  say "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
-say "building mock-upstream, fallback-cache-proxy and static-http (release)"
-cargo build --release --quiet -p mock-upstream -p fallback-cache-proxy
-cargo build --release --quiet -p fallback-cache-tests --bin static-http
-TARGET_DIR="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
-  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')}"
-BIN="$TARGET_DIR/release"
-
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# The address a server printed ("listening on http://..."), waiting for it (valgrind is slow
-# to start).
-listening_on() {
-  local file="$1"
-  for _ in $(seq 600); do
-    if grep -q 'listening on http://' "$file" 2>/dev/null; then
-      grep -o 'listening on http://[0-9.:]*' "$file" | head -1 | sed 's/listening on //'
-      return
-    fi
-    sleep 0.1
-  done
-  cat "$file" >&2
-  die "a server did not start (its output is above)"
-}
+install_missing ${missing[@]+"${missing[@]}"}
+build_servers
 
 post() {
   curl -sS -o "$1" -X POST "$2/v1/chat/completions" -H 'content-type: application/json' \
@@ -114,7 +75,7 @@ valgrind --tool=callgrind --callgrind-out-file="$WORK/proxy.cg.%p" \
   --mode cache-first --fresh-for 1h --workers 1 2>"$WORK/proxy.log" &
 PID_PROXY=$!
 PIDS+=($PID_PROXY)
-PROXY="$(listening_on "$WORK/proxy.log")"
+PROXY="$(listening_on "$WORK/proxy.log" 60)"
 post "$WORK/answer.json" "$PROXY"
 post /dev/null "$PROXY" # a HIT, so that every measured request is one
 
@@ -122,7 +83,7 @@ valgrind --tool=callgrind --callgrind-out-file="$WORK/static.cg.%p" \
   "$BIN/static-http" "$WORK/answer.json" 127.0.0.1:0 >"$WORK/static.log" 2>&1 &
 PID_STATIC=$!
 PIDS+=($PID_STATIC)
-STATIC="$(listening_on "$WORK/static.log")"
+STATIC="$(listening_on "$WORK/static.log" 60)"
 post /dev/null "$STATIC"
 
 say "proxy HIT: wrk -t1 -c$CONNECTIONS for ${DURATION}s under callgrind"

@@ -46,11 +46,10 @@ fi
 THREADS="${THREADS:-2}"
 BODY_FILE="$ROOT/benches/load/request.json"
 
-say() { printf '\n==> %s\n' "$*" >&2; }
-die() {
-  printf 'run.sh: %s\n' "$*" >&2
-  exit 1
-}
+SCRIPT=run.sh
+# shellcheck source=benches/load/common.sh
+. "$ROOT/benches/load/common.sh"
+chmod 755 "$WORK" # nginx workers may run as another user
 
 # --- tools ------------------------------------------------------------------------------
 missing=()
@@ -58,50 +57,10 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
-if [ "${#missing[@]}" -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || die "needs ${missing[*]}: run as root, or: sudo apt-get install -y ${missing[*]}"
-  say "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+install_missing ${missing[@]+"${missing[@]}"}
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-say "building mock-upstream, fallback-cache-proxy and static-http (release)"
-cargo build --release --quiet -p mock-upstream -p fallback-cache-proxy
-cargo build --release --quiet -p fallback-cache-tests --bin static-http
-TARGET_DIR="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
-  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')}"
-BIN="$TARGET_DIR/release"
-for bin in fallback-cache-proxy mock-upstream static-http; do
-  [ -x "$BIN/$bin" ] || die "no $BIN/$bin after the build"
-done
-
-# --- processes --------------------------------------------------------------------------
-WORK="$(mktemp -d)"
-chmod 755 "$WORK" # nginx workers may run as another user
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Prints the http://ADDR a process announced in FILE ("... listening on http://ADDR ...").
-listening_on() {
-  local file="$1"
-  for _ in $(seq 200); do
-    if grep -q 'listening on http://' "$file" 2>/dev/null; then
-      grep -o 'listening on http://[0-9.:]*' "$file" | head -1 | sed 's/listening on //'
-      return
-    fi
-    sleep 0.05
-  done
-  cat "$file" >&2
-  die "a server did not start (its output is above)"
-}
+build_servers
 
 # A port for nginx to listen on: free now, and below the ephemeral range, where no outgoing
 # connection (wrk's, the proxies') can take it before nginx binds it.

@@ -1,7 +1,8 @@
 # What the load scripts share (sourced by run.sh and instructions.sh, after `set -euo
 # pipefail` and with SCRIPT set to the script's name): messages, the tools installed when
 # missing, the release build of the servers, the working directory with the processes
-# started in it, stopped whatever happens, and the address a server announces.
+# started in it, stopped whatever happens, the address a server announces, and wrk's script
+# of the chat request.
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 die() {
@@ -59,4 +60,17 @@ listening_on() {
   done
   cat "$file" >&2
   die "a server did not start (its output is above)"
+}
+
+# write_post_lua BODY_FILE: writes $WORK/post.lua, wrk's script that POSTs BODY_FILE as a
+# chat completion request with a bearer token.
+write_post_lua() {
+  cat >"$WORK/post.lua" <<EOF
+local file = io.open("$1", "rb")
+wrk.method = "POST"
+wrk.body = file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-load-test"
+EOF
 }

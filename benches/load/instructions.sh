@@ -37,14 +37,7 @@ post() {
     -H 'authorization: Bearer sk-load-test' --data-binary "@$BODY_FILE"
 }
 
-cat >"$WORK/post.lua" <<LUA
-local f = io.open("$BODY_FILE", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-load-test"
-LUA
+write_post_lua "$BODY_FILE"
 
 # measure NAME URL PID: zeroes the counters of the callgrind run PID, loads URL, dumps them;
 # prints "requests instructions".

@@ -161,14 +161,7 @@ set_mock() {
   curl -sSf -o /dev/null -X POST "$MOCK/_mock/mode" -H 'content-type: application/json' -d "$1"
 }
 
-cat >"$WORK/post.lua" <<EOF
-local file = io.open("$BODY_FILE", "rb")
-wrk.method = "POST"
-wrk.body = file:read("*a")
-file:close()
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-load-test"
-EOF
+write_post_lua "$BODY_FILE"
 
 say "warming: every server stores the answer"
 set_mock '{"mode":"ok"}'

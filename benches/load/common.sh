@@ -1,8 +1,8 @@
 # What the load scripts share (sourced by run.sh and instructions.sh, after `set -euo
 # pipefail` and with SCRIPT set to the script's name): messages, the tools installed when
 # missing, the release build of the servers, the working directory with the processes
-# started in it, stopped whatever happens, the address a server announces, and wrk's script
-# of the chat request.
+# started in it, stopped whatever happens, the address a server announces, and the chat
+# request sent with curl or by wrk's script.
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 die() {
@@ -73,4 +73,11 @@ file:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-load-test"
 EOF
+}
+
+# post_chat OUT BASE: POSTs the chat request in $BODY_FILE to BASE's /v1/chat/completions
+# with a bearer token, writing the answer's body to OUT.
+post_chat() {
+  curl -sSf -o "$1" -X POST "$2/v1/chat/completions" -H 'content-type: application/json' \
+    -H 'authorization: Bearer sk-load-test' --data-binary "@$BODY_FILE"
 }

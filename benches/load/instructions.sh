@@ -32,15 +32,10 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 install_missing ${missing[@]+"${missing[@]}"}
 build_servers
 
-post() {
-  curl -sS -o "$1" -X POST "$2/v1/chat/completions" -H 'content-type: application/json' \
-    -H 'authorization: Bearer sk-load-test' --data-binary "@$BODY_FILE"
-}
-
 write_post_lua "$BODY_FILE"
 
 # measure NAME URL PID: zeroes the counters of the callgrind run PID, loads URL, dumps them;
-# prints "requests instructions".
+# prints "requests instructions dump-file".
 measure() {
   local name="$1" url="$2" pid="$3" requests
   callgrind_control --zero "$pid" >/dev/null 2>&1
@@ -69,15 +64,15 @@ valgrind --tool=callgrind --callgrind-out-file="$WORK/proxy.cg.%p" \
 PID_PROXY=$!
 PIDS+=($PID_PROXY)
 PROXY="$(listening_on "$WORK/proxy.log" 60)"
-post "$WORK/answer.json" "$PROXY"
-post /dev/null "$PROXY" # a HIT, so that every measured request is one
+post_chat "$WORK/answer.json" "$PROXY"
+post_chat /dev/null "$PROXY" # a HIT, so that every measured request is one
 
 valgrind --tool=callgrind --callgrind-out-file="$WORK/static.cg.%p" \
   "$BIN/static-http" "$WORK/answer.json" 127.0.0.1:0 >"$WORK/static.log" 2>&1 &
 PID_STATIC=$!
 PIDS+=($PID_STATIC)
 STATIC="$(listening_on "$WORK/static.log" 60)"
-post /dev/null "$STATIC"
+post_chat /dev/null "$STATIC"
 
 say "proxy HIT: wrk -t1 -c$CONNECTIONS for ${DURATION}s under callgrind"
 result="$(measure proxy "$PROXY" "$PID_PROXY")"

@@ -116,9 +116,7 @@ done
 # The answer the proxy serves for the bench request, for nginx's static server: asked of
 # the HIT proxy (which stores it), then written into nginx's configuration as a quoted
 # string (backslashes and quotes escaped; nginx has no escape for `$`).
-curl -sSf -o "$WORK/answer.json" -X POST "$PROXY_HIT/v1/chat/completions" \
-  -H 'content-type: application/json' -H 'authorization: Bearer sk-load-test' \
-  --data-binary "@$BODY_FILE"
+post_chat "$WORK/answer.json" "$PROXY_HIT"
 grep -q '[$]' "$WORK/answer.json" && die "the answer holds a \$: nginx cannot return it as is"
 # nginx's escapes in a quoted string (\\ and \'), then the escapes of a sed replacement.
 sed -e 's/\\/\\\\/g' -e "s/'/\\\\'/g" "$WORK/answer.json" | tr -d '\n' >"$WORK/answer.nginx"

@@ -332,7 +332,7 @@ async fn serve(
     let _ = stop.send(true);
     // Each connection holds a receiver: `closed` completes once the last one has ended.
     tokio::select! {
-        () = stop.closed() => {}
+        () = stop.closed() => tracing::debug!("every connection closed"),
         () = tokio::time::sleep(drain_for) => {
             tracing::warn!("requests still in flight after {}: cutting them", humantime::format_duration(drain_for));
         }

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -139,13 +139,17 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
     )
     .await?;
 
+    let flushing = Instant::now();
     match tokio::time::timeout(
         config.shutdown_timeout.max(Duration::from_secs(1)),
         store.flush(),
     )
     .await
     {
-        Ok(Ok(())) => tracing::info!("store flushed; stopped"),
+        Ok(Ok(())) => tracing::info!(
+            "store flushed in {}ms; stopped",
+            flushing.elapsed().as_millis()
+        ),
         Ok(Err(error)) => tracing::warn!("stopped, but the store could not be flushed: {error}"),
         Err(_) => tracing::warn!("stopped, but the store did not flush in time"),
     }
@@ -214,7 +218,7 @@ where
     F: FnOnce(Request<Body>) -> Fut,
     Fut: Future<Output = Response>,
 {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next(request).await;
@@ -332,7 +336,7 @@ async fn serve(
     let _ = stop.send(true);
     // Each connection holds a receiver: `closed` completes once the last one has ended.
     tokio::select! {
-        () = stop.closed() => tracing::debug!("every connection closed"),
+        () = stop.closed() => tracing::info!("every connection closed"),
         () = tokio::time::sleep(drain_for) => {
             tracing::warn!("requests still in flight after {}: cutting them", humantime::format_duration(drain_for));
         }

@@ -56,9 +56,17 @@ async fn sigterm_lets_a_slow_stream_finish_then_exits_0() {
 
     let status = proxy.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status}:\n{}", proxy.logs());
+    // Each step of the stop is in the log, in order.
     let logs = proxy.logs();
-    assert!(logs.contains("shutting down"), "{logs}");
-    assert!(logs.contains("store flushed"), "{logs}");
+    let at = |line: &str| {
+        logs.find(line)
+            .unwrap_or_else(|| panic!("no {line:?} in the log:\n{logs}"))
+    };
+    assert!(
+        at("shutting down") < at("every connection closed")
+            && at("every connection closed") < at("store flushed in "),
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

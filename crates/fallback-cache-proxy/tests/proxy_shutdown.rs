@@ -1,12 +1,14 @@
 //! SIGTERM while a slow streamed answer is in flight: the proxy stops accepting, lets the
-//! answer finish, and exits 0.
+//! answer finish, and exits 0. Answers still on their way to the store are written before
+//! it exits.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::Proxy;
-use mock_upstream::MockUpstream;
+use fallback_cache_test_support::stores::RedisServer;
+use mock_upstream::{Fixture, MockUpstream, Mode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_slow_stream_finish_then_exits_0() {
@@ -98,4 +100,82 @@ async fn a_stream_longer_than_the_shutdown_timeout_is_cut_and_the_proxy_still_ex
         started.elapsed()
     );
     assert!(proxy.logs().contains("cutting them"), "{}", proxy.logs());
+}
+
+/// One chat request with the test's credential: (status, `x-fallback-cache`, body).
+async fn ask(proxy: &Proxy, prompt: &str) -> (u16, String, String) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(
+            serde_json::json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": prompt}],
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("no answer to {prompt:?}: {error}\n{}", proxy.logs()));
+    let status = response.status().as_u16();
+    let cache = response
+        .headers()
+        .get("x-fallback-cache")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, cache, response.text().await.expect("a body"))
+}
+
+/// The answers a paused Redis has not taken yet wait in the proxy's queue for it; told to
+/// stop, the proxy writes them once Redis answers again, before it exits. (Their writes
+/// are made on the connections' threads, which end before the store is flushed: the queue
+/// runs on the proxy's main runtime, so that they are not dropped with those threads.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_waiting_for_a_paused_redis_when_the_proxy_stops_are_written_before_it_exits() {
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let url = redis.url();
+    let args = ["--upstream", &mock.url(), "--store", &url];
+    let mut proxy = Proxy::start(&args);
+
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Answer number {i}, please"))
+        .collect();
+    let mut answers = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        if i == 1 {
+            // The first answer reached Redis; the next ones wait for it.
+            redis.pause();
+        }
+        let (status, cache, body) = ask(&proxy, prompt).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+        answers.push(body);
+    }
+    proxy.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.resume();
+    let status = proxy.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", proxy.logs());
+    assert!(
+        proxy.logs().contains("store flushed in "),
+        "{}",
+        proxy.logs()
+    );
+
+    // A new proxy, the quota gone: every answer is served from Redis.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let proxy = Proxy::start(&args);
+    for (prompt, answer) in prompts.iter().zip(&answers) {
+        let (status, cache, body) = ask(&proxy, prompt).await;
+        assert_eq!(
+            (status, cache.as_str()),
+            (200, "FALLBACK"),
+            "{prompt:?}: {body}\n{}",
+            proxy.logs()
+        );
+        assert_eq!(&body, answer, "{prompt:?}");
+    }
 }

@@ -1,9 +1,13 @@
 //! [`Tiered`]: a fast store in front of a lasting one.
 
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -39,8 +43,12 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// [`usage`](Store::usage) and [`health`](Store::health) are those of the back, the
 /// store of record. A failing front is logged and skipped.
 ///
-/// The queue's task is started by the first write, on the Tokio runtime it runs in;
-/// outside a Tokio runtime, writes go to the back directly.
+/// The queue's task runs on the Tokio runtime the store was built on when that is a
+/// multi-threaded runtime (one that runs its tasks without being driven, and outlives the
+/// runtimes of the callers, such as a server's per-thread runtimes), otherwise on the
+/// runtime of the first write. Should that runtime shut down, the task goes with it: the
+/// writes it had not done are counted as dropped, and the next write starts a new task on
+/// its own runtime. Outside a Tokio runtime, writes go to the back directly.
 ///
 /// ```
 /// use tower_fallback_cache::{FallbackCacheLayer, store::{MemoryStore, Tiered}};
@@ -82,7 +90,10 @@ impl<F: Clone, B> Clone for Tiered<F, B> {
 #[derive(Debug)]
 struct Queue {
     max_bytes: u64,
-    jobs: OnceLock<mpsc::UnboundedSender<Job>>,
+    /// The multi-threaded runtime the store was built on, where the task is started.
+    home: Option<Handle>,
+    /// The sender to the task, once there is one; replaced when that task is gone.
+    jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     counts: Arc<QueueCounts>,
 }
 
@@ -100,11 +111,29 @@ enum Job {
         entry: Arc<CachedResponse>,
         ttl: Duration,
         seal: Option<Seal>,
-        weight: u64,
+        weight: Weight,
     },
     Remove(CacheKey),
     /// Answered once every job before it is done.
     Flush(oneshot::Sender<()>),
+}
+
+/// The bytes of a write waiting for the back, counted in the queue until the write is
+/// done or dropped. A write dropped before it was done (its task went with its runtime)
+/// counts as dropped.
+struct Weight {
+    counts: Arc<QueueCounts>,
+    bytes: u64,
+    done: bool,
+}
+
+impl Drop for Weight {
+    fn drop(&mut self) {
+        self.counts.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        if !self.done {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<F: Store, B: Store> Tiered<F, B> {
@@ -147,25 +176,48 @@ impl<F: Store, B: Store> Tiered<F, B> {
         &self.back
     }
 
-    /// The sender of the back's queue, its task started on first use; `None` outside a
-    /// Tokio runtime.
-    fn jobs(&self) -> Option<&mpsc::UnboundedSender<Job>> {
-        if let Some(jobs) = self.queue.jobs.get() {
-            return Some(jobs);
+    /// Hands `job` to the queue's task, with the sender it went by. When there is no task
+    /// yet, or the one there was is gone (its runtime shut down), a task is started: on
+    /// the store's home runtime, else on the current one. `Err` with the job outside any
+    /// runtime.
+    fn send(&self, job: Job) -> Result<mpsc::UnboundedSender<Job>, Box<Job>> {
+        let mut jobs = self
+            .queue
+            .jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut job = job;
+        if let Some(sender) = jobs.as_ref() {
+            match sender.send(job) {
+                Ok(()) => return Ok(sender.clone()),
+                Err(mpsc::error::SendError(unsent)) => job = unsent,
+            }
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some(self.queue.jobs.get_or_init(|| {
+        // A runtime that has shut down drops a task as it is spawned, and the send fails.
+        for runtime in [self.queue.home.clone(), Handle::try_current().ok()]
+            .into_iter()
+            .flatten()
+        {
             let (sender, receiver) = mpsc::unbounded_channel();
             runtime.spawn(drain(
                 self.back.clone(),
                 self.queue.counts.clone(),
                 receiver,
             ));
-            sender
-        }))
+            match sender.send(job) {
+                Ok(()) => {
+                    *jobs = Some(sender.clone());
+                    return Ok(sender);
+                }
+                Err(mpsc::error::SendError(unsent)) => job = unsent,
+            }
+        }
+        *jobs = None;
+        Err(Box::new(job))
     }
 
-    /// Queues a write for the back, or drops it when the queue is full.
+    /// Queues a write for the back, or drops it when the queue is full; `None` outside a
+    /// Tokio runtime.
     fn queue_put(
         &self,
         key: CacheKey,
@@ -173,7 +225,6 @@ impl<F: Store, B: Store> Tiered<F, B> {
         ttl: Duration,
         seal: Option<Seal>,
     ) -> Option<()> {
-        let jobs = self.jobs()?;
         let counts = &self.queue.counts;
         let weight = entry.weight() as u64;
         let queued = counts.bytes.fetch_add(weight, Ordering::Relaxed);
@@ -191,18 +242,27 @@ impl<F: Store, B: Store> Tiered<F, B> {
             );
             return Some(());
         }
-        let job = Job::Put {
+        let weight = Weight {
+            counts: counts.clone(),
+            bytes: weight,
+            done: false,
+        };
+        match self.send(Job::Put {
             key,
             entry,
             ttl,
             seal,
             weight,
-        };
-        if jobs.send(job).is_err() {
-            counts.bytes.fetch_sub(weight, Ordering::Relaxed);
-            counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }) {
+            Ok(_) => Some(()),
+            Err(mut job) => {
+                // Not dropped: the caller writes it in line.
+                if let Job::Put { weight, .. } = &mut *job {
+                    weight.done = true;
+                }
+                None
+            }
         }
-        Some(())
     }
 }
 
@@ -210,7 +270,10 @@ impl Queue {
     fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes,
-            jobs: OnceLock::new(),
+            home: Handle::try_current()
+                .ok()
+                .filter(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread),
+            jobs: Mutex::new(None),
             counts: Arc::new(QueueCounts::default()),
         }
     }
@@ -230,7 +293,7 @@ async fn drain<B: Store>(
                 entry,
                 ttl,
                 seal,
-                weight,
+                mut weight,
             } => {
                 let started = Instant::now();
                 let mut delay = FIRST_RETRY_DELAY;
@@ -246,7 +309,7 @@ async fn drain<B: Store>(
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
-                counts.bytes.fetch_sub(weight, Ordering::Relaxed);
+                weight.done = true;
             }
             Job::Remove(key) => {
                 if let Err(error) = back.remove(&key).await {
@@ -350,9 +413,7 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let queued = self
-                .jobs()
-                .is_some_and(|jobs| jobs.send(Job::Remove(*key)).is_ok());
+            let queued = self.send(Job::Remove(*key)).is_ok();
             let back = if queued {
                 Ok(())
             } else {
@@ -388,11 +449,21 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(jobs) = self.queue.jobs.get() {
-                let (done, drained) = oneshot::channel();
-                if jobs.send(Job::Flush(done)).is_ok() {
-                    let _ = drained.await;
-                }
+            let (done, mut drained) = oneshot::channel();
+            if let Ok(sender) = self.send(Job::Flush(done)) {
+                // Once every job before it is done; or, should the task go with its
+                // runtime first, once the channel is closed.
+                let mut closed = pin!(sender.closed());
+                std::future::poll_fn(|cx| {
+                    if Pin::new(&mut drained).poll(cx).is_ready()
+                        || closed.as_mut().poll(cx).is_ready()
+                    {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
             }
             self.back.flush().await
         })
@@ -580,5 +651,76 @@ mod tests {
         );
         // One is being written, two wait; the queue holds three answers' weight.
         assert_eq!(tiered.usage().dropped, Some(2));
+    }
+
+    /// A single-threaded runtime that has shut down: a write made on it, its own tasks
+    /// never run (as on a server's connection thread that ends with the server).
+    fn write_on_a_runtime_that_ends(tiered: &Tiered<MemoryStore, MemoryStore>, i: u8) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime
+            .block_on(tiered.put(key(i), entry("written"), HOUR))
+            .expect("tiered put");
+        drop(runtime);
+    }
+
+    #[test]
+    fn the_queue_runs_on_the_runtime_the_store_was_built_on_and_outlives_the_writers() {
+        let home = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let tiered = home
+            .block_on(async { Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20)) });
+        write_on_a_runtime_that_ends(&tiered, 1);
+        home.block_on(async {
+            tiered.flush().await.expect("flush");
+            let found = tiered.back().get(&key(1)).await.expect("back get");
+            assert!(found.is_some(), "the write reached the back");
+            assert_eq!(tiered.usage().dropped, Some(0));
+        });
+    }
+
+    #[test]
+    fn a_queue_gone_with_its_runtime_is_started_again_and_its_lost_writes_counted() {
+        // Built outside any runtime: the queue starts on the runtime of the first write.
+        let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20));
+        write_on_a_runtime_that_ends(&tiered, 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            tiered
+                .put(key(2), entry("written"), HOUR)
+                .await
+                .expect("tiered put");
+            tiered.flush().await.expect("flush");
+            assert!(
+                tiered
+                    .back()
+                    .get(&key(2))
+                    .await
+                    .expect("back get")
+                    .is_some(),
+                "a write after the first runtime ended reaches the back"
+            );
+            // The write that went with the first runtime is counted, its bytes released.
+            assert!(
+                tiered
+                    .back()
+                    .get(&key(1))
+                    .await
+                    .expect("back get")
+                    .is_none()
+            );
+            assert_eq!(tiered.usage().dropped, Some(1));
+            assert_eq!(tiered.queue.counts.bytes.load(Ordering::Relaxed), 0);
+            // Still in front.
+            assert!(tiered.get(&key(1)).await.expect("get").is_some());
+        });
     }
 }

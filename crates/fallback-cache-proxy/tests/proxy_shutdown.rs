@@ -104,28 +104,18 @@ async fn a_stream_longer_than_the_shutdown_timeout_is_cut_and_the_proxy_still_ex
 
 /// One chat request with the test's credential: (status, `x-fallback-cache`, body).
 async fn ask(proxy: &Proxy, prompt: &str) -> (u16, String, String) {
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", proxy.url()))
-        .header("authorization", format!("Bearer {}", common::API_KEY))
-        .header("content-type", "application/json")
-        .body(
-            serde_json::json!({
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": prompt}],
-            })
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap_or_else(|error| panic!("no answer to {prompt:?}: {error}\n{}", proxy.logs()));
-    let status = response.status().as_u16();
-    let cache = response
-        .headers()
-        .get("x-fallback-cache")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    (status, cache, response.text().await.expect("a body"))
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let answered = common::post_json(
+        &reqwest::Client::new(),
+        proxy.url(),
+        "/v1/chat/completions",
+        &body.to_string(),
+    )
+    .await;
+    (answered.status, answered.cache, answered.body)
 }
 
 /// The answers a paused Redis has not taken yet wait in the proxy's queue for it; told to

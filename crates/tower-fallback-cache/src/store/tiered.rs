@@ -653,13 +653,17 @@ mod tests {
         assert_eq!(tiered.usage().dropped, Some(2));
     }
 
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
     /// A single-threaded runtime that has shut down: a write made on it, its own tasks
     /// never run (as on a server's connection thread that ends with the server).
     fn write_on_a_runtime_that_ends(tiered: &Tiered<MemoryStore, MemoryStore>, i: u8) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
+        let runtime = current_thread();
         runtime
             .block_on(tiered.put(key(i), entry("written"), HOUR))
             .expect("tiered put");
@@ -689,10 +693,7 @@ mod tests {
         // Built outside any runtime: the queue starts on the runtime of the first write.
         let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20));
         write_on_a_runtime_that_ends(&tiered, 1);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
+        let runtime = current_thread();
         runtime.block_on(async {
             tiered
                 .put(key(2), entry("written"), HOUR)

@@ -169,3 +169,38 @@ async fn answers_waiting_for_a_paused_redis_when_the_proxy_stops_are_written_bef
         assert_eq!(&body, answer, "{prompt:?}");
     }
 }
+
+/// A Redis that stays paused: the flush gives up after `--shutdown-timeout`, and the proxy
+/// exits 0 and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_paused_for_good_holds_a_stop_no_longer_than_the_shutdown_timeout() {
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let url = redis.url();
+    let mut proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &url,
+        "--shutdown-timeout",
+        "1s",
+    ]);
+    redis.pause();
+    let (status, cache, body) = ask(&proxy, "Written to a Redis that never answers").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+    let started = Instant::now();
+    proxy.terminate();
+    let status = proxy.wait(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", proxy.logs());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        proxy.logs().contains("the store did not flush in time"),
+        "{}",
+        proxy.logs()
+    );
+    redis.resume();
+}

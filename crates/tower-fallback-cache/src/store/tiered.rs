@@ -505,6 +505,26 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// Whether the front has the answer of `key(i)`.
+    async fn in_front(tiered: &Tiered<MemoryStore, MemoryStore>, i: u8) -> bool {
+        tiered
+            .front()
+            .get(&key(i))
+            .await
+            .expect("front get")
+            .is_some()
+    }
+
+    /// Whether the back has the answer of `key(i)`.
+    async fn in_back(tiered: &Tiered<MemoryStore, MemoryStore>, i: u8) -> bool {
+        tiered
+            .back()
+            .get(&key(i))
+            .await
+            .expect("back get")
+            .is_some()
+    }
+
     #[tokio::test]
     async fn an_answer_found_only_in_the_back_is_copied_to_the_front() {
         let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20));
@@ -513,14 +533,7 @@ mod tests {
             .put(key(1), entry("from the back"), HOUR)
             .await
             .expect("back put");
-        assert!(
-            tiered
-                .front()
-                .get(&key(1))
-                .await
-                .expect("front get")
-                .is_none()
-        );
+        assert!(!in_front(&tiered, 1).await);
 
         let got = tiered
             .get(&key(1))
@@ -561,44 +574,16 @@ mod tests {
             .await
             .expect("tiered put");
         tiered.flush().await.expect("flush");
-        assert!(
-            tiered
-                .front()
-                .get(&key(2))
-                .await
-                .expect("front get")
-                .is_some()
-        );
-        assert!(
-            tiered
-                .back()
-                .get(&key(2))
-                .await
-                .expect("back get")
-                .is_some()
-        );
+        assert!(in_front(&tiered, 2).await);
+        assert!(in_back(&tiered, 2).await);
         tiered.back().run_pending_tasks().await;
         assert_eq!(tiered.usage().entries, Some(1));
         assert_eq!(tiered.usage().dropped, Some(0));
 
         tiered.remove(&key(2)).await.expect("tiered remove");
         tiered.flush().await.expect("flush");
-        assert!(
-            tiered
-                .front()
-                .get(&key(2))
-                .await
-                .expect("front get")
-                .is_none()
-        );
-        assert!(
-            tiered
-                .back()
-                .get(&key(2))
-                .await
-                .expect("back get")
-                .is_none()
-        );
+        assert!(!in_front(&tiered, 2).await);
+        assert!(!in_back(&tiered, 2).await);
     }
 
     #[tokio::test]
@@ -682,8 +667,7 @@ mod tests {
         write_on_a_runtime_that_ends(&tiered, 1);
         home.block_on(async {
             tiered.flush().await.expect("flush");
-            let found = tiered.back().get(&key(1)).await.expect("back get");
-            assert!(found.is_some(), "the write reached the back");
+            assert!(in_back(&tiered, 1).await, "the write reached the back");
             assert_eq!(tiered.usage().dropped, Some(0));
         });
     }
@@ -701,23 +685,11 @@ mod tests {
                 .expect("tiered put");
             tiered.flush().await.expect("flush");
             assert!(
-                tiered
-                    .back()
-                    .get(&key(2))
-                    .await
-                    .expect("back get")
-                    .is_some(),
+                in_back(&tiered, 2).await,
                 "a write after the first runtime ended reaches the back"
             );
             // The write that went with the first runtime is counted, its bytes released.
-            assert!(
-                tiered
-                    .back()
-                    .get(&key(1))
-                    .await
-                    .expect("back get")
-                    .is_none()
-            );
+            assert!(!in_back(&tiered, 1).await);
             assert_eq!(tiered.usage().dropped, Some(1));
             assert_eq!(tiered.queue.counts.bytes.load(Ordering::Relaxed), 0);
             // Still in front.

@@ -151,7 +151,12 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
             flushing.elapsed().as_millis()
         ),
         Ok(Err(error)) => tracing::warn!("stopped, but the store could not be flushed: {error}"),
-        Err(_) => tracing::warn!("stopped, but the store did not flush in time"),
+        Err(_) => {
+            tracing::warn!("stopped, but the store did not flush in time");
+            // A store that cannot flush (a disk or a Redis that does not answer) is not
+            // closed either: closing would wait for it again. The process ends without it.
+            std::mem::forget(store);
+        }
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
-//! Stores meeting real faults through the proxy: a full disk that gets space back, a file
-//! with damaged pages, and a small memory store under many answers. Every request is
-//! answered, the proxy says what is wrong (`/healthz`, `/metrics`, one log line), and the
-//! store heals.
+//! Stores meeting real faults through the proxy: a full disk that gets space back, a disk
+//! that stops answering (a frozen file system), a file with damaged pages, and a small
+//! memory store under many answers. Every request is answered, the proxy says what is
+//! wrong (`/healthz`, `/metrics`, one log line), and the store heals.
 
 mod common;
 
@@ -421,4 +421,193 @@ fn with_refuse_a_damaged_file_stops_the_start_with_one_line() {
         bytes,
         "left as it was"
     );
+}
+
+/// An ext4 file system of its own on a loop device, which can be frozen (`fsfreeze`: every
+/// write to it waits until it is thawed, as on a disk that stops answering or during a
+/// snapshot of the volume). Thawed and unmounted when dropped (pass or fail).
+struct LoopDisk {
+    dir: tempfile::TempDir,
+    mount: PathBuf,
+}
+
+impl LoopDisk {
+    /// Makes and mounts a 64 MiB file system; `None` (with the reason printed) where
+    /// mounting is not allowed, except under CI, where the test must run.
+    fn mount() -> Option<LoopDisk> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("disk.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).expect("the mount point");
+        std::fs::File::create(&image)
+            .and_then(|file| file.set_len(64 * 1024 * 1024))
+            .expect("the image file");
+        let run = |program: &str, args: &[&std::ffi::OsStr]| match Command::new(program)
+            .args(args)
+            .output()
+        {
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => Err(format!(
+                "{program}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Err(error) => Err(format!("{program}: {error}")),
+        };
+        let made = run(
+            "mkfs.ext4",
+            &["-q".as_ref(), "-F".as_ref(), image.as_os_str()],
+        )
+        .and_then(|()| {
+            run(
+                "mount",
+                &[
+                    "-o".as_ref(),
+                    "loop".as_ref(),
+                    image.as_os_str(),
+                    mount.as_os_str(),
+                ],
+            )
+        });
+        let why = match made {
+            Ok(()) => return Some(LoopDisk { dir, mount }),
+            Err(why) => why,
+        };
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!(
+                "cannot mount a loop file system ({why}); CI runs as root and must run this test"
+            );
+        }
+        eprintln!(
+            "skipped: cannot mount a loop file system ({why}); run as root to test a frozen disk"
+        );
+        None
+    }
+
+    fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Freezes the file system until the guard is dropped.
+    fn freeze(&self) -> Frozen<'_> {
+        let status = Command::new("fsfreeze")
+            .arg("-f")
+            .arg(&self.mount)
+            .status()
+            .expect("fsfreeze runs");
+        assert!(status.success(), "fsfreeze -f failed");
+        Frozen { disk: self }
+    }
+
+    fn thaw(&self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = &self.dir;
+    }
+}
+
+/// A frozen [`LoopDisk`], thawed when dropped: made after the proxy, so that it is thawed
+/// before the proxy is killed (a process waiting on a frozen file system cannot end).
+struct Frozen<'a> {
+    disk: &'a LoopDisk,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.disk.thaw();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_stops_answering_costs_the_store_never_a_request_or_the_stop() {
+    let Some(disk) = LoopDisk::mount() else {
+        return;
+    };
+    let path = disk.path().join("answers.redb");
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let store = disk_store(&path);
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--shutdown-timeout",
+        "2s",
+    ];
+    let mut proxy = Proxy::start(&args);
+    // Each request has its own bound: a request that waits on the disk fails the test.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("client");
+
+    let (status, cache, kept) = chat(&client, &proxy, "kept").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::metrics(proxy.url()).await["fallback_cache_store_entries"] < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "never committed\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let frozen = disk.freeze();
+    // New questions, each looked up on the disk (which the writer's commit now holds, stuck
+    // in the kernel): every one is answered.
+    for i in 0..8 {
+        let (status, cache, _) = chat(&client, &proxy, &format!("while frozen {i}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"), "{}", proxy.logs());
+    }
+    // The lookups that wait on the disk give up within the read timeout (1 s), and say so.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health = healthz(&proxy).await;
+        if health.starts_with("degraded: ") {
+            assert!(health.contains("did not answer a read"), "{health}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}\n{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The quota runs out: the answer in memory is still served.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let (status, cache, body) = chat(&client, &proxy, "kept").await;
+    assert_eq!((status, cache.as_str(), &body), (200, "FALLBACK", &kept));
+
+    // The stop gives up on the flush after --shutdown-timeout. (The process itself ends
+    // once the file system is thawed: a thread in a write to a frozen file system cannot
+    // end before, whatever the signal.)
+    proxy.terminate();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy
+        .logs()
+        .contains("stopped, but the store did not flush in time")
+    {
+        assert!(Instant::now() < deadline, "{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(frozen);
+    let exit = proxy.wait(Duration::from_secs(10));
+    assert!(exit.success(), "{exit:?}\n{}", proxy.logs());
+    assert_no_panic(&proxy);
+
+    // What was committed before the disk stopped is there for the next process.
+    let proxy = Proxy::start(&args);
+    let (status, cache, body) = chat(&client, &proxy, "kept").await;
+    assert_eq!(
+        (status, cache.as_str(), &body),
+        (200, "FALLBACK", &kept),
+        "{}",
+        proxy.logs()
+    );
+    assert_eq!(healthz(&proxy).await, "ok\n");
+    assert_no_panic(&proxy);
 }

@@ -2,6 +2,7 @@
 
 mod file;
 mod guard;
+mod readers;
 mod record;
 mod writer;
 
@@ -22,6 +23,7 @@ use crate::key::CacheKey;
 use crate::seal::Seal;
 use file::{Check, Fault, move_aside, open_file};
 use guard::{GuardedDatabase, guarded};
+use readers::{READERS, Readers};
 use record::Record;
 use writer::{Command, Value, Writer};
 
@@ -38,6 +40,14 @@ pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
 /// Hot answers belong in a [`MemoryStore`](super::MemoryStore) in front
 /// ([`Tiered`](super::Tiered)).
 pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How long a read of a disk store waits for the disk by default before it gives up (a
+/// store error: the request is answered without the store).
+pub const DEFAULT_DISK_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long dropping a disk store waits by default for the writer's last commit before it
+/// leaves it to finish on its own.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// What a [`DiskStore`] does with a file it finds damaged, at open or in use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,8 +97,11 @@ const LARGE_CHUNKS_FROM: &str = "large_chunks_from";
 /// `put` returns at once: the answer is handed to a background thread that commits
 /// whatever is queued in one transaction, and is visible to `get` from that moment. A
 /// commit that fails (a full disk) is reported by the next `put` or `flush`, so the layer
-/// counts it. Reads are point lookups made on the calling thread (redb serves them from its
-/// page cache in microseconds). Each answer expires after the time to live it was put with
+/// counts it. Reads are point lookups made on the store's reader threads (redb serves them
+/// from its page cache in microseconds), each waited for at most the
+/// [read timeout](DiskStoreBuilder::read_timeout), so that a disk that stalls (a frozen
+/// filesystem, a network volume that hangs) costs a request a bounded wait and a store
+/// error, never the caller's thread. Each answer expires after the time to live it was put with
 /// (checked on read, and removed by a periodic sweep), and the oldest answers are evicted
 /// when the store outgrows `max_bytes`. The file is created readable by its owner only
 /// (mode 0600).
@@ -102,8 +115,9 @@ const LARGE_CHUNKS_FROM: &str = "large_chunks_from";
 /// never a panic of the caller, and a file found damaged is handled as
 /// [`OnCorrupt`] says (by default moved aside, and a fresh file started).
 ///
-/// Dropping the store commits what is queued, then closes the file; [`flush`](Store::flush)
-/// waits until every accepted answer is committed. Only one store, in one process, can
+/// Dropping the store commits what is queued, then closes the file, waiting at most 10 s
+/// for a disk that does not answer (redb recovers a file left so when it is opened again);
+/// [`flush`](Store::flush) waits until every accepted answer is committed. Only one store, in one process, can
 /// have the file open at a time.
 ///
 /// ```
@@ -125,6 +139,9 @@ pub struct DiskStore {
     shared: Arc<Shared>,
     commands: Option<mpsc::Sender<Command>>,
     writer: Option<thread::JoinHandle<()>>,
+    /// Signalled by the writer thread as it returns.
+    writer_done: Mutex<mpsc::Receiver<()>>,
+    readers: Readers,
     path: PathBuf,
     max_bytes: u64,
 }
@@ -140,6 +157,7 @@ pub struct DiskStoreBuilder {
     max_queued_bytes: u64,
     page_cache_bytes: u64,
     on_corrupt: OnCorrupt,
+    read_timeout: Duration,
 }
 
 /// What the request path and the writer thread share.
@@ -210,6 +228,7 @@ impl DiskStore {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             page_cache_bytes: DEFAULT_PAGE_CACHE_BYTES,
             on_corrupt: OnCorrupt::default(),
+            read_timeout: DEFAULT_DISK_READ_TIMEOUT,
         }
     }
 
@@ -355,23 +374,57 @@ impl DiskStore {
         }
     }
 
-    fn read(
-        &self,
-        key: &CacheKey,
+    /// Reads `key`: from the answers not yet committed, else from the file, on a reader
+    /// thread.
+    fn read<'a>(
+        &'a self,
+        key: &'a CacheKey,
         seal: Option<&Seal>,
-    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+    ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
         if let Some(pending) = self.lock_pending().get(key) {
-            return Ok(match &pending.write {
+            let found = match &pending.write {
                 Some((entry, expires_at)) if *expires_at > unix_millis(SystemTime::now()) => {
                     Some(entry.clone())
                 }
                 _ => None,
-            });
+            };
+            return Box::pin(std::future::ready(Ok(found)));
         }
         let Some((db, opening)) = self.shared.database() else {
-            return Err(self.unusable());
+            return Box::pin(std::future::ready(Err(self.unusable())));
         };
-        match guarded(|| read_entry(&db, key, seal)) {
+        let (key, seal) = (*key, seal.copied());
+        Box::pin(async move {
+            let read = self
+                .readers
+                .run(move || guarded(|| read_entry(&db, &key, seal.as_ref())))
+                .await;
+            match read {
+                Ok(read) => self.outcome(read, opening),
+                Err(readers::Stalled) => Err(self.stalled()),
+            }
+        })
+    }
+
+    /// The error of a read the disk did not answer in time.
+    fn stalled(&self) -> StoreError {
+        backend(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "{} did not answer a read within {:?}: the disk is stalled or overloaded",
+                self.path.display(),
+                self.readers.timeout()
+            ),
+        ))
+    }
+
+    /// What a read on a reader thread found, as the store reports it.
+    fn outcome(
+        &self,
+        read: Result<Result<Option<Arc<CachedResponse>>, ReadError>, String>,
+        opening: u64,
+    ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
+        match read {
             Ok(Ok(found)) => Ok(found),
             Ok(Err(ReadError::Entry(error))) => Err(error),
             Ok(Err(ReadError::Redb(error))) => match Fault::of(error) {
@@ -623,6 +676,28 @@ impl DiskStoreBuilder {
         self
     }
 
+    /// How long a read waits for the disk (default 1 s, at least 1 ms). A read that takes
+    /// longer is a store error, so the request is answered without the store, and the
+    /// store reports itself degraded until a read comes back; once every reader thread has
+    /// waited longer, reads fail at once. Reads wait on a Tokio timer: the store is read
+    /// within a Tokio runtime with its time driver (as `#[tokio::main]` builds).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fallback_cache::store::DiskStore;
+    ///
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = DiskStore::builder(dir.path().join("answers.redb"))
+    ///     .read_timeout(Duration::from_millis(250))
+    ///     .open()?;
+    /// # drop(store);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
     /// Opens the file, creating it (mode 0600) if it does not exist, and starts the writer.
     ///
     /// Fails when the directory does not exist, the file cannot be read or written, is not
@@ -683,6 +758,7 @@ impl DiskStoreBuilder {
             page_cache_bytes,
             on_corrupt: self.on_corrupt,
         });
+        let readers = Readers::start(READERS, self.read_timeout).map_err(backend)?;
         let (commands, receiver) = mpsc::channel();
         let writer = Writer::new(
             shared.clone(),
@@ -690,14 +766,23 @@ impl DiskStoreBuilder {
             self.max_bytes,
             self.sweep_interval,
         );
+        let (done, writer_done) = mpsc::channel();
         let writer = thread::Builder::new()
             .name("fallback-cache-disk-writer".into())
-            .spawn(move || writer.run())
-            .map_err(backend)?;
+            .spawn(move || {
+                writer.run();
+                let _ = done.send(());
+            })
+            .map_err(|error| {
+                readers.close();
+                backend(error)
+            })?;
         Ok(DiskStore {
             shared,
             commands: Some(commands),
             writer: Some(writer),
+            writer_done: Mutex::new(writer_done),
+            readers,
             path: self.path,
             max_bytes: self.max_bytes,
         })
@@ -706,12 +791,29 @@ impl DiskStoreBuilder {
 
 impl Drop for DiskStore {
     fn drop(&mut self) {
+        self.readers.close();
         // Closing the channel lets the writer commit what is queued and return.
         drop(self.commands.take());
-        if let Some(writer) = self.writer.take() {
-            if writer.join().is_err() {
-                tracing::error!(path = %self.path.display(), "disk store writer panicked");
-            }
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        // A disk that does not answer holds the writer in its last commit: it is left to
+        // finish on its own (or with the process) rather than hold the caller for good.
+        let done = self
+            .writer_done
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv_timeout(CLOSE_WAIT);
+        if let Err(mpsc::RecvTimeoutError::Timeout) = done {
+            tracing::warn!(
+                "disk store: {} did not finish its last commit within {CLOSE_WAIT:?}; left to \
+                 finish on its own (an unfinished commit is rolled back when the file is opened again)",
+                self.path.display()
+            );
+            return;
+        }
+        if writer.join().is_err() {
+            tracing::error!(path = %self.path.display(), "disk store writer panicked");
         }
     }
 }
@@ -730,8 +832,7 @@ impl std::fmt::Debug for DiskStore {
 
 impl Store for DiskStore {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        let found = self.read(key, None);
-        Box::pin(async move { found })
+        self.read(key, None)
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()> {
@@ -744,8 +845,7 @@ impl Store for DiskStore {
         key: &'a CacheKey,
         seal: &'a Seal,
     ) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
-        let found = self.read(key, Some(seal));
-        Box::pin(async move { found })
+        self.read(key, Some(seal))
     }
 
     fn put_sealed(
@@ -811,6 +911,9 @@ impl Store for DiskStore {
     }
 
     fn health(&self) -> StoreHealth {
+        if self.readers.stalled() {
+            return StoreHealth::Degraded(self.stalled().to_string());
+        }
         self.shared.health.get()
     }
 

@@ -23,8 +23,9 @@ pub use self::redis::{
 #[cfg(feature = "disk")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
 pub use disk::{
-    DEFAULT_DISK_MAX_BYTES, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PAGE_CACHE_BYTES,
-    DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt, StoredEntry,
+    DEFAULT_DISK_MAX_BYTES, DEFAULT_DISK_READ_TIMEOUT, DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_PAGE_CACHE_BYTES, DEFAULT_SWEEP_INTERVAL, DiskStore, DiskStoreBuilder, OnCorrupt,
+    StoredEntry,
 };
 #[cfg(any(feature = "disk", feature = "redis"))]
 pub(crate) use health::HealthCell;

@@ -112,6 +112,8 @@ fn without_terminal(api: &Api, crlf: bool) -> Vec<Bytes> {
 enum Next {
     /// A 200 `text/event-stream`, each event a frame, then a clean end.
     Stream(Vec<Bytes>),
+    /// The same, declared with this content type (or none).
+    StreamAs(Option<&'static str>, Vec<Bytes>),
     /// A 200 with this content type and body.
     Plain(&'static str, Bytes),
     /// A 200 event stream fed by the test through the sender it finds in `senders`.
@@ -159,15 +161,23 @@ impl Upstream {
                         .body(body)
                         .expect("valid response")
                 };
+                let stream = |events: Vec<Bytes>| {
+                    let frames = events
+                        .into_iter()
+                        .map(|e| Ok::<_, std::io::Error>(http_body::Frame::data(e)));
+                    http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+                };
                 Ok::<_, Infallible>(match next {
-                    Next::Stream(events) => {
-                        let frames = events
-                            .into_iter()
-                            .map(|e| Ok::<_, std::io::Error>(http_body::Frame::data(e)));
-                        sse(
-                            http_body_util::StreamBody::new(futures_util::stream::iter(frames))
-                                .boxed(),
-                        )
+                    Next::Stream(events) => sse(stream(events)),
+                    Next::StreamAs(content_type, events) => {
+                        let mut response = Response::new(stream(events));
+                        if let Some(content_type) = content_type {
+                            response.headers_mut().insert(
+                                "content-type",
+                                content_type.parse().expect("a header value"),
+                            );
+                        }
+                        response
                     }
                     Next::Plain(content_type, body) => Response::builder()
                         .header("content-type", content_type)
@@ -355,6 +365,54 @@ async fn every_protocol_stores_its_complete_stream_and_never_a_failing_one() {
                 );
                 let (status, _) = ask(&service, api.path, what).await;
                 assert_eq!(status, "MISS", "{ctx}: {what}: a failing answer was served");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_is_judged_as_one_whatever_case_or_type_it_is_declared_with() {
+    for api in &APIS {
+        for content_type in [
+            Some("Text/Event-Stream"),
+            Some("TEXT/EVENT-STREAM; charset=UTF-8"),
+            Some("text/plain"),
+            None,
+        ] {
+            let ctx = format!("{} ({content_type:?})", api.name);
+            let event_stream = content_type
+                .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"));
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            for (what, variant) in failing_variants(api, false) {
+                upstream.answer(Next::StreamAs(content_type, variant.clone()));
+                let (status, got) = ask(&service, api.path, what).await;
+                assert_eq!((status.as_str(), &got), ("MISS", &variant), "{ctx}: {what}");
+                upstream.answer(Next::Quota(api.quota));
+                let (status, got) = ask(&service, api.path, what).await;
+                assert_eq!(
+                    status,
+                    "MISS",
+                    "{ctx}: {what}: replayed {:?}",
+                    String::from_utf8_lossy(&got.concat())
+                );
+            }
+            assert_eq!(layer.stats().snapshot().stored, 0, "{ctx}");
+
+            // A complete stream declared as one in any case is stored; under another type
+            // it is not JSON, which a completion endpoint always answers otherwise, so it is
+            // not stored either (a miss, never a wrong answer).
+            let complete = fixture_events(api.complete, false);
+            upstream.answer(Next::StreamAs(content_type, complete.clone()));
+            ask(&service, api.path, "complete").await;
+            upstream.answer(Next::Quota(api.quota));
+            let (status, got) = ask(&service, api.path, "complete").await;
+            if event_stream {
+                assert_eq!(status, "FALLBACK", "{ctx}");
+                assert_eq!(got.concat(), complete.concat(), "{ctx}");
+            } else {
+                assert_eq!(status, "MISS", "{ctx}");
             }
         }
     }

@@ -68,10 +68,7 @@ impl Capture {
         max_bytes: usize,
         rules: Box<dyn Completeness>,
     ) -> Self {
-        let is_event_stream = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        let is_event_stream = super::is_event_stream(&headers);
         let expected_len =
             super::content_length(&headers).and_then(|len| usize::try_from(len).ok());
         Self {

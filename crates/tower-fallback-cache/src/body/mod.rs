@@ -26,6 +26,21 @@ pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Whether a message is a server-sent event stream: its media type is `text/event-stream`,
+/// in any case (media types are case-insensitive), with or without parameters.
+pub(crate) fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("text/event-stream")
+        })
+}
+
 /// `hint` grown by `extra` bytes already in hand.
 pub(crate) fn size_hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
     let mut sum = SizeHint::new();

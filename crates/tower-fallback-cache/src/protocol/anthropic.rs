@@ -4,8 +4,10 @@
 //! after the 200), or a body that ends before `message_stop`, fails it. `ping` events decide
 //! nothing.
 
+use http::HeaderMap;
 use http::request::Parts;
 
+use super::json::json_body_is_good;
 use super::{Completeness, Event, Protocol, Verdict, path};
 
 /// The Anthropic Messages API: requests whose path ends with `/messages` (not those of
@@ -43,6 +45,11 @@ impl Completeness for MessagesStream {
     /// The deciding kinds, and `\u` for a type written with escapes.
     fn needles(&self) -> Option<&'static [&'static [u8]]> {
         Some(&[b"message_stop", b"error", b"\\u"])
+    }
+
+    /// JSON, whatever its declared type: see [`json_body_is_good`].
+    fn body_is_good(&self, _headers: &HeaderMap, body: &[u8]) -> bool {
+        json_body_is_good(body)
     }
 }
 

@@ -2,16 +2,18 @@
 //! (the Gemini API and Vertex AI).
 //!
 //! A stream is `data:` events only, each a whole `GenerateContentResponse`, with no closing
-//! event: it is complete when the body ends after a chunk that carries a `finishReason`. A
-//! chunk with an `error` fails it; so does a body that ends before a `finishReason`. The
-//! live API ends its lines in CRLF.
+//! event: it is complete when the body ends and every candidate it carried (one unless
+//! `candidateCount` asks for more, each told by its `index`) has had a chunk with a
+//! `finishReason` (a non-empty string other than `FINISH_REASON_UNSPECIFIED`; a `null`
+//! one, as some gateways write in every chunk, says nothing). A chunk with an `error` fails
+//! it; so does a body that ends before. The live API ends its lines in CRLF.
 
-use std::sync::LazyLock;
-
+use http::HeaderMap;
 use http::request::Parts;
+use serde::Deserialize;
 
-use super::json::says_failed;
-use super::{Completeness, Event, Needles, Protocol, Verdict, path};
+use super::json::{json_body_is_good, says_failed};
+use super::{Completeness, Event, Protocol, Verdict, path};
 
 /// The Gemini API: requests whose path has `:generateContent` or `:streamGenerateContent`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,13 +30,36 @@ impl Protocol for Gemini {
     }
 
     fn completeness(&self, _request: &Parts) -> Box<dyn Completeness> {
-        Box::new(GenerateContentStream { finished: false })
+        Box::new(GenerateContentStream::default())
     }
 }
 
-/// Complete at the end of the body, once a chunk said `finishReason`.
+/// More candidates than this in one answer (the API allows 8) is not an answer to keep.
+const MAX_CANDIDATES: usize = 64;
+
+/// Complete at the end of the body, once every candidate seen has finished.
+#[derive(Default)]
 struct GenerateContentStream {
-    finished: bool,
+    /// Each candidate seen, by index, and whether it has finished.
+    candidates: Vec<(u32, bool)>,
+    /// A chunk that could not be read as a `GenerateContentResponse`, or too many
+    /// candidates: the answer is not kept.
+    unreadable: bool,
+}
+
+/// What the judge reads of a chunk.
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+}
+
+#[derive(Deserialize)]
+struct Candidate {
+    #[serde(default)]
+    index: u32,
+    #[serde(rename = "finishReason", default)]
+    finish_reason: Option<String>,
 }
 
 impl Completeness for GenerateContentStream {
@@ -43,22 +68,38 @@ impl Completeness for GenerateContentStream {
         if event.name() == "error" || says_failed(data) {
             return Verdict::Failed;
         }
-        static FINISH_REASON: LazyLock<Needles> =
-            LazyLock::new(|| Needles::new(&[b"\"finishReason\""]));
-        if !self.finished && FINISH_REASON.any_in(data) {
-            self.finished = true;
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+            self.unreadable = true;
+            return Verdict::Pending;
+        };
+        for candidate in chunk.candidates {
+            let finished = candidate
+                .finish_reason
+                .is_some_and(|reason| !reason.is_empty() && reason != "FINISH_REASON_UNSPECIFIED");
+            let seen = self
+                .candidates
+                .iter()
+                .position(|&(i, _)| i == candidate.index);
+            match seen {
+                Some(at) => self.candidates[at].1 |= finished,
+                None if self.candidates.len() < MAX_CANDIDATES => {
+                    self.candidates.push((candidate.index, finished));
+                }
+                None => self.unreadable = true,
+            }
         }
         Verdict::Pending
     }
 
     fn end_of_stream(&mut self) -> bool {
-        self.finished
+        !self.unreadable
+            && !self.candidates.is_empty()
+            && self.candidates.iter().all(|&(_, done)| done)
     }
 
-    /// `error` (in an `"error"` member, which is only looked for written as such, or an
-    /// `error` event) and `"finishReason"`, each only looked for as written.
-    fn needles(&self) -> Option<&'static [&'static [u8]]> {
-        Some(&[b"error", b"\"finishReason\""])
+    /// JSON, whatever its declared type: see [`json_body_is_good`].
+    fn body_is_good(&self, _headers: &HeaderMap, body: &[u8]) -> bool {
+        json_body_is_good(body)
     }
 }
 
@@ -66,6 +107,58 @@ impl Completeness for GenerateContentStream {
 mod tests {
     use super::super::tests::judge;
     use super::*;
+
+    #[test]
+    fn a_finish_reason_that_says_nothing_or_of_another_candidate_does_not_end_a_stream() {
+        let path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent";
+        let chunk = |candidates: &str| format!("data: {{\"candidates\": [{candidates}]}}\r\n\r\n");
+        let text = |index: u32, text: &str, finish: &str| {
+            format!(
+                r#"{{"content": {{"parts": [{{"text": "{text}"}}], "role": "model"}}, {finish}"index": {index}}}"#
+            )
+        };
+        // Null, empty or unspecified: no candidate has finished.
+        for finish in [
+            r#""finishReason": null, "#,
+            r#""finishReason": "", "#,
+            r#""finishReason": "FINISH_REASON_UNSPECIFIED", "#,
+        ] {
+            let stream = [
+                chunk(&text(0, "The capital", finish)),
+                chunk(&text(0, " of France", finish)),
+            ]
+            .concat();
+            assert_eq!(judge(&Gemini, path, &stream), Some(false), "{finish}");
+        }
+        // A `finishReason` key inside a function call's arguments is not the candidate's.
+        let call = r#"{"content": {"parts": [{"functionCall": {"name": "f", "args": {"finishReason": "STOP"}}}], "role": "model"}, "index": 0}"#;
+        assert_eq!(judge(&Gemini, path, &chunk(call)), Some(false));
+        // Two candidates (candidateCount 2): whole only once both have finished.
+        let first_done = chunk(&format!(
+            "{}, {}",
+            text(0, "Paris.", r#""finishReason": "STOP", "#),
+            text(1, "The capital", "")
+        ));
+        let cut = [first_done.clone(), chunk(&text(1, " of France", ""))].concat();
+        assert_eq!(judge(&Gemini, path, &cut), Some(false));
+        let whole = [
+            first_done,
+            chunk(&text(
+                1,
+                " of France is Paris.",
+                r#""finishReason": "STOP", "#,
+            )),
+        ]
+        .concat();
+        assert_eq!(judge(&Gemini, path, &whole), Some(true));
+        // A chunk that is not a GenerateContentResponse: not kept.
+        let odd = [
+            chunk(&text(0, "Paris.", r#""finishReason": "STOP", "#)),
+            "data: [1, 2]\r\n\r\n".to_owned(),
+        ]
+        .concat();
+        assert_eq!(judge(&Gemini, path, &odd), Some(false));
+    }
 
     #[test]
     fn streams_end_after_a_finish_reason_and_fail_on_an_error_chunk() {

@@ -27,6 +27,15 @@ pub fn default_body_is_good(headers: &HeaderMap, body: &[u8]) -> bool {
     }
 }
 
+/// The rule of the built-in protocols for a whole, non-streamed 2xx answer of their
+/// endpoints, which answer JSON or an event stream and nothing else: the body must parse as
+/// JSON and must not say it failed (as [`default_body_is_good`] reads it), whatever type it
+/// is declared with. An event stream sent under another type (`text/plain`, or none) is
+/// therefore never stored as a plain body, where a stream cut or failed would pass.
+pub(crate) fn json_body_is_good(body: &[u8]) -> bool {
+    serde_json::from_slice::<Outcome>(body).is_ok_and(|outcome| !outcome.failed)
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers
         .get(http::header::CONTENT_TYPE)

@@ -1,6 +1,6 @@
 //! The search for a judge's [needles](super::Completeness::needles) in a chunk of a stream,
 //! whether any occurs (asked of most chunks a capture sees), and for the words the built-in
-//! judges look for in an event (`"error"`, `"finishReason"`).
+//! judges look for in an event (`"error"`).
 
 use memchr::arch::all::packedpair::HeuristicFrequencyRank;
 use memchr::memmem::{Finder, FinderBuilder};

@@ -6,9 +6,10 @@
 //! | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
 //! | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event |
 
+use http::HeaderMap;
 use http::request::Parts;
 
-use super::json::says_failed;
+use super::json::{json_body_is_good, says_failed};
 use super::{Completeness, Event, Protocol, Verdict, path};
 
 /// The OpenAI API family: chat completions, legacy completions and the Responses API, and
@@ -79,6 +80,11 @@ impl Completeness for CompletionsStream {
     fn needles(&self) -> Option<&'static [&'static [u8]]> {
         Some(&[b"error", b"[DONE]"])
     }
+
+    /// JSON, whatever its declared type: see [`json_body_is_good`].
+    fn body_is_good(&self, _headers: &HeaderMap, body: &[u8]) -> bool {
+        json_body_is_good(body)
+    }
 }
 
 /// Responses: complete at `response.completed` or `response.incomplete` (the terminal
@@ -99,6 +105,11 @@ impl Completeness for ResponsesStream {
     /// `response.incomplete`), and `\u` for a type written with escapes.
     fn needles(&self) -> Option<&'static [&'static [u8]]> {
         Some(&[b"complete", b"fail", b"error", b"\\u"])
+    }
+
+    /// JSON, whatever its declared type: see [`json_body_is_good`].
+    fn body_is_good(&self, _headers: &HeaderMap, body: &[u8]) -> bool {
+        json_body_is_good(body)
     }
 }
 

@@ -384,3 +384,30 @@ async fn each_request_is_timed_under_its_cache_status_and_each_store_operation_b
         assert!(!line.contains("answers.redb"), "a file in {line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suspended_credentials_gauge_is_back_to_zero_once_the_cooldown_ends() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--quota-cooldown",
+        "1s",
+        "--quota-cooldown-max",
+        "1h",
+    ]);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let response = chat(&proxy, "/v1/chat/completions", "a question", None).await;
+    assert_eq!(response.status(), 429);
+    let gauge = "fallback_cache_suspended_partitions";
+    assert_eq!(common::metrics(proxy.url()).await[gauge], 1);
+    // The cooldown ends and no request comes: the credential is no longer suspended (its
+    // next request asks the upstream), and an alert on `> 0` stops firing.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let metrics = common::metrics(proxy.url()).await;
+    assert_eq!(metrics[gauge], 0, "{metrics:?}");
+    assert_eq!(metrics["fallback_cache_quota_breaker_openings_total"], 1);
+}

@@ -198,6 +198,17 @@ impl Breaker {
         let gauge = stats.clone();
         let suspended = Arc::new(Suspended::default());
         let read_side = Arc::clone(&suspended);
+        // Suspended now: a request of the partition would be answered without the upstream
+        // (its cooldown is not over, or a probe is at the upstream).
+        let counted = Arc::clone(&suspended);
+        stats.counters().suspended_now.set(move || {
+            let now = Instant::now();
+            let suspended = counted.read().unwrap_or_else(PoisonError::into_inner);
+            suspended
+                .values()
+                .filter(|s| s.until > now || s.probing.load(Ordering::Acquire))
+                .count() as u64
+        });
         let partitions = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_: &PartitionId, suspension: &Arc<Suspension>| {
@@ -540,6 +551,28 @@ mod tests {
             }
             _ => panic!("suspended"),
         }
+    }
+
+    #[test]
+    fn a_partition_counts_as_suspended_until_its_cooldown_ends_without_any_request() {
+        let stats = Stats::default();
+        let policy = QuotaBreaker::new()
+            .cooldown(Duration::from_millis(50))
+            .max_cooldown(Duration::from_secs(600));
+        let breaker = Arc::new(Breaker::new(policy, stats.clone()));
+        breaker.quota_exhausted(partition(1), quota_error(10), None);
+        assert_eq!(stats.snapshot().suspended_partitions, 1);
+        // The cooldown ends and no request comes: no longer suspended, though the breaker
+        // still holds the suspension (it probes with the next request).
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(stats.snapshot().suspended_partitions, 0);
+        // The probe is at the upstream: its partition's other requests wait on it.
+        let Admission::Probe(probe) = breaker.admit(partition(1)) else {
+            panic!("the next request probes");
+        };
+        assert_eq!(stats.snapshot().suspended_partitions, 1);
+        drop(probe);
+        assert_eq!(stats.snapshot().suspended_partitions, 0);
     }
 
     #[test]

@@ -37,7 +37,11 @@ pub(crate) struct Counters {
     pub(crate) breaker_openings: AtomicU64,
     pub(crate) breaker_closings: AtomicU64,
     pub(crate) suspended: AtomicU64,
+    /// Suspensions the breaker holds (some past their cooldown, until it forgets them): a
+    /// request reads the breaker's state only while this is not zero.
     pub(crate) suspended_partitions: AtomicU64,
+    /// Counts the partitions suspended now, for the snapshot.
+    pub(crate) suspended_now: SuspendedNow,
     pub(crate) coalesced: AtomicU64,
     pub(crate) covered: AtomicU64,
     pub(crate) uncovered: AtomicU64,
@@ -45,6 +49,28 @@ pub(crate) struct Counters {
     pub(crate) key_memo_misses: AtomicU64,
     pub(crate) covered_age: AgeCounters,
     pub(crate) fallback_age: AgeCounters,
+}
+
+/// How a snapshot counts the partitions suspended now: set by the quota breaker, which
+/// knows when each suspension's cooldown ends. (The count of suspensions it holds stays up
+/// until it forgets one, a while after its cooldown, and only at its next upkeep.)
+#[derive(Default)]
+pub(crate) struct SuspendedNow(std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>);
+
+impl SuspendedNow {
+    pub(crate) fn set(&self, count: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.0.set(Box::new(count));
+    }
+
+    fn count(&self) -> Option<u64> {
+        self.0.get().map(|count| count())
+    }
+}
+
+impl std::fmt::Debug for SuspendedNow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SuspendedNow").field(&self.count()).finish()
+    }
 }
 
 /// The upper bounds, in seconds, of the buckets of an [`AgeHistogram`]: 1 min, 5 min,
@@ -146,7 +172,8 @@ pub struct StatsSnapshot {
     /// Requests answered without calling the upstream because their partition was
     /// suspended (counted in `fallbacks` or `misses` as well).
     pub suspended: u64,
-    /// Partitions suspended now.
+    /// Partitions suspended now: whose requests would be answered without the upstream
+    /// (their cooldown is not over, or a probe is at the upstream).
     pub suspended_partitions: u64,
     /// Cache-first requests that waited for an identical request's call instead of making
     /// their own, and were served its answer.
@@ -202,7 +229,10 @@ impl Stats {
             breaker_openings: load(&c.breaker_openings),
             breaker_closings: load(&c.breaker_closings),
             suspended: load(&c.suspended),
-            suspended_partitions: load(&c.suspended_partitions),
+            suspended_partitions: c
+                .suspended_now
+                .count()
+                .unwrap_or_else(|| load(&c.suspended_partitions)),
             coalesced: load(&c.coalesced),
             covered: load(&c.covered),
             uncovered: load(&c.uncovered),

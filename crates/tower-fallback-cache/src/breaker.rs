@@ -13,12 +13,61 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderValue, StatusCode};
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::notification::RemovalCause;
 
 use crate::entry::CachedResponse;
 use crate::partition::PartitionId;
 use crate::stats::{Counters, Stats};
+
+/// What the upstream meters a request's quota by, the breaker's partition: the credential,
+/// and the account, project or model the request names where the upstream keeps a quota
+/// for each (`OpenAI-Organization` and `OpenAI-Project`, one key serving several; Gemini's
+/// model, in the path, whose free tier counts per model). So one organization's or model's
+/// exhausted quota does not suspend another's. `None` for requests that spend no quota and
+/// are never suspended: reads (anything but `POST`, such as `GET /v1/models`) and token
+/// counts (Anthropic's `/count_tokens`, Gemini's `:countTokens`).
+pub(crate) fn quota_scope(credential: PartitionId, parts: &Parts) -> Option<PartitionId> {
+    static ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+    static PROJECT: HeaderName = HeaderName::from_static("openai-project");
+    if parts.method != Method::POST {
+        return None;
+    }
+    let path = parts.uri.path();
+    if path.ends_with("/count_tokens") || path.ends_with(":countTokens") {
+        return None;
+    }
+    let model = gemini_model(path);
+    let organization = parts.headers.get(&ORGANIZATION);
+    let project = parts.headers.get(&PROJECT);
+    if model.is_none() && organization.is_none() && project.is_none() {
+        return Some(credential);
+    }
+    // Each field length-prefixed, so that no two lists of them hash alike.
+    let mut hasher = blake3::Hasher::new_derive_key("fallback-cache quota scope v1");
+    hasher.update(credential.as_bytes());
+    for field in [
+        model.map(str::as_bytes),
+        organization.map(HeaderValue::as_bytes),
+        project.map(HeaderValue::as_bytes),
+    ] {
+        let field = field.unwrap_or_default();
+        hasher.update(&(field.len() as u64).to_le_bytes());
+        hasher.update(field);
+    }
+    Some(PartitionId::from_hash(*hasher.finalize().as_bytes()))
+}
+
+/// The model of a Gemini (or Vertex AI) generation path: `{model}` of
+/// `…/models/{model}:generateContent` or `:streamGenerateContent`.
+fn gemini_model(path: &str) -> Option<&str> {
+    let (head, method) = path.rsplit_once(':')?;
+    if method != "generateContent" && method != "streamGenerateContent" {
+        return None;
+    }
+    head.rsplit_once("/models/").map(|(_, model)| model)
+}
 
 /// The default first cooldown after a quota error: 60 seconds.
 pub const DEFAULT_QUOTA_COOLDOWN: Duration = Duration::from_secs(60);

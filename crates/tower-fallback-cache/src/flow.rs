@@ -20,7 +20,7 @@ use crate::body::{
     Capture, CaptureSink, Collected, RequestBody, ResponseBody, bounded_by, collect_all,
     collect_up_to, content_length,
 };
-use crate::breaker::Admission;
+use crate::breaker::{Admission, quota_scope};
 use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
 use crate::entry::{CachedResponse, key_header_value};
@@ -276,8 +276,18 @@ where
             }
         }
 
-        // 3. The quota breaker: a suspended credential does not call the upstream.
-        let probe = match shared.breaker.admit(credential) {
+        // 3. The quota breaker: a suspended credential (for this account, project or model)
+        // does not call the upstream; requests that spend no quota are never suspended.
+        let quota = if shared.breaker.is_enabled() {
+            quota_scope(credential, &parts)
+        } else {
+            None
+        };
+        let admission = match quota {
+            Some(quota) => shared.breaker.admit(quota),
+            None => Admission::Call,
+        };
+        let probe = match admission {
             Admission::Call => None,
             Admission::Probe(probe) => Some(probe),
             Admission::Suspended {
@@ -414,10 +424,10 @@ where
             }
         };
         let reason = shared.classifier.classify(status, &parts.headers, &prefix);
-        if reason == Some(Reason::InsufficientQuota)
+        if let Some(quota) = quota
+            && reason == Some(Reason::InsufficientQuota)
             && rest.is_none()
             && error.is_none()
-            && shared.breaker.is_enabled()
         {
             // Kept whole, so that requests of a suspended partition get the same error (with
             // a `date` of when it is served, not of when it was first sent).
@@ -426,7 +436,7 @@ where
             let last_error = CachedResponse::new(status, headers, vec![prefix.clone()]);
             shared
                 .breaker
-                .quota_exhausted(credential, Arc::new(last_error), probe);
+                .quota_exhausted(quota, Arc::new(last_error), probe);
         }
 
         // 6. Fall back.

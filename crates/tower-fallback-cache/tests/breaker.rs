@@ -315,6 +315,114 @@ async fn other_credentials_and_other_failures_are_not_suspended() {
     assert_eq!(layer.stats().snapshot().breaker_openings, 1);
 }
 
+/// A request of key `sk-a` to `method path`, with these extra headers.
+fn request_to(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", "Bearer sk-a")
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let body = if method == "GET" { "" } else { CHAT_REQUEST };
+    builder
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid request")
+}
+
+#[tokio::test]
+async fn one_key_s_exhausted_organization_project_or_model_does_not_suspend_its_others_nor_free_requests()
+ {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // The quota of organization `org-a`, of project `proj-a` and of the model
+    // `gemini-2.5-flash` is gone; everything else is answered.
+    let upstream = service_fn(move |request: Req| {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .map(|v| v.to_str().expect("ascii").to_owned())
+            };
+            let exhausted = header("openai-organization").as_deref() == Some("org-a")
+                || header("openai-project").as_deref() == Some("proj-a")
+                || request.uri().path().contains("/gemini-2.5-flash:");
+            Ok::<_, Infallible>(if exhausted {
+                provider_error("openai-429-insufficient_quota")
+            } else {
+                json_response(StatusCode::OK, chat_completion())
+            })
+        }
+    });
+    let layer = FallbackCacheLayer::new();
+    let service = layer.layer(upstream);
+    let send = |request: Request<Full<Bytes>>| {
+        let service = service.clone();
+        async move {
+            let response = service.oneshot(request).await.expect("ok");
+            let status = response.status();
+            read_body(response.into_body()).await;
+            status
+        }
+    };
+    let flash = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
+    let chat = "/v1/chat/completions";
+    for (exhausted, other) in [
+        (
+            request_to("POST", chat, &[("openai-organization", "org-a")]),
+            request_to("POST", chat, &[("openai-organization", "org-b")]),
+        ),
+        (
+            request_to("POST", chat, &[("openai-project", "proj-a")]),
+            request_to("POST", chat, &[("openai-project", "proj-b")]),
+        ),
+        (request_to("POST", flash, &[]), request_to("POST", pro, &[])),
+    ] {
+        let (path, headers) = (exhausted.uri().clone(), exhausted.headers().clone());
+        let again = {
+            let mut again = Request::post(path.clone())
+                .body(Full::new(Bytes::from(CHAT_REQUEST)))
+                .expect("valid request");
+            *again.headers_mut() = headers.clone();
+            again
+        };
+        let before = calls.load(Ordering::SeqCst);
+        assert_eq!(send(exhausted).await, StatusCode::TOO_MANY_REQUESTS);
+        // Suspended: the same organization, project or model does not reach the upstream.
+        assert_eq!(send(again).await, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before + 1,
+            "{path} {headers:?}"
+        );
+        // Another one of the same key does, and is answered.
+        assert_eq!(send(other).await, StatusCode::OK, "{path} {headers:?}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before + 2,
+            "{path} {headers:?}"
+        );
+    }
+    // Requests that spend no quota reach the upstream even for the exhausted organization:
+    // the list of models, a count of tokens (Anthropic's and Gemini's).
+    let org_a = [("openai-organization", "org-a")];
+    let before = calls.load(Ordering::SeqCst);
+    for free in [
+        request_to("GET", "/v1/models", &org_a),
+        request_to("POST", "/v1/messages/count_tokens", &org_a),
+        request_to("POST", "/v1beta/models/gemini-2.5-flash:countTokens", &[]),
+    ] {
+        send(free).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), before + 3);
+    assert_eq!(layer.stats().snapshot().breaker_openings, 3);
+}
+
 #[tokio::test]
 async fn without_the_breaker_every_request_reaches_the_upstream() {
     let upstream = Upstream::default();

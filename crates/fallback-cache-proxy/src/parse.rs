@@ -321,10 +321,14 @@ pub(crate) fn secret_file(path: &str) -> Result<Vec<u8>, String> {
 }
 
 /// `--tenants`: a file of `FINGERPRINT TENANT` lines (blank lines and `#` comments skipped).
+/// A fingerprint given two tenants is refused: whichever line won, one team would be served
+/// the other's answers.
 pub(crate) fn tenants(path: &str) -> Result<tower_fallback_cache::Tenants, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read the tenant file: {error}"))?;
     let mut tenants = tower_fallback_cache::Tenants::new();
+    let mut seen: std::collections::HashMap<String, (usize, &str)> =
+        std::collections::HashMap::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
@@ -343,6 +347,20 @@ pub(crate) fn tenants(path: &str) -> Result<tower_fallback_cache::Tenants, Strin
                 "line {}: {fingerprint:?} is not a fingerprint (24 hex digits, from `fallback-cache-proxy fingerprint`)",
                 number + 1
             ));
+        }
+        match seen.entry(fingerprint.to_ascii_lowercase()) {
+            std::collections::hash_map::Entry::Occupied(first) if first.get().1 != tenant => {
+                let (line, first_tenant) = *first.get();
+                return Err(format!(
+                    "line {}: fingerprint {fingerprint} is already tenant {first_tenant:?} on line {line}; \
+                     one credential belongs to one tenant",
+                    number + 1
+                ));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert((number + 1, tenant));
+            }
         }
         tenants.insert(fingerprint, tenant);
     }

@@ -379,6 +379,36 @@ fn fingerprint(key: &str) -> String {
     printed.trim().to_owned()
 }
 
+#[test]
+fn a_tenant_file_that_gives_one_key_two_tenants_is_refused() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let tenants = dir.path().join("tenants.txt");
+    let (a, b) = (
+        fingerprint("sk-team-a-0123456789"),
+        fingerprint("sk-team-b-0123456789"),
+    );
+    // A line copied and not edited: team-a's key also listed as team-b's.
+    std::fs::write(&tenants, format!("{a} team-a\n{b} team-b\n{a} team-b\n"))
+        .expect("the tenant file");
+    let tenants = tenants.display().to_string();
+    let args = [
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--store",
+        "memory",
+        "--tenants",
+        &tenants,
+    ];
+    let envs = [("FALLBACK_CACHE_SECRET", "a server secret of 32 bytes....")];
+    let (status, stderr) = common::run_to_end(&args, &envs);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("line 3") && stderr.contains("already tenant \"team-a\" on line 1"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_of_a_tenant_is_served_its_answers_and_an_outsider_nothing() {
     let (old_key, new_key) = ("sk-acme-old-0123456789", "sk-acme-new-9876543210");

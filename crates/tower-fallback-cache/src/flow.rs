@@ -378,8 +378,9 @@ where
             Counters::add(&counters.misses);
             let (mut parts, body) = response.into_parts();
             clean_upstream_head(status, &mut parts.headers, true);
-            let body = if status.is_success() && storable(&parts.headers, shared.max_response_body)
-            {
+            // A 206 is a part of an answer, to a request whose `range` the key does not hold.
+            let whole = status.is_success() && status != StatusCode::PARTIAL_CONTENT;
+            let body = if whole && storable(&parts.headers, shared.max_response_body) {
                 let sink = CaptureSink {
                     key,
                     store: shared.store.clone(),

@@ -475,6 +475,42 @@ async fn an_answer_encoded_against_the_request_is_passed_on_but_never_stored() {
 }
 
 #[tokio::test]
+async fn a_partial_answer_to_a_range_request_is_passed_on_but_never_stored() {
+    let (upstream, _) = upstream(|_, n| {
+        if n > 0 {
+            return provider_error("openai-429-insufficient_quota");
+        }
+        // A slice of the list that is itself valid JSON.
+        Response::builder()
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header("content-type", "application/json")
+            .header("content-range", "bytes 11-16/218")
+            .body(full(Bytes::from_static(b"\"list\"")))
+            .expect("valid response")
+    });
+    let layer = FallbackCacheLayer::new();
+    let service = layer.clone().layer(upstream);
+    let models = |range: Option<&str>| {
+        let mut request = Request::get("/v1/models").header("authorization", "Bearer sk-a");
+        if let Some(range) = range {
+            request = request.header("range", range);
+        }
+        request
+            .body(Full::new(Bytes::new()))
+            .expect("valid request")
+    };
+    let (first, body) = send(&service, models(Some("bytes=11-16"))).await;
+    assert_eq!(first.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, b"\"list\"".as_slice());
+    assert_eq!(layer.stats().snapshot().stored, 0);
+
+    // The whole list is asked for when the quota is gone: no slice of it comes back.
+    let (second, _) = send(&service, models(None)).await;
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&second, "x-fallback-cache"), Some("MISS"));
+}
+
+#[tokio::test]
 async fn the_upstreams_own_marks_never_reach_the_client() {
     let (upstream, _) = upstream(|parts, _| {
         let status = match parts.uri.path() {

@@ -419,6 +419,36 @@ async fn a_stream_is_judged_as_one_whatever_case_or_type_it_is_declared_with() {
 }
 
 #[tokio::test]
+async fn an_error_behind_a_byte_order_mark_or_written_with_escapes_still_fails_a_stream() {
+    let api = &APIS[0];
+    let complete = fixture_events(api.complete, false);
+    let error = Bytes::from_static(b"data: {\"error\":{\"message\":\"boom\",\"code\":502}}\n\n");
+    let escaped = Bytes::from_static(b"data: {\"\\u0065rror\":{\"message\":\"boom\"}}\n\n");
+    // A stream that starts with a byte order mark (which its readers skip), then an error.
+    let mut bom_first = vec![Bytes::from([b"\xEF\xBB\xBF".as_slice(), &error].concat())];
+    bom_first.extend(complete.iter().cloned());
+    // An error event whose key is written with an escape, before `[DONE]`.
+    let mut escaped_key = complete[..2].to_vec();
+    escaped_key.push(escaped);
+    escaped_key.extend(complete[2..].iter().cloned());
+    for (what, stream) in [("bom", bom_first), ("escaped", escaped_key)] {
+        for how in CHUNKINGS {
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            let stream = rechunk(&stream, how);
+            upstream.answer(Next::Stream(stream.clone()));
+            let (status, got) = ask(&service, api.path, what).await;
+            assert_eq!((status.as_str(), &got), ("MISS", &stream), "{what} {how:?}");
+            assert_eq!(layer.stats().snapshot().stored, 0, "{what} {how:?}");
+            upstream.answer(Next::Quota(api.quota));
+            let (status, _) = ask(&service, api.path, what).await;
+            assert_eq!(status, "MISS", "{what} {how:?}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_stream_is_stored_at_its_closing_event_even_if_the_client_leaves_then() {
     for api in APIS.iter().filter(|api| api.name != "gemini") {
         let upstream = Upstream::new();

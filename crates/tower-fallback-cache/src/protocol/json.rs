@@ -55,13 +55,15 @@ pub(crate) fn says_failed(data: &[u8]) -> bool {
     mentions_error(data) && serde_json::from_slice::<Outcome>(data).is_ok_and(|o| o.failed)
 }
 
-/// `"error"`, the needle of [`mentions_error`].
-const ERROR: &[u8] = b"\"error\"";
+/// `"error"`, a needle of [`mentions_error`], and `\u`, with which a key can spell it
+/// otherwise (`"\u0065rror"`).
+const ERROR: &[&[u8]] = &[b"\"error\"", b"\\u"];
 
-/// Whether `"error"` occurs in `data`: asked of every event of a chat stream that the
-/// capture reads, by the same search as the judges' needles.
+/// Whether `"error"` may occur in `data`, written plainly or with escapes: asked of every
+/// event of a chat stream that the capture reads, by the same search as the judges'
+/// needles.
 fn mentions_error(data: &[u8]) -> bool {
-    static SEARCH: LazyLock<Needles> = LazyLock::new(|| Needles::new(&[ERROR]));
+    static SEARCH: LazyLock<Needles> = LazyLock::new(|| Needles::new(ERROR));
     SEARCH.any_in(data)
 }
 
@@ -301,10 +303,16 @@ mod tests {
         ));
         assert!(!says_failed(br#"{"error":null}"#));
         assert!(!says_failed(b"[DONE]"));
+        // The key written with escapes is the same key.
+        assert!(says_failed(br#"{"\u0065rror":{"message":"boom"}}"#));
+        assert!(!says_failed(
+            br#"{"choices":[{"delta":{"content":"caf\u00e9"}}]}"#
+        ));
     }
 
     #[test]
     fn the_error_search_finds_the_needle_at_every_offset_of_every_length() {
+        const ERROR: &[u8] = super::ERROR[0];
         let naive = |data: &[u8]| data.windows(ERROR.len()).any(|w| w == ERROR);
         for len in 0..200 {
             // Near misses around it: `"erro"`, `error"` and `"errors"` are not the needle.

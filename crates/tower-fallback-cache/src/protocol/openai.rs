@@ -75,10 +75,10 @@ impl Completeness for CompletionsStream {
         }
     }
 
-    /// `[DONE]`, and `error` (in an `"error"` member, which is only looked for written as
-    /// such, or an `error` event).
+    /// `[DONE]`, `error` (in an `"error"` member, or an `error` event), and `\u` for an
+    /// `"error"` key written with escapes.
     fn needles(&self) -> Option<&'static [&'static [u8]]> {
-        Some(&[b"error", b"[DONE]"])
+        Some(&[b"error", b"[DONE]", b"\\u"])
     }
 
     /// JSON, whatever its declared type: see [`json_body_is_good`].

@@ -76,6 +76,12 @@ pub(crate) fn parse_event(raw: &[u8]) -> Option<Event<'_>> {
 /// without another scan of its bytes.
 #[inline]
 pub(crate) fn parse_event_from(raw: &[u8], first_line_end: Option<usize>) -> Option<Event<'_>> {
+    // A stream may start with a byte order mark, which its reader ignores (the SSE
+    // standard); one that starts an event later is read past as well, so that no reading
+    // of an event misses what it says.
+    if let Some(rest) = raw.strip_prefix(BOM) {
+        return parse_event_from(rest, first_line_end.map(|eol| eol - BOM.len()));
+    }
     if let Some(eol) = first_line_end
         && let Some((line, terminator)) = raw.split_at_checked(eol)
         && terminator.len() <= 4
@@ -85,6 +91,9 @@ pub(crate) fn parse_event_from(raw: &[u8], first_line_end: Option<usize>) -> Opt
     }
     parse_lines(raw)
 }
+
+/// U+FEFF in UTF-8.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// The full reading of an event of any number of lines.
 #[inline(never)]

@@ -279,6 +279,67 @@ async fn a_full_disk_is_reported_and_storing_resumes_once_space_is_freed() {
 }
 
 /// A file of the proxy's holding 20 answers (closed cleanly), and the answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_on_a_full_disk_are_still_served_while_every_commit_fails() {
+    let Some(tmpfs) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let path = tmpfs.path().join("answers.redb");
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let store = disk_store(&path);
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--no-quota-breaker",
+    ];
+    let client = reqwest::Client::new();
+    // Four answers on disk, from a process before: none is in the next one's memory.
+    let mut proxy = Proxy::start(&args);
+    let mut kept = Vec::new();
+    for i in 0..4 {
+        let (status, cache, body) = chat(&client, &proxy, &format!("kept {i}")).await;
+        assert_eq!((status, cache.as_str()), (200, "MISS"));
+        kept.push(body);
+    }
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+    let proxy = Proxy::start(&args);
+    fill_up(&tmpfs.path().join("filler"));
+    let failed_writes =
+        || async { common::metrics(proxy.url()).await["fallback_cache_store_failed_writes_total"] };
+    for (i, answer) in kept.iter().enumerate() {
+        // New answers until one more commit fails (redb fills the room left in its file
+        // first; a commit that must grow the file fails)...
+        mock.control().set_mode(Mode::Ok);
+        let before = failed_writes().await;
+        for j in 0.. {
+            let (status, cache, _) = chat(&client, &proxy, &format!("new {i} {j}")).await;
+            assert_eq!((status, cache.as_str()), (200, "MISS"));
+            if failed_writes().await > before {
+                break;
+            }
+            assert!(
+                j < 3000,
+                "no commit failed on a full disk\n{}",
+                proxy.logs()
+            );
+        }
+        // ...and right after it, an answer the disk holds is served when the quota is gone.
+        mock.control()
+            .set_mode(Mode::Error(Fixture::insufficient_quota()));
+        let (status, cache, body) = chat(&client, &proxy, &format!("kept {i}")).await;
+        assert_eq!(
+            (status, cache.as_str(), &body),
+            (200, "FALLBACK", answer),
+            "kept {i}\n{}",
+            proxy.logs()
+        );
+    }
+    assert!(healthz(&proxy).await.starts_with("degraded: "));
+    assert_no_panic(&proxy);
+}
+
 async fn file_with_twenty_answers(mock: &MockUpstream, dir: &Path) -> (PathBuf, Vec<String>) {
     let path = dir.join("answers.redb");
     let mut proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &disk_store(&path)]);

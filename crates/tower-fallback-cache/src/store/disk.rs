@@ -108,8 +108,10 @@ const LARGE_CHUNKS_FROM: &str = "large_chunks_from";
 ///
 /// Faults heal where they can. A commit that fails (a full disk) costs the answers in it,
 /// is counted ([`StoreUsage::failed`]) and logged at most once per 10 s; the file is then
-/// closed and opened again every half second, keeping what was committed, and answers
-/// that arrive meanwhile wait (within the queue bound) to be written once it opens.
+/// closed and opened again at once (every half second until it opens), keeping what was
+/// committed, which reads still find; answers that arrive meanwhile wait (within the queue
+/// bound) to be written, half a second after the failure, doubling up to 4 s while commits
+/// fail, so that the file is open for reads between attempts.
 /// [`health`](Store::health) says `Degraded` from the failure until a commit succeeds.
 /// Every redb call is guarded: a panic inside redb (a damaged page) is a store error,
 /// never a panic of the caller, and a file found damaged is handled as

@@ -37,8 +37,12 @@ const SWEEP_BATCH: usize = 4096;
 const LAYOUT: u64 = 3;
 /// The layouts before this one, taken up on open.
 const EARLIER_LAYOUTS: [u64; 2] = [1, 2];
-/// How long after a failure the file is opened again.
+/// How long after a failure to open the file it is tried again.
 const REOPEN_AFTER: Duration = Duration::from_millis(500);
+/// After a failed commit the file is opened again at once, for reads, and writes wait
+/// this long before the next commit, doubling while commits fail, up to [`MAX_HOLD`].
+const FIRST_HOLD: Duration = Duration::from_millis(500);
+const MAX_HOLD: Duration = Duration::from_secs(4);
 /// How long closing the file waits for reads in progress to let go of it.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -93,8 +97,13 @@ pub(super) struct Writer {
     max_bytes: u64,
     sweep_interval: Duration,
     state: State,
-    /// Commands that came while the file was closed, written once it opens.
+    /// Commands that came while the file was closed, or while writes are held after a
+    /// failed commit, written once it opens and the hold is over.
     backlog: Vec<Command>,
+    /// After a failed commit, no commit before this moment.
+    hold_until: Option<Instant>,
+    /// The hold after the next failed commit.
+    hold: Duration,
     /// Which opening of the file is in use.
     opening: u64,
     warnings: LogThrottle,
@@ -155,6 +164,8 @@ impl Writer {
             sweep_interval,
             state: State::Open,
             backlog: Vec::new(),
+            hold_until: None,
+            hold: FIRST_HOLD,
             opening: 0,
             warnings: LogThrottle::default(),
         }
@@ -170,12 +181,20 @@ impl Writer {
                     self.reopen();
                 }
             }
-            if self.state == State::Open && next_sweep <= now {
+            if self.hold_until.is_some_and(|until| until <= now) {
+                self.hold_until = None;
+                let backlog = std::mem::take(&mut self.backlog);
+                if !backlog.is_empty() {
+                    self.handle(backlog);
+                }
+            }
+            if self.state == State::Open && self.hold_until.is_none() && next_sweep <= now {
                 self.sweep();
                 next_sweep = now + self.sweep_interval;
             }
-            let wake = match self.state {
-                State::Closed { reopen_at } => reopen_at.min(next_sweep),
+            let wake = match (self.state, self.hold_until) {
+                (State::Closed { reopen_at }, _) => reopen_at.min(next_sweep),
+                (_, Some(until)) => until.min(next_sweep),
                 _ => next_sweep,
             };
             match self
@@ -191,6 +210,7 @@ impl Writer {
                 // Every sender is gone and the queue is empty: write what waits, close the
                 // file, and stop.
                 Err(RecvTimeoutError::Disconnected) => {
+                    self.hold_until = None;
                     if matches!(self.state, State::Closed { .. }) {
                         self.reopen();
                     }
@@ -219,6 +239,7 @@ impl Writer {
             }
         }
         match self.state {
+            State::Open if self.hold_until.is_some() => self.backlog.extend(commands),
             State::Open => self.commit(commands),
             State::Closed { .. } => self.backlog.extend(commands),
             State::OutOfUse => self.settle(commands, false),
@@ -251,6 +272,7 @@ impl Writer {
                     );
                 }
                 self.shared.health.succeeded();
+                self.hold = FIRST_HOLD;
             }
             Some(Err(Fault::Failed(why))) => {
                 self.failed(&why, puts(&batch));
@@ -265,9 +287,19 @@ impl Writer {
         self.settle(batch, true);
     }
 
-    /// A commit failed: counted, logged once per interval, and the file closed until it
-    /// is opened again (redb refuses every later commit on a file that had an I/O error).
+    /// A commit failed: the file closed and opened again at once (redb refuses every later
+    /// commit on a file that had an I/O error), so that what it holds is still read, with
+    /// writes held for a while (a full disk would fail the next commit too, and close the
+    /// file again: reads would find it closed most of the time); then counted, and logged
+    /// once per interval.
     fn failed(&mut self, why: &str, lost: u64) {
+        self.close();
+        self.hold_until = Some(Instant::now() + self.hold);
+        self.hold = (self.hold * 2).min(MAX_HOLD);
+        self.state = State::Closed {
+            reopen_at: Instant::now(),
+        };
+        self.reopen();
         self.shared.failed.fetch_add(lost, Ordering::Relaxed);
         self.shared.health.failed(format!(
             "writes to {} fail: {why}",
@@ -285,10 +317,6 @@ impl Writer {
             ),
             None => tracing::debug!("disk store: a commit failed: {why}"),
         }
-        self.close();
-        self.state = State::Closed {
-            reopen_at: Instant::now() + REOPEN_AFTER,
-        };
     }
 
     /// Commands done with, committed or not: no longer pending (unless the key was written

@@ -79,7 +79,7 @@ fn fingerprint(rest: Vec<OsString>) -> ExitCode {
         eprintln!("error: no key on stdin");
         return ExitCode::FAILURE;
     }
-    println!("{}", Tenants::fingerprint(key));
+    out!("{}", Tenants::fingerprint(key));
     ExitCode::SUCCESS
 }
 
@@ -116,13 +116,13 @@ fn snapshot_command(job: Result<Job, clap::Error>) -> ExitCode {
 }
 
 async fn run_export(export: Export) -> Result<(), String> {
-    let store = open(&export.store).await?;
+    let store = open(&export.store, Create::No).await?;
     let entries = store
         .export()
         .await
         .map_err(|error| format!("cannot read {}: {error}", export.store))?;
     let bytes: usize = entries.iter().map(|entry| entry.value.len()).sum();
-    println!(
+    out!(
         "read {} entries ({bytes} bytes) from {}",
         entries.len(),
         export.store
@@ -132,7 +132,7 @@ async fn run_export(export: Export) -> Result<(), String> {
     std::fs::write(&partial, &encoded)
         .and_then(|()| std::fs::rename(&partial, &export.out))
         .map_err(|error| format!("cannot write {}: {error}", export.out.display()))?;
-    println!(
+    out!(
         "wrote {} entries to {} ({} bytes)",
         entries.len(),
         export.out.display(),
@@ -149,31 +149,45 @@ async fn run_import(import: Import) -> Result<(), String> {
         .map_err(|why| format!("{} refused: {why}", import.input.display()))?;
     let total = entries.len();
     let entries = snapshot::live(entries);
-    println!(
+    out!(
         "{}: {total} entries, checksum ok, {} not expired",
         import.input.display(),
         entries.len()
     );
-    let store = open(&import.store).await?;
+    let store = open(&import.store, Create::Yes).await?;
     let count = entries.len();
     store
         .import(entries)
         .await
         .map_err(|error| format!("cannot write {}: {error}", import.store))?;
-    println!("imported {count} entries into {}", import.store);
+    out!("imported {count} entries into {}", import.store);
     Ok(())
 }
 
-/// The store of record a spec names (no memory tier in front).
-async fn open(spec: &str) -> Result<Arc<dyn Store>, String> {
+/// Whether a disk store's file may be created: an import may start a new one, an export
+/// reads one that exists (a typo in its path is an error, not an empty snapshot).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Create {
+    Yes,
+    No,
+}
+
+/// The store of record a spec names (no memory tier in front). A damaged file is reported,
+/// never moved aside: offline commands leave files as they find them.
+async fn open(spec: &str, create: Create) -> Result<Arc<dyn Store>, String> {
     match StoreSpec::parse(spec).map_err(|why| format!("--store {spec}: {why}"))? {
         StoreSpec::Memory => Err(format!(
             "--store {spec}: a memory store lives and dies with its process; export and import need disk:PATH or redis://host:port/db"
         )),
         #[cfg(feature = "disk")]
         StoreSpec::Disk(path) => {
+            if create == Create::No && !path.is_file() {
+                return Err(format!("{}: no such store file", path.display()));
+            }
             let store = tokio::task::spawn_blocking(move || {
-                tower_fallback_cache::store::DiskStore::open(path)
+                tower_fallback_cache::store::DiskStore::builder(path)
+                    .on_corrupt(tower_fallback_cache::store::OnCorrupt::Refuse)
+                    .open()
             })
             .await
             .map_err(|error| format!("opening {spec} failed: {error}"))?

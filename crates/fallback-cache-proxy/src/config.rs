@@ -84,7 +84,13 @@ impl Raw {
     /// The setting as the user wrote it: `--ttl banana`, `FALLBACK_CACHE_TTL=banana`, or
     /// `ttl = "banana" in proxy.toml`.
     fn setting(&self) -> String {
-        let (name, value) = (self.name, &self.value);
+        let name = self.name;
+        // Secrets never appear in an error; a URL's password neither.
+        let value = match name {
+            "secret" | "admin-token" => "(hidden)".to_owned(),
+            _ if self.value.contains("://") => crate::parse::redact(&self.value),
+            _ => self.value.clone(),
+        };
         match &self.origin {
             Origin::Flag | Origin::Default => format!("--{name} {value}"),
             Origin::Env => format!("{}={value}", cli::env_var(name)),
@@ -199,6 +205,15 @@ where
                 why: "needs --admin-token (or FALLBACK_CACHE_ADMIN_TOKEN)".to_owned(),
             });
         }
+        (_, token) if token.trim().len() < 16 => {
+            return Err(ProxyError::Invalid {
+                setting: admin_token.setting(),
+                why: format!(
+                    "the token is {} bytes long: use at least 16 random bytes (e.g. openssl rand -hex 32)",
+                    token.trim().len()
+                ),
+            });
+        }
         (_, token) => Some(crate::admin::AdminConfig {
             listen: admin_listen.parse(parse::listen)?,
             token: crate::admin::Token::new(token),
@@ -259,12 +274,11 @@ where
     })
 }
 
-/// A quota cooldown: above 0, at most the breaker's longest (30 days).
 /// The sealing of `--seal`, with the secret of `--secret` or `--secret-file` (not both).
 fn sealing(on: bool, secret: Raw, secret_file: Raw) -> Result<Option<Sealing>, ProxyError> {
     let secret = match (secret.value.is_empty(), secret_file.value.is_empty()) {
         (true, true) => None,
-        (false, true) => Some(secret.value.into_bytes()),
+        (false, true) => Some(secret.parse(|text| parse::secret(text.as_bytes().to_vec()))?),
         (true, false) => Some(secret_file.parse(parse::secret_file)?),
         (false, false) => {
             return Err(ProxyError::Invalid {
@@ -279,6 +293,7 @@ fn sealing(on: bool, secret: Raw, secret_file: Raw) -> Result<Option<Sealing>, P
     }))
 }
 
+/// A quota cooldown: above 0, at most the breaker's longest (30 days).
 fn cooldown(text: &str) -> Result<Duration, String> {
     let cooldown = parse::positive_duration(text)?;
     if cooldown > MAX_QUOTA_COOLDOWN {

@@ -4,6 +4,22 @@
 //! Point any client's base URL at it (`http://127.0.0.1:8080/v1` for OpenAI's SDKs); see
 //! `fallback-cache-proxy --help` and the README for the settings.
 
+/// Prints a line to stdout for the offline commands, which are read through pipes: a
+/// reader that has gone (`| head`) ends the command quietly, not with a panic, and any
+/// other failure to write is one line on stderr.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to stdout: {error}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 mod admin;
 mod cli;
 mod client_body;

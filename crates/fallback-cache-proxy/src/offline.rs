@@ -133,7 +133,7 @@ mod imp {
                     disk.flush().await.map_err(|error| error.to_string())
                 })?;
                 let bytes: u64 = doomed.iter().map(|entry| entry.bytes).sum();
-                println!(
+                out!(
                     "purged {} answer{} ({}); {} left",
                     doomed.len(),
                     if doomed.len() == 1 { "" } else { "s" },
@@ -142,7 +142,7 @@ mod imp {
                 );
                 let sealed = sealed(&listed) - sealed(doomed.iter().copied());
                 if sealed > 0 {
-                    println!(
+                    out!(
                         "{sealed} of them sealed: their age is sealed with them, so --older-than \
                          leaves them; --key removes one"
                     );
@@ -181,37 +181,37 @@ mod imp {
 
     fn print_stats(store: &str, listed: &[StoredEntry]) {
         let bytes: u64 = listed.iter().map(|entry| entry.bytes).sum();
-        println!("store    {store}");
-        println!("entries  {}", listed.len());
-        println!("bytes    {bytes} ({})", ByteSize(bytes));
+        out!("store    {store}");
+        out!("entries  {}", listed.len());
+        out!("bytes    {bytes} ({})", ByteSize(bytes));
         let sealed = sealed(listed);
         if sealed > 0 {
-            println!("sealed   {sealed} (their age is sealed with them: not in the ages below)");
+            out!("sealed   {sealed} (their age is sealed with them: not in the ages below)");
         }
         let ages: Vec<Duration> = listed.iter().filter_map(age).collect();
         if let (Some(newest), Some(oldest)) = (ages.iter().min(), ages.iter().max()) {
             let round = |age: &Duration| Duration::from_secs(age.as_secs());
-            println!(
+            out!(
                 "ages     newest {}, oldest {}",
                 humantime::format_duration(round(newest)),
                 humantime::format_duration(round(oldest))
             );
         }
-        println!("age distribution");
+        out!("age distribution");
         let mut below = 0;
         for le in AGE_BUCKETS {
             let count = ages
                 .iter()
                 .filter(|age| age.as_secs_f64() <= le as f64)
                 .count();
-            println!(
+            out!(
                 "  <= {:<8} {}",
                 humantime::format_duration(Duration::from_secs(le)).to_string(),
                 count - below
             );
             below = count;
         }
-        println!("  older       {}", ages.len() - below);
+        out!("  older       {}", ages.len() - below);
     }
 }
 

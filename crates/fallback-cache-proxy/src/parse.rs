@@ -311,6 +311,12 @@ pub(crate) fn secret_file(path: &str) -> Result<Vec<u8>, String> {
     while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         secret.pop();
     }
+    self::secret(secret)
+}
+
+/// A server secret, however given: at least 16 bytes (a short one could be guessed, and
+/// the answers of requests without a credential are sealed under it alone).
+pub(crate) fn secret(secret: Vec<u8>) -> Result<Vec<u8>, String> {
     if secret.len() < 16 {
         return Err(format!(
             "the secret is {} bytes long: use at least 16 random bytes",

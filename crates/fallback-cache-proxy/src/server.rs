@@ -503,7 +503,9 @@ fn no_delay(stream: &TcpStream) {
     }
 }
 
-/// Completes on Ctrl-C (SIGINT) or SIGTERM.
+/// Completes on Ctrl-C (SIGINT), SIGTERM or SIGHUP (a closed terminal, or `kill -HUP`,
+/// which would otherwise end the process at once, without its drain and flush: the
+/// proxy has no configuration to reload).
 async fn stop_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
@@ -511,19 +513,25 @@ async fn stop_signal() {
         }
     };
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
+    let unix = |kind| async move {
+        match tokio::signal::unix::signal(kind) {
+            Ok(mut signal) => {
+                signal.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
     };
+    #[cfg(unix)]
+    let (terminate, hangup) = (
+        unix(tokio::signal::unix::SignalKind::terminate()),
+        unix(tokio::signal::unix::SignalKind::hangup()),
+    );
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
+    let (terminate, hangup) = (std::future::pending::<()>(), std::future::pending::<()>());
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+        () = hangup => {}
     }
 }
 

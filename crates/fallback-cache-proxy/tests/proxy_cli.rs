@@ -61,6 +61,41 @@ fn a_bad_duration_is_one_line_naming_the_flag_or_variable() {
 }
 
 #[test]
+fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
+    // A secret of a few bytes, however it is given, is refused; the error never shows it.
+    for (args, envs) in [
+        (&["--secret", "abc"][..], &[][..]),
+        (&[][..], &[("FALLBACK_CACHE_SECRET", "abc")][..]),
+    ] {
+        let (status, stderr) = run_to_end(args, envs);
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        let line = one_line(&stderr);
+        assert!(
+            line.contains("the secret is 3 bytes long: use at least 16 random bytes"),
+            "{line}"
+        );
+        assert!(!line.contains("abc"), "{line}");
+    }
+    let (status, stderr) = run_to_end(
+        &["--admin-listen", "127.0.0.1:0", "--admin-token", "t0ken"],
+        &[],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = one_line(&stderr);
+    assert!(line.contains("the token is 5 bytes long"), "{line}");
+    assert!(!line.contains("t0ken"), "{line}");
+    // A password in the upstream's URL is refused without being shown.
+    let (status, stderr) = run_to_end(&["--upstream", "http://user:hunter2@127.0.0.1:9"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = one_line(&stderr);
+    assert!(
+        line.starts_with("error: --upstream http://user:***@127.0.0.1:9"),
+        "{line}"
+    );
+    assert!(!line.contains("hunter2"), "{line}");
+}
+
+#[test]
 fn a_flag_wins_over_the_environment_which_wins_over_the_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("proxy.toml");

@@ -283,3 +283,42 @@ async fn max_disk_bounds_the_answers_kept_and_the_oldest_go_first() {
     );
     assert_eq!(streamed_chat(&proxy, 0).await.0, "MISS", "{}", proxy.logs());
 }
+
+#[tokio::test]
+async fn a_reader_that_goes_away_or_a_store_path_with_a_typo_is_a_clean_end() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    fill(&path, &[Duration::from_secs(10)]).await;
+    let store = format!("disk:{}", path.display());
+
+    // `stats ... | head -1` and a reader that closes at once: no panic, no error.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(["stats", "--store", &store])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the proxy binary runs");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("it ends");
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{:?} {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // An export from a file that does not exist says so; it creates nothing.
+    let missing = dir.path().join("cahce.redb");
+    let snapshot = dir.path().join("out.snapshot");
+    let output = offline(&[
+        "export",
+        "--store",
+        &format!("disk:{}", missing.display()),
+        "--out",
+        &snapshot.display().to_string(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        text(&output.stderr),
+        format!("error: {}: no such store file\n", missing.display())
+    );
+    assert!(!missing.exists() && !snapshot.exists());
+}

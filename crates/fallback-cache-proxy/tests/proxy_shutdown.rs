@@ -204,3 +204,39 @@ async fn a_redis_paused_for_good_holds_a_stop_no_longer_than_the_shutdown_timeou
     );
     redis.resume();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_stops_the_proxy_as_sigterm_does_keeping_what_it_stored() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("disk:{}", dir.path().join("fallback-cache.redb").display());
+    let args = ["--upstream", &mock.url(), "--store", &store];
+    let mut proxy = Proxy::start(&args);
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hang up"}]}"#;
+    let client = reqwest::Client::new();
+    let first = common::post_json(&client, proxy.url(), "/v1/chat/completions", body).await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "MISS"));
+
+    // A closed terminal, or `kill -HUP`: the drain and the flush, then exit 0.
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let status = proxy.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", proxy.logs());
+    assert!(
+        proxy.logs().contains("store flushed in"),
+        "{}",
+        proxy.logs()
+    );
+
+    let proxy = Proxy::start(&args);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let again = common::post_json(&client, proxy.url(), "/v1/chat/completions", body).await;
+    assert_eq!(
+        (again.status, again.cache.as_str(), &again.body),
+        (200, "FALLBACK", &first.body)
+    );
+}

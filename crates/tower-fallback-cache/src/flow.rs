@@ -526,6 +526,18 @@ where
     ResB: Body,
 {
     Counters::add(&shared.stats.counters().bypassed);
+    // `only-if-cached` never reaches the upstream, whatever else the request is: a request
+    // the cache does not keep (a side effect, `no-store`, a body over the limit) is a 504.
+    if Controls::of(request.headers()).only_if_cached {
+        tracing::debug!(why, "BYPASS, only-if-cached: 504");
+        let (mut parts, body) = not_cached_entry(Some(why)).into_parts();
+        parts.headers.insert(
+            X_FALLBACK_CACHE,
+            HeaderValue::from_static(CacheStatus::Bypass.as_str()),
+        );
+        parts.extensions.insert(CacheStatus::Bypass);
+        return Ok(Response::from_parts(parts, body));
+    }
     tracing::debug!(why, "BYPASS");
     poll_fn(|cx| inner.poll_ready(cx)).await?;
     let (mut parts, body) = inner.call(request).await?.into_parts();
@@ -847,22 +859,7 @@ impl Controls {
 /// The answer to `only-if-cached` when nothing usable is stored: a 504 the OpenAI SDKs do
 /// not retry, marked `MISS`.
 fn not_cached<B: Body>(key: CacheKey) -> Response<ResponseBody<B>> {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
-    let body = bytes::Bytes::from_static(
-        br#"{"error":{"message":"only-if-cached: no stored answer for this request","type":"fallback_cache_error","code":"not_cached"}}"#,
-    );
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let entry = Arc::new(CachedResponse::new(
-        StatusCode::GATEWAY_TIMEOUT,
-        headers,
-        vec![body],
-    ));
-    let (mut parts, body) = stored_response::<B>(&entry).into_parts();
+    let (mut parts, body) = not_cached_entry(None).into_parts();
     mark(
         &mut parts.headers,
         &mut parts.extensions,
@@ -872,6 +869,32 @@ fn not_cached<B: Body>(key: CacheKey) -> Response<ResponseBody<B>> {
         None,
     );
     Response::from_parts(parts, body)
+}
+
+/// The 504 of `only-if-cached`, unmarked; `bypassed` says why the request is not one the
+/// cache keeps, when it is not.
+fn not_cached_entry<B: Body>(bypassed: Option<&str>) -> Response<ResponseBody<B>> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+    let message = match bypassed {
+        None => "only-if-cached: no stored answer for this request".to_owned(),
+        Some(why) => format!("only-if-cached: this request is not one the cache keeps ({why})"),
+    };
+    let message = serde_json::Value::String(message);
+    let body = bytes::Bytes::from(format!(
+        r#"{{"error":{{"message":{message},"type":"fallback_cache_error","code":"not_cached"}}}}"#
+    ));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let entry = Arc::new(CachedResponse::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        headers,
+        vec![body],
+    ));
+    stored_response::<B>(&entry)
 }
 
 /// Runs `b` beside `a` in this task, `a` polled first, until `a` is done: `a`'s output, and

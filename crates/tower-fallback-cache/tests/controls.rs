@@ -198,7 +198,7 @@ async fn max_stale_limits_the_age_of_a_fallback() {
 async fn only_if_cached_never_calls_the_upstream() {
     let (upstream, calls) = upstream(usize::MAX);
     let layer = FallbackCacheLayer::new();
-    let service = layer.layer(upstream);
+    let service = layer.layer(upstream.clone());
 
     let nothing = service
         .clone()
@@ -241,4 +241,32 @@ async fn only_if_cached_never_calls_the_upstream() {
         .expect("infallible");
     assert_eq!(other.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // A request the cache does not keep (a side effect, or `no-store`) is not sent either:
+    // `only-if-cached` must not do what it asks.
+    let layer = FallbackCacheLayer::builder()
+        .cacheable(
+            tower_fallback_cache::Cacheable::patterns(["/v1/chat/completions"]).expect("valid"),
+        )
+        .build();
+    let service = layer.layer(upstream);
+    let upload = Request::post("/v1/files")
+        .header("authorization", "Bearer sk-a")
+        .header("cache-control", "only-if-cached")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("valid request");
+    let no_store = with_cache_control(
+        chat_request("sk-a", CHAT_REQUEST),
+        "only-if-cached, no-store",
+    );
+    for request in [upload, no_store] {
+        let response = service.clone().oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(header(&response, "x-fallback-cache"), Some("BYPASS"));
+        assert_eq!(header(&response, "x-should-retry"), Some("false"));
+        let body = read_body(response.into_body()).await;
+        let error: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+        assert_eq!(error["error"]["code"], "not_cached", "{error}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "no upstream call");
 }

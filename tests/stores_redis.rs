@@ -95,6 +95,14 @@ async fn answers_live_under_their_prefix_until_their_ttl() {
         store.get(&key).await.expect("get").is_none(),
         "Redis expired it"
     );
+
+    // A time to live past what Redis takes (`--ttl 213503982334d`) is cut, not refused.
+    store
+        .put(key, entry.clone(), Duration::MAX)
+        .await
+        .expect("a put with the longest time to live");
+    let found = store.get(&key).await.expect("get").expect("stored");
+    assert_eq!(*found, *entry);
 }
 
 #[tokio::test]

@@ -382,8 +382,7 @@ impl RedisStore {
         ttl: Duration,
         seal: Option<Seal>,
     ) -> Result<(), StoreError> {
-        // PX takes whole milliseconds, and 0 is refused.
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl_ms = px(ttl);
         let value = match seal {
             Some(seal) => entry.encode_sealed(&key, &seal),
             None => entry.encode(),
@@ -447,7 +446,7 @@ impl RedisStore {
             else {
                 continue;
             };
-            let ttl_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+            let ttl_ms = px(left);
             let command = redis::cmd("SET")
                 .arg(self.redis_key(&entry.key))
                 .arg(entry.value)
@@ -527,6 +526,16 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// A time to live as `PX` takes it: whole milliseconds, at least 1, and at most 100 years
+/// (Redis refuses an expiry past its clock's range, so a longer one would fail every
+/// write).
+fn px(ttl: Duration) -> u64 {
+    const MAX_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_MS)
 }
 
 #[cfg(test)]

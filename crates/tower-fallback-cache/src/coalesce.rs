@@ -4,7 +4,9 @@
 //! A follower waits at most the layer's `coalesce_wait`, then calls the upstream itself.
 //! When the leader ends without a stored answer, the followers join again: the first to
 //! come becomes the next leader and the rest wait for it, so a failed call is retried by
-//! one request, not by all of them at once.
+//! one request, not by all of them at once. When the second leader's answer is not stored
+//! either, each follower calls the upstream itself: behind an upstream that keeps failing,
+//! the last of N followers would otherwise wait out N failed calls.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -241,8 +241,11 @@ where
         let mut leader = None;
         if let Some(fresh_for) = fresh_for {
             // A follower waits for the leader at most `coalesce_wait` in all; when the
-            // leader's answer is not stored, the followers join again and one leads.
+            // leader's answer is not stored, the followers join again and one leads; when
+            // that one's is not stored either, each calls for itself (an upstream that keeps
+            // failing would otherwise answer them one leader after another).
             let waited = Instant::now();
+            let mut failed_leaders = 0;
             loop {
                 match shared.in_flight.join(key) {
                     Turn::Lead(lead) => {
@@ -270,6 +273,11 @@ where
                         {
                             Counters::add(&counters.coalesced);
                             return Ok(hit);
+                        }
+                        failed_leaders += 1;
+                        if failed_leaders == 2 {
+                            tracing::debug!(%key, "two identical requests' calls stored nothing: calling the upstream");
+                            break;
                         }
                     }
                 }

@@ -43,6 +43,9 @@ struct Upstream {
     broken: Arc<AtomicBool>,
     failures: usize,
     delay: Duration,
+    /// Calls at the upstream now, and the most there were at once.
+    in_flight: Arc<AtomicUsize>,
+    most_in_flight: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -67,6 +70,9 @@ impl Service<Req> for Upstream {
         let this = self.clone();
         Box::pin(async move {
             let call = this.calls.fetch_add(1, Ordering::SeqCst);
+            let now = this.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            this.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            let _leaving = Leaving(this.in_flight.clone());
             let body = read_body(request.into_body()).await;
             if body.windows(4).any(|w| w == b"hang") {
                 tokio::time::sleep(Duration::from_secs(60)).await;
@@ -80,6 +86,15 @@ impl Service<Req> for Upstream {
             }
             Ok(json_response(StatusCode::OK, answer_to(&body)))
         })
+    }
+}
+
+/// Counts a call out of the upstream when it ends, however it ends.
+struct Leaving(Arc<AtomicUsize>);
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -156,6 +171,40 @@ async fn a_leader_whose_caller_never_reads_does_not_hold_its_followers() {
     );
     assert_eq!(upstream.calls(), 2);
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_two_failed_leaders_the_waiters_call_at_once_instead_of_one_after_another() {
+    let upstream = Upstream {
+        failures: usize::MAX,
+        delay: Duration::from_millis(200),
+        ..Upstream::default()
+    };
+    let layer = FallbackCacheLayer::builder().mode(cache_first()).build();
+    let service = layer.layer(upstream.clone());
+    let body = question("an upstream that keeps failing");
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let service = service.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = service
+                .oneshot(chat_request("sk-a", &body))
+                .await
+                .expect("answered");
+            response.status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(
+            task.await.expect("completes"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    // One leader, then one more; the four left no longer queue behind a third leader
+    // (each waiting out every failure before it), they call together.
+    assert_eq!(upstream.calls(), 6);
+    assert_eq!(upstream.most_in_flight.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,8 +6,24 @@ use memchr::arch::all::packedpair::HeuristicFrequencyRank;
 use memchr::memmem::{Finder, FinderBuilder};
 
 /// The needles of one judge, each with a searcher built once for the whole stream.
+///
+/// A needle with a byte that is rare in a stream (`D` of `[DONE]`, the backslash of `\u`)
+/// is found by that byte: the needles found so, up to three bytes of them, share one pass
+/// of memchr's search for any of those bytes, each hit checked in place. The others
+/// (`error`, whose letters are all common) each have a pass of memchr's pair searcher.
 pub(crate) struct Needles {
+    /// Found by a rare byte of theirs, in one pass.
+    rare: Vec<RareNeedle>,
+    /// The distinct rare bytes of `rare` (one to three).
+    rare_bytes: Vec<u8>,
+    /// Each found by a pass of its own.
     each: Vec<Needle>,
+}
+
+/// A needle found by its byte at `at`.
+struct RareNeedle {
+    bytes: &'static [u8],
+    at: usize,
 }
 
 struct Needle {
@@ -19,25 +35,69 @@ struct Needle {
     portable: Finder<'static>,
 }
 
+/// A byte ranked at most this ([`StreamRank`]) is rare enough to search a needle by.
+const RARE: u8 = 100;
+
 impl Needles {
     pub(crate) fn new(needles: &'static [&'static [u8]]) -> Self {
-        let each = needles
-            .iter()
-            .map(|&bytes| Needle {
+        let mut rare: Vec<RareNeedle> = Vec::new();
+        let mut rare_bytes: Vec<u8> = Vec::new();
+        let mut each = Vec::new();
+        for &bytes in needles {
+            let rarest = bytes
+                .iter()
+                .enumerate()
+                .min_by_key(|&(_, &byte)| StreamRank.rank(byte));
+            if let Some((at, &byte)) = rarest
+                && StreamRank.rank(byte) <= RARE
+                && (rare_bytes.contains(&byte) || rare_bytes.len() < 3)
+            {
+                if !rare_bytes.contains(&byte) {
+                    rare_bytes.push(byte);
+                }
+                rare.push(RareNeedle { bytes, at });
+                continue;
+            }
+            each.push(Needle {
                 bytes,
                 #[cfg(target_arch = "x86_64")]
                 avx2: memchr::arch::all::packedpair::Pair::with_ranker(bytes, StreamRank).and_then(
                     |pair| memchr::arch::x86_64::avx2::packedpair::Finder::with_pair(bytes, pair),
                 ),
                 portable: FinderBuilder::new().build_forward_with_ranker(StreamRank, bytes),
-            })
-            .collect();
-        Self { each }
+            });
+        }
+        Self {
+            rare,
+            rare_bytes,
+            each,
+        }
     }
 
     /// Whether any of the needles occurs in `haystack`.
     pub(crate) fn any_in(&self, haystack: &[u8]) -> bool {
-        self.each.iter().any(|needle| needle.is_in(haystack))
+        self.any_rare_in(haystack) || self.each.iter().any(|needle| needle.is_in(haystack))
+    }
+
+    /// Whether a needle found by its rare byte occurs in `haystack`: one pass for the rare
+    /// bytes, each hit checked against the needles with that byte.
+    fn any_rare_in(&self, haystack: &[u8]) -> bool {
+        let found_at = |pos: usize| {
+            let byte = haystack[pos];
+            self.rare.iter().any(|needle| {
+                needle.bytes[needle.at] == byte
+                    && pos
+                        .checked_sub(needle.at)
+                        .and_then(|start| haystack.get(start..start + needle.bytes.len()))
+                        == Some(needle.bytes)
+            })
+        };
+        match *self.rare_bytes.as_slice() {
+            [] => false,
+            [a] => memchr::memchr_iter(a, haystack).any(found_at),
+            [a, b] => memchr::memchr2_iter(a, b, haystack).any(found_at),
+            [a, b, c, ..] => memchr::memchr3_iter(a, b, c, haystack).any(found_at),
+        }
     }
 }
 
@@ -91,14 +151,17 @@ mod tests {
                     proptest::prelude::Just(b'o'),
                     proptest::prelude::Just(b'D'),
                     proptest::prelude::Just(b'['),
+                    proptest::prelude::Just(b'\\'),
+                    proptest::prelude::Just(b'u'),
+                    proptest::prelude::Just(b'Z'),
                     proptest::prelude::any::<u8>(),
                 ],
                 0..200,
             ),
             at in 0usize..200,
-            which in 0usize..3,
+            which in 0usize..5,
         ) {
-            const NEEDLES: &[&[u8]] = &[b"error", b"[DONE]", b"\\u"];
+            const NEEDLES: &[&[u8]] = &[b"error", b"[DONE]", b"\\u", b"ZQ", b"message_stop"];
             let needles = Needles::new(NEEDLES);
             let plain = |h: &[u8]| NEEDLES.iter().any(|n| h.windows(n.len()).any(|w| w == *n));
             proptest::prop_assert_eq!(needles.any_in(&haystack), plain(&haystack));

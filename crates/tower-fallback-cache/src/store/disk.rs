@@ -98,7 +98,9 @@ const LARGE_CHUNKS_FROM: &str = "large_chunks_from";
 /// whatever is queued in one transaction, and is visible to `get` from that moment. A
 /// commit that fails (a full disk) is reported by the next `put` or `flush`, so the layer
 /// counts it. Reads are point lookups made on the store's reader threads (redb serves them
-/// from its page cache in microseconds), each waited for at most the
+/// from its page cache in microseconds; the hop to a reader and back adds tens of
+/// microseconds, so hot answers belong in a [`MemoryStore`](super::MemoryStore) in front,
+/// [`Tiered`](super::Tiered)), each waited for at most the
 /// [read timeout](DiskStoreBuilder::read_timeout), so that a disk that stalls (a frozen
 /// filesystem, a network volume that hangs) costs a request a bounded wait and a store
 /// error, never the caller's thread. Each answer expires after the time to live it was put with
@@ -681,8 +683,8 @@ impl DiskStoreBuilder {
     /// How long a read waits for the disk (default 1 s, at least 1 ms). A read that takes
     /// longer is a store error, so the request is answered without the store, and the
     /// store reports itself degraded until a read comes back; once every reader thread has
-    /// waited longer, reads fail at once. Reads wait on a Tokio timer: the store is read
-    /// within a Tokio runtime with its time driver (as `#[tokio::main]` builds).
+    /// waited longer, reads fail at once. The timeout is kept by a thread of the store, so
+    /// any executor, and a Tokio runtime without its timer, can read it.
     ///
     /// ```
     /// use std::time::Duration;

@@ -4,10 +4,14 @@
 //! the caller's: the caller waits at most the read timeout, then has a store error and
 //! answers without the store. Once every reader has been held longer than the timeout,
 //! reads fail at once instead of queueing, until one of them comes back.
+//!
+//! The timeout is kept by a watchdog thread of the store, not a Tokio timer: a caller on a
+//! runtime without one (`Builder::new_current_thread()` without `enable_time`) is served
+//! as well.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, Weak, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,6 +29,8 @@ pub(super) struct Readers {
 }
 
 struct State {
+    /// The replies still awaited, with when their callers stop waiting.
+    waiting: Mutex<Vec<(Instant, Weak<dyn Cancel>)>>,
     epoch: Instant,
     /// For each reader, when its current read began (milliseconds since `epoch`, plus one
     /// so that zero means idle).
@@ -49,6 +55,7 @@ impl Readers {
         let state = Arc::new(State {
             epoch: Instant::now(),
             busy: (0..count.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            waiting: Mutex::new(Vec::new()),
         });
         let (jobs, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
@@ -58,6 +65,11 @@ impl Readers {
                 .name("fallback-cache-disk-reader".into())
                 .spawn(move || read_jobs(index, &receiver, &state))?;
         }
+        let watched = Arc::downgrade(&state);
+        let tick = (timeout / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        thread::Builder::new()
+            .name("fallback-cache-disk-watchdog".into())
+            .spawn(move || watch(&watched, tick))?;
         Ok(Self {
             jobs: Mutex::new(Some(jobs)),
             state,
@@ -74,8 +86,21 @@ impl Readers {
             return Err(Stalled);
         }
         let (reply, result) = tokio::sync::oneshot::channel();
+        // The job holds the reply; the watchdog, a weak reference that lets it drop the
+        // reply once the caller has waited the timeout.
+        let reply = Arc::new(Reply(Mutex::new(Some(reply))));
+        let cancel: Arc<dyn Cancel> = reply.clone();
+        self.state
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((Instant::now() + self.timeout, Arc::downgrade(&cancel)));
+        drop(cancel);
         let job: Job = Box::new(move || {
-            let _ = reply.send(read());
+            let value = read();
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(value);
+            }
         });
         let sent = match &*self.jobs.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(jobs) => jobs.send(job).is_ok(),
@@ -84,11 +109,9 @@ impl Readers {
         if !sent {
             return Err(Stalled);
         }
-        match tokio::time::timeout(self.timeout, result).await {
-            Ok(Ok(value)) => Ok(value),
-            // The timeout, or a read that panicked outside the store's guard: no answer.
-            _ => Err(Stalled),
-        }
+        // A reply dropped unsent: the watchdog's timeout, or a read that panicked outside
+        // the store's guard. No answer either way.
+        result.await.map_err(|_| Stalled)
     }
 
     /// Whether a reader is in a read begun more than the timeout ago (whether or not
@@ -126,6 +149,52 @@ impl Readers {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
+    }
+}
+
+/// The reply of one read, which the job sends, or the watchdog drops.
+struct Reply<T>(Mutex<Option<tokio::sync::oneshot::Sender<T>>>);
+
+impl<T> Reply<T> {
+    fn take(&self) -> Option<tokio::sync::oneshot::Sender<T>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// A reply the watchdog can drop, whatever it carries.
+trait Cancel: Send + Sync {
+    fn cancel(&self);
+}
+
+impl<T: Send> Cancel for Reply<T> {
+    fn cancel(&self) {
+        drop(self.take());
+    }
+}
+
+/// The watchdog: every `tick`, drops the replies whose callers have waited their timeout
+/// (their reads, held by the disk, answer nobody), and forgets those of reads done. Ends
+/// with the store.
+fn watch(state: &Weak<State>, tick: Duration) {
+    loop {
+        thread::sleep(tick);
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        state
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(deadline, reply)| match reply.upgrade() {
+                // The job is done (or was never run): nothing to do.
+                None => false,
+                Some(reply) if *deadline <= now => {
+                    reply.cancel();
+                    false
+                }
+                Some(_) => true,
+            });
     }
 }
 

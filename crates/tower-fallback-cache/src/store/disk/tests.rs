@@ -33,6 +33,22 @@ async fn body_at(store: &DiskStore, i: u32) -> Option<Bytes> {
     found.map(|entry| body_of(&entry))
 }
 
+#[test]
+fn a_runtime_without_a_timer_reads_the_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = DiskStore::open(dir.path().join("answers.redb")).expect("open");
+    // No `enable_time`: the read timeout is the store's own, not a Tokio timer.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        store.put(key(1), entry("kept"), HOUR).await.expect("put");
+        store.flush().await.expect("flush");
+        assert_eq!(body_at(&store, 1).await.as_deref(), Some(&b"kept"[..]));
+        assert_eq!(body_at(&store, 2).await, None);
+    });
+}
+
 #[tokio::test]
 async fn an_answer_is_visible_at_once_and_after_a_reopen() {
     let dir = tempfile::tempdir().expect("temp dir");

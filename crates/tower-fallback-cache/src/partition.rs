@@ -11,10 +11,20 @@ use http::request::Parts;
 const PARTITION_CONTEXT: &str = "fallback-cache partition v1";
 
 /// The headers that carry an API credential: OpenAI and most compatible APIs, Azure OpenAI,
-/// Anthropic, Gemini. Every one present is part of the partition, with the `key` query
-/// parameter (Gemini's other way to send its key).
-pub const CREDENTIAL_HEADERS: [&str; 4] =
-    ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+/// Anthropic, Gemini, and the gateways put in front of them (Azure API Management's
+/// subscription key, Cloudflare AI Gateway, Portkey, Kong's key authentication). Every one
+/// present is part of the partition, with the `key` query parameter (Gemini's other way to
+/// send its key).
+pub const CREDENTIAL_HEADERS: [&str; 8] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "cf-aig-authorization",
+    "x-portkey-api-key",
+    "apikey",
+];
 
 /// The 32-byte identity of a partition: answers stored in one are never served in another.
 ///
@@ -128,6 +138,10 @@ fn credential_partition(parts: &Parts) -> PartitionId {
             HeaderName::from_static(CREDENTIAL_HEADERS[1]),
             HeaderName::from_static(CREDENTIAL_HEADERS[2]),
             HeaderName::from_static(CREDENTIAL_HEADERS[3]),
+            HeaderName::from_static(CREDENTIAL_HEADERS[4]),
+            HeaderName::from_static(CREDENTIAL_HEADERS[5]),
+            HeaderName::from_static(CREDENTIAL_HEADERS[6]),
+            HeaderName::from_static(CREDENTIAL_HEADERS[7]),
         ];
         // Which of them the request has, in one pass over its (few) headers: most have
         // one, looked up then alone.
@@ -241,6 +255,19 @@ mod tests {
             let other = p.of(&parts(&[(header, "sk-a")]));
             assert_ne!(other, a);
             assert_ne!(other, PartitionId::anonymous());
+        }
+        // A gateway's key alone (Azure API Management before Azure OpenAI, and others): two
+        // subscriptions are two partitions, never the anonymous one they would share.
+        for header in [
+            "ocp-apim-subscription-key",
+            "cf-aig-authorization",
+            "x-portkey-api-key",
+            "apikey",
+        ] {
+            let team_a = p.of(&parts(&[(header, "subscription-a")]));
+            let team_b = p.of(&parts(&[(header, "subscription-b")]));
+            assert_ne!(team_a, team_b, "{header}");
+            assert_ne!(team_a, PartitionId::anonymous(), "{header}");
         }
         assert_eq!(p.of(&parts(&[])), PartitionId::anonymous());
         assert_ne!(PartitionId::anonymous(), PartitionId::SHARED);

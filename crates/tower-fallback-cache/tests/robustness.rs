@@ -173,6 +173,37 @@ async fn a_leader_whose_caller_never_reads_does_not_hold_its_followers() {
     drop(held);
 }
 
+/// Sends `count` identical requests of `body` at once, each on a task of its own: their
+/// statuses and bodies.
+async fn all_at_once<S, B>(service: &S, body: &str, count: usize) -> Vec<(StatusCode, Bytes)>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Debug,
+{
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let service = service.clone();
+            let body = body.to_owned();
+            tokio::spawn(async move {
+                let response = service
+                    .oneshot(chat_request("sk-a", &body))
+                    .await
+                    .expect("answered");
+                let status = response.status();
+                (status, read_body(response.into_body()).await)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("completes"));
+    }
+    answers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_two_failed_leaders_the_waiters_call_at_once_instead_of_one_after_another() {
     let upstream = Upstream {
@@ -183,23 +214,8 @@ async fn after_two_failed_leaders_the_waiters_call_at_once_instead_of_one_after_
     let layer = FallbackCacheLayer::builder().mode(cache_first()).build();
     let service = layer.layer(upstream.clone());
     let body = question("an upstream that keeps failing");
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let service = service.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            let response = service
-                .oneshot(chat_request("sk-a", &body))
-                .await
-                .expect("answered");
-            response.status()
-        }));
-    }
-    for task in tasks {
-        assert_eq!(
-            task.await.expect("completes"),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+    for (status, _) in all_at_once(&service, &body, 6).await {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
     // One leader, then one more; the four left no longer queue behind a third leader
     // (each waiting out every failure before it), they call together.
@@ -217,22 +233,8 @@ async fn waiters_behind_a_leader_whose_answer_is_not_stored_make_one_more_call()
     let layer = FallbackCacheLayer::builder().mode(cache_first()).build();
     let service = layer.layer(upstream.clone());
     let body = question("everyone at once");
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let service = service.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            let response = service
-                .oneshot(chat_request("sk-a", &body))
-                .await
-                .expect("answered");
-            let status = response.status();
-            (status, read_body(response.into_body()).await)
-        }));
-    }
     let mut failed = 0;
-    for task in tasks {
-        let (status, answer) = task.await.expect("completes");
+    for (status, answer) in all_at_once(&service, &body, 100).await {
         if status == StatusCode::OK {
             assert_eq!(answer, answer_to(body.as_bytes()));
         } else {

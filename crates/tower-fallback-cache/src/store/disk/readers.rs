@@ -89,13 +89,15 @@ impl Readers {
         // The job holds the reply; the watchdog, a weak reference that lets it drop the
         // reply once the caller has waited the timeout.
         let reply = Arc::new(Reply(Mutex::new(Some(reply))));
-        let cancel: Arc<dyn Cancel> = reply.clone();
-        self.state
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((Instant::now() + self.timeout, Arc::downgrade(&cancel)));
-        drop(cancel);
+        // A timeout past the clock's range waits as long as the read takes.
+        if let Some(deadline) = Instant::now().checked_add(self.timeout) {
+            let cancel: Arc<dyn Cancel> = reply.clone();
+            self.state
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((deadline, Arc::downgrade(&cancel)));
+        }
         let job: Job = Box::new(move || {
             let value = read();
             if let Some(reply) = reply.take() {
@@ -267,6 +269,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(answered, "reads work again once the readers are let go");
+        assert!(!readers.stalled());
+    }
+
+    #[tokio::test]
+    async fn the_longest_timeout_waits_for_the_read() {
+        let readers = Readers::start(1, Duration::MAX).expect("threads");
+        assert_eq!(readers.run(|| 7).await.ok(), Some(7));
         assert!(!readers.stalled());
     }
 

@@ -545,12 +545,36 @@ async fn a_plain_answer_that_is_not_json_or_says_it_failed_is_never_served() {
         failed.contains("\"status\": \"failed\""),
         "the fixture changed"
     );
-    let cases: [(&str, Bytes, &str, Bytes); 4] = [
+    // `background: true`: the API answers at once with the response queued, to be polled.
+    let unfinished = |status: &str| {
+        Bytes::from(
+            String::from_utf8(fixture("openai-responses.json"))
+                .expect("utf-8")
+                .replacen(
+                    "\"status\": \"completed\"",
+                    &format!("\"status\": \"{status}\""),
+                    1,
+                ),
+        )
+    };
+    let cases: [(&str, Bytes, &str, Bytes); 6] = [
         (
             "/v1/responses",
             responses_good.clone(),
             "a Responses object with status failed",
             Bytes::from(failed),
+        ),
+        (
+            "/v1/responses",
+            responses_good.clone(),
+            "a Responses object still queued",
+            unfinished("queued"),
+        ),
+        (
+            "/v1/responses",
+            responses_good.clone(),
+            "a Responses object still in progress",
+            unfinished("in_progress"),
         ),
         (
             "/v1/chat/completions",

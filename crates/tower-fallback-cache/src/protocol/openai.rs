@@ -4,7 +4,7 @@
 //! | endpoint (path ends with) | complete | failed |
 //! | --- | --- | --- |
 //! | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
-//! | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event |
+//! | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
 
 use http::HeaderMap;
 use http::request::Parts;
@@ -18,7 +18,7 @@ use super::{Completeness, Event, Protocol, Verdict, path};
 /// | endpoint (path ends with) | complete | failed |
 /// | --- | --- | --- |
 /// | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
-/// | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event |
+/// | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenAi;
 
@@ -107,9 +107,22 @@ impl Completeness for ResponsesStream {
         Some(&[b"complete", b"fail", b"error", b"\\u"])
     }
 
-    /// JSON, whatever its declared type: see [`json_body_is_good`].
+    /// JSON, whatever its declared type (see [`json_body_is_good`]), and a response that
+    /// is done: `completed` or `incomplete`, not `queued` or `in_progress` (what a
+    /// `background: true` request is answered at once, to be polled), which would be
+    /// replayed as if it were the answer.
     fn body_is_good(&self, _headers: &HeaderMap, body: &[u8]) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Status<'a> {
+            #[serde(borrow)]
+            status: Option<std::borrow::Cow<'a, str>>,
+        }
         json_body_is_good(body)
+            && serde_json::from_slice::<Status<'_>>(body).is_ok_and(|response| {
+                response
+                    .status
+                    .is_none_or(|status| matches!(&*status, "completed" | "incomplete"))
+            })
     }
 }
 

@@ -214,10 +214,22 @@ where
                 ),
             });
         }
-        (_, token) => Some(crate::admin::AdminConfig {
-            listen: admin_listen.parse(parse::listen)?,
-            token: crate::admin::Token::new(token),
-        }),
+        (_, token) => {
+            let listen = admin_listen.parse(parse::listen)?;
+            // The same address for both: one of them could not bind, and the error would
+            // name the other.
+            if listen.port() != 0 && raw("listen").parse(parse::listen).ok() == Some(listen) {
+                return Err(ProxyError::Invalid {
+                    setting: admin_listen.setting(),
+                    why: "must differ from --listen (the admin endpoint has an address of its own)"
+                        .to_owned(),
+                });
+            }
+            Some(crate::admin::AdminConfig {
+                listen,
+                token: crate::admin::Token::new(token),
+            })
+        }
     };
     let sealing = sealing(
         raw("seal").parse(parse::switch)?,

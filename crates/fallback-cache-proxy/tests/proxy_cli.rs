@@ -96,6 +96,27 @@ fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
 }
 
 #[test]
+fn the_admin_endpoint_on_the_proxy_s_own_address_is_refused_naming_it() {
+    let (status, stderr) = run_to_end(
+        &[
+            "--listen",
+            "127.0.0.1:48111",
+            "--admin-listen",
+            "127.0.0.1:48111",
+        ],
+        &[(
+            "FALLBACK_CACHE_ADMIN_TOKEN",
+            "an admin token of 32 bytes......",
+        )],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: --admin-listen 127.0.0.1:48111: must differ from --listen (the admin endpoint has an address of its own)"
+    );
+}
+
+#[test]
 fn a_flag_wins_over_the_environment_which_wins_over_the_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("proxy.toml");

@@ -505,7 +505,8 @@ fn no_delay(stream: &TcpStream) {
 
 /// Completes on Ctrl-C (SIGINT), SIGTERM or SIGHUP (a closed terminal, or `kill -HUP`,
 /// which would otherwise end the process at once, without its drain and flush: the
-/// proxy has no configuration to reload).
+/// proxy has no configuration to reload). A SIGHUP the process was started ignoring (under
+/// `nohup`) stays ignored: the proxy outlives the terminal, as it was asked to.
 async fn stop_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
@@ -522,10 +523,14 @@ async fn stop_signal() {
         }
     };
     #[cfg(unix)]
-    let (terminate, hangup) = (
-        unix(tokio::signal::unix::SignalKind::terminate()),
-        unix(tokio::signal::unix::SignalKind::hangup()),
-    );
+    let hangup = async {
+        if hangup_ignored() {
+            std::future::pending::<()>().await;
+        }
+        unix(tokio::signal::unix::SignalKind::hangup()).await;
+    };
+    #[cfg(unix)]
+    let terminate = unix(tokio::signal::unix::SignalKind::terminate());
     #[cfg(not(unix))]
     let (terminate, hangup) = (std::future::pending::<()>(), std::future::pending::<()>());
     tokio::select! {
@@ -533,6 +538,21 @@ async fn stop_signal() {
         () = terminate => {}
         () = hangup => {}
     }
+}
+
+/// Whether the process was started with SIGHUP ignored (`nohup`), as Linux reports it in
+/// `/proc/self/status` (`SigIgn`, a mask whose lowest bit is signal 1). Where that cannot
+/// be read, it is taken as ignored: SIGHUP then does what it did before it was handled.
+#[cfg(unix)]
+fn hangup_ignored() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_none_or(|mask| mask & 1 == 1)
 }
 
 /// Says at start what the persistent store's answers are sealed under, and what is not.

@@ -240,3 +240,21 @@ async fn sighup_stops_the_proxy_as_sigterm_does_keeping_what_it_stored() {
         (200, "FALLBACK", &first.body)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_nohup_a_sighup_is_ignored_and_the_proxy_goes_on() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let mut proxy = Proxy::start_ignoring_hangup(&["--upstream", &mock.url(), "--store", "memory"]);
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Still there?"}]}"#;
+    let client = reqwest::Client::new();
+    let answer = common::post_json(&client, proxy.url(), "/v1/chat/completions", body).await;
+    assert_eq!(answer.status, 200, "{}", proxy.logs());
+    assert!(!proxy.logs().contains("shutting down"), "{}", proxy.logs());
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+}

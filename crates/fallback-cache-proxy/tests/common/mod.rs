@@ -56,6 +56,18 @@ impl Proxy {
         Self::spawn(command, args, &[])
     }
 
+    /// As [`Proxy::start`], started with SIGHUP ignored, as `nohup` starts a program
+    /// (through `sh -c 'trap "" HUP; exec proxy ...'`: the child is the proxy itself).
+    pub fn start_ignoring_hangup(args: &[&str]) -> Proxy {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "trap '' HUP && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_fallback-cache-proxy"),
+        ]);
+        Self::spawn(command, args, &[])
+    }
+
     fn spawn(mut command: Command, args: &[&str], envs: &[(&str, &str)]) -> Proxy {
         for var in OUTBOUND_PROXY_VARS {
             command.env_remove(var).env_remove(var.to_lowercase());

@@ -10,8 +10,10 @@
 #
 # Settings (environment): DURATION seconds of load per server (10), CONNECTIONS of wrk (4),
 # TOP functions of the proxy listed with their inclusive instructions per request (25, 0
-# for none). Needs valgrind and wrk (installed with apt-get when missing, as root); builds
-# the release binaries; stops every process it started, whatever happens.
+# for none), DUMP a file to keep the proxy's callgrind profile in (for `callgrind_annotate
+# --tree=calling`: every function's callees). Needs valgrind and wrk (installed with
+# apt-get when missing, as root); builds the release binaries; stops every process it
+# started, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
@@ -80,6 +82,8 @@ read -r proxy_requests proxy_instructions proxy_dump <<<"$result"
 say "static-http: wrk -t1 -c$CONNECTIONS for ${DURATION}s under callgrind"
 result="$(measure static "$STATIC" "$PID_STATIC")"
 read -r static_requests static_instructions _ <<<"$result"
+
+if [ -n "${DUMP:-}" ]; then cp "$proxy_dump" "$DUMP"; fi
 
 per_proxy=$((proxy_instructions / proxy_requests))
 per_static=$((static_instructions / static_requests))

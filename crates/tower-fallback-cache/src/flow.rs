@@ -125,14 +125,15 @@ where
             let tenant = shared
                 .tenants
                 .as_ref()
-                .and_then(|tenants| tenants.of(&parts));
-            let partition = tenant.unwrap_or_else(|| shared.partition.of(&parts));
+                .and_then(|tenants| tenants.of(&parts, &shared.credentials));
+            let partition =
+                tenant.unwrap_or_else(|| shared.partition.of_with(&parts, &shared.credentials));
             let key = key_of(&shared, &partition, &parts, &bytes);
             // The breaker follows the credential the upstream judges, not the answer
             // partition (by default they are one and the same hash).
             let credential = match (tenant, &shared.partition) {
                 (Some(_), _) | (None, Partition::ByCredential) => partition,
-                _ => credential_identity(&parts),
+                _ => credential_identity(&parts, &shared.credentials),
             };
             // Sealed under the credential (or tenant) where answers are partitioned by it;
             // requests without one and shared partitions under the server secret alone.

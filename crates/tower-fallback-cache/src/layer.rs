@@ -10,7 +10,7 @@ use crate::breaker::{Breaker, QuotaBreaker};
 use crate::cacheable::Cacheable;
 use crate::classify::{Classify, ProviderClassifier, Reason};
 use crate::key::{KeyMemo, KeyRules};
-use crate::partition::Partition;
+use crate::partition::{Credentials, Partition};
 use crate::protocol::{Protocol, Protocols};
 use crate::seal::Sealing;
 use crate::service::FallbackCache;
@@ -127,6 +127,7 @@ pub struct FallbackCacheBuilder {
     key_rules: KeyRules,
     key_memo: (usize, usize),
     partition: Partition,
+    credentials: Credentials,
     classifier: Arc<dyn Classify>,
     protocols: Protocols,
     mode: Mode,
@@ -149,6 +150,7 @@ impl Default for FallbackCacheBuilder {
             key_rules: KeyRules::default(),
             key_memo: (DEFAULT_KEY_MEMO_ENTRIES, DEFAULT_KEY_MEMO_BYTES),
             partition: Partition::default(),
+            credentials: Credentials::default(),
             classifier: Arc::new(ProviderClassifier),
             protocols: Protocols::builtin(),
             mode: Mode::default(),
@@ -310,6 +312,33 @@ impl FallbackCacheBuilder {
         self
     }
 
+    /// Headers that carry a credential, besides [`CREDENTIAL_HEADERS`](crate::CREDENTIAL_HEADERS)
+    /// (default: none): a gateway's own key header, for example. Each present is part of
+    /// the request's partition ([`Partition::ByCredential`]), of the quota breaker's
+    /// credential, of the seal key ([`Sealing`]) and of the tenant lookup ([`Tenants`]),
+    /// exactly as the built-in ones; a request with none of them keeps the partition it had
+    /// without the setting, so stored answers stay where they are.
+    ///
+    /// Without it, a request whose only credential is in a header the layer does not know
+    /// shares the anonymous partition with every other such request.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_fallback_cache::FallbackCacheLayer;
+    ///
+    /// let layer = FallbackCacheLayer::builder()
+    ///     .credential_headers([HeaderName::from_static("x-gateway-key")])
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn credential_headers<I>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = http::HeaderName>,
+    {
+        self.credentials = Credentials::with_extra(names);
+        self
+    }
+
     /// Credentials that share a tenant's partition and breaker (default: none). A request
     /// whose credential's fingerprint is in `tenants` is partitioned, suspended and sealed
     /// as its tenant, whatever [`partition`](Self::partition) says; see [`Tenants`]. Use
@@ -330,8 +359,10 @@ impl FallbackCacheBuilder {
                 store,
                 cacheable: self.cacheable,
                 key_rules: self.key_rules,
-                key_memo: KeyMemo::new(self.key_memo.0, self.key_memo.1),
+                key_memo: KeyMemo::new(self.key_memo.0, self.key_memo.1)
+                    .with_credentials(self.credentials.clone()),
                 partition: self.partition,
+                credentials: self.credentials,
                 classifier: self.classifier,
                 protocols: self.protocols,
                 mode: self.mode,

@@ -77,9 +77,10 @@ impl fmt::Debug for PartitionId {
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum Partition {
-    /// One partition per set of credentials: every one of `authorization`, `api-key`,
-    /// `x-api-key` and `x-goog-api-key` present, and the `key` query parameter. Requests
-    /// without any share the anonymous partition.
+    /// One partition per set of credentials: every one of [`CREDENTIAL_HEADERS`] present
+    /// (and of the headers added with
+    /// [`FallbackCacheLayer::credential_headers`](crate::FallbackCacheLayer::credential_headers)),
+    /// and the `key` query parameter. Requests without any share the anonymous partition.
     #[default]
     ByCredential,
     /// Every request shares one partition: any caller may be served any caller's answer.
@@ -110,55 +111,94 @@ impl Partition {
 
     /// The partition of a request.
     pub fn of(&self, parts: &Parts) -> PartitionId {
+        self.of_with(parts, &DEFAULT_CREDENTIALS)
+    }
+
+    /// The partition of a request, with `credentials` the headers that carry one.
+    pub(crate) fn of_with(&self, parts: &Parts, credentials: &Credentials) -> PartitionId {
         match self {
-            Self::ByCredential => credential_partition(parts),
+            Self::ByCredential => credential_partition(parts, credentials),
             Self::Shared => PartitionId::SHARED,
             Self::Custom(f) => f(parts),
         }
     }
 }
 
+/// The headers whose values are credentials: [`CREDENTIAL_HEADERS`], then those a
+/// deployment adds ([`FallbackCacheLayer::credential_headers`](crate::FallbackCacheLayer::credential_headers)).
+/// The partition, the quota breaker, sealing and tenants all read this one list.
+#[derive(Clone, Debug)]
+pub(crate) struct Credentials(Arc<[HeaderName]>);
+
+impl Default for Credentials {
+    fn default() -> Self {
+        DEFAULT_CREDENTIALS.clone()
+    }
+}
+
+static DEFAULT_CREDENTIALS: LazyLock<Credentials> = LazyLock::new(|| {
+    Credentials(
+        CREDENTIAL_HEADERS
+            .iter()
+            .map(|name| HeaderName::from_static(name))
+            .collect(),
+    )
+});
+
+impl Credentials {
+    /// [`CREDENTIAL_HEADERS`], then each of `extra` not among them, in the order given. A
+    /// request without any of `extra` keeps the partition it has without them.
+    pub(crate) fn with_extra(extra: impl IntoIterator<Item = HeaderName>) -> Self {
+        let mut names: Vec<HeaderName> = DEFAULT_CREDENTIALS.0.to_vec();
+        for name in extra {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        Self(names.into())
+    }
+
+    /// The headers, [`CREDENTIAL_HEADERS`] first.
+    pub(crate) fn names(&self) -> &[HeaderName] {
+        &self.0
+    }
+
+    /// Whether `name` carries a credential.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|credential| credential.as_str() == name)
+    }
+}
+
 /// The identity of the credentials a request carries: blake3 over every credential header
-/// present (name and each value) and every `key` query parameter (Gemini). The same for
-/// the answer partition ([`Partition::ByCredential`]) and for the quota breaker.
-fn credential_partition(parts: &Parts) -> PartitionId {
+/// present (name and each value, in the order of `credentials`) and every `key` query
+/// parameter (Gemini). The same for the answer partition ([`Partition::ByCredential`]) and
+/// for the quota breaker.
+fn credential_partition(parts: &Parts, credentials: &Credentials) -> PartitionId {
     // Deriving the context key is a hash of its own: done once. A hasher started from it
     // hashes as `Hasher::new_derive_key(PARTITION_CONTEXT)`, without a copy of one.
     static CONTEXT_KEY: LazyLock<blake3::hazmat::ContextKey> =
         LazyLock::new(|| blake3::hazmat::hash_derive_key_context(PARTITION_CONTEXT));
+    let names = credentials.names();
     crate::key::with_fields(|out| {
         // Length-prefixed, so that no two lists of credentials hash alike.
         let mut add = |name: &[u8], value: &[u8]| {
             crate::key::put(out, name);
             crate::key::put(out, value);
         };
-        // As header names, not strings: a string is parsed into a name at every lookup.
-        static NAMES: [HeaderName; CREDENTIAL_HEADERS.len()] = [
-            http::header::AUTHORIZATION,
-            HeaderName::from_static(CREDENTIAL_HEADERS[1]),
-            HeaderName::from_static(CREDENTIAL_HEADERS[2]),
-            HeaderName::from_static(CREDENTIAL_HEADERS[3]),
-            HeaderName::from_static(CREDENTIAL_HEADERS[4]),
-            HeaderName::from_static(CREDENTIAL_HEADERS[5]),
-            HeaderName::from_static(CREDENTIAL_HEADERS[6]),
-            HeaderName::from_static(CREDENTIAL_HEADERS[7]),
-        ];
         // Which of them the request has, in one pass over its (few) headers: most have
-        // one, looked up then alone.
-        let mut present = [false; CREDENTIAL_HEADERS.len()];
+        // one, looked up then alone. (A list longer than 64 has the rest looked up always.)
+        let mut present = 0u64;
         for name in parts.headers.keys() {
-            if let Some(i) = NAMES.iter().position(|credential| credential == name) {
-                present[i] = true;
+            if let Some(i) = names.iter().position(|credential| credential == name) {
+                present |= 1u64.checked_shl(i as u32).unwrap_or(0);
             }
         }
-        for ((name, header), _) in CREDENTIAL_HEADERS
-            .into_iter()
-            .zip(&NAMES)
-            .zip(present)
-            .filter(|&(_, present)| present)
-        {
+        for (i, header) in names.iter().enumerate() {
+            if i < 64 && present & (1 << i) == 0 {
+                continue;
+            }
             for value in parts.headers.get_all(header) {
-                add(name.as_bytes(), value.as_bytes());
+                add(header.as_str().as_bytes(), value.as_bytes());
             }
         }
         for value in query_keys(parts.uri.query().unwrap_or_default()) {
@@ -212,8 +252,8 @@ fn is_key(mut name: &[u8]) -> bool {
 /// The identity of the credential the upstream judges, whatever the answer partition: the
 /// quota breaker is keyed on it, so one exhausted credential never suspends another, even
 /// when answers are shared ([`Partition::Shared`]) or partitioned by another rule.
-pub(crate) fn credential_identity(parts: &Parts) -> PartitionId {
-    credential_partition(parts)
+pub(crate) fn credential_identity(parts: &Parts, credentials: &Credentials) -> PartitionId {
+    credential_partition(parts, credentials)
 }
 
 impl fmt::Debug for Partition {
@@ -271,6 +311,39 @@ mod tests {
         }
         assert_eq!(p.of(&parts(&[])), PartitionId::anonymous());
         assert_ne!(PartitionId::anonymous(), PartitionId::SHARED);
+    }
+
+    #[test]
+    fn headers_a_deployment_adds_are_credentials_and_leave_other_partitions_alone() {
+        let credentials = Credentials::with_extra([
+            HeaderName::from_static("x-gateway-key"),
+            http::header::AUTHORIZATION,
+        ]);
+        assert_eq!(credentials.names().len(), CREDENTIAL_HEADERS.len() + 1);
+        let p = Partition::ByCredential;
+        for request in [
+            parts(&[("authorization", "Bearer sk-a")]),
+            parts(&[("x-api-key", "sk-a"), ("user-agent", "x")]),
+            parts(&[]),
+        ] {
+            assert_eq!(p.of_with(&request, &credentials), p.of(&request));
+        }
+        let team = |key: &str| p.of_with(&parts(&[("x-gateway-key", key)]), &credentials);
+        assert_ne!(team("a"), team("b"));
+        assert_ne!(team("a"), PartitionId::anonymous());
+        assert_eq!(
+            p.of(&parts(&[("x-gateway-key", "a")])),
+            PartitionId::anonymous()
+        );
+        // Beside a built-in credential, it still tells two gateway keys apart.
+        let both = |key: &str| {
+            p.of_with(
+                &parts(&[("authorization", "Bearer sk-a"), ("x-gateway-key", key)]),
+                &credentials,
+            )
+        };
+        assert_ne!(both("a"), both("b"));
+        assert_ne!(both("a"), p.of(&parts(&[("authorization", "Bearer sk-a")])));
     }
 
     /// Partitions are part of every stored answer's key: they never change between releases.
@@ -367,7 +440,7 @@ mod tests {
                 .into_parts();
             (
                 Partition::ByCredential.of(&parts),
-                credential_identity(&parts),
+                credential_identity(&parts, &Credentials::default()),
             )
         };
         let path = "/v1beta/models/gemini-2.5-flash:generateContent";

@@ -10,7 +10,7 @@ use crate::cacheable::Cacheable;
 use crate::classify::{Classify, Reason};
 use crate::coalesce::InFlight;
 use crate::key::{KeyMemo, KeyRules};
-use crate::partition::Partition;
+use crate::partition::{Credentials, Partition};
 use crate::protocol::Protocols;
 use crate::seal::Sealing;
 use crate::stats::Stats;
@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) key_rules: KeyRules,
     pub(crate) key_memo: KeyMemo,
     pub(crate) partition: Partition,
+    /// The headers that carry credentials.
+    pub(crate) credentials: Credentials,
     pub(crate) classifier: Arc<dyn Classify>,
     pub(crate) protocols: Protocols,
     pub(crate) mode: Mode,

@@ -6,7 +6,7 @@ use std::fmt;
 
 use http::request::Parts;
 
-use crate::partition::{CREDENTIAL_HEADERS, PartitionId, query_keys};
+use crate::partition::{Credentials, PartitionId, query_keys};
 
 const FINGERPRINT_CONTEXT: &str = "fallback-cache credential fingerprint v1";
 /// Hex digits of a fingerprint: 96 bits, enough to tell keys apart, too few to test guesses
@@ -65,13 +65,14 @@ impl Tenants {
     }
 
     /// The tenant partition of the first credential of the request that is mapped.
-    pub(crate) fn of(&self, parts: &Parts) -> Option<PartitionId> {
+    pub(crate) fn of(&self, parts: &Parts, credentials: &Credentials) -> Option<PartitionId> {
         if self.by_fingerprint.is_empty() {
             return None;
         }
-        let headers = CREDENTIAL_HEADERS
+        let headers = credentials
+            .names()
             .iter()
-            .flat_map(|name| parts.headers.get_all(*name))
+            .flat_map(|name| parts.headers.get_all(name))
             .filter_map(|value| value.to_str().ok())
             .map(strip_bearer);
         let query = query_keys(parts.uri.query().unwrap_or_default());
@@ -118,7 +119,7 @@ mod tests {
         tenants.insert(&Tenants::fingerprint("sk-old"), "acme");
         tenants.insert(&Tenants::fingerprint("sk-new").to_uppercase(), "acme");
         tenants.insert(&Tenants::fingerprint("sk-other"), "globex");
-        let of = |h, uri| tenants.of(&parts(h, uri));
+        let of = |h, uri| tenants.of(&parts(h, uri), &Credentials::default());
         let old = of(("authorization", "Bearer sk-old"), "/v1/chat/completions");
         assert!(old.is_some());
         assert_eq!(old, of(("x-api-key", "sk-new"), "/v1/messages"));
@@ -136,5 +137,15 @@ mod tests {
             Tenants::fingerprint("sk-old\n"),
             Tenants::fingerprint("sk-old")
         );
+    }
+
+    #[test]
+    fn a_key_in_a_header_the_deployment_names_finds_its_tenant() {
+        let mut tenants = Tenants::new();
+        tenants.insert(&Tenants::fingerprint("gw-key"), "acme");
+        let request = parts(("x-gateway-key", "gw-key"), "/v1/chat/completions");
+        assert_eq!(tenants.of(&request, &Credentials::default()), None);
+        let gateway = Credentials::with_extra([http::HeaderName::from_static("x-gateway-key")]);
+        assert!(tenants.of(&request, &gateway).is_some());
     }
 }

@@ -304,6 +304,68 @@ async fn one_credential_never_gets_anothers_answer() {
 }
 
 #[tokio::test]
+async fn a_credential_in_a_header_the_deployment_names_is_a_partition_of_its_own() {
+    // A gateway that takes its own key in `x-gateway-key`, and no `authorization`.
+    let gateway = |team: &str| {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("x-gateway-key", team)
+            .body(Full::new(Bytes::from_static(CHAT_REQUEST.as_bytes())))
+            .expect("valid request")
+    };
+    let name = http::HeaderName::from_static("x-gateway-key");
+
+    let (upstream, _) = scripted(vec![ok_completion, quota]);
+    let service = FallbackCacheLayer::builder()
+        .credential_headers([name])
+        .build()
+        .layer(upstream);
+    let stored = service
+        .clone()
+        .oneshot(gateway("team-a"))
+        .await
+        .expect("ok");
+    assert_eq!(read_body(stored.into_body()).await, chat_completion());
+
+    let other = service
+        .clone()
+        .oneshot(gateway("team-b"))
+        .await
+        .expect("ok");
+    assert_eq!(other.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&other, "x-fallback-cache"), Some("MISS"));
+    let body = read_body(other.into_body()).await;
+    assert_eq!(
+        body,
+        common::fixture("provider-errors/openai-429-insufficient_quota.json")
+    );
+    // Nor a request without any credential: it is not the gateway's team.
+    let anonymous = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(CHAT_REQUEST.as_bytes())))
+        .expect("valid request");
+    let anonymous = service.clone().oneshot(anonymous).await.expect("ok");
+    assert_eq!(header(&anonymous, "x-fallback-cache"), Some("MISS"));
+
+    // team-b's exhausted quota suspends team-b alone: team-a gets its answer.
+    let owner = service.oneshot(gateway("team-a")).await.expect("ok");
+    assert_eq!(header(&owner, "x-fallback-cache"), Some("FALLBACK"));
+    assert_eq!(read_body(owner.into_body()).await, chat_completion());
+
+    // Without the setting, both teams are the anonymous partition and share answers.
+    let (upstream, _) = scripted(vec![ok_completion, quota]);
+    let service = FallbackCacheLayer::new().layer(upstream);
+    let stored = service
+        .clone()
+        .oneshot(gateway("team-a"))
+        .await
+        .expect("ok");
+    read_body(stored.into_body()).await;
+    let other = service.oneshot(gateway("team-b")).await.expect("ok");
+    assert_eq!(header(&other, "x-fallback-cache"), Some("FALLBACK"));
+}
+
+#[tokio::test]
 async fn a_shared_partition_shares_answers_when_asked() {
     let (upstream, _) = scripted(vec![ok_completion, quota]);
     let service = FallbackCacheLayer::builder()

@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use http::request::Parts;
 
 use super::{BodyDigest, CacheKey, KeyRules, finish, with_fields};
-use crate::partition::PartitionId;
+use crate::partition::{Credentials, PartitionId};
 
 /// Shards, so that requests on several threads rarely wait for one another.
 const SHARDS: usize = 8;
@@ -53,6 +53,9 @@ pub(crate) enum Memo {
 /// Bounded memo from (partition, raw body) to the body's digest under one [`KeyRules`].
 pub(crate) struct KeyMemo {
     seed: u64,
+    /// The headers that carry credentials: a head with one among the rules' headers is
+    /// never kept.
+    credentials: Credentials,
     max_entries: usize,
     max_bytes: usize,
     shards: Box<[Mutex<Shard>]>,
@@ -94,12 +97,19 @@ impl KeyMemo {
         let on = max_entries > 0 && max_bytes > 0;
         Self {
             seed,
+            credentials: Credentials::default(),
             max_entries: max_entries.div_ceil(SHARDS),
             max_bytes: max_bytes.div_ceil(SHARDS),
             shards: (0..if on { SHARDS } else { 0 })
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
         }
+    }
+
+    /// The memo of a layer whose credentials are `credentials`.
+    pub(crate) fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// The key of a request (`parts` and its whole `body`) under `rules`, with what the memo
@@ -141,7 +151,7 @@ impl KeyMemo {
             };
             // This head is kept if it holds no credential and fits beside its body.
             let head = (body.len() + fields.len() <= self.max_bytes
-                && !rules.head_may_hold_credentials(parts))
+                && !rules.head_may_hold_credentials(parts, &self.credentials))
             .then(|| Box::<[u8]>::from(&fields[..]));
             let (digest, memo) = match found {
                 Some((digest, _)) => (digest, Memo::Hit),

@@ -284,16 +284,19 @@ impl KeyRules {
     /// Whether the fields [`KeyRules::write_head`] writes for `parts` may hold a credential:
     /// a `key` query parameter (Gemini's API key) or a credential header among the rules'
     /// headers. The key memo keeps the fields of a head only when they hold none.
-    pub(crate) fn head_may_hold_credentials(&self, parts: &Parts) -> bool {
+    pub(crate) fn head_may_hold_credentials(
+        &self,
+        parts: &Parts,
+        credentials: &crate::partition::Credentials,
+    ) -> bool {
         parts
             .uri
             .query()
             .is_some_and(|query| crate::partition::query_keys(query).next().is_some())
-            || self.headers.iter().any(|name| {
-                crate::partition::CREDENTIAL_HEADERS
-                    .iter()
-                    .any(|credential| name.as_str() == *credential)
-            })
+            || self
+                .headers
+                .iter()
+                .any(|name| credentials.contains(name.as_str()))
     }
 }
 

@@ -282,6 +282,20 @@ pub(crate) struct Cli {
     )]
     pub(crate) key_ignore: String,
 
+    /// Headers that carry a credential besides the built-in ones (authorization, api-key,
+    /// x-api-key, x-goog-api-key, ocp-apim-subscription-key, cf-aig-authorization,
+    /// x-portkey-api-key, apikey), as a comma list of names: a gateway's own key header,
+    /// for example. Each present is part of the request's partition, quota breaker, seal
+    /// key and tenant lookup, as the built-in ones are. Without it, requests whose only
+    /// credential is in another header share one anonymous partition.
+    #[arg(
+        long,
+        env = "FALLBACK_CACHE_CREDENTIAL_HEADERS",
+        value_name = "NAMES",
+        default_value = ""
+    )]
+    pub(crate) credential_headers: String,
+
     /// How log lines are written: text (for people) or json (one object a line, for log
     /// shippers).
     #[arg(
@@ -404,6 +418,7 @@ pub(crate) const SETTINGS: &[&str] = &[
     "no-quota-breaker",
     "cacheable",
     "key-ignore",
+    "credential-headers",
     "admin-listen",
     "admin-token",
     "log-format",

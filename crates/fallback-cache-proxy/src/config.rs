@@ -49,6 +49,8 @@ pub(crate) struct Config {
     pub(crate) cacheable: Cacheable,
     /// What a request's key covers (`--key-ignore`).
     pub(crate) key_rules: KeyRules,
+    /// Headers that carry a credential besides the built-in ones.
+    pub(crate) credential_headers: Vec<http::HeaderName>,
     /// What the persistent store's answers are sealed under (`--seal`, `--secret`,
     /// `--secret-file`); `None` when sealing is off.
     pub(crate) sealing: Option<Sealing>,
@@ -282,6 +284,7 @@ where
         tenants,
         cacheable: raw("cacheable").parse(parse::cacheable)?,
         key_rules: KeyRules::default().ignore_fields(raw("key-ignore").parse(parse::key_ignore)?),
+        credential_headers: raw("credential-headers").parse(parse::header_names)?,
         ignored,
     })
 }

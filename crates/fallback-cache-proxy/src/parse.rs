@@ -6,6 +6,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use http::HeaderName;
+use tower_fallback_cache::headers::HOP_BY_HOP;
 use tower_fallback_cache::{Cacheable, Reason};
 
 use tower_fallback_cache::reqwest::normalize_base_url;
@@ -194,6 +196,29 @@ pub(crate) fn key_ignore(text: &str) -> Result<Vec<String>, String> {
         pointers.push(part.to_owned());
     }
     Ok(pointers)
+}
+
+/// A comma list of header names (`--credential-headers`), each a valid name that is not
+/// one a proxy rewrites or drops before the upstream sees it.
+pub(crate) fn header_names(text: &str) -> Result<Vec<HeaderName>, String> {
+    let mut names = Vec::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let name = HeaderName::from_bytes(part.as_bytes())
+            .map_err(|_| format!("{part:?} is not a header name"))?;
+        if HOP_BY_HOP.contains(&name) || name == http::header::HOST {
+            return Err(format!(
+                "{part:?} never reaches the upstream (the proxy rewrites or drops it): it carries no credential"
+            ));
+        }
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 /// Where answers are kept.
@@ -485,6 +510,21 @@ mod tests {
                 .expect_err("bad method")
                 .contains("PUT /v1/x")
         );
+    }
+
+    #[test]
+    fn credential_headers_are_header_names_the_upstream_sees() {
+        assert_eq!(
+            header_names(" X-Gateway-Key ,x-team-token,x-gateway-key"),
+            Ok(vec![
+                HeaderName::from_static("x-gateway-key"),
+                HeaderName::from_static("x-team-token")
+            ])
+        );
+        assert_eq!(header_names(""), Ok(Vec::new()));
+        for bad in ["x key", "x-key:", "connection", "Host"] {
+            assert!(header_names(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -70,7 +70,8 @@ pub(crate) async fn run(config: Config) -> Result<(), ProxyError> {
         .max_response_body(config.max_response_body)
         .quota_breaker(config.quota_breaker)
         .cacheable(config.cacheable.clone())
-        .key_rules(config.key_rules.clone());
+        .key_rules(config.key_rules.clone())
+        .credential_headers(config.credential_headers.iter().cloned());
     let layer = match &config.sealing {
         Some(sealing) => layer.sealing(sealing.clone()),
         None => layer,

@@ -47,6 +47,17 @@ fn unique(prompt: &str) -> String {
 /// One chat completion: (status, `x-fallback-cache`, `x-fallback-cache-key`, body). An
 /// empty `api_key` sends no credential.
 async fn ask(proxy: &Proxy, api_key: &str, prompt: &str) -> (u16, String, String, String) {
+    let bearer = format!("Bearer {api_key}");
+    let credential = (!api_key.is_empty()).then_some(("authorization", bearer.as_str()));
+    ask_with(proxy, credential, prompt).await
+}
+
+/// [`ask`] with the credential in the header given, or none.
+async fn ask_with(
+    proxy: &Proxy,
+    credential: Option<(&str, &str)>,
+    prompt: &str,
+) -> (u16, String, String, String) {
     let body = serde_json::json!({
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": prompt}],
@@ -55,8 +66,8 @@ async fn ask(proxy: &Proxy, api_key: &str, prompt: &str) -> (u16, String, String
         .post(format!("{}/v1/chat/completions", proxy.url()))
         .header("content-type", "application/json")
         .body(body.to_string());
-    if !api_key.is_empty() {
-        request = request.header("authorization", format!("Bearer {api_key}"));
+    if let Some((name, value)) = credential {
+        request = request.header(name, value);
     }
     let response = request
         .send()
@@ -463,6 +474,68 @@ async fn a_rotated_key_of_a_tenant_is_served_its_answers_and_an_outsider_nothing
     let (status, cache, _, body) = ask(&proxy, "sk-outsider-000000000", prompt).await;
     assert_eq!((status, cache.as_str()), (429, "MISS"), "{body}");
     assert_eq!(body, Fixture::insufficient_quota().body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_key_named_with_credential_headers_partitions_and_seals_its_answers() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = format!("disk:{}", dir.path().join("answers.redb").display());
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let args = [
+        "--upstream",
+        &mock.url(),
+        "--store",
+        &store,
+        "--credential-headers",
+        "X-Gateway-Key",
+    ];
+    let prompt = "Draft the release notes";
+    let team = |key: &'static str| Some(("x-gateway-key", key));
+
+    // A header the upstream never sees is refused, in one line naming the setting.
+    let (status, stderr) = common::run_to_end(
+        &[
+            "--upstream",
+            &mock.url(),
+            "--credential-headers",
+            "connection",
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--credential-headers"), "{stderr}");
+
+    let mut proxy = Proxy::start(&args);
+    let (status, cache, key, answer) = ask_with(&proxy, team("gw-team-a"), prompt).await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{answer}");
+    assert!(proxy.stop().success(), "{}", proxy.logs());
+    // Sealed under the gateway key: the file holds no part of the answer in clear.
+    let file = std::fs::read(dir.path().join("answers.redb")).expect("the store file");
+    let content =
+        serde_json::from_str::<serde_json::Value>(&answer).expect("JSON")["choices"][0]["message"]
+            ["content"]
+            .as_str()
+            .expect("a content")
+            .to_owned();
+    assert_no_run_of(&file, &content, "the redb file");
+
+    let proxy = Proxy::start(&args);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    for other in [team("gw-team-b"), None] {
+        let (status, cache, _, body) = ask_with(&proxy, other, prompt).await;
+        assert_eq!((status, cache.as_str()), (429, "MISS"), "{other:?}: {body}");
+        assert_eq!(body, Fixture::insufficient_quota().body);
+    }
+    let (status, cache, owner_key, body) = ask_with(&proxy, team("gw-team-a"), prompt).await;
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "FALLBACK"),
+        "{body}\n{}",
+        proxy.logs()
+    );
+    assert_eq!((body, owner_key), (answer, key));
 }
 
 /// Runs a subcommand of the proxy binary to its end: (success, stdout, stderr).

@@ -370,6 +370,57 @@ async fn every_protocol_stores_its_complete_stream_and_never_a_failing_one() {
     }
 }
 
+/// An event is dispatched at its blank line (the SSE rules: a stream that ends inside an
+/// event, before that line, drops it; the SDKs do). A stream cut anywhere before the blank
+/// line of its closing event, even by a clean end, is not the answer.
+#[tokio::test]
+async fn a_stream_that_ends_inside_its_closing_event_is_never_stored() {
+    for crlf in [false, true] {
+        for api in &APIS {
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            let whole = Bytes::from(fixture_events(api.complete, crlf).concat());
+            let closing = whole.len()
+                - fixture_events(api.complete, crlf)
+                    .last()
+                    .expect("a closing event")
+                    .len();
+            let ctx = format!("{} ({})", api.name, if crlf { "CRLF" } else { "LF" });
+            // Every cut inside the closing event, and every 61st before it.
+            let cuts = (0..closing).step_by(61).chain(closing..whole.len());
+            for cut in cuts {
+                for frames in [
+                    vec![whole.slice(..cut)],
+                    rechunk(&[whole.slice(..cut)], Chunking::SevenBytes),
+                ] {
+                    upstream.answer(Next::Stream(frames));
+                    let (status, got) = ask(&service, api.path, "cut").await;
+                    assert_eq!(status, "MISS", "{ctx}: cut at {cut}");
+                    assert_eq!(got.concat(), whole.slice(..cut), "{ctx}: cut at {cut}");
+                    assert_eq!(
+                        layer.stats().snapshot().stored,
+                        0,
+                        "{ctx}: the stream cut at {cut} of {} was stored: {:?}",
+                        whole.len(),
+                        String::from_utf8_lossy(&whole[cut.saturating_sub(40)..cut])
+                    );
+                }
+            }
+            upstream.answer(Next::Stream(vec![whole.clone()]));
+            ask(&service, api.path, "cut").await;
+            assert_eq!(layer.stats().snapshot().stored, 1, "{ctx}: the whole one");
+            upstream.answer(Next::Quota(api.quota));
+            let (status, got) = ask(&service, api.path, "cut").await;
+            assert_eq!(
+                (status.as_str(), got.concat()),
+                ("FALLBACK", whole.to_vec()),
+                "{ctx}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_stream_is_judged_as_one_whatever_case_or_type_it_is_declared_with() {
     for api in &APIS {

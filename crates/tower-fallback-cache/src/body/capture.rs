@@ -134,11 +134,9 @@ impl Capture {
     /// `None` when the protocol's rules say it is not a whole, good answer.
     pub(crate) fn finish(mut self) -> Option<StoreFuture<'static, ()>> {
         if let Some(stream) = self.events.take() {
-            if self.verdict == Verdict::Pending
-                && let Some(last) = stream.rest()
-            {
-                self.verdict = judge(self.rules.as_mut(), last, None);
-            }
+            // Bytes after the last blank line are not an event: a stream that ends inside
+            // one drops it (the SSE rules; the SDKs do), so it can neither close the answer
+            // nor fail it. A closing event cut before its blank line is not the answer.
             let complete = match self.verdict {
                 Verdict::Complete => true,
                 Verdict::Failed => false,

@@ -318,6 +318,7 @@ impl EventCopy {
     }
 
     /// The unterminated last event, if any bytes are left after the last blank line.
+    #[cfg(test)]
     pub(crate) fn rest(&self) -> Option<&[u8]> {
         let rest = &self.current[self.pending..];
         (!rest.is_empty()).then_some(rest)

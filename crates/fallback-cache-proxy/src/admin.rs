@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -15,6 +16,9 @@ use tower_fallback_cache::CacheKey;
 use tower_fallback_cache::store::Store;
 
 use crate::error::ProxyError;
+
+/// The longest a purge waits for the store to confirm the removal.
+const PURGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The path prefix of the admin endpoint, answered 404 on the public listener.
 pub(crate) const PREFIX: &str = "/cache";
@@ -118,7 +122,20 @@ async fn purge(
         )
             .into_response();
     };
-    match admin.store.remove(&key).await {
+    // The removal waits behind the writes queued before it (each bounded by the store's
+    // own timeouts, retried for a while); an operator's request gets an answer sooner.
+    let Ok(removed) = tokio::time::timeout(PURGE_TIMEOUT, admin.store.remove(&key)).await else {
+        tracing::warn!(%key, "purge not confirmed within {PURGE_TIMEOUT:?}");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the store did not confirm the removal within {}s; it is still queued\n",
+                PURGE_TIMEOUT.as_secs()
+            ),
+        )
+            .into_response();
+    };
+    match removed {
         Ok(()) => {
             tracing::info!(%key, "purged");
             StatusCode::NO_CONTENT.into_response()

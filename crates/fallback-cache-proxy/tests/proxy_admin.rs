@@ -6,7 +6,7 @@ mod common;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::Proxy;
-use fallback_cache_test_support::stores::shared_redis;
+use fallback_cache_test_support::stores::{RedisServer, shared_redis};
 use mock_upstream::{Fixture, MockUpstream, Mode};
 
 const TOKEN: &str = "admin-token-for-tests";
@@ -132,6 +132,33 @@ async fn a_purged_answer_is_gone_from_redis_for_every_replica() {
     assert_eq!(ask(&first, &prompt).await.0, "MISS");
     let (second, _) = start(&mock, &url);
     assert_eq!(ask(&second, &prompt).await.0, "MISS", "{}", second.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_the_redis_store_could_not_do_is_an_error_not_a_204() {
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (proxy, admin) = start(&mock, &redis.url());
+    let (_, key, _) = ask(&proxy, "purge me while Redis is down").await;
+
+    redis.stop();
+    let response = reqwest::Client::new()
+        .delete(format!("{admin}/cache/{key}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status().as_u16(), 503, "{}", proxy.logs());
+    let body = response.text().await.expect("a body");
+    assert!(body.contains("could not remove"), "{body}");
+
+    redis.restart();
+    assert_eq!(
+        purge(&admin, &key, Some(TOKEN)).await,
+        204,
+        "{}",
+        proxy.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

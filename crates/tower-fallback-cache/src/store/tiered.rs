@@ -113,7 +113,9 @@ enum Job {
         seal: Option<Seal>,
         weight: Weight,
     },
-    Remove(CacheKey),
+    /// Answered with the back store's result, once every job before it is done: a purge
+    /// reports a removal that failed instead of leaving the answer in the store of record.
+    Remove(CacheKey, oneshot::Sender<Result<(), StoreError>>),
     /// Answered once every job before it is done.
     Flush(oneshot::Sender<()>),
 }
@@ -311,10 +313,12 @@ async fn drain<B: Store>(
                 }
                 weight.done = true;
             }
-            Job::Remove(key) => {
-                if let Err(error) = back.remove(&key).await {
-                    log_store_error("remove (back tier)", &error);
+            Job::Remove(key, done) => {
+                let result = back.remove(&key).await;
+                if let Err(error) = &result {
+                    log_store_error("remove (back tier)", error);
                 }
+                let _ = done.send(result);
             }
             Job::Flush(done) => {
                 let _ = done.send(());
@@ -413,16 +417,24 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
 
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let queued = self.send(Job::Remove(*key)).is_ok();
+            // Through the queue, so that a write queued before it cannot bring the answer
+            // back; its result is awaited, so that a removal the back store refused is an
+            // error (a purge that says 204 leaves nothing behind).
+            let (done, result) = oneshot::channel();
+            let queued = self.send(Job::Remove(*key, done)).is_ok();
+            let front = self.front.remove(key).await;
             let back = if queued {
-                Ok(())
+                result.await.unwrap_or_else(|_| {
+                    Err(StoreError::Backend {
+                        store: "tiered",
+                        source: "the back tier's queue stopped before the removal".into(),
+                    })
+                })
             } else {
                 self.back.remove(key).await
             };
-            let front = self.front.remove(key).await;
-            back?;
             front_error_logged("remove (front tier)", front);
-            Ok(())
+            back
         })
     }
 
@@ -584,6 +596,72 @@ mod tests {
         tiered.flush().await.expect("flush");
         assert!(!in_front(&tiered, 2).await);
         assert!(!in_back(&tiered, 2).await);
+    }
+
+    /// A back store that keeps answers but refuses to remove them, as a Redis that went down
+    /// between a write and a purge.
+    #[derive(Debug)]
+    struct KeepsAll(MemoryStore);
+
+    impl Store for KeepsAll {
+        fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+            self.0.get(key)
+        }
+
+        fn put(
+            &self,
+            key: CacheKey,
+            entry: Arc<CachedResponse>,
+            ttl: Duration,
+        ) -> StoreFuture<'_, ()> {
+            self.0.put(key, entry, ttl)
+        }
+
+        fn remove<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, ()> {
+            Box::pin(async {
+                Err(StoreError::Backend {
+                    store: "redis",
+                    source: "Connection refused".into(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removal_is_done_when_it_returns_and_one_the_back_refused_is_an_error() {
+        // Awaited through the queue: no flush, and a write queued before it never brings
+        // the answer back.
+        let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20));
+        tiered
+            .put(key(4), entry("purged"), HOUR)
+            .await
+            .expect("tiered put");
+        tiered.remove(&key(4)).await.expect("tiered remove");
+        assert!(!in_front(&tiered, 4).await);
+        assert!(!in_back(&tiered, 4).await);
+
+        let tiered = Tiered::new(
+            MemoryStore::new(1 << 20),
+            KeepsAll(MemoryStore::new(1 << 20)),
+        );
+        tiered
+            .put(key(5), entry("kept"), HOUR)
+            .await
+            .expect("tiered put");
+        tiered.flush().await.expect("flush");
+        let error = tiered.remove(&key(5)).await.expect_err("the back refused");
+        assert!(error.to_string().contains("Connection refused"), "{error}");
+        let front = tiered.front().get(&key(5)).await.expect("front get");
+        assert!(front.is_none(), "gone from this process's memory");
+        assert!(
+            tiered
+                .back()
+                .get(&key(5))
+                .await
+                .expect("back get")
+                .is_some(),
+            "still in the store of record, as the error says"
+        );
     }
 
     #[tokio::test]

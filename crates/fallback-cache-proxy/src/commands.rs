@@ -129,7 +129,7 @@ async fn run_export(export: Export) -> Result<(), String> {
     );
     let encoded = snapshot::encode(&entries);
     let partial = export.out.with_extension("partial");
-    std::fs::write(&partial, &encoded)
+    write_private(&partial, &encoded)
         .and_then(|()| std::fs::rename(&partial, &export.out))
         .map_err(|error| format!("cannot write {}: {error}", export.out.display()))?;
     out!(
@@ -139,6 +139,25 @@ async fn run_export(export: Export) -> Result<(), String> {
         encoded.len()
     );
     Ok(())
+}
+
+/// Writes `bytes` to a new file at `path` readable by its owner only (mode 0600, as the
+/// store file): a snapshot holds answers, in clear where they were stored unsealed. Synced
+/// before it is renamed into place.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    // The mode applies to a file created here, not to one left by an earlier run.
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 async fn run_import(import: Import) -> Result<(), String> {

@@ -575,6 +575,15 @@ async fn a_disk_snapshot_imported_into_redis_is_served_byte_for_byte_and_a_cut_o
     let (ok, stdout, stderr) = subcommand(&["export", "--store", &disk, "--out", &snapshot_arg]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("wrote 3 entries"), "{stdout}");
+    // Readable by its owner only, as the store file is, whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&snapshot)
+            .expect("the snapshot")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
 
     // A snapshot cut short is refused in one line, and nothing of it reaches Redis.
     let bytes = std::fs::read(&snapshot).expect("the snapshot");

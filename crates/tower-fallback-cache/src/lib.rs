@@ -113,6 +113,7 @@ mod breaker;
 mod cacheable;
 mod classify;
 mod coalesce;
+mod deadline;
 mod entry;
 mod flow;
 mod future;

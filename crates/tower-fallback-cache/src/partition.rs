@@ -79,7 +79,7 @@ impl fmt::Debug for PartitionId {
 pub enum Partition {
     /// One partition per set of credentials: every one of [`CREDENTIAL_HEADERS`] present
     /// (and of the headers added with
-    /// [`FallbackCacheLayer::credential_headers`](crate::FallbackCacheLayer::credential_headers)),
+    /// [`FallbackCacheBuilder::credential_headers`](crate::FallbackCacheBuilder::credential_headers)),
     /// and the `key` query parameter. Requests without any share the anonymous partition.
     #[default]
     ByCredential,
@@ -125,7 +125,7 @@ impl Partition {
 }
 
 /// The headers whose values are credentials: [`CREDENTIAL_HEADERS`], then those a
-/// deployment adds ([`FallbackCacheLayer::credential_headers`](crate::FallbackCacheLayer::credential_headers)).
+/// deployment adds ([`FallbackCacheBuilder::credential_headers`](crate::FallbackCacheBuilder::credential_headers)).
 /// The partition, the quota breaker, sealing and tenants all read this one list.
 #[derive(Clone, Debug)]
 pub(crate) struct Credentials(Arc<[HeaderName]>);

@@ -364,3 +364,98 @@ async fn a_readiness_error_falls_back_when_unreachable_is_configured() {
         2
     );
 }
+
+/// A store of the user's own whose writes never finish: it keeps nothing.
+#[derive(Debug, Default)]
+struct NeverTakes {
+    puts: AtomicUsize,
+}
+
+impl tower_fallback_cache::store::Store for NeverTakes {
+    fn get<'a>(
+        &'a self,
+        _: &'a tower_fallback_cache::CacheKey,
+    ) -> tower_fallback_cache::store::StoreFuture<
+        'a,
+        Option<Arc<tower_fallback_cache::CachedResponse>>,
+    > {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn put(
+        &self,
+        _: tower_fallback_cache::CacheKey,
+        _: Arc<tower_fallback_cache::CachedResponse>,
+        _: Duration,
+    ) -> tower_fallback_cache::store::StoreFuture<'_, ()> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+
+    fn remove<'a>(
+        &'a self,
+        _: &'a tower_fallback_cache::CacheKey,
+    ) -> tower_fallback_cache::store::StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_never_takes_the_answer_never_keeps_the_client_waiting() {
+    let store = Arc::new(NeverTakes::default());
+    let layer = FallbackCacheLayer::builder()
+        .shared_store(store.clone())
+        .build();
+    let events = stream_events();
+    let streamed = {
+        let events = events.clone();
+        tower::service_fn(move |_: Req| {
+            let events = events.clone();
+            async move {
+                let body = futures_util::stream::iter(
+                    events
+                        .into_iter()
+                        .map(|event| Ok::<_, std::io::Error>(http_body::Frame::data(event))),
+                );
+                Ok::<_, std::io::Error>(
+                    Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(http_body_util::BodyExt::boxed(
+                            http_body_util::StreamBody::new(body),
+                        ))
+                        .expect("a response"),
+                )
+            }
+        })
+    };
+    let plain = Upstream::default();
+    for (what, service) in [
+        (
+            "streamed",
+            tower::util::BoxCloneService::new(layer.layer(streamed)),
+        ),
+        (
+            "plain",
+            tower::util::BoxCloneService::new(layer.layer(plain)),
+        ),
+    ] {
+        let started = Instant::now();
+        let response = service
+            .oneshot(chat_request("sk", &question(what)))
+            .await
+            .expect("an answer");
+        let body = tokio::time::timeout(Duration::from_secs(10), read_body(response.into_body()))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the last frame waited for the store"));
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(10), "{what}: {waited:?}");
+        if what == "streamed" {
+            assert_eq!(body, Bytes::from(events.concat()), "{what}: every byte");
+        } else {
+            assert_eq!(body, answer_to(question(what).as_bytes()), "{what}");
+        }
+    }
+    assert_eq!(store.puts.load(Ordering::SeqCst), 2);
+    let stats = layer.stats().snapshot();
+    assert_eq!((stats.stored, stats.store_errors), (0, 2));
+}

@@ -7,12 +7,13 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
 use crate::coalesce::Leader;
+use crate::deadline::Deadline;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::protocol::{Completeness, EventCopy, Needles, Verdict, parse_event_from};
 use crate::seal::Seal;
 use crate::stats::{Counters, Stats};
-use crate::store::{Store, StoreFuture};
+use crate::store::{Store, StoreError, StoreFuture};
 
 /// Where a finished capture goes.
 pub(crate) struct CaptureSink {
@@ -171,10 +172,20 @@ impl Capture {
             leader,
         } = self.sink;
         Some(Box::pin(async move {
-            let result = match seal {
-                Some(seal) => store.put_sealed(key, entry, ttl, seal).await,
-                None => store.put(key, entry, ttl).await,
+            let write = match seal {
+                Some(seal) => store.put_sealed(key, entry, ttl, seal),
+                None => store.put(key, entry, ttl),
             };
+            // The client's last frame waits for this write: a store that does not take the
+            // answer in time has it given up, never the client kept waiting.
+            let result = within(MAX_STORE_WRITE_WAIT, write)
+                .await
+                .unwrap_or_else(|| {
+                    Err(StoreError::Timeout {
+                        store: "the layer's",
+                        timeout: MAX_STORE_WRITE_WAIT,
+                    })
+                });
             drop(leader);
             let counters = stats.counters();
             match &result {
@@ -198,4 +209,27 @@ fn judge(rules: &mut dyn Completeness, raw: &[u8], first_line_end: Option<usize>
         Some(event) => rules.event(&event),
         None => Verdict::Pending,
     }
+}
+
+/// The longest the last frame of an answer waits for the store to take it
+/// ([`Store::put`]): the built-in stores take it at once (the disk store and the tiered
+/// store queue it) or within their own bound (Redis's operation timeout, 250 ms by
+/// default). A store of the user's own that takes longer has the write given up (dropped,
+/// counted in `store_errors`) and the answer passed on unstored.
+pub(crate) const MAX_STORE_WRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// `future`'s output, or `None` if it is not ready within `limit` (it is then dropped).
+async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let deadline = Deadline::after(limit);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(output));
+        }
+        match &deadline {
+            Some(deadline) => deadline.poll_elapsed(cx).map(|()| None),
+            None => std::task::Poll::Pending,
+        }
+    })
+    .await
 }

@@ -58,6 +58,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>>;
 
     /// Stores `entry` under `key` for `ttl`, replacing what was there.
+    ///
+    /// The layer hands the answer's last frame to the client once this returns, so that a
+    /// client that asks again at once finds it stored: a store that is slow to write should
+    /// queue the write and return (as [`Tiered`] and the disk store do). A write not done
+    /// within a second is given up: dropped, counted as a store error, and the answer passed
+    /// on unstored.
     fn put(&self, key: CacheKey, entry: Arc<CachedResponse>, ttl: Duration) -> StoreFuture<'_, ()>;
 
     /// Forgets the answer under `key`.

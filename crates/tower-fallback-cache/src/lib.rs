@@ -94,15 +94,16 @@
 //!
 //! None is on by default: a memory-only build needs no store backend, no serializer and no
 //! HTTP client. The crate counts are those of
-//! `cargo tree -p tower-fallback-cache --no-default-features [--features F] -e normal`.
+//! `cargo tree -p tower-fallback-cache --no-default-features [--features F] -e normal`
+//! (each crate once, whatever its version).
 //!
 //! | feature | what it adds | direct dependencies it adds | crates in the tree |
 //! | --- | --- | --- | --- |
-//! | (none) | the layer, [`store::MemoryStore`], [`store::Tiered`] | — (tokio with `sync`, `time`, `rt`) | 56 |
-//! | `codec` | `CachedResponse::encode` / `decode`, for a store of your own that keeps bytes | bincode | 58 |
-//! | `disk` | `store::DiskStore` (implies `codec`) | redb, bincode | 59 |
-//! | `redis` | `store::RedisStore` (implies `codec`) | redis, bincode | 100 |
-//! | `reqwest` | `reqwest::ReqwestService` | reqwest, without a TLS backend or `stream` | 101 |
+//! | (none) | the layer, [`store::MemoryStore`], [`store::Tiered`] | — (tokio with `sync`, `time`, `rt`) | 58 |
+//! | `codec` | `CachedResponse::encode` / `decode`, for a store of your own that keeps bytes, sealed or not | bincode, aegis, chacha20poly1305 | 78 |
+//! | `disk` | `store::DiskStore` (implies `codec`) | redb, and `codec`'s | 79 |
+//! | `redis` | `store::RedisStore` (implies `codec`) | redis, and `codec`'s | 127 |
+//! | `reqwest` | `reqwest::ReqwestService` | reqwest, without a TLS backend or `stream` | 103 |
 //!
 //! The `reqwest` feature leaves TLS to the application: enable one in your own `reqwest`
 //! dependency (`features = ["rustls"]`, or `native-tls`), as the proxy does.

@@ -26,7 +26,8 @@ use crate::state::Shared;
 /// `poll_ready` is always ready. Each call takes a clone of the inner service and waits
 /// for that clone's readiness only when it forwards the request: an answer that needs no
 /// upstream call (a `HIT`, a suspended partition's `FALLBACK` or quota error) never waits
-/// behind the inner service's backpressure (a `ConcurrencyLimit`, a `RateLimit`). An
+/// behind the inner service's backpressure (a `ConcurrencyLimit`; a `RateLimit`, which is
+/// not `Clone`, behind a `Buffer`). An
 /// error of the inner service's readiness is treated as an error of its call:
 /// [`Reason::Unreachable`](crate::Reason::Unreachable), answered from the cache when the
 /// layer falls back on it, else returned. Backpressure therefore shows as requests waiting

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -23,7 +24,7 @@ use tower_fallback_cache::{
 
 use crate::client_body::{ClientBody, ClientFault};
 use crate::conn::Conns;
-use crate::metrics::{Metrics, TimedUpstream};
+use crate::metrics::{BypassSeen, Metrics, TimedUpstream};
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -121,6 +122,8 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 
     let (body, fault) = ClientBody::new(body, proxy.body_timeout);
+    let bypass = BypassSeen::default();
+    parts.extensions.insert(bypass.clone());
     let result = proxy
         .service
         .clone()
@@ -179,7 +182,12 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
             } else {
                 tracing::debug!("{method} {path}: upstream unreachable, answered 502: {cause}");
             }
-            bad_gateway(&proxy.upstream, &cause)
+            let status = if bypass.0.load(Ordering::Relaxed) {
+                CacheStatus::Bypass
+            } else {
+                CacheStatus::Miss
+            };
+            bad_gateway(&proxy.upstream, &cause, status)
         }
     };
     tracing::debug!(
@@ -238,16 +246,14 @@ fn refused(status: StatusCode, message: &str) -> Response {
     openai_error(status, &message, "invalid_request_error", None)
 }
 
-/// A 502 in OpenAI's error shape, marked as a miss whose upstream was unreachable.
-fn bad_gateway(upstream: &str, cause: &str) -> Response {
+/// A 502 in OpenAI's error shape, marked as a miss (or a bypassed request) whose upstream
+/// was unreachable.
+fn bad_gateway(upstream: &str, cause: &str, status: CacheStatus) -> Response {
     let message = format!("fallback-cache-proxy could not reach the upstream {upstream}: {cause}");
     let code = "upstream_unreachable";
     let mut response = openai_error(StatusCode::BAD_GATEWAY, &message, code, Some(code));
     let headers = response.headers_mut();
-    headers.insert(
-        X_FALLBACK_CACHE,
-        HeaderValue::from_static(CacheStatus::Miss.as_str()),
-    );
+    headers.insert(X_FALLBACK_CACHE, HeaderValue::from_static(status.as_str()));
     headers.insert(
         X_FALLBACK_CACHE_REASON,
         HeaderValue::from_static(Reason::Unreachable.as_str()),
@@ -335,7 +341,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_502_is_in_openai_error_shape() {
-        let response = bad_gateway("https://api.example.com", "connection refused");
+        let response = bad_gateway(
+            "https://api.example.com",
+            "connection refused",
+            CacheStatus::Miss,
+        );
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers()["x-fallback-cache-reason"], "unreachable");
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)

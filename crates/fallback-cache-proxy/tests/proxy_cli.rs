@@ -209,6 +209,7 @@ async fn an_unreachable_upstream_is_a_502_in_openai_error_shape() {
         .expect("an answer from the proxy");
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
     assert_eq!(response.headers()["x-fallback-cache-reason"], "unreachable");
     let body: serde_json::Value =
         serde_json::from_str(&response.text().await.expect("body")).expect("a JSON body");
@@ -228,10 +229,22 @@ async fn an_unreachable_upstream_is_a_502_in_openai_error_shape() {
         "the query was shown: {message}"
     );
 
+    // A request the cache does not keep (an upload) fails as what it is: BYPASS.
+    let upload = reqwest::Client::new()
+        .post(format!("{}/v1/files", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .body("file contents")
+        .send()
+        .await
+        .expect("an answer from the proxy");
+    assert_eq!(upload.status(), 502);
+    assert_eq!(upload.headers()["x-fallback-cache"], "BYPASS");
+    assert_eq!(upload.headers()["x-fallback-cache-reason"], "unreachable");
+
     let page = common::metrics(proxy.url()).await;
     assert_eq!(
         page["fallback_cache_upstream_unreachable_responses_total"],
-        1
+        2
     );
     assert_eq!(
         page["fallback_cache_upstream_failures_total{reason=\"unreachable\"}"],

@@ -548,6 +548,9 @@ where
         return Ok(Response::from_parts(parts, body));
     }
     tracing::debug!(why, "BYPASS");
+    // The inner service can tell a bypassed request (its call's failure is not a MISS).
+    let mut request = request;
+    request.extensions_mut().insert(CacheStatus::Bypass);
     poll_fn(|cx| inner.poll_ready(cx)).await?;
     let (mut parts, body) = inner.call(request).await?.into_parts();
     clean_upstream_head(parts.status, &mut parts.headers, false);

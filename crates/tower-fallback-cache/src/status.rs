@@ -13,7 +13,9 @@ pub const X_FALLBACK_CACHE_REASON: HeaderName = HeaderName::from_static("x-fallb
 
 /// What the layer did with a request. Sent as `x-fallback-cache` and put in the response
 /// extensions, next to the [`CacheKey`](crate::CacheKey) (keyed requests) and the
-/// [`Reason`](crate::Reason) (failed upstream calls).
+/// [`Reason`](crate::Reason) (failed upstream calls). A request the layer bypasses reaches
+/// the inner service with `CacheStatus::Bypass` in its extensions, so that the service can
+/// tell it apart (its call's failure is not a cache miss).
 ///
 /// ```
 /// use tower_fallback_cache::CacheStatus;

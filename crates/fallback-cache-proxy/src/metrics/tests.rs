@@ -187,12 +187,15 @@ async fn store_operations_are_timed_and_failures_counted_by_store_and_operation(
 #[tokio::test]
 async fn each_upstream_call_is_observed_once() {
     let metrics = Metrics::new();
-    let service = metrics.time_upstream(tower::service_fn(|n: u32| async move {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok::<_, Infallible>(n)
-    }));
+    let service = metrics.time_upstream(tower::service_fn(
+        |request: http::Request<u32>| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, Infallible>(*request.body())
+        },
+    ));
     for n in 0..2 {
-        assert_eq!(service.clone().oneshot(n).await, Ok(n));
+        let request = http::Request::new(n);
+        assert_eq!(service.clone().oneshot(request).await, Ok(n));
     }
     let page = metrics.render();
     let samples = samples(&page);

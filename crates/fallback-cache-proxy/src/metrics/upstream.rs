@@ -3,12 +3,16 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use http::Request;
 use pin_project_lite::pin_project;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::Service;
+use tower_fallback_cache::CacheStatus;
 
 /// Observes, for each call of the service inside, the time until its future is ready: the
 /// response head, or the failure. The layer calls it for every MISS, BYPASS and fallback
@@ -25,7 +29,13 @@ impl<S> TimedUpstream<S> {
     }
 }
 
-impl<S: Service<R>, R> Service<R> for TimedUpstream<S> {
+/// Put in a request's extensions by the proxy, before the layer: set by [`TimedUpstream`]
+/// when the layer bypassed the request (it then finds `CacheStatus::Bypass` in the request's
+/// extensions), so that the proxy's 502 for a failed call says `BYPASS`, not `MISS`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BypassSeen(pub(crate) Arc<AtomicBool>);
+
+impl<S: Service<Request<B>>, B> Service<Request<B>> for TimedUpstream<S> {
     type Response = S::Response;
     type Error = S::Error;
     type Future = TimedFuture<S::Future>;
@@ -34,7 +44,12 @@ impl<S: Service<R>, R> Service<R> for TimedUpstream<S> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: R) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.extensions().get::<CacheStatus>() == Some(&CacheStatus::Bypass)
+            && let Some(seen) = request.extensions().get::<BypassSeen>()
+        {
+            seen.0.store(true, Ordering::Relaxed);
+        }
         TimedFuture {
             inner: self.inner.call(request),
             duration: Some(self.duration.clone()),

@@ -6,6 +6,8 @@
 //! store write that does not finish): one thread for the process, started on the first
 //! deadline that has to wait, holding the wakers of the deadlines not yet reached.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -14,47 +16,84 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub(crate) struct Deadline {
     at: Instant,
+    /// Its place among the timer's deadlines, once it has waited.
+    id: Option<u64>,
 }
 
 impl Deadline {
-    /// `after` from now. A duration past the clock's range never elapses.
+    /// `after` from now. A duration past the clock's range never elapses: `None`.
     pub(crate) fn after(after: Duration) -> Option<Self> {
-        Instant::now().checked_add(after).map(|at| Self { at })
+        Instant::now()
+            .checked_add(after)
+            .map(|at| Self { at, id: None })
     }
 
     /// Ready once the deadline has passed; until then the task is woken when it passes
     /// (or, if the crate's timer thread could not be started, when something else wakes it).
-    pub(crate) fn poll_elapsed(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.at {
             return Poll::Ready(());
         }
         if let Some(timer) = timer() {
-            timer.wake_at(self.at, cx.waker().clone());
+            self.id = Some(timer.wake_at(self.id, self.at, cx.waker()));
         }
         Poll::Pending
     }
 }
 
-/// The wakers waiting for their deadlines, and the thread that wakes them.
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if let (Some(id), Some(timer)) = (self.id, TIMER.get().copied().flatten()) {
+            timer.forget(id);
+        }
+    }
+}
+
+/// The deadlines waited for, earliest first, and the wakers of those still wanted.
+#[derive(Default)]
+struct Waiting {
+    next_id: u64,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    wakers: HashMap<u64, Waker>,
+}
+
+/// The deadlines, and the thread that wakes their tasks.
 struct Timer {
-    waiting: Mutex<Vec<(Instant, Waker)>>,
+    waiting: Mutex<Waiting>,
     changed: Condvar,
 }
 
 impl Timer {
-    fn wake_at(&self, at: Instant, waker: Waker) {
+    /// Registers (or updates) the waker of the deadline `id` at `at`; its id.
+    fn wake_at(&self, id: Option<u64>, at: Instant, waker: &Waker) -> u64 {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        // A task polled again registers again: one entry per task and deadline.
-        if let Some(slot) = waiting
-            .iter_mut()
-            .find(|(when, known)| *when == at && known.will_wake(&waker))
+        if let Some(id) = id
+            && let Some(known) = waiting.wakers.get_mut(&id)
         {
-            slot.1 = waker;
-        } else {
-            waiting.push((at, waker));
+            if !known.will_wake(waker) {
+                known.clone_from(waker);
+            }
+            return id;
         }
+        let id = waiting.next_id;
+        waiting.next_id += 1;
+        let earliest = waiting
+            .deadlines
+            .peek()
+            .is_none_or(|Reverse((first, _))| at < *first);
+        waiting.deadlines.push(Reverse((at, id)));
+        waiting.wakers.insert(id, waker.clone());
         drop(waiting);
-        self.changed.notify_one();
+        if earliest {
+            self.changed.notify_one();
+        }
+        id
+    }
+
+    /// The deadline `id` is no longer waited for (its place in the heap goes when it passes).
+    fn forget(&self, id: u64) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.wakers.remove(&id);
     }
 
     fn run(&self) {
@@ -62,21 +101,23 @@ impl Timer {
         loop {
             let now = Instant::now();
             let mut due = Vec::new();
-            waiting.retain(|(at, waker)| {
-                let passed = *at <= now;
-                if passed {
-                    due.push(waker.clone());
+            while let Some(&Reverse((at, id))) = waiting.deadlines.peek() {
+                if at > now {
+                    break;
                 }
-                !passed
-            });
+                waiting.deadlines.pop();
+                if let Some(waker) = waiting.wakers.remove(&id) {
+                    due.push(waker);
+                }
+            }
             if !due.is_empty() {
                 drop(waiting);
                 due.into_iter().for_each(Waker::wake);
                 waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            waiting = match waiting.iter().map(|(at, _)| *at).min() {
-                Some(next) => {
+            waiting = match waiting.deadlines.peek() {
+                Some(&Reverse((next, _))) => {
                     self.changed
                         .wait_timeout(waiting, next.saturating_duration_since(now))
                         .unwrap_or_else(PoisonError::into_inner)
@@ -91,12 +132,13 @@ impl Timer {
     }
 }
 
-/// The process's timer, started on first use; `None` if its thread could not be started.
+/// The process's timer: started on first use, `None` if its thread could not be started.
+static TIMER: OnceLock<Option<&'static Timer>> = OnceLock::new();
+
 fn timer() -> Option<&'static Timer> {
-    static TIMER: OnceLock<Option<&'static Timer>> = OnceLock::new();
     *TIMER.get_or_init(|| {
         let timer: &'static Timer = Box::leak(Box::new(Timer {
-            waiting: Mutex::new(Vec::new()),
+            waiting: Mutex::new(Waiting::default()),
             changed: Condvar::new(),
         }));
         std::thread::Builder::new()
@@ -120,12 +162,33 @@ mod tests {
             .expect("a runtime");
         let started = Instant::now();
         runtime.block_on(async {
-            let deadline = Deadline::after(Duration::from_millis(50)).expect("in range");
+            let mut deadline = Deadline::after(Duration::from_millis(50)).expect("in range");
             std::future::poll_fn(|cx| deadline.poll_elapsed(cx)).await;
         });
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(50), "{waited:?}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
         assert!(Deadline::after(Duration::MAX).is_none());
+    }
+
+    #[test]
+    fn deadlines_given_up_leave_nothing_behind_and_the_others_still_wake() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            // Many deadlines waited for once, then dropped, as writes that finish in time.
+            for _ in 0..1000 {
+                let mut deadline = Deadline::after(Duration::from_secs(60)).expect("in range");
+                let waker = std::task::Waker::noop();
+                let pending = deadline.poll_elapsed(&mut Context::from_waker(waker));
+                assert!(pending.is_pending());
+            }
+            let mut deadline = Deadline::after(Duration::from_millis(20)).expect("in range");
+            std::future::poll_fn(|cx| deadline.poll_elapsed(cx)).await;
+        });
+        let timer = timer().expect("the timer thread");
+        let waiting = timer.waiting.lock().expect("not poisoned");
+        assert!(waiting.wakers.len() < 10, "{}", waiting.wakers.len());
     }
 }

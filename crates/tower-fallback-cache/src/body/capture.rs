@@ -221,12 +221,12 @@ pub(crate) const MAX_STORE_WRITE_WAIT: Duration = Duration::from_secs(1);
 /// `future`'s output, or `None` if it is not ready within `limit` (it is then dropped).
 async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
-    let deadline = Deadline::after(limit);
+    let mut deadline = Deadline::after(limit);
     std::future::poll_fn(|cx| {
         if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
             return std::task::Poll::Ready(Some(output));
         }
-        match &deadline {
+        match &mut deadline {
             Some(deadline) => deadline.poll_elapsed(cx).map(|()| None),
             None => std::task::Poll::Pending,
         }

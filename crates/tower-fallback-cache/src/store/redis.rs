@@ -1,15 +1,20 @@
 //! [`RedisStore`]: answers in Redis, shared by every replica of an application or proxy.
 
+use std::collections::HashSet;
 use std::future::Future;
 #[cfg(feature = "redis-tls")]
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisResult};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue,
+    IntoConnectionInfo, RedisResult, Value,
+};
 
 use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth};
 use crate::entry::CachedResponse;
@@ -33,20 +38,217 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 const CLUSTER_RETRIES: u32 = 2;
 
 /// The connection: one node (reconnecting by itself), or a cluster (following `MOVED` and
-/// `ASK`, reconnecting to a node that comes back).
+/// `ASK`, reconnecting to a node that comes back) with what an export needs to reach each
+/// of its masters.
 #[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, Arc<ClusterNodes>),
 }
 
 impl Connection {
     async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
         match self {
             Connection::Single(connection) => command.query_async(&mut connection.clone()).await,
-            Connection::Cluster(connection) => command.query_async(&mut connection.clone()).await,
+            Connection::Cluster(connection, _) => {
+                command.query_async(&mut connection.clone()).await
+            }
         }
     }
+}
+
+/// How an export reaches every master of a cluster, each on a connection of its own: a
+/// keyless `SCAN` through the cluster connection goes to whichever node it picks, so one
+/// node's keys (and its cursor) would stand for the whole cluster's.
+struct ClusterNodes {
+    /// The nodes the URL names, with its credentials: the masters are listed by the first
+    /// that answers, and reached with the same settings.
+    seeds: Vec<ConnectionInfo>,
+    /// The TLS settings of `rediss+cluster://`.
+    #[cfg(feature = "redis-tls")]
+    certificates: Option<redis::TlsCertificates>,
+    connect_timeout: Duration,
+}
+
+impl ClusterNodes {
+    /// A client with the seeds' settings (credentials, TLS) for `info`.
+    fn client(&self, info: ConnectionInfo) -> RedisResult<Client> {
+        #[cfg(feature = "redis-tls")]
+        if let Some(certificates) = &self.certificates {
+            return Client::build_with_tls(info, certificates.clone());
+        }
+        Client::open(info)
+    }
+
+    /// A connection to `info`'s node, or why not within the connect timeout.
+    async fn connect(
+        &self,
+        info: ConnectionInfo,
+        timeout: Duration,
+    ) -> Result<MultiplexedConnection, String> {
+        let client = self.client(info).map_err(|error| error.to_string())?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(timeout));
+        let attempt = client.get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no connection within {:?}", self.connect_timeout)),
+        }
+    }
+
+    /// The masters that serve the cluster's slots, as `CLUSTER SLOTS` of the first seed
+    /// that answers lists them.
+    async fn masters(&self, timeout: Duration) -> Result<Vec<(String, u16)>, StoreError> {
+        let mut failures = Vec::new();
+        for seed in &self.seeds {
+            let (host, port) = host_port(seed.addr());
+            let node = node_name(&host, port);
+            let slots = async {
+                let mut connection = self.connect(seed.clone(), timeout).await?;
+                let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
+                within(timeout, command.query_async::<Value>(&mut connection)).await
+            };
+            match slots.await {
+                Ok(slots) => {
+                    return cluster_masters(&slots, &host).map_err(|why| {
+                        StoreError::backend(
+                            "redis",
+                            format!("cannot list the cluster's masters ({node}): {why}"),
+                        )
+                    });
+                }
+                Err(why) => failures.push(format!("{node}: {why}")),
+            }
+        }
+        Err(StoreError::backend(
+            "redis",
+            format!(
+                "cannot list the cluster's masters: no node of the URL answered ({})",
+                failures.join("; ")
+            ),
+        ))
+    }
+
+    /// Every key matching `pattern` on the master at `host:port`, SCANned to the end on a
+    /// connection to that node, added to `names`.
+    async fn scan(
+        &self,
+        host: &str,
+        port: u16,
+        pattern: &str,
+        timeout: Duration,
+        names: &mut HashSet<String>,
+    ) -> Result<(), String> {
+        let seed = self.seeds.first().ok_or("the cluster URL names no node")?;
+        let addr = match seed.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let mut connection = self.connect(seed.clone().set_addr(addr), timeout).await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let command = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone();
+            let (next, found): (u64, Vec<String>) =
+                within(timeout, command.query_async(&mut connection)).await?;
+            names.extend(found);
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// One operation on a node of its own, within `timeout`: its value, or why not.
+async fn within<T>(
+    timeout: Duration,
+    operation: impl Future<Output = RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// The host and port of a node's address (none for a Unix socket).
+fn host_port(addr: &ConnectionAddr) -> (String, u16) {
+    match addr {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            (host.clone(), *port)
+        }
+        _ => (String::new(), 0),
+    }
+}
+
+/// `host:port`, an IPv6 host in brackets.
+fn node_name(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The masters of a `CLUSTER SLOTS` reply, each once, in the order of their first slots.
+/// A master listed without a host (or with a wildcard one) is on `answering_host`, the
+/// node that replied; one whose address the cluster does not know (`?`) cannot be read,
+/// which is an error rather than a snapshot without it.
+fn cluster_masters(slots: &Value, answering_host: &str) -> Result<Vec<(String, u16)>, String> {
+    let unexpected = || "an unexpected CLUSTER SLOTS reply".to_owned();
+    let Value::Array(ranges) = slots else {
+        return Err(unexpected());
+    };
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else {
+            return Err(unexpected());
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+            (range.first(), range.get(1), range.get(2))
+        else {
+            return Err(unexpected());
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+            Some(Value::SimpleString(host)) => host.clone(),
+            Some(Value::Nil) => String::new(),
+            _ => return Err(unexpected()),
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            return Err(unexpected());
+        };
+        let port = u16::try_from(*port).map_err(|_| unexpected())?;
+        let host = match host.as_str() {
+            "" | "0.0.0.0" | "::" => answering_host.to_owned(),
+            "?" => {
+                return Err(format!(
+                    "the master of slots {first}-{last} has no known address"
+                ));
+            }
+            _ => host,
+        };
+        if !masters
+            .iter()
+            .any(|known| known.0 == host && known.1 == port)
+        {
+            masters.push((host, port));
+        }
+    }
+    Ok(masters)
 }
 
 /// The nodes of a cluster URL, or `None` for a single node.
@@ -174,7 +376,7 @@ impl RedisStore {
 
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.connection, Connection::Cluster(_))
+        matches!(self.connection, Connection::Cluster(..))
     }
 
     /// The Redis key an answer is kept under: the prefix, then the key in hex.
@@ -276,6 +478,20 @@ impl RedisStoreBuilder {
             store: "redis",
             timeout: self.connect_timeout,
         };
+        let invalid = |error: redis::RedisError| {
+            StoreError::backend("redis", format!("the Redis URL is not valid: {error}"))
+        };
+        let seeds = nodes
+            .iter()
+            .map(|node| node.as_str().into_connection_info())
+            .collect::<RedisResult<Vec<_>>>()
+            .map_err(invalid)?;
+        #[cfg(feature = "redis-tls")]
+        let certificates = if self.url.trim().starts_with("rediss") {
+            Some(self.certificates()?)
+        } else {
+            None
+        };
         let builder = ClusterClientBuilder::new(nodes)
             .connection_timeout(self.connect_timeout)
             .response_timeout(self.timeout)
@@ -283,14 +499,11 @@ impl RedisStoreBuilder {
             .min_retry_wait(10)
             .max_retry_wait(100);
         #[cfg(feature = "redis-tls")]
-        let builder = if self.url.trim().starts_with("rediss") {
-            builder.certs(self.certificates()?)
-        } else {
-            builder
+        let builder = match &certificates {
+            Some(certificates) => builder.certs(certificates.clone()),
+            None => builder,
         };
-        let client = builder.build().map_err(|error| {
-            StoreError::backend("redis", format!("the Redis URL is not valid: {error}"))
-        })?;
+        let client = builder.build().map_err(invalid)?;
         let connection =
             match tokio::time::timeout(self.connect_timeout, client.get_async_connection()).await {
                 Ok(Ok(connection)) => connection,
@@ -300,8 +513,14 @@ impl RedisStoreBuilder {
             };
         // A cluster whose slots are not all served answers `CLUSTERDOWN` only to the
         // operations on them: the first such one is counted, as any store error.
+        let nodes = ClusterNodes {
+            seeds,
+            #[cfg(feature = "redis-tls")]
+            certificates,
+            connect_timeout: self.connect_timeout,
+        };
         Ok(RedisStore {
-            connection: Connection::Cluster(connection),
+            connection: Connection::Cluster(connection, Arc::new(nodes)),
             prefix: self.prefix.into(),
             timeout: self.timeout,
             health: Arc::default(),
@@ -400,6 +619,9 @@ impl RedisStore {
 impl RedisStore {
     /// Every key under the prefix (SCAN), with its value and time to live.
     async fn export_entries(&self) -> Result<Vec<RawEntry>, StoreError> {
+        if let Connection::Cluster(_, nodes) = &self.connection {
+            return self.export_cluster(nodes).await;
+        }
         let pattern = format!("{}*", self.prefix);
         let mut cursor: u64 = 0;
         let mut entries = Vec::new();
@@ -414,28 +636,69 @@ impl RedisStore {
             let (next, names): (u64, Vec<String>) =
                 self.bounded(self.connection.query(&command)).await?;
             for name in names {
-                let Some(key) = name
-                    .strip_prefix(&*self.prefix)
-                    .and_then(|hex| hex.parse::<CacheKey>().ok())
-                else {
-                    continue;
-                };
-                let get = redis::cmd("GET").arg(&name).clone();
-                let value: Option<Vec<u8>> = self.bounded(self.connection.query(&get)).await?;
-                let pttl = redis::cmd("PTTL").arg(&name).clone();
-                let ttl_ms: i64 = self.bounded(self.connection.query(&pttl)).await?;
-                // Gone since the scan, or without an expiry (not written by this store).
-                let (Some(value), Ok(ttl_ms @ 1..)) = (value, u64::try_from(ttl_ms)) else {
-                    continue;
-                };
-                let expires_at = std::time::SystemTime::now() + Duration::from_millis(ttl_ms);
-                entries.push(RawEntry::new(key, value, expires_at));
+                if let Some(entry) = self.exported(&name).await? {
+                    entries.push(entry);
+                }
             }
             if next == 0 {
                 return Ok(entries);
             }
             cursor = next;
         }
+    }
+
+    /// Every key under the prefix on every master of the cluster, each SCANned to the end
+    /// on a connection of its own; the values are read through the cluster connection,
+    /// which follows a key whose slot moved. A master that cannot be read fails the export,
+    /// naming it: never a snapshot of part of the cluster. A key seen twice (its slot
+    /// migrating during the scan) is exported once.
+    async fn export_cluster(&self, nodes: &ClusterNodes) -> Result<Vec<RawEntry>, StoreError> {
+        let pattern = format!("{}*", self.prefix);
+        let mut names = HashSet::new();
+        for (host, port) in nodes.masters(self.timeout).await? {
+            nodes
+                .scan(&host, port, &pattern, self.timeout, &mut names)
+                .await
+                .map_err(|why| {
+                    StoreError::backend(
+                        "redis",
+                        format!(
+                            "cannot read the cluster node {}: {why}",
+                            node_name(&host, port)
+                        ),
+                    )
+                })?;
+        }
+        let mut seen = HashSet::with_capacity(names.len());
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            match self.exported(&name).await? {
+                Some(entry) if seen.insert(entry.key) => entries.push(entry),
+                _ => {}
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The entry under the Redis key `name`, with its time to live; `None` for a key that
+    /// is not an answer's, is gone since the scan, or has no expiry (not written by this
+    /// store).
+    async fn exported(&self, name: &str) -> Result<Option<RawEntry>, StoreError> {
+        let Some(key) = name
+            .strip_prefix(&*self.prefix)
+            .and_then(|hex| hex.parse::<CacheKey>().ok())
+        else {
+            return Ok(None);
+        };
+        let get = redis::cmd("GET").arg(name).clone();
+        let value: Option<Vec<u8>> = self.bounded(self.connection.query(&get)).await?;
+        let pttl = redis::cmd("PTTL").arg(name).clone();
+        let ttl_ms: i64 = self.bounded(self.connection.query(&pttl)).await?;
+        let (Some(value), Ok(ttl_ms @ 1..)) = (value, u64::try_from(ttl_ms)) else {
+            return Ok(None);
+        };
+        let expires_at = std::time::SystemTime::now() + Duration::from_millis(ttl_ms);
+        Ok(Some(RawEntry::new(key, value, expires_at)))
     }
 
     async fn import_entries(&self, entries: Vec<RawEntry>) -> Result<(), StoreError> {
@@ -617,6 +880,52 @@ mod tests {
                 "redis://b:7001".to_owned()
             ])
         );
+    }
+
+    #[test]
+    fn the_masters_of_cluster_slots_are_each_listed_once() {
+        let node = |host: Value, port: i64, id: &str| {
+            Value::Array(vec![host, Value::Int(port), Value::BulkString(id.into())])
+        };
+        let host = |host: &str| Value::BulkString(host.into());
+        let range = |first: i64, last: i64, nodes: Vec<Value>| {
+            let mut range = vec![Value::Int(first), Value::Int(last)];
+            range.extend(nodes);
+            Value::Array(range)
+        };
+        let slots = Value::Array(vec![
+            range(
+                0,
+                5460,
+                vec![
+                    node(host("10.0.0.1"), 7000, "a"),
+                    node(host("10.0.0.4"), 7003, "a-replica"),
+                ],
+            ),
+            range(5461, 10922, vec![node(host(""), 7001, "b")]),
+            range(10923, 12000, vec![node(Value::Nil, 7002, "c")]),
+            // A master serving two ranges is one master.
+            range(12001, 16383, vec![node(host("10.0.0.1"), 7000, "a")]),
+        ]);
+        assert_eq!(
+            cluster_masters(&slots, "seed.example"),
+            Ok(vec![
+                ("10.0.0.1".to_owned(), 7000),
+                ("seed.example".to_owned(), 7001),
+                ("seed.example".to_owned(), 7002),
+            ])
+        );
+
+        let unknown = Value::Array(vec![range(0, 16383, vec![node(host("?"), 7000, "a")])]);
+        let error = cluster_masters(&unknown, "seed").expect_err("an unknown address");
+        assert!(error.contains("slots 0-16383"), "{error}");
+        assert!(cluster_masters(&Value::Okay, "seed").is_err());
+    }
+
+    #[test]
+    fn nodes_are_named_host_colon_port() {
+        assert_eq!(node_name("10.0.0.1", 7000), "10.0.0.1:7000");
+        assert_eq!(node_name("::1", 7000), "[::1]:7000");
     }
 
     #[tokio::test]

@@ -4,11 +4,17 @@
 mod cluster;
 mod common;
 
+use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster::{Node, ask, ask_all, run_id, server_env};
 use common::{Proxy, run_to_end};
 use mock_upstream::{Fixture, MockUpstream, Mode};
+
+/// Held by the tests that count or list every answer in the cluster, so that the others
+/// of this file do not write to it meanwhile.
+static WHOLE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_stored_through_one_proxy_on_a_cluster_are_served_by_another() {
@@ -18,6 +24,7 @@ async fn answers_stored_through_one_proxy_on_a_cluster_are_served_by_another() {
     ) else {
         return;
     };
+    let _alone = WHOLE_CLUSTER.lock().await;
     let nodes = Node::all(&dirs);
     let before: Vec<usize> = nodes.iter().map(Node::answers).collect();
     let run = run_id();
@@ -70,6 +77,114 @@ async fn answers_stored_through_one_proxy_on_a_cluster_are_served_by_another() {
     }
     let metrics = common::metrics(second.url()).await;
     assert_eq!(metrics["fallback_cache_store_errors_total"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_a_cluster_holds_every_answer_of_every_master() {
+    let (Some(url), Some(dirs)) = (
+        server_env("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL"),
+        server_env("FALLBACK_CACHE_TEST_REDIS_CLUSTER_DIRS"),
+    ) else {
+        return;
+    };
+    let _alone = WHOLE_CLUSTER.lock().await;
+    let nodes = Node::all(&dirs);
+    let before: Vec<usize> = nodes.iter().map(Node::dbsize).collect();
+    let run = run_id();
+    let prompts: Vec<String> = (0..300)
+        .map(|n| format!("Exported answer {n} of run {run}"))
+        .collect();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    for answer in ask_all(&proxy, &prompts, 16).await {
+        assert_eq!(
+            (answer.status, answer.cache.as_str()),
+            (200, "MISS"),
+            "{answer:?}"
+        );
+    }
+    // The proxy writes Redis behind its memory tier: wait until the cluster has them all,
+    // on every master.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let gained = loop {
+        let gained: Vec<usize> = nodes
+            .iter()
+            .zip(&before)
+            .map(|(node, before)| node.dbsize().saturating_sub(*before))
+            .collect();
+        if gained.iter().sum::<usize>() >= prompts.len() || Instant::now() > deadline {
+            break gained;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(gained.iter().sum::<usize>(), prompts.len(), "{gained:?}");
+    for (node, gained) in nodes.iter().zip(&gained) {
+        assert!(
+            *gained > 0,
+            "node {} got none of them: {gained:?}",
+            node.port
+        );
+    }
+
+    // Every answer the cluster holds, these and any earlier run's: the snapshot holds
+    // exactly these, each once, every time.
+    let held: BTreeSet<String> = nodes
+        .iter()
+        .flat_map(|node| {
+            node.cli(&["--scan", "--pattern", "fallback-cache:*"])
+                .lines()
+                .filter_map(|line| line.strip_prefix("fallback-cache:"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(held.len() >= prompts.len(), "{}", held.len());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for attempt in 1..=2 {
+        let out = dir.path().join(format!("cluster-{attempt}.snapshot"));
+        let output = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+            .args(["export", "--store", &url, "--out"])
+            .arg(&out)
+            .output()
+            .expect("the proxy binary runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(&format!("wrote {} entries", held.len())),
+            "export {attempt}: {stdout}"
+        );
+        let keys = snapshot_keys(&std::fs::read(&out).expect("the snapshot"));
+        assert_eq!(keys.len(), held.len(), "export {attempt}: key count");
+        let exported: BTreeSet<String> = keys.into_iter().collect();
+        assert_eq!(exported.len(), held.len(), "export {attempt}: a key twice");
+        assert!(
+            exported == held,
+            "export {attempt}: {} missing, {} not in the cluster",
+            held.difference(&exported).count(),
+            exported.difference(&held).count()
+        );
+    }
+}
+
+/// The keys of a snapshot file, in hex, in its order (format: the proxy's `snapshot.rs`).
+fn snapshot_keys(bytes: &[u8]) -> Vec<String> {
+    const HEADER_LEN: usize = 8 + 2 + 8 + 32;
+    assert_eq!(&bytes[..8], b"FBCSNAP\0", "a snapshot");
+    let count = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
+    let mut body = &bytes[HEADER_LEN..];
+    let mut keys = Vec::new();
+    while !body.is_empty() {
+        let hex: String = body[..32]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let len = u32::from_le_bytes(body[40..44].try_into().expect("4 bytes")) as usize;
+        keys.push(hex);
+        body = &body[44 + len..];
+    }
+    assert_eq!(keys.len() as u64, count, "the header's count");
+    keys
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

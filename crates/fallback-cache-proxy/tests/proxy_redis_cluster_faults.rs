@@ -118,6 +118,23 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
     // The reader's health is not asserted: it follows its latest operation, and reads of
     // keys on the living nodes succeed between the failed ones.
 
+    // An export while the node is down fails, naming it, and writes no snapshot: never
+    // the living nodes' answers passed off as the whole cluster's.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = dir.path().join("cluster.snapshot");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(["export", "--store", &url, "--out"])
+        .arg(&out)
+        .output()
+        .expect("the proxy binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cluster node 127.0.0.1:{}", victim.port)),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a snapshot was written");
+
     // The node comes back (empty: the test cluster keeps nothing on disk); storing resumes
     // on every node, its slots included.
     victim.restart();

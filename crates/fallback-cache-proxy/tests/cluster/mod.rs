@@ -69,6 +69,14 @@ impl Node {
             .count()
     }
 
+    /// The keys this node holds (`DBSIZE`).
+    pub fn dbsize(&self) -> usize {
+        let reply = self.cli(&["dbsize"]);
+        reply
+            .parse()
+            .unwrap_or_else(|_| panic!("DBSIZE of node {}: {reply:?}", self.port))
+    }
+
     /// Whether this node says the cluster is whole.
     pub fn cluster_ok(&self) -> bool {
         self.cli(&["cluster", "info"])

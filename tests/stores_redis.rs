@@ -11,7 +11,7 @@ use fallback_cache_test_support::stores::{
     QUOTA_ERROR, RedisServer, Upstream, answer, marked, send, shared_redis, unique_prefix,
 };
 use tower::Layer;
-use tower_fallback_cache::store::{MemoryStore, RedisStore, Store, Tiered};
+use tower_fallback_cache::store::{MemoryStore, RedisStore, Store, StoreError, Tiered};
 use tower_fallback_cache::{
     CacheKey, CachedResponse, FallbackCacheLayer, QuotaBreaker, X_FALLBACK_CACHE_KEY,
 };
@@ -267,4 +267,99 @@ async fn a_paused_redis_behind_the_memory_tier_delays_no_answer_and_gets_them_on
         }
     }
     assert!(redis.health().is_healthy(), "{:?}", redis.health());
+}
+
+#[tokio::test]
+async fn a_single_node_url_at_a_cluster_node_is_refused_with_the_cluster_url() {
+    const CLUSTER_URL_VAR: &str = "FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL";
+    let cluster = match std::env::var(CLUSTER_URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => {
+            let why = format!(
+                "{CLUSTER_URL_VAR} is not set: run scripts/test.sh, which starts a Redis Cluster"
+            );
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let node = cluster
+        .trim()
+        .trim_start_matches("redis+cluster://")
+        .split(',')
+        .next()
+        .expect("a node")
+        .to_owned();
+    let error = RedisStore::connect(format!("redis://{node}/0"))
+        .await
+        .expect_err("a cluster node is not a single Redis");
+    assert!(
+        matches!(error, StoreError::Backend { store: "redis", .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!(
+            "{node} is a Redis Cluster node: use redis+cluster://{node}"
+        )),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+
+    // The cluster URL of the same node opens.
+    let store = RedisStore::connect(format!("redis+cluster://{node}"))
+        .await
+        .expect("the cluster URL");
+    assert!(store.is_cluster());
+}
+
+#[tokio::test]
+async fn a_redis_that_refuses_info_opens_as_one_node() {
+    // A managed Redis may forbid INFO (and CLUSTER): the store still opens, and works.
+    let server = RedisServer::start();
+    let reply = server
+        .command(&[
+            "ACL",
+            "SETUSER",
+            "app",
+            "on",
+            ">app-secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-info",
+            "-cluster",
+        ])
+        .expect("ACL SETUSER");
+    assert_eq!(reply, "+OK");
+    let url = server.url().replace("redis://", "redis://app:app-secret@");
+    let refused = Command::new("redis-cli")
+        .args(["-u", &url, "info", "cluster"])
+        .output()
+        .expect("redis-cli runs");
+    let refused = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(refused.contains("NOPERM"), "INFO is allowed: {refused}");
+
+    let store = RedisStore::builder(&url)
+        .prefix(unique_prefix("no-info"))
+        .connect()
+        .await
+        .expect("a Redis that refuses INFO opens");
+    assert!(!store.is_cluster());
+    let key = CacheKey::from_bytes([9; 32]);
+    let entry = std::sync::Arc::new(CachedResponse::new(
+        http::StatusCode::OK,
+        http::HeaderMap::new(),
+        vec![answer(2)],
+    ));
+    store
+        .put(key, entry.clone(), Duration::from_secs(60))
+        .await
+        .expect("put");
+    let found = store.get(&key).await.expect("get").expect("stored");
+    assert_eq!(*found, *entry);
 }

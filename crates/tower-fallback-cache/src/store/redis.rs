@@ -172,6 +172,32 @@ impl ClusterNodes {
     }
 }
 
+/// Whether the server says it is a node of a Redis Cluster (`INFO cluster`:
+/// `cluster_enabled:1`). A server that refuses `INFO` (a managed Redis may) or does not
+/// answer it within `timeout` is taken for a single node.
+async fn cluster_enabled(connection: &mut MultiplexedConnection, timeout: Duration) -> bool {
+    let command = redis::cmd("INFO").arg("cluster").clone();
+    match within(timeout, command.query_async::<String>(connection)).await {
+        Ok(info) => info.lines().any(|line| line.trim() == "cluster_enabled:1"),
+        Err(_) => false,
+    }
+}
+
+/// Why a single-node URL at a cluster node is refused, and the URL to use (the same host,
+/// without the credentials, which are never echoed).
+fn cluster_node_refused(addr: &ConnectionAddr) -> String {
+    let scheme = match addr {
+        ConnectionAddr::TcpTls { .. } => "rediss+cluster://",
+        _ => "redis+cluster://",
+    };
+    let (host, port) = host_port(addr);
+    let node = node_name(&host, port);
+    format!(
+        "{node} is a Redis Cluster node: use {scheme}{node} (with the same credentials, if any) \
+         instead of a single-node URL"
+    )
+}
+
 /// One operation on a node of its own, within `timeout`: its value, or why not.
 async fn within<T>(
     timeout: Duration,
@@ -528,7 +554,9 @@ impl RedisStoreBuilder {
     }
 
     /// Connects, or fails within the connect timeout: a bad URL, a Redis that refuses the
-    /// connection or does not answer, a TLS certificate that cannot be verified.
+    /// connection or does not answer, a TLS certificate that cannot be verified, or a
+    /// single-node URL (`redis://`, `rediss://`) at a node of a Redis Cluster, which would
+    /// answer `MOVED` for most keys (the error names the `redis+cluster://` URL to use).
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
         if let Some(nodes) = cluster_nodes(&self.url) {
             if nodes.is_empty() {
@@ -550,11 +578,19 @@ impl RedisStoreBuilder {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.connect_timeout));
         let attempt = client.get_multiplexed_async_connection_with_config(&probe);
-        match tokio::time::timeout(self.connect_timeout, attempt).await {
-            Ok(Ok(_first)) => {}
+        let mut first = match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(first)) => first,
             Ok(Err(error)) if error.is_timeout() => return Err(timed_out()),
             Ok(Err(error)) => return Err(StoreError::backend("redis", error)),
             Err(_) => return Err(timed_out()),
+        };
+        // A node of a Redis Cluster would answer `MOVED` for the keys of every other
+        // node's slots: refused, with the URL that works.
+        if cluster_enabled(&mut first, self.connect_timeout).await {
+            return Err(StoreError::backend(
+                "redis",
+                cluster_node_refused(client.get_connection_info().addr()),
+            ));
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))

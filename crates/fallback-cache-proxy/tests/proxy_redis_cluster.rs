@@ -5,7 +5,7 @@ mod cluster;
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster::{Node, ask, ask_all, run_id, server_env};
@@ -185,6 +185,60 @@ fn snapshot_keys(bytes: &[u8]) -> Vec<String> {
     }
     assert_eq!(keys.len() as u64, count, "the header's count");
     keys
+}
+
+#[test]
+fn a_redis_url_at_a_cluster_node_is_refused_at_start_with_the_cluster_url() {
+    let Some(url) = server_env("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL") else {
+        return;
+    };
+    let node = url
+        .trim()
+        .trim_start_matches("redis+cluster://")
+        .split(',')
+        .next()
+        .expect("a node")
+        .to_owned();
+    let single = format!("redis://{node}/0");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = dir.path().join("stderr");
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(["--listen", "127.0.0.1:0", "--store", &single])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log file"))
+        .spawn()
+        .expect("the proxy binary runs");
+    // A proxy that accepts the URL serves until stopped: it must exit by itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = proxy.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = proxy.kill();
+            let _ = proxy.wait();
+            panic!(
+                "the proxy started on a cluster node:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).expect("the proxy's stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("error: --store {single}: ")),
+        "{stderr}"
+    );
+    assert!(
+        lines[0].contains(&format!(
+            "{node} is a Redis Cluster node: use redis+cluster://{node}"
+        )),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use crate::snapshot;
 #[derive(Debug, Parser)]
 #[command(name = "fallback-cache-proxy export")]
 struct Export {
-    /// The store to read: disk:PATH or redis://host:port/db.
+    /// The store to read: disk:PATH, redis://host:port/db or redis+cluster://host:port.
     #[arg(long, value_name = "STORE")]
     store: String,
     /// The snapshot file to write (replaced whole, never left half-written).

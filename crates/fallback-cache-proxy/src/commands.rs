@@ -116,16 +116,17 @@ fn snapshot_command(job: Result<Job, clap::Error>) -> ExitCode {
 }
 
 async fn run_export(export: Export) -> Result<(), String> {
+    let shown = shown(&export.store);
     let store = open(&export.store, Create::No).await?;
     let entries = store
         .export()
         .await
-        .map_err(|error| format!("cannot read {}: {error}", export.store))?;
+        .map_err(|error| format!("cannot read {shown}: {error}"))?;
     let bytes: usize = entries.iter().map(|entry| entry.value.len()).sum();
     out!(
         "read {} entries ({bytes} bytes) from {}",
         entries.len(),
-        export.store
+        shown
     );
     let encoded = snapshot::encode(&entries);
     let partial = export.out.with_extension("partial");
@@ -173,13 +174,14 @@ async fn run_import(import: Import) -> Result<(), String> {
         import.input.display(),
         entries.len()
     );
+    let shown = shown(&import.store);
     let store = open(&import.store, Create::Yes).await?;
     let count = entries.len();
     store
         .import(entries)
         .await
-        .map_err(|error| format!("cannot write {}: {error}", import.store))?;
-    out!("imported {count} entries into {}", import.store);
+        .map_err(|error| format!("cannot write {shown}: {error}"))?;
+    out!("imported {count} entries into {shown}");
     Ok(())
 }
 
@@ -191,10 +193,24 @@ enum Create {
     No,
 }
 
-/// The store of record a spec names (no memory tier in front). A damaged file is reported,
-/// never moved aside: offline commands leave files as they find them.
-async fn open(spec: &str, create: Create) -> Result<Arc<dyn Store>, String> {
-    match StoreSpec::parse(spec).map_err(|why| format!("--store {spec}: {why}"))? {
+/// A `--store` setting as it may be shown: a Redis URL's password hidden.
+fn shown(spec: &str) -> String {
+    if crate::parse::REDIS_SCHEMES
+        .iter()
+        .any(|scheme| spec.starts_with(scheme))
+    {
+        crate::parse::redact(spec)
+    } else {
+        spec.to_owned()
+    }
+}
+
+/// The store of record a setting names (no memory tier in front). A damaged file is
+/// reported, never moved aside: offline commands leave files as they find them.
+async fn open(setting: &str, create: Create) -> Result<Arc<dyn Store>, String> {
+    // Named in messages with its password hidden.
+    let spec = shown(setting);
+    match StoreSpec::parse(setting).map_err(|why| format!("--store {spec}: {why}"))? {
         StoreSpec::Memory => Err(format!(
             "--store {spec}: a memory store lives and dies with its process; export and import need disk:PATH or redis://host:port/db"
         )),

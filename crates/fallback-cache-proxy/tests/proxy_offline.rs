@@ -322,3 +322,48 @@ async fn a_reader_that_goes_away_or_a_store_path_with_a_typo_is_a_clean_end() {
     );
     assert!(!missing.exists() && !snapshot.exists());
 }
+
+#[tokio::test]
+async fn export_and_import_never_show_a_redis_password() {
+    // A port nobody listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A snapshot of an empty store, for the import to get as far as the store.
+    let empty = dir.path().join("empty.redb");
+    fill(&empty, &[]).await;
+    let snapshot = dir.path().join("out.snapshot").display().to_string();
+    succeeds(&[
+        "export",
+        "--store",
+        &format!("disk:{}", empty.display()),
+        "--out",
+        &snapshot,
+    ]);
+    for url in [
+        format!("redis://:hunter2-store-password@127.0.0.1:{port}/0"),
+        format!("redis+cluster://user:hunter2-store-password@127.0.0.1:{port}"),
+    ] {
+        for args in [
+            [
+                "export",
+                "--store",
+                url.as_str(),
+                "--out",
+                snapshot.as_str(),
+            ],
+            ["import", "--store", url.as_str(), "--in", snapshot.as_str()],
+        ] {
+            let output = offline(&args);
+            let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+            assert!(!output.status.success(), "{args:?}: {stdout}");
+            assert!(
+                !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+                "{args:?}: {stdout}{stderr}"
+            );
+            assert!(stderr.contains("***"), "{args:?}: {stderr}");
+        }
+    }
+}

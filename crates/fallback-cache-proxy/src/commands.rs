@@ -24,6 +24,10 @@ struct Export {
     /// The snapshot file to write (replaced whole, never left half-written).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// The CA certificates (PEM) a rediss:// store's certificate is verified against, for a
+    /// private CA; the system roots without it.
+    #[arg(long, env = "FALLBACK_CACHE_REDIS_CA_FILE", value_name = "FILE")]
+    redis_ca_file: Option<PathBuf>,
 }
 
 /// `import`: loads a snapshot file into a store, after checking all of it.
@@ -36,6 +40,10 @@ struct Import {
     /// The snapshot file to read.
     #[arg(long = "in", value_name = "FILE")]
     input: PathBuf,
+    /// The CA certificates (PEM) a rediss:// store's certificate is verified against, for a
+    /// private CA; the system roots without it.
+    #[arg(long, env = "FALLBACK_CACHE_REDIS_CA_FILE", value_name = "FILE")]
+    redis_ca_file: Option<PathBuf>,
 }
 
 /// Runs the subcommand `args` names, if the first argument is one; `None` otherwise.
@@ -117,7 +125,7 @@ fn snapshot_command(job: Result<Job, clap::Error>) -> ExitCode {
 
 async fn run_export(export: Export) -> Result<(), String> {
     let shown = shown(&export.store);
-    let store = open(&export.store, Create::No).await?;
+    let store = open(&export.store, export.redis_ca_file.as_deref(), Create::No).await?;
     let entries = store
         .export()
         .await
@@ -175,7 +183,7 @@ async fn run_import(import: Import) -> Result<(), String> {
         entries.len()
     );
     let shown = shown(&import.store);
-    let store = open(&import.store, Create::Yes).await?;
+    let store = open(&import.store, import.redis_ca_file.as_deref(), Create::Yes).await?;
     let count = entries.len();
     store
         .import(entries)
@@ -207,9 +215,15 @@ fn shown(spec: &str) -> String {
 
 /// The store of record a setting names (no memory tier in front). A damaged file is
 /// reported, never moved aside: offline commands leave files as they find them.
-async fn open(setting: &str, create: Create) -> Result<Arc<dyn Store>, String> {
+async fn open(
+    setting: &str,
+    ca_file: Option<&std::path::Path>,
+    create: Create,
+) -> Result<Arc<dyn Store>, String> {
     // Named in messages with its password hidden.
     let spec = shown(setting);
+    #[cfg(not(feature = "redis"))]
+    let _ = ca_file;
     match StoreSpec::parse(setting).map_err(|why| format!("--store {spec}: {why}"))? {
         StoreSpec::Memory => Err(format!(
             "--store {spec}: a memory store lives and dies with its process; export and import need disk:PATH or redis://host:port/db"
@@ -230,12 +244,9 @@ async fn open(setting: &str, create: Create) -> Result<Arc<dyn Store>, String> {
             Ok(Arc::new(store))
         }
         #[cfg(feature = "redis")]
-        StoreSpec::Redis(url) => {
-            let store = tower_fallback_cache::store::RedisStore::connect(&url)
-                .await
-                .map_err(|error| format!("cannot connect to {spec}: {error}"))?;
-            Ok(Arc::new(store))
-        }
+        StoreSpec::Redis(url) => crate::store::open_redis(&url, ca_file)
+            .await
+            .map_err(|error| format!("cannot connect to {spec}: {error}")),
         #[allow(unreachable_patterns)]
         _ => Err(format!("--store {spec}: this build has no such store")),
     }

@@ -141,6 +141,15 @@ mod disk {
     }
 }
 
+/// A Redis store of record (no memory tier in front), its certificate verified against
+/// `ca_file` if given: for the offline commands.
+pub(crate) async fn open_redis(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<Arc<dyn Store>, String> {
+    redis::open(url, ca_file).await
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use std::sync::Arc;

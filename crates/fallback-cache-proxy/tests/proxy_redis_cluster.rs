@@ -283,6 +283,36 @@ async fn a_tls_redis_with_its_ca_file_keeps_answers_for_every_replica() {
         second.logs()
     );
     assert_eq!(served.body, answer.body);
+
+    // The offline export reads the same Redis with the same CA file; without it, the
+    // certificate is refused and nothing is written.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = dir.path().join("tls.snapshot");
+    let export = |with_ca: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"));
+        command
+            .args(["export", "--store", &url, "--out"])
+            .arg(&out)
+            .env_remove("FALLBACK_CACHE_REDIS_CA_FILE");
+        if with_ca {
+            command.args(["--redis-ca-file", &ca_file]);
+        }
+        command.output().expect("the proxy binary runs")
+    };
+    let refused = export(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert!(!out.exists());
+    let exported = export(true);
+    let stdout = String::from_utf8_lossy(&exported.stdout);
+    assert!(
+        exported.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let keys = snapshot_keys(&std::fs::read(&out).expect("the snapshot"));
+    assert!(!keys.is_empty(), "{stdout}");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! start their own redis-server; tests that stop or pause Redis always start their own.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fallback_cache_test_support::stores::{
@@ -57,6 +58,70 @@ async fn an_answer_stored_by_one_replica_is_served_by_another() {
     let (status, headers, body) = send(&service, 8).await;
     assert_eq!((status.as_u16(), marked(&headers)), (429, "MISS"));
     assert_eq!(body, QUOTA_ERROR);
+}
+
+/// What one replica removes from Redis, every replica's memory tier drops: the removal is
+/// published, and each tiered store on the same Redis and prefix listens (not one under
+/// another prefix, which does not share the answers either).
+#[tokio::test]
+async fn a_removal_through_one_replica_leaves_no_copy_in_another_s_memory() {
+    let (url, _own_server) = shared_redis();
+    removals_reach_every_replica(&url).await;
+    // A Redis Cluster passes what is published on one node to every other.
+    if let Some(cluster) = std::env::var("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+    {
+        removals_reach_every_replica(&cluster).await;
+    }
+}
+
+async fn removals_reach_every_replica(url: &str) {
+    let prefix = unique_prefix("removals");
+    let replica = |prefix: String| {
+        let url = url.to_owned();
+        async move {
+            let redis = RedisStore::builder(&url)
+                .prefix(prefix)
+                .connect()
+                .await
+                .expect("connect");
+            Tiered::new(MemoryStore::new(1 << 20), redis)
+        }
+    };
+    let (one, two) = (replica(prefix.clone()).await, replica(prefix).await);
+    let elsewhere = replica(unique_prefix("removals-other")).await;
+    let key = CacheKey::from_bytes([7; 32]);
+    let entry = Arc::new(CachedResponse::new(
+        http::StatusCode::OK,
+        http::HeaderMap::new(),
+        vec![bytes::Bytes::from_static(b"an answer to purge")],
+    ));
+    for store in [&one, &elsewhere] {
+        store
+            .put(key, entry.clone(), Duration::from_secs(60))
+            .await
+            .expect("put");
+        store.flush().await.expect("flush");
+    }
+    // The second replica reads it from Redis into its memory tier.
+    assert!(two.get(&key).await.expect("get").is_some());
+    assert!(two.front().get(&key).await.expect("front").is_some());
+
+    one.remove(&key).await.expect("remove");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while two.front().get(&key).await.expect("front").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "still in the other replica's memory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(two.get(&key).await.expect("get").is_none());
+    // Under another prefix, another cache: untouched.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(elsewhere.get(&key).await.expect("get").is_some());
+    assert!(elsewhere.front().get(&key).await.expect("front").is_some());
 }
 
 #[tokio::test]

@@ -123,13 +123,32 @@ async fn a_purged_answer_is_gone_from_redis_for_every_replica() {
     let prompt = format!("Purged from Redis, run {nanos}");
     let mock = MockUpstream::start().await.expect("mock upstream");
     let (first, admin) = start(&mock, &url);
+    let (running, _) = start(&mock, &url);
     let (_, key, _) = ask(&first, &prompt).await;
-    assert_eq!(purge(&admin, &key, Some(TOKEN)).await, 204);
-
+    // A replica that already holds the answer in its memory tier.
+    let (_, running_key, _) = ask(&running, &prompt).await;
+    assert_eq!(running_key, key);
     mock.control()
         .set_mode(Mode::Error(Fixture::insufficient_quota()));
-    // Neither the proxy that purged it nor a replica on the same Redis serves it.
+    assert_eq!(ask(&running, &prompt).await.0, "FALLBACK");
+
+    assert_eq!(purge(&admin, &key, Some(TOKEN)).await, 204);
+    // Neither the proxy that purged it, nor a replica on the same Redis that held it in
+    // memory (told by the purge, through Redis), nor a new one serves it.
     assert_eq!(ask(&first, &prompt).await.0, "MISS");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (cache, _, _) = ask(&running, &prompt).await;
+        if cache == "MISS" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the running replica still serves the purged answer ({cache})\n{}",
+            running.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let (second, _) = start(&mock, &url);
     assert_eq!(ask(&second, &prompt).await.0, "MISS", "{}", second.logs());
 }
@@ -140,6 +159,18 @@ async fn a_purge_the_redis_store_could_not_do_is_an_error_not_a_204() {
     let mock = MockUpstream::start().await.expect("mock upstream");
     let (proxy, admin) = start(&mock, &redis.url());
     let (_, key, _) = ask(&proxy, "purge me while Redis is down").await;
+    // The answer is written to Redis behind the memory tier: in Redis before it stops.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while redis
+        .command(&["EXISTS", &format!("fallback-cache:{key}")])
+        .map_or(true, |exists| exists.trim() != ":1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never written to Redis"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     redis.stop();
     let response = reqwest::Client::new()

@@ -168,4 +168,8 @@ impl<S: Store> Store for MeasuredStore<S> {
     fn health(&self) -> StoreHealth {
         self.inner.health()
     }
+
+    fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
+        self.inner.removals()
+    }
 }

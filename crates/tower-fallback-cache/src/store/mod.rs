@@ -143,6 +143,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::Healthy
     }
+
+    /// The keys removed from this store by any process sharing it, as they are removed,
+    /// where the store can tell (the Redis store publishes each removal): a memory tier in
+    /// front of it ([`Tiered`]) drops them too, so that a purge through one replica reaches
+    /// every replica's memory. `None` (the default) for a store of one process. A receiver
+    /// that falls behind misses keys, as one does while its connection is down.
+    fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
+        None
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -194,6 +203,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         (**self).flush()
+    }
+
+    fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
+        (**self).removals()
     }
 
     fn health(&self) -> StoreHealth {

@@ -356,6 +356,77 @@ pub struct RedisStore {
     prefix: Arc<str>,
     timeout: Duration,
     health: Arc<HealthCell>,
+    removals: Arc<Removals>,
+}
+
+/// How many removals a listener may fall behind by before it misses some.
+const REMOVALS_BACKLOG: usize = 4096;
+
+/// The longest pause between two attempts to listen for removals again.
+const REMOVALS_MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Removals, published by every store on the same Redis (or cluster) on one channel and
+/// heard by each ([`Store::removals`]): a purge through one replica reaches the memory tiers
+/// of the others.
+struct Removals {
+    /// `{prefix}removed`: stores under another prefix do not hear these.
+    channel: String,
+    /// The nodes to listen on, in turn (the one node; a cluster's nodes, any of which hears
+    /// what is published on any other).
+    nodes: Vec<Client>,
+    /// The listener's channel, made (and the listener started) on first use.
+    sender: std::sync::OnceLock<Option<tokio::sync::broadcast::Sender<CacheKey>>>,
+}
+
+impl Removals {
+    fn new(prefix: &str, nodes: Vec<Client>) -> Self {
+        Self {
+            channel: format!("{prefix}removed"),
+            nodes,
+            sender: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+/// Listens for removals on the nodes in turn, passing each key on, until the store is gone;
+/// after a lost connection, listens again with a growing pause. Removals published while no
+/// connection listens are missed.
+async fn listen(
+    removals: std::sync::Weak<Removals>,
+    sender: tokio::sync::broadcast::Sender<CacheKey>,
+    connect_timeout: Duration,
+) {
+    use futures_util::StreamExt as _;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let Some(nodes) = removals.upgrade() else {
+            return;
+        };
+        let (channel, nodes) = (nodes.channel.clone(), nodes.nodes.clone());
+        for node in &nodes {
+            let subscribed = async {
+                let mut pubsub = node.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                RedisResult::Ok(pubsub)
+            };
+            let Ok(Ok(mut pubsub)) = tokio::time::timeout(connect_timeout, subscribed).await else {
+                continue;
+            };
+            pause = Duration::from_millis(100);
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                if removals.strong_count() == 0 {
+                    return;
+                }
+                if let Ok(key) = <[u8; 32]>::try_from(message.get_payload_bytes()) {
+                    let _ = sender.send(CacheKey::from_bytes(key));
+                }
+            }
+            tracing::debug!("the connection that listened for removals was lost: listening again");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(REMOVALS_MAX_RETRY);
+    }
 }
 
 /// Configures a [`RedisStore`]; made by [`RedisStore::builder`].
@@ -545,8 +616,16 @@ impl RedisStoreBuilder {
             certificates,
             connect_timeout: self.connect_timeout,
         };
+        // Removals are published to the cluster, which passes them to every node: any
+        // seed will do to listen.
+        let listen_on = nodes
+            .seeds
+            .iter()
+            .filter_map(|seed| nodes.client(seed.clone()).ok())
+            .collect();
         Ok(RedisStore {
             connection: Connection::Cluster(connection, Arc::new(nodes)),
+            removals: Arc::new(Removals::new(&self.prefix, listen_on)),
             prefix: self.prefix.into(),
             timeout: self.timeout,
             health: Arc::default(),
@@ -597,6 +676,7 @@ impl RedisStoreBuilder {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_max_delay(RECONNECT_MAX_DELAY);
+        let removals = Removals::new(&self.prefix, vec![client.clone()]);
         let manager = ConnectionManager::new_with_config(client, config);
         let connection = match tokio::time::timeout(self.connect_timeout, manager).await {
             Ok(Ok(connection)) => connection,
@@ -605,6 +685,7 @@ impl RedisStoreBuilder {
         };
         Ok(RedisStore {
             connection: Connection::Single(connection),
+            removals: Arc::new(removals),
             prefix: self.prefix.into(),
             timeout: self.timeout,
             health: Arc::default(),
@@ -793,11 +874,43 @@ impl Store for RedisStore {
         Box::pin(self.write(key, entry, ttl, Some(seal)))
     }
 
+    /// Deletes the answer, then publishes its key, so that every store on this Redis that
+    /// listens ([`Store::removals`]) drops it from the memory tier in front of it.
     fn remove<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let command = redis::cmd("DEL").arg(self.redis_key(key)).clone();
-            self.bounded(self.connection.query::<()>(&command)).await
+            self.bounded(self.connection.query::<()>(&command)).await?;
+            let publish = redis::cmd("PUBLISH")
+                .arg(&self.removals.channel)
+                .arg(key.as_bytes())
+                .clone();
+            self.bounded(self.connection.query::<i64>(&publish))
+                .await
+                .map_err(|error| {
+                    StoreError::backend(
+                        "redis",
+                        format!("removed, but the other replicas were not told: {error}"),
+                    )
+                })?;
+            Ok(())
         })
+    }
+
+    fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
+        self.removals
+            .sender
+            .get_or_init(|| {
+                let runtime = tokio::runtime::Handle::try_current().ok()?;
+                let (sender, _) = tokio::sync::broadcast::channel(REMOVALS_BACKLOG);
+                runtime.spawn(listen(
+                    Arc::downgrade(&self.removals),
+                    sender.clone(),
+                    self.timeout.max(Duration::from_secs(1)),
+                ));
+                Some(sender)
+            })
+            .as_ref()
+            .map(tokio::sync::broadcast::Sender::subscribe)
     }
 
     /// Degraded from a failed or timed-out operation until one succeeds.

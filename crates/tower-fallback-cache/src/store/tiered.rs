@@ -68,13 +68,13 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// ```
 #[derive(Debug)]
 pub struct Tiered<F, B> {
-    front: F,
+    front: Arc<F>,
     back: Arc<B>,
     fill_ttl: Duration,
     queue: Arc<Queue>,
 }
 
-impl<F: Clone, B> Clone for Tiered<F, B> {
+impl<F, B> Clone for Tiered<F, B> {
     fn clone(&self) -> Self {
         Self {
             front: self.front.clone(),
@@ -140,10 +140,21 @@ impl Drop for Weight {
 
 impl<F: Store, B: Store> Tiered<F, B> {
     /// `front` (fast, small) before `back` (lasting, shared).
+    ///
+    /// When `back` is shared and tells of removals ([`Store::removals`]: a Redis store
+    /// does), a task of the current Tokio runtime drops each key removed from it, by any
+    /// process, from `front` as well, for as long as this store lives.
     pub fn new(front: F, back: B) -> Self {
+        let front = Arc::new(front);
+        let back = Arc::new(back);
+        if let Some(removals) = back.removals()
+            && let Ok(runtime) = Handle::try_current()
+        {
+            runtime.spawn(drop_removed(Arc::downgrade(&front), removals));
+        }
         Self {
             front,
-            back: Arc::new(back),
+            back,
             fill_ttl: DEFAULT_TTL,
             queue: Arc::new(Queue::new(DEFAULT_BACK_QUEUE_BYTES)),
         }
@@ -486,6 +497,39 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             StoreHealth::Healthy => self.front.health(),
             degraded => degraded,
         }
+    }
+
+    fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
+        self.back.removals()
+    }
+}
+
+/// Drops from `front` each key removed from the back store elsewhere, until the front is
+/// gone or the back stops telling.
+async fn drop_removed<F: Store>(
+    front: std::sync::Weak<F>,
+    mut removals: tokio::sync::broadcast::Receiver<CacheKey>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let key = match removals.recv().await {
+            Ok(key) => key,
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "removals from the shared store came faster than the memory tier dropped them: {missed} not dropped (they leave it when evicted or expired)"
+                );
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let Some(front) = front.upgrade() else {
+            return;
+        };
+        front_error_logged(
+            "remove (front tier, removed elsewhere)",
+            front.remove(&key).await,
+        );
     }
 }
 

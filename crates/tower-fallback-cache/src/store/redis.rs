@@ -742,6 +742,8 @@ impl RedisStore {
         let pattern = format!("{}*", self.prefix);
         let mut cursor: u64 = 0;
         let mut entries = Vec::new();
+        // SCAN may return a key more than once (the table rehashed during the scan).
+        let mut seen = HashSet::new();
         loop {
             let command = redis::cmd("SCAN")
                 .arg(cursor)
@@ -753,6 +755,9 @@ impl RedisStore {
             let (next, names): (u64, Vec<String>) =
                 self.bounded(self.connection.query(&command)).await?;
             for name in names {
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
                 if let Some(entry) = self.exported(&name).await? {
                     entries.push(entry);
                 }

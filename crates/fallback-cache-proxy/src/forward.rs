@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -24,7 +23,7 @@ use tower_fallback_cache::{
 
 use crate::client_body::{ClientBody, ClientFault};
 use crate::conn::Conns;
-use crate::metrics::{BypassSeen, Metrics, TimedUpstream};
+use crate::metrics::{Metrics, TimedUpstream, UpstreamError};
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -122,8 +121,6 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
         .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 
     let (body, fault) = ClientBody::new(body, proxy.body_timeout);
-    let bypass = BypassSeen::default();
-    parts.extensions.insert(bypass.clone());
     let result = proxy
         .service
         .clone()
@@ -169,7 +166,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
             }
             client_fault(&fault)
         }
-        Err(Ok(error)) => {
+        Err(Ok(UpstreamError { error, bypassed })) => {
             proxy.metrics.bad_gateway.inc();
             let cause = describe(&error);
             if proxy.unreachable_logged.first_in_a_while() {
@@ -182,7 +179,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
             } else {
                 tracing::debug!("{method} {path}: upstream unreachable, answered 502: {cause}");
             }
-            let status = if bypass.0.load(Ordering::Relaxed) {
+            let status = if bypassed {
                 CacheStatus::Bypass
             } else {
                 CacheStatus::Miss

@@ -26,7 +26,7 @@ use tower_fallback_cache::{CacheStatus, Stats, Store};
 use crate::conn::Conns;
 
 pub(crate) use self::store::StoreMetrics;
-pub(crate) use self::upstream::{BypassSeen, TimedUpstream};
+pub(crate) use self::upstream::{TimedUpstream, UpstreamError};
 
 /// The content type of the Prometheus text format.
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;

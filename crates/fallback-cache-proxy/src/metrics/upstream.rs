@@ -3,8 +3,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -29,31 +27,34 @@ impl<S> TimedUpstream<S> {
     }
 }
 
-/// Put in a request's extensions by the proxy, before the layer: set by [`TimedUpstream`]
-/// when the layer bypassed the request (it then finds `CacheStatus::Bypass` in the request's
-/// extensions), so that the proxy's 502 for a failed call says `BYPASS`, not `MISS`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct BypassSeen(pub(crate) Arc<AtomicBool>);
+/// A failed call of the upstream, and whether the layer had bypassed its request (the
+/// layer puts `CacheStatus::Bypass` in the extensions of such a request): the proxy's 502
+/// for it says `BYPASS`, not `MISS`.
+#[derive(Debug)]
+pub(crate) struct UpstreamError<E> {
+    pub(crate) error: E,
+    pub(crate) bypassed: bool,
+}
 
 impl<S: Service<Request<B>>, B> Service<Request<B>> for TimedUpstream<S> {
     type Response = S::Response;
-    type Error = S::Error;
+    type Error = UpstreamError<S::Error>;
     type Future = TimedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(|error| UpstreamError {
+            error,
+            bypassed: false,
+        })
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if request.extensions().get::<CacheStatus>() == Some(&CacheStatus::Bypass)
-            && let Some(seen) = request.extensions().get::<BypassSeen>()
-        {
-            seen.0.store(true, Ordering::Relaxed);
-        }
+        let bypassed = request.extensions().get::<CacheStatus>() == Some(&CacheStatus::Bypass);
         TimedFuture {
             inner: self.inner.call(request),
             duration: Some(self.duration.clone()),
             started: Instant::now(),
+            bypassed,
         }
     }
 }
@@ -67,11 +68,12 @@ pin_project! {
         // Taken when the call is observed, so that it is observed once.
         duration: Option<Histogram>,
         started: Instant,
+        bypassed: bool,
     }
 }
 
-impl<F: Future> Future for TimedFuture<F> {
-    type Output = F::Output;
+impl<F: Future<Output = Result<T, E>>, T, E> Future for TimedFuture<F> {
+    type Output = Result<T, UpstreamError<E>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -79,6 +81,7 @@ impl<F: Future> Future for TimedFuture<F> {
         if let Some(duration) = this.duration.take() {
             duration.observe(this.started.elapsed().as_secs_f64());
         }
-        Poll::Ready(output)
+        let bypassed = *this.bypassed;
+        Poll::Ready(output.map_err(|error| UpstreamError { error, bypassed }))
     }
 }

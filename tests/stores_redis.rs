@@ -428,3 +428,34 @@ async fn a_redis_that_refuses_info_opens_as_one_node() {
     let found = store.get(&key).await.expect("get").expect("stored");
     assert_eq!(*found, *entry);
 }
+
+#[tokio::test]
+async fn an_import_that_stops_part_way_says_how_far_it_went() {
+    let mut server = RedisServer::start();
+    let redis = RedisStore::builder(server.url())
+        .prefix(unique_prefix("import"))
+        .connect()
+        .await
+        .expect("connect");
+    let until = std::time::SystemTime::now() + Duration::from_secs(600);
+    let entries = |n: u8| {
+        (0..n)
+            .map(|i| {
+                tower_fallback_cache::store::RawEntry::new(
+                    CacheKey::from_bytes([i; 32]),
+                    vec![i; 16],
+                    until,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    redis.import(entries(2)).await.expect("an import");
+    server.stop();
+    let error = redis.import(entries(3)).await.expect_err("Redis is gone");
+    assert!(
+        error
+            .to_string()
+            .contains("(after 0 of 3 entries were written)"),
+        "{error}"
+    );
+}

@@ -824,7 +824,8 @@ impl RedisStore {
     }
 
     async fn import_entries(&self, entries: Vec<RawEntry>) -> Result<(), StoreError> {
-        for entry in entries {
+        let total = entries.len();
+        for (written, entry) in entries.into_iter().enumerate() {
             let Ok(left) = entry
                 .expires_at
                 .duration_since(std::time::SystemTime::now())
@@ -838,7 +839,20 @@ impl RedisStore {
                 .arg("PX")
                 .arg(ttl_ms)
                 .clone();
-            self.bounded(self.connection.query::<()>(&command)).await?;
+            // An import that stops part way says how far it went: running it again
+            // writes every entry again, the ones before included.
+            self.bounded(self.connection.query::<()>(&command))
+                .await
+                .map_err(|error| {
+                    let why = match error {
+                        StoreError::Backend { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    };
+                    StoreError::backend(
+                        "redis",
+                        format!("{why} (after {written} of {total} entries were written)"),
+                    )
+                })?;
         }
         Ok(())
     }

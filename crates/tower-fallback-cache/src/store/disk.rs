@@ -753,7 +753,7 @@ impl DiskStoreBuilder {
             entries: AtomicU64::new(entries),
             bytes: AtomicU64::new(bytes),
             write_error: Mutex::new(None),
-            health: HealthCell::default(),
+            health: HealthCell::until_success(),
             out_of_use: AtomicBool::new(false),
             evicted: AtomicU64::new(0),
             refused: AtomicU64::new(0),

@@ -29,7 +29,9 @@ pub use disk::{
 };
 #[cfg(any(feature = "disk", feature = "redis"))]
 pub(crate) use health::HealthCell;
-pub use health::StoreHealth;
+#[cfg(feature = "redis")]
+pub(crate) use health::PROBE_WHEN_IDLE_FOR;
+pub use health::{STORE_DEGRADED_WINDOW, StoreHealth};
 pub use memory::MemoryStore;
 pub use tiered::{DEFAULT_BACK_QUEUE_BYTES, Tiered};
 
@@ -47,6 +49,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The future a [`Store`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The future [`Store::check_health`] returns.
+pub type HealthFuture<'a> = Pin<Box<dyn Future<Output = StoreHealth> + Send + 'a>>;
 
 /// Where answers are kept: get, put with a time to live, remove.
 ///
@@ -152,6 +157,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
         None
     }
+
+    /// The store's health for a health check (the proxy's `/healthz` and `/metrics`): a
+    /// store that no operation has reached for a while first answers a cheap probe within
+    /// its operation timeout (the Redis store: a `PING`, to every master of a cluster), so
+    /// that a store that went away while idle is reported, and one that came back is
+    /// found. Never called on a request's path. By default, [`health`](Self::health);
+    /// a [`Tiered`] store checks its back store.
+    fn check_health(&self) -> HealthFuture<'_> {
+        Box::pin(async move { self.health() })
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -211,6 +226,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn health(&self) -> StoreHealth {
         (**self).health()
+    }
+
+    fn check_health(&self) -> HealthFuture<'_> {
+        (**self).check_health()
     }
 }
 

@@ -16,7 +16,10 @@ use redis::{
     IntoConnectionInfo, RedisResult, Value,
 };
 
-use super::{HealthCell, RawEntry, Store, StoreError, StoreFuture, StoreHealth};
+use super::{
+    HealthCell, HealthFuture, PROBE_WHEN_IDLE_FOR, RawEntry, Store, StoreError, StoreFuture,
+    StoreHealth,
+};
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
@@ -229,6 +232,65 @@ fn node_name(host: &str, port: u16) -> String {
     }
 }
 
+impl ClusterNodes {
+    /// Whether every master of the cluster answers a `PING`, each on a connection of its
+    /// own, within `timeout` in all; else the nodes that did not, each with why. (A `PING`
+    /// through the cluster connection would skip a master it holds no connection to.)
+    async fn ping_masters(self: &Arc<Self>, timeout: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || StoreError::Timeout {
+            store: "redis",
+            timeout,
+        };
+        let masters = tokio::time::timeout_at(deadline, self.masters(timeout))
+            .await
+            .map_err(|_| timed_out())??;
+        let mut pings = tokio::task::JoinSet::new();
+        for (host, port) in masters {
+            let nodes = Arc::clone(self);
+            pings.spawn(async move {
+                let why = match tokio::time::timeout_at(deadline, nodes.ping(&host, port)).await {
+                    Ok(Ok(())) => return None,
+                    Ok(Err(why)) => why,
+                    Err(_) => format!("no answer within {timeout:?}"),
+                };
+                Some(format!(
+                    "redis node {} does not answer: {why}",
+                    node_name(&host, port)
+                ))
+            });
+        }
+        let mut silent: Vec<String> = pings.join_all().await.into_iter().flatten().collect();
+        if silent.is_empty() {
+            return Ok(());
+        }
+        silent.sort();
+        Err(StoreError::backend("redis", silent.join("; ")))
+    }
+
+    /// One `PING` to the node at `host:port`, on a connection of its own.
+    async fn ping(&self, host: &str, port: u16) -> Result<(), String> {
+        let seed = self.seeds.first().ok_or("the cluster URL names no node")?;
+        let addr = match seed.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        // The caller bounds the whole probe.
+        let mut connection = self
+            .connect(seed.clone().set_addr(addr), self.connect_timeout)
+            .await?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|error| error.to_string())
+    }
+}
+
 /// The masters of a `CLUSTER SLOTS` reply, each once, in the order of their first slots.
 /// A master listed without a host (or with a wildcard one) is on `answering_host`, the
 /// node that replied; one whose address the cluster does not know (`?`) cannot be read,
@@ -326,9 +388,11 @@ fn cluster_nodes(url: &str) -> Option<Vec<String>> {
 /// [`connect`](RedisStoreBuilder::connect), never falls back to plain TCP.
 ///
 /// Every operation is bounded by a timeout (default 250 ms): a slow or dead Redis makes a
-/// request lose the cache (and the store report itself degraded until an operation
-/// succeeds) (the layer counts a [`StoreError::Timeout`] and forwards the
-/// request), never wait. The connection is a redis
+/// request lose the cache (the layer counts a [`StoreError::Timeout`] and forwards the
+/// request), never wait. The store reports itself degraded from a failure until
+/// [`STORE_DEGRADED_WINDOW`](super::STORE_DEGRADED_WINDOW) passes without one, and
+/// [`check_health`](Store::check_health) pings a store no operation reached for 2 s
+/// (every master of a cluster). The connection is a redis
 /// [`ConnectionManager`], which reconnects by itself when Redis comes back. Keys are the
 /// prefix (default `fallback-cache:`) followed by the request key in hex; values are the
 /// [`encoded`](CachedResponse::encode) answers. Cheap to clone: clones share the
@@ -501,6 +565,24 @@ impl RedisStore {
             Err(error) => self.health.failed(error),
         }
         outcome
+    }
+}
+
+impl RedisStore {
+    /// A `PING` (to every master of a cluster) within the operation timeout, its outcome
+    /// noted in the store's health.
+    async fn probe(&self) {
+        match &self.connection {
+            Connection::Single(_) => {
+                let _ = self
+                    .bounded(self.connection.query::<()>(&redis::cmd("PING")))
+                    .await;
+            }
+            Connection::Cluster(_, nodes) => match nodes.ping_masters(self.timeout).await {
+                Ok(()) => self.health.succeeded(),
+                Err(error) => self.health.failed(error),
+            },
+        }
     }
 }
 
@@ -932,9 +1014,22 @@ impl Store for RedisStore {
             .map(tokio::sync::broadcast::Sender::subscribe)
     }
 
-    /// Degraded from a failed or timed-out operation until one succeeds.
+    /// Degraded from a failed or timed-out operation until one succeeds and
+    /// [`STORE_DEGRADED_WINDOW`](super::STORE_DEGRADED_WINDOW) has passed since the latest
+    /// failure.
     fn health(&self) -> StoreHealth {
         self.health.get()
+    }
+
+    /// A store that no operation reached for 2 s answers a `PING` first (a cluster: every
+    /// master, each named if it does not answer), within the operation timeout.
+    fn check_health(&self) -> HealthFuture<'_> {
+        Box::pin(async move {
+            if self.health.idle_for(PROBE_WHEN_IDLE_FOR) {
+                self.probe().await;
+            }
+            self.health.get()
+        })
     }
 }
 

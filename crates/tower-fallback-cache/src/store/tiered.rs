@@ -11,7 +11,8 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    MemoryStore, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage, log_store_error,
+    HealthFuture, MemoryStore, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage,
+    log_store_error,
 };
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
@@ -497,6 +498,17 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             StoreHealth::Healthy => self.front.health(),
             degraded => degraded,
         }
+    }
+
+    /// The back's check (a probe of an idle Redis), then the front's health as
+    /// [`health`](Store::health) combines them.
+    fn check_health(&self) -> HealthFuture<'_> {
+        Box::pin(async move {
+            match self.back.check_health().await {
+                StoreHealth::Healthy => self.front.check_health().await,
+                degraded => degraded,
+            }
+        })
     }
 
     fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {

@@ -12,8 +12,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue,
-    IntoConnectionInfo, RedisResult, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, RedisError, RedisResult, ServerErrorKind, Value,
 };
 
 use super::{
@@ -557,7 +557,7 @@ impl RedisStore {
         let outcome = match tokio::time::timeout(self.timeout, operation).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if error.is_timeout() => Err(timed_out()),
-            Ok(Err(error)) => Err(StoreError::backend("redis", error)),
+            Ok(Err(error)) => Err(self.backend_error(error)),
             Err(_) => Err(timed_out()),
         };
         match &outcome {
@@ -569,6 +569,27 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// A failed operation's error. A `MOVED` that reaches the store is one the cluster
+    /// client could not follow: it follows a redirect by connecting to the node named, and
+    /// when that node does not answer it asks another node, which redirects to the same
+    /// dead node again. The client does not pass on the connection error, so the `MOVED` is
+    /// reported as the node that does not answer.
+    fn backend_error(&self, error: RedisError) -> StoreError {
+        if self.is_cluster()
+            && matches!(error.kind(), ErrorKind::Server(ServerErrorKind::Moved))
+            && let Some((node, slot)) = error.redirect_node()
+        {
+            return StoreError::backend(
+                "redis",
+                format!(
+                    "redis node {node} does not answer (slot {slot} is served there, and the \
+                     cluster's MOVED to it could not be followed)"
+                ),
+            );
+        }
+        StoreError::backend("redis", error)
+    }
+
     /// A `PING` (to every master of a cluster) within the operation timeout, its outcome
     /// noted in the store's health.
     async fn probe(&self) {

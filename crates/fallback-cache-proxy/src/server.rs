@@ -256,12 +256,16 @@ async fn not_found() -> StatusCode {
 /// `ok`, or `degraded: <reason>` while the store cannot keep answers (a full disk, a
 /// damaged file, a Redis that does not answer). 200 either way: requests are still
 /// answered, by the upstream and the memory tier, so a load balancer should keep sending
-/// them; monitoring reads the body or `fallback_cache_store_healthy`.
+/// them; monitoring reads the body or `fallback_cache_store_healthy`. A store that no
+/// request reached for a while is probed first (`Store::check_health`).
 async fn healthz(State(proxy): State<Arc<Proxy>>) -> String {
-    format!("{}\n", proxy.store.health())
+    format!("{}\n", proxy.store.check_health().await)
 }
 
 async fn metrics_page(State(proxy): State<Arc<Proxy>>) -> Response {
+    // The page's `fallback_cache_store_healthy` is the store's health once it is checked,
+    // as `/healthz` would find it.
+    proxy.store.check_health().await;
     let page = proxy.metrics.render();
     ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response()
 }

@@ -8,7 +8,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tower_fallback_cache::store::{RawEntry, StoreError, StoreFuture, StoreHealth, StoreUsage};
+use tower_fallback_cache::store::{
+    HealthFuture, RawEntry, StoreError, StoreFuture, StoreHealth, StoreUsage,
+};
 use tower_fallback_cache::{CacheKey, CachedResponse, Seal, Store};
 
 /// Bounds of a store operation's time, in seconds: a memory get takes microseconds, a disk
@@ -171,5 +173,9 @@ impl<S: Store> Store for MeasuredStore<S> {
 
     fn removals(&self) -> Option<tokio::sync::broadcast::Receiver<CacheKey>> {
         self.inner.removals()
+    }
+
+    fn check_health(&self) -> HealthFuture<'_> {
+        self.inner.check_health()
     }
 }

@@ -1,7 +1,8 @@
 //! Stores meeting real faults through the proxy: a full disk that gets space back, a disk
-//! that stops answering (a frozen file system), a file with damaged pages, and a small
-//! memory store under many answers. Every request is answered, the proxy says what is
-//! wrong (`/healthz`, `/metrics`, one log line), and the store heals.
+//! that stops answering (a frozen file system), a file with damaged pages, a small memory
+//! store under many answers, and a Redis that stops while idle and comes back. Every request
+//! is answered, the proxy says what is wrong (`/healthz`, `/metrics`, one log line), and the
+//! store heals.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{API_KEY, Proxy};
+use fallback_cache_test_support::stores::RedisServer;
 use mock_upstream::{Fixture, MockUpstream, Mode};
 
 /// One chat completion through the proxy: (status, `x-fallback-cache`, body).
@@ -680,5 +682,67 @@ async fn a_disk_that_stops_answering_costs_the_store_never_a_request_or_the_stop
         proxy.logs()
     );
     assert_eq!(healthz(&proxy).await, "ok\n");
+    assert_no_panic(&proxy);
+}
+
+/// How long the store stays degraded after its latest failure
+/// (`tower_fallback_cache::store::STORE_DEGRADED_WINDOW`).
+const DEGRADED_WINDOW: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_while_idle_is_reported_and_found_again_once_back() {
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &redis.url()]);
+    let client = reqwest::Client::new();
+    let (status, cache, body) = chat(&client, &proxy, "before Redis stops").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+    assert_eq!(healthz(&proxy).await, "ok\n");
+
+    // No traffic: the health check itself finds that Redis is gone.
+    redis.stop();
+    let stopped = Instant::now();
+    let health = loop {
+        let health = healthz(&proxy).await;
+        if health.starts_with("degraded: ") {
+            break health;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(6),
+            "still {health:?} {:?} after Redis stopped\n{}",
+            stopped.elapsed(),
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(health.contains("redis"), "{health}");
+    assert_eq!(
+        common::metrics(proxy.url()).await["fallback_cache_store_healthy"],
+        0
+    );
+    // It stays so while Redis is down, however long no request comes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(healthz(&proxy).await.starts_with("degraded: "));
+    assert_eq!(
+        common::metrics(proxy.url()).await["fallback_cache_store_healthy"],
+        0
+    );
+
+    // Redis back: a request succeeds at once, the store is healthy again once a window
+    // has passed without a failure.
+    redis.restart();
+    let back = Instant::now();
+    let (status, cache, body) = chat(&client, &proxy, "after Redis is back").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+    assert!(
+        healthz(&proxy).await.starts_with("degraded: "),
+        "healthy within the window after the latest failure"
+    );
+    until_healthy(&proxy, DEGRADED_WINDOW + Duration::from_secs(5)).await;
+    assert!(back.elapsed() > DEGRADED_WINDOW / 2, "{:?}", back.elapsed());
+    assert_eq!(
+        common::metrics(proxy.url()).await["fallback_cache_store_healthy"],
+        1
+    );
     assert_no_panic(&proxy);
 }

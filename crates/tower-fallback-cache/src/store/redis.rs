@@ -101,6 +101,26 @@ impl ClusterNodes {
         }
     }
 
+    /// A connection to the node at `host:port`, with the seeds' settings (credentials, TLS).
+    async fn connect_node(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<MultiplexedConnection, String> {
+        let seed = self.seeds.first().ok_or("the cluster URL names no node")?;
+        let addr = match seed.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        self.connect(seed.clone().set_addr(addr), timeout).await
+    }
+
     /// The masters that serve the cluster's slots, as `CLUSTER SLOTS` of the first seed
     /// that answers lists them.
     async fn masters(&self, timeout: Duration) -> Result<Vec<(String, u16)>, StoreError> {
@@ -144,17 +164,7 @@ impl ClusterNodes {
         timeout: Duration,
         names: &mut HashSet<String>,
     ) -> Result<(), String> {
-        let seed = self.seeds.first().ok_or("the cluster URL names no node")?;
-        let addr = match seed.addr() {
-            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: *insecure,
-                tls_params: None,
-            },
-            _ => ConnectionAddr::Tcp(host.to_owned(), port),
-        };
-        let mut connection = self.connect(seed.clone().set_addr(addr), timeout).await?;
+        let mut connection = self.connect_node(host, port, timeout).await?;
         let mut cursor: u64 = 0;
         loop {
             let command = redis::cmd("SCAN")
@@ -270,20 +280,8 @@ impl ClusterNodes {
 
     /// One `PING` to the node at `host:port`, on a connection of its own.
     async fn ping(&self, host: &str, port: u16) -> Result<(), String> {
-        let seed = self.seeds.first().ok_or("the cluster URL names no node")?;
-        let addr = match seed.addr() {
-            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: *insecure,
-                tls_params: None,
-            },
-            _ => ConnectionAddr::Tcp(host.to_owned(), port),
-        };
         // The caller bounds the whole probe.
-        let mut connection = self
-            .connect(seed.clone().set_addr(addr), self.connect_timeout)
-            .await?;
+        let mut connection = self.connect_node(host, port, self.connect_timeout).await?;
         redis::cmd("PING")
             .query_async::<()>(&mut connection)
             .await

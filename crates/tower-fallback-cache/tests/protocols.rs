@@ -232,9 +232,21 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Debug,
 {
+    send(service, request(path, prompt)).await
+}
+
+/// Sends `request` through `service` and reads the whole answer: its cache status and its
+/// frames.
+async fn send<S, B>(service: &S, request: Request<Full<Bytes>>) -> (String, Vec<Bytes>)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
     let response = service
         .clone()
-        .oneshot(request(path, prompt))
+        .oneshot(request)
         .await
         .expect("the layer answers");
     let status = response.headers()["x-fallback-cache"]
@@ -678,6 +690,54 @@ async fn a_plain_answer_that_is_not_json_or_says_it_failed_is_never_served() {
         let (status, _) = ask(&service, path, "bad").await;
         assert_eq!(status, "MISS", "{path}: {what} was served");
     }
+}
+
+/// Under a rule that keeps GETs, a background response polled while it runs is never kept
+/// as its answer: `GET /v1/responses/{id}` is judged as the create is.
+#[tokio::test]
+async fn a_polled_response_still_running_is_never_kept() {
+    let upstream = Upstream::new();
+    let layer = FallbackCacheLayer::builder()
+        .cacheable(tower_fallback_cache::Cacheable::every_get_and_post())
+        .quota_breaker(QuotaBreaker::disabled())
+        .build();
+    let service = layer.layer(upstream.clone().service());
+    let poll = || {
+        Request::get("/v1/responses/resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b")
+            .header("authorization", "Bearer sk-test")
+            .body(Full::new(Bytes::new()))
+            .expect("valid request")
+    };
+    let done = Bytes::from(fixture("openai-responses.json"));
+    let running = Bytes::from(
+        String::from_utf8(fixture("openai-responses.json"))
+            .expect("utf-8")
+            .replacen(
+                "\"status\": \"completed\"",
+                "\"status\": \"in_progress\"",
+                1,
+            ),
+    );
+    assert_ne!(running, done, "the fixture changed");
+    let get = || send(&service, poll());
+
+    upstream.answer(Next::Plain("application/json", running.clone()));
+    let (status, got) = get().await;
+    assert_eq!((status.as_str(), got.concat()), ("MISS", running.to_vec()));
+    assert_eq!(
+        layer.stats().snapshot().stored,
+        0,
+        "a running response was kept"
+    );
+    upstream.answer(Next::Quota("openai-429-insufficient_quota"));
+    assert_eq!(get().await.0, "MISS");
+
+    upstream.answer(Next::Plain("application/json", done.clone()));
+    get().await;
+    assert_eq!(layer.stats().snapshot().stored, 1);
+    upstream.answer(Next::Quota("openai-429-insufficient_quota"));
+    let (status, got) = get().await;
+    assert_eq!((status.as_str(), got.concat()), ("FALLBACK", done.to_vec()));
 }
 
 #[tokio::test]

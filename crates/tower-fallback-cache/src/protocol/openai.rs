@@ -4,7 +4,7 @@
 //! | endpoint (path ends with) | complete | failed |
 //! | --- | --- | --- |
 //! | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
-//! | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
+//! | `/responses`, and `GET /responses/{id}` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
 
 use http::HeaderMap;
 use http::request::Parts;
@@ -18,7 +18,7 @@ use super::{Completeness, Event, Protocol, Verdict, path};
 /// | endpoint (path ends with) | complete | failed |
 /// | --- | --- | --- |
 /// | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
-/// | `/responses` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
+/// | `/responses`, and `GET /responses/{id}` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenAi;
 
@@ -36,6 +36,15 @@ fn endpoint(request: &Parts) -> Option<Endpoint> {
     if path.ends_with("/completions") {
         Some(Endpoint::Completions)
     } else if path.ends_with("/responses") {
+        Some(Endpoint::Responses)
+    } else if request.method == http::Method::GET
+        && path
+            .rsplit_once('/')
+            .is_some_and(|(head, id)| head.ends_with("/responses") && !id.is_empty())
+    {
+        // `GET /v1/responses/{id}`: a response polled (or its stream resumed) after a
+        // `background: true` create, judged as the create is: never kept while `queued`
+        // or `in_progress` (cached only under a rule that keeps such GETs).
         Some(Endpoint::Responses)
     } else {
         None

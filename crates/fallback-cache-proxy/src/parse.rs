@@ -209,7 +209,11 @@ pub(crate) fn header_names(text: &str) -> Result<Vec<HeaderName>, String> {
     {
         let name = HeaderName::from_bytes(part.as_bytes())
             .map_err(|_| format!("{part:?} is not a header name"))?;
-        if HOP_BY_HOP.contains(&name) || name == http::header::HOST {
+        // `accept-encoding` too: the proxy sends `identity` upstream whatever came.
+        if HOP_BY_HOP.contains(&name)
+            || name == http::header::HOST
+            || name == http::header::ACCEPT_ENCODING
+        {
             return Err(format!(
                 "{part:?} never reaches the upstream (the proxy rewrites or drops it): it carries no credential"
             ));
@@ -522,7 +526,7 @@ mod tests {
             ])
         );
         assert_eq!(header_names(""), Ok(Vec::new()));
-        for bad in ["x key", "x-key:", "connection", "Host"] {
+        for bad in ["x key", "x-key:", "connection", "Host", "accept-encoding"] {
             assert!(header_names(bad).is_err(), "{bad}");
         }
     }

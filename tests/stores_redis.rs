@@ -108,8 +108,13 @@ async fn removals_reach_every_replica(url: &str) {
     assert!(two.get(&key).await.expect("get").is_some());
     assert!(two.front().get(&key).await.expect("front").is_some());
 
-    one.remove(&key).await.expect("remove");
+    // Each store listens from the start; a removal before any listener is connected says
+    // that no replica heard it.
     let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = one.remove(&key).await {
+        assert!(Instant::now() < deadline, "{error}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     while two.front().get(&key).await.expect("front").is_some() {
         assert!(
             Instant::now() < deadline,
@@ -458,4 +463,77 @@ async fn an_import_that_stops_part_way_says_how_far_it_went() {
             .contains("(after 0 of 3 entries were written)"),
         "{error}"
     );
+}
+
+/// A Redis user that may not SUBSCRIBE leaves every replica deaf to removals: a removal then
+/// says so, rather than that it reached them.
+#[tokio::test]
+async fn a_removal_no_replica_can_hear_is_an_error() {
+    let server = RedisServer::start();
+    let reply = server
+        .command(&[
+            "ACL",
+            "SETUSER",
+            "nosub",
+            "on",
+            ">nosub-password",
+            "~*",
+            "&*",
+            "+@all",
+            "-subscribe",
+        ])
+        .expect("ACL SETUSER");
+    assert_eq!(reply.trim(), "+OK");
+    let url = server
+        .url()
+        .replace("redis://", "redis://nosub:nosub-password@");
+    let redis = RedisStore::builder(&url)
+        .prefix(unique_prefix("deaf"))
+        .connect()
+        .await
+        .expect("connect");
+    let store = Tiered::new(MemoryStore::new(1 << 20), redis);
+    let key = CacheKey::from_bytes([9; 32]);
+    let entry = Arc::new(CachedResponse::new(
+        http::StatusCode::OK,
+        http::HeaderMap::new(),
+        vec![bytes::Bytes::from_static(b"an answer")],
+    ));
+    store
+        .put(key, entry, Duration::from_secs(60))
+        .await
+        .expect("put");
+    store.flush().await.expect("flush");
+    let error = store.remove(&key).await.expect_err("no one listens");
+    assert!(error.to_string().contains("no replica heard it"), "{error}");
+    assert!(
+        !error.to_string().contains("failed: redis store failed"),
+        "{error}"
+    );
+    // Removed from Redis all the same: only the other replicas' memory is not reached.
+    assert!(store.back().get(&key).await.expect("get").is_none());
+}
+
+/// After Redis restarts while no operation used the store, the first one finds the old
+/// connection gone: it is tried again on a new one instead of failing (a purge would say
+/// 503, `/healthz` degraded, with Redis fine).
+#[tokio::test]
+async fn the_first_operation_after_an_unwatched_restart_succeeds() {
+    let mut server = RedisServer::start();
+    let redis = RedisStore::builder(server.url())
+        .prefix(unique_prefix("restart"))
+        .connect()
+        .await
+        .expect("connect");
+    let key = CacheKey::from_bytes([3; 32]);
+    assert!(redis.get(&key).await.expect("get").is_none());
+    server.restart();
+    assert!(
+        redis
+            .get(&key)
+            .await
+            .expect("the first get after the restart")
+            .is_none(),
+    );
+    assert!(redis.health().is_healthy(), "{:?}", redis.health());
 }

@@ -52,7 +52,17 @@ enum Connection {
 impl Connection {
     async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
         match self {
-            Connection::Single(connection) => command.query_async(&mut connection.clone()).await,
+            Connection::Single(connection) => {
+                match command.query_async(&mut connection.clone()).await {
+                    // The connection went while no operation used it (Redis restarted): the
+                    // manager reconnects on this error, and the operation is tried once
+                    // more on the new connection instead of failing on the stale one.
+                    Err(error) if error.is_connection_dropped() => {
+                        command.query_async(&mut connection.clone()).await
+                    }
+                    result => result,
+                }
+            }
             Connection::Cluster(connection, _) => {
                 command.query_async(&mut connection.clone()).await
             }
@@ -220,6 +230,15 @@ async fn within<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// What a store error says, without the `redis store failed:` its display starts with: for
+/// an error that wraps it.
+fn backend_reason(error: StoreError) -> String {
+    match error {
+        StoreError::Backend { source, .. } => source.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -460,6 +479,8 @@ async fn listen(
 ) {
     use futures_util::StreamExt as _;
     let mut pause = Duration::from_millis(100);
+    // A failure to listen is a warning once, until listening works again.
+    let mut warned = false;
     loop {
         let Some(nodes) = removals.upgrade() else {
             return;
@@ -471,9 +492,26 @@ async fn listen(
                 pubsub.subscribe(&channel).await?;
                 RedisResult::Ok(pubsub)
             };
-            let Ok(Ok(mut pubsub)) = tokio::time::timeout(connect_timeout, subscribed).await else {
-                continue;
+            let mut pubsub = match tokio::time::timeout(connect_timeout, subscribed).await {
+                Ok(Ok(pubsub)) => pubsub,
+                failed => {
+                    if !warned {
+                        let why = match failed {
+                            Ok(Err(error)) => error.to_string(),
+                            _ => format!("no answer within {connect_timeout:?}"),
+                        };
+                        tracing::warn!(
+                            "cannot listen for removals on Redis ({why}): purges through other replicas do not reach this one's memory tier"
+                        );
+                        warned = true;
+                    }
+                    continue;
+                }
             };
+            if warned {
+                tracing::info!("listening for removals on Redis again");
+                warned = false;
+            }
             pause = Duration::from_millis(100);
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
@@ -945,13 +983,12 @@ impl RedisStore {
             self.bounded(self.connection.query::<()>(&command))
                 .await
                 .map_err(|error| {
-                    let why = match error {
-                        StoreError::Backend { source, .. } => source.to_string(),
-                        other => other.to_string(),
-                    };
                     StoreError::backend(
                         "redis",
-                        format!("{why} (after {written} of {total} entries were written)"),
+                        format!(
+                            "{} (after {written} of {total} entries were written)",
+                            backend_reason(error)
+                        ),
                     )
                 })?;
         }
@@ -1004,14 +1041,28 @@ impl Store for RedisStore {
                 .arg(&self.removals.channel)
                 .arg(key.as_bytes())
                 .clone();
-            self.bounded(self.connection.query::<i64>(&publish))
+            let listeners = self
+                .bounded(self.connection.query::<i64>(&publish))
                 .await
                 .map_err(|error| {
                     StoreError::backend(
                         "redis",
-                        format!("removed, but the other replicas were not told: {error}"),
+                        format!(
+                            "removed, but the other replicas were not told: {}",
+                            backend_reason(error)
+                        ),
                     )
                 })?;
+            // This store listens itself once a tiered store in front asked it to: a
+            // removal that no one heard means no replica listens (SUBSCRIBE refused to the
+            // user, or every listener's connection down), and the memory tiers keep it.
+            let listening = matches!(self.removals.sender.get(), Some(Some(_)));
+            if listening && listeners == 0 {
+                return Err(StoreError::backend(
+                    "redis",
+                    "removed, but no replica heard it: none listens for removals (is SUBSCRIBE allowed to this user?)",
+                ));
+            }
             Ok(())
         })
     }

@@ -399,8 +399,11 @@ async fn a_stream_that_ends_inside_its_closing_event_is_never_stored() {
                     .expect("a closing event")
                     .len();
             let ctx = format!("{} ({})", api.name, if crlf { "CRLF" } else { "LF" });
-            // Every cut inside the closing event, and every 61st before it.
-            let cuts = (0..closing).step_by(61).chain(closing..whole.len());
+            // Every cut inside the closing event, and every 61st before it. (In CRLF, the
+            // stream without its very last LF ends in `\r\n\r`: the blank line ended by a
+            // lone CR, a whole event under the SSE rules, stored as the next test shows.)
+            let end = whole.len() - usize::from(crlf);
+            let cuts = (0..closing).step_by(61).chain(closing..end);
             for cut in cuts {
                 for frames in [
                     vec![whole.slice(..cut)],
@@ -424,6 +427,68 @@ async fn a_stream_that_ends_inside_its_closing_event_is_never_stored() {
             assert_eq!(layer.stats().snapshot().stored, 1, "{ctx}: the whole one");
             upstream.answer(Next::Quota(api.quota));
             let (status, got) = ask(&service, api.path, "cut").await;
+            assert_eq!(
+                (status.as_str(), got.concat()),
+                ("FALLBACK", whole.to_vec()),
+                "{ctx}"
+            );
+        }
+    }
+}
+
+/// Lines may end in a lone CR (the SSE rules): a stream whose closing event's blank line is
+/// a CR at the very end of the body is whole (that CR cannot be the first half of a CRLF any
+/// more), and is stored; cut anywhere before, it is not.
+#[tokio::test]
+async fn a_stream_whose_lines_end_in_a_lone_cr_is_stored_whole_and_never_cut() {
+    for api in &APIS {
+        let text = String::from_utf8(fixture(api.complete)).expect("utf-8");
+        let all_cr = text.replace('\n', "\r");
+        let crlf_then_cr = format!(
+            "{}\r\n\r",
+            text.replace('\n', "\r\n")
+                .strip_suffix("\r\n\r\n")
+                .expect("the fixture ends with a blank line")
+        );
+        for (how, whole) in [
+            ("CR", all_cr),
+            ("CRLF, the last blank line a CR", crlf_then_cr),
+        ] {
+            let whole = Bytes::from(whole);
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            let ctx = format!("{} ({how})", api.name);
+            let closing = whole[..whole.len() - 2]
+                .windows(2)
+                .rposition(|pair| pair == b"\r\r" || pair == b"\n\r")
+                .map_or(0, |at| at + 2);
+            for cut in closing..whole.len() {
+                upstream.answer(Next::Stream(rechunk(
+                    &[whole.slice(..cut)],
+                    Chunking::SevenBytes,
+                )));
+                ask(&service, api.path, "cr").await;
+                assert_eq!(
+                    layer.stats().snapshot().stored,
+                    0,
+                    "{ctx}: cut at {cut} of {} was stored",
+                    whole.len()
+                );
+            }
+            upstream.answer(Next::Stream(rechunk(
+                std::slice::from_ref(&whole),
+                Chunking::SevenBytes,
+            )));
+            let (status, got) = ask(&service, api.path, "cr").await;
+            assert_eq!(
+                (status.as_str(), got.concat()),
+                ("MISS", whole.to_vec()),
+                "{ctx}"
+            );
+            assert_eq!(layer.stats().snapshot().stored, 1, "{ctx}: not stored");
+            upstream.answer(Next::Quota(api.quota));
+            let (status, got) = ask(&service, api.path, "cr").await;
             assert_eq!(
                 (status.as_str(), got.concat()),
                 ("FALLBACK", whole.to_vec()),

@@ -137,7 +137,13 @@ impl Capture {
         if let Some(stream) = self.events.take() {
             // Bytes after the last blank line are not an event: a stream that ends inside
             // one drops it (the SSE rules; the SDKs do), so it can neither close the answer
-            // nor fail it. A closing event cut before its blank line is not the answer.
+            // nor fail it. A closing event cut before its blank line is not the answer. Only
+            // a blank line ended by a lone CR is known for one at the end of the body.
+            if self.verdict == Verdict::Pending
+                && let Some(last) = stream.last_event_at_end()
+            {
+                self.verdict = judge(self.rules.as_mut(), last, None);
+            }
             let complete = match self.verdict {
                 Verdict::Complete => true,
                 Verdict::Failed => false,

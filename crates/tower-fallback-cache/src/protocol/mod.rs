@@ -264,8 +264,15 @@ pub(crate) mod tests {
             }
             verdict == Verdict::Pending
         };
-        // Bytes after the last blank line are not an event, as in the capture.
-        splitter.push(stream.as_bytes(), |_| false, &mut judge);
+        // Bytes after the last blank line are not an event, as in the capture; a blank line
+        // ended by a lone CR is one at the end.
+        if splitter
+            .push(stream.as_bytes(), |_| false, &mut judge)
+            .is_none()
+            && let Some(last) = splitter.last_event_at_end()
+        {
+            judge(last, None);
+        }
         Some(match verdict {
             Verdict::Complete => true,
             Verdict::Failed => false,

@@ -317,6 +317,18 @@ impl EventCopy {
         self.current.len() - self.pending
     }
 
+    /// The last event, when the stream ended right after its blank line but the copy could
+    /// not yet tell: a blank line ended by a lone CR (`data: [DONE]\r\r`, or `\n\r`,
+    /// `\r\n\r`) may be the first half of a CRLF until the body ends, and at the end it is
+    /// a line end (the SSE rules). `None` when the stream ended inside an event.
+    pub(crate) fn last_event_at_end(&self) -> Option<&[u8]> {
+        let rest = &self.current[self.pending..];
+        match rest {
+            [.., b'\r' | b'\n', b'\r'] => Some(rest),
+            _ => None,
+        }
+    }
+
     /// The unterminated last event, if any bytes are left after the last blank line.
     #[cfg(test)]
     pub(crate) fn rest(&self) -> Option<&[u8]> {

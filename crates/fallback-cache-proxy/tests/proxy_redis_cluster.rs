@@ -16,6 +16,40 @@ use mock_upstream::{Fixture, MockUpstream, Mode};
 /// of this file do not write to it meanwhile.
 static WHOLE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Asks every prompt through `proxy` (each a MISS) and waits until the cluster holds them
+/// all: the proxy writes Redis behind its memory tier. The answers, and what each node
+/// gained over `before` as `count` counts.
+async fn store_all(
+    proxy: &Proxy,
+    prompts: &[String],
+    nodes: &[Node],
+    before: &[usize],
+    count: fn(&Node) -> usize,
+) -> (Vec<cluster::Answer>, Vec<usize>) {
+    let stored = ask_all(proxy, prompts, 16).await;
+    for answer in &stored {
+        assert_eq!(
+            (answer.status, answer.cache.as_str()),
+            (200, "MISS"),
+            "{answer:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let gained = loop {
+        let gained: Vec<usize> = nodes
+            .iter()
+            .zip(before)
+            .map(|(node, before)| count(node).saturating_sub(*before))
+            .collect();
+        if gained.iter().sum::<usize>() >= prompts.len() || Instant::now() > deadline {
+            break gained;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(gained.iter().sum::<usize>(), prompts.len(), "{gained:?}");
+    (stored, gained)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_stored_through_one_proxy_on_a_cluster_are_served_by_another() {
     let (Some(url), Some(dirs)) = (
@@ -34,28 +68,7 @@ async fn answers_stored_through_one_proxy_on_a_cluster_are_served_by_another() {
 
     let mock = MockUpstream::start().await.expect("mock upstream");
     let first = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
-    let stored = ask_all(&first, &prompts, 16).await;
-    for answer in &stored {
-        assert_eq!(
-            (answer.status, answer.cache.as_str()),
-            (200, "MISS"),
-            "{answer:?}"
-        );
-    }
-    // The proxy writes Redis behind its memory tier: wait until the cluster has them all.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let gained = loop {
-        let gained: Vec<usize> = nodes
-            .iter()
-            .zip(&before)
-            .map(|(node, before)| node.answers().saturating_sub(*before))
-            .collect();
-        if gained.iter().sum::<usize>() >= prompts.len() || Instant::now() > deadline {
-            break gained;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(gained.iter().sum::<usize>(), prompts.len(), "{gained:?}");
+    let (stored, gained) = store_all(&first, &prompts, &nodes, &before, Node::answers).await;
     // Spread over every node's slots (about a third each).
     for (node, gained) in nodes.iter().zip(&gained) {
         assert!(*gained > 200, "node {} got {gained} of 1000", node.port);
@@ -96,28 +109,8 @@ async fn an_export_of_a_cluster_holds_every_answer_of_every_master() {
         .collect();
     let mock = MockUpstream::start().await.expect("mock upstream");
     let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
-    for answer in ask_all(&proxy, &prompts, 16).await {
-        assert_eq!(
-            (answer.status, answer.cache.as_str()),
-            (200, "MISS"),
-            "{answer:?}"
-        );
-    }
-    // The proxy writes Redis behind its memory tier: wait until the cluster has them all,
-    // on every master.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let gained = loop {
-        let gained: Vec<usize> = nodes
-            .iter()
-            .zip(&before)
-            .map(|(node, before)| node.dbsize().saturating_sub(*before))
-            .collect();
-        if gained.iter().sum::<usize>() >= prompts.len() || Instant::now() > deadline {
-            break gained;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(gained.iter().sum::<usize>(), prompts.len(), "{gained:?}");
+    let (_, gained) = store_all(&proxy, &prompts, &nodes, &before, Node::dbsize).await;
+    // On every master.
     for (node, gained) in nodes.iter().zip(&gained) {
         assert!(
             *gained > 0,

@@ -1056,8 +1056,10 @@ impl Store for RedisStore {
             // This store listens itself once a tiered store in front asked it to: a
             // removal that no one heard means no replica listens (SUBSCRIBE refused to the
             // user, or every listener's connection down), and the memory tiers keep it.
+            // (On one node only: a cluster counts the listeners of the node the PUBLISH
+            // reached, and passes it on to the others' without counting them.)
             let listening = matches!(self.removals.sender.get(), Some(Some(_)));
-            if listening && listeners == 0 {
+            if listening && listeners == 0 && !self.is_cluster() {
                 return Err(StoreError::backend(
                     "redis",
                     "removed, but no replica heard it: none listens for removals (is SUBSCRIBE allowed to this user?)",

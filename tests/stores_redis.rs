@@ -353,13 +353,7 @@ async fn a_single_node_url_at_a_cluster_node_is_refused_with_the_cluster_url() {
             return;
         }
     };
-    let node = cluster
-        .trim()
-        .trim_start_matches("redis+cluster://")
-        .split(',')
-        .next()
-        .expect("a node")
-        .to_owned();
+    let node = fallback_cache_test_support::stores::first_cluster_node(&cluster);
     let error = RedisStore::connect(format!("redis://{node}/0"))
         .await
         .expect_err("a cluster node is not a single Redis");

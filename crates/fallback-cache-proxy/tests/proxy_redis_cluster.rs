@@ -185,13 +185,7 @@ fn a_redis_url_at_a_cluster_node_is_refused_at_start_with_the_cluster_url() {
     let Some(url) = server_env("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL") else {
         return;
     };
-    let node = url
-        .trim()
-        .trim_start_matches("redis+cluster://")
-        .split(',')
-        .next()
-        .expect("a node")
-        .to_owned();
+    let node = fallback_cache_test_support::stores::first_cluster_node(&url);
     let single = format!("redis://{node}/0");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let log = dir.path().join("stderr");

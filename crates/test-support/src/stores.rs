@@ -277,6 +277,17 @@ pub fn shared_redis() -> (String, Option<RedisServer>) {
     }
 }
 
+/// The first node (`host:port`) of a `redis+cluster://` URL, to address that one node.
+pub fn first_cluster_node(cluster_url: &str) -> String {
+    cluster_url
+        .trim()
+        .trim_start_matches("redis+cluster://")
+        .split(',')
+        .next()
+        .expect("a node")
+        .to_owned()
+}
+
 /// A key prefix no other test or run uses, so tests can share one Redis.
 pub fn unique_prefix(test: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -83,10 +83,24 @@ const ALL: &[Fixture] = &[
         body: include_str!("../../../tests/fixtures/provider-errors/gemini-429-per-day-quota.json"),
     },
     Fixture {
+        name: "gemini-429-per-day-quota-array",
+        status: 429,
+        body: include_str!(
+            "../../../tests/fixtures/provider-errors/gemini-429-per-day-quota-array.json"
+        ),
+    },
+    Fixture {
         name: "gemini-429-per-minute-quota",
         status: 429,
         body: include_str!(
             "../../../tests/fixtures/provider-errors/gemini-429-per-minute-quota.json"
+        ),
+    },
+    Fixture {
+        name: "gemini-429-per-minute-quota-array",
+        status: 429,
+        body: include_str!(
+            "../../../tests/fixtures/provider-errors/gemini-429-per-minute-quota-array.json"
         ),
     },
     Fixture {

@@ -161,7 +161,7 @@ impl<A: Classify, B: Classify> Classify for OrElse<A, B> {
 /// | Reason | rule (first match wins) |
 /// | --- | --- |
 /// | `InsufficientQuota` | a 4xx whose JSON `error.type` or `error.code` (or top-level `type`/`code`) is `insufficient_quota`; Anthropic `billing_error`; a 400 whose message says the credit balance is too low; any 402 |
-/// | `InsufficientQuota` (Gemini) | a 429 `RESOURCE_EXHAUSTED` whose `QuotaFailure` names a per-day quota (`quotaId` with `PerDay`), or whose message says the prepayment credits are depleted |
+/// | `InsufficientQuota` (Gemini) | a 429 `RESOURCE_EXHAUSTED` whose `QuotaFailure` names a per-day quota (`quotaId` with `PerDay`), or whose message says the prepayment credits are depleted; also sent as the one element of a JSON array, as Google's streaming endpoints send errors |
 /// | `RateLimited` | any other 429 (Gemini's per-minute quotas, and `RESOURCE_EXHAUSTED` without details: it is used for both, so it is not guessed) |
 /// | `ServerError` | any 5xx, including 529 |
 ///
@@ -270,7 +270,7 @@ impl Classify for ProviderClassifier {
         if status == StatusCode::PAYMENT_REQUIRED {
             return Some(Reason::InsufficientQuota);
         }
-        let envelope: ErrorEnvelope<'_> = serde_json::from_slice(body).unwrap_or_default();
+        let envelope = envelope_of(body);
         let detail = envelope.error.unwrap_or_default();
         const QUOTA: &[&str] = &["insufficient_quota", "billing_error"];
         if is_any(&detail.kind, QUOTA)
@@ -293,6 +293,19 @@ impl Classify for ProviderClassifier {
         }
         (status == StatusCode::TOO_MANY_REQUESTS).then_some(Reason::RateLimited)
     }
+}
+
+/// The error envelope of `body`: its JSON object, or the first element of a JSON array of
+/// them, which is how Google's streaming endpoints (`streamGenerateContent` without
+/// `alt=sse`, Vertex AI) send an error. Anything else reads as an empty envelope.
+fn envelope_of(body: &[u8]) -> ErrorEnvelope<'_> {
+    if body.trim_ascii_start().first() == Some(&b'[') {
+        return serde_json::from_slice::<Vec<ErrorEnvelope<'_>>>(body)
+            .ok()
+            .and_then(|envelopes| envelopes.into_iter().next())
+            .unwrap_or_default();
+    }
+    serde_json::from_slice(body).unwrap_or_default()
 }
 
 /// Gemini sends every quota error as 429 `RESOURCE_EXHAUSTED`: a per-day quota (it comes

@@ -32,6 +32,7 @@ use crate::state::{Mode, Shared};
 use crate::stats::Counters;
 use crate::status::{CacheStatus, X_FALLBACK_CACHE, X_FALLBACK_CACHE_KEY, X_FALLBACK_CACHE_REASON};
 use crate::store::{Store, StoreError, log_store_error};
+use crate::throttle::LogThrottle;
 
 /// Read by the OpenAI SDKs before any other retry rule.
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -625,7 +626,11 @@ async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
             let age = entry.age();
             (age <= shared.ttl).then_some((entry, age))
         }
-        Ok(_) => None,
+        Ok(Some(entry)) => {
+            log_other_key_version(key, entry.key_version());
+            None
+        }
+        Ok(None) => None,
         Err(error) => {
             let counters = shared.stats.counters();
             Counters::add(&counters.store_errors);
@@ -640,6 +645,28 @@ async fn lookup(shared: &Shared, key: &CacheKey, seal: Option<&Seal>) -> Found {
             log_store_error("get", &error);
             None
         }
+    }
+}
+
+/// Says that the answer under `key` was stored by another release (its key version is not
+/// [`KEY_VERSION`]) and is not served: once in a while at info level, else at debug level.
+fn log_other_key_version(key: &CacheKey, version: u8) {
+    static THROTTLE: LogThrottle = LogThrottle::new(LogThrottle::DEFAULT_QUIET);
+    let by = if version < KEY_VERSION {
+        "an earlier"
+    } else {
+        "a later"
+    };
+    if THROTTLE.first_in_a_while() {
+        tracing::info!(
+            %key,
+            "an answer stored by {by} release (key version {version}, this one reads \
+             {KEY_VERSION}) is not served; the next good answer replaces it (more within \
+             {}s: at debug level)",
+            THROTTLE.quiet().as_secs()
+        );
+    } else {
+        tracing::debug!(%key, "an answer stored by {by} release (key version {version}) is not served");
     }
 }
 

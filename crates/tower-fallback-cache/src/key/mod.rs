@@ -25,11 +25,17 @@ const KEY_CONTEXT: &str = "fallback-cache request key v1";
 static KEY_CONTEXT_KEY: LazyLock<blake3::hazmat::ContextKey> =
     LazyLock::new(|| blake3::hazmat::hash_derive_key_context(KEY_CONTEXT));
 
-/// The version of the key derivation, stored with every entry. 2: every credential in the
-/// partition, the authority of an absolute URI and the media type in the key. 3: the
-/// canonical body hashed on its own ([`BodyDigest`]) and its digest in the key, so that
-/// blake3 hashes the body's chunks side by side (SIMD); numbers formatted by `ryu`.
-pub(crate) const KEY_VERSION: u8 = 3;
+/// The version of the key derivation and of the rules that judge an answer whole, stored
+/// with every entry: an entry of another version is never served, and the next good answer
+/// replaces it. 2: every credential in the partition, the authority of an absolute URI and
+/// the media type in the key. 3: the canonical body hashed on its own ([`BodyDigest`]) and
+/// its digest in the key, so that blake3 hashes the body's chunks side by side (SIMD);
+/// numbers formatted by `ryu`. 4: the keys of gateways (`apikey`, `x-portkey-api-key`, ...)
+/// in the partition, and answers judged by rules that keep no Responses object still
+/// `queued` or `in_progress`, no Gemini stream a candidate of which has not finished, no
+/// stream declared with a media type in capitals as a plain body: version 3 entries may be
+/// such answers.
+pub(crate) const KEY_VERSION: u8 = 4;
 
 /// The 32-byte identity of a request: blake3 over its partition, method, scheme and
 /// authority (when the URI is absolute), path and query, media type, the headers that

@@ -51,6 +51,8 @@ pub(crate) fn router_with_shutdown(control: Control, shutdown: watch::Receiver<b
         .route("/v1/responses", post(crate::protocols::responses))
         .route("/v1/messages", post(crate::protocols::messages))
         .route("/v1beta/models/{model}", post(crate::protocols::gemini))
+        // The Gemini API's stable version, where `google-genai` 3 sends its calls by default.
+        .route("/v1/models/{model}", post(crate::protocols::gemini))
         .route("/v1/models", get(models))
         .route("/_mock/mode", post(set_mode))
         .route("/_mock/delay", post(set_delay))

@@ -158,7 +158,7 @@ impl Control {
     }
 
     /// Number of API calls (`POST /v1/chat/completions`, `/v1/responses`, `/v1/messages`,
-    /// `/v1beta/models/{model}:{method}`) received since creation or the last
+    /// `/v1beta/models/{model}:{method}`, `/v1/models/{model}:{method}`) received since creation or the last
     /// [`reset`](Control::reset), whatever the mode and whatever their outcome.
     pub fn calls(&self) -> u64 {
         self.inner.calls.load(Ordering::SeqCst)

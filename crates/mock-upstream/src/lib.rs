@@ -51,8 +51,8 @@
 //!   `"stream": true` (`response.created` ... `response.completed`).
 //! - `POST /v1/messages`: the Anthropic Messages API, a `message`, or its events with
 //!   `"stream": true` (`message_start` ... `message_stop`, a `ping` among them).
-//! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: the
-//!   Gemini API (the answer's text in chunks, the last with `finishReason: "STOP"`).
+//! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`
+//!   (and the same under `/v1/models/`): the Gemini API (the answer's text in chunks, the last with `finishReason: "STOP"`).
 //! - Every API route counts as one call, answers the same text for the same body, and
 //!   follows the mode: a provider error (use that API's [`Fixture`]: Anthropic's
 //!   `credit_balance_too_low`, Gemini's `RESOURCE_EXHAUSTED`), hang, cut, end early, fail.

@@ -92,6 +92,40 @@ async fn every_api_answers_its_shape_with_the_same_text() {
 }
 
 #[tokio::test]
+async fn gemini_answers_under_its_stable_version_as_under_v1beta() {
+    let mock = MockUpstream::start().await.expect("mock");
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "Hi there"}]}]});
+    // The same bytes but for the call's number in each `responseId` (`mock-<n>-...`).
+    let numbered = |text: String| {
+        text.split("\"mock-")
+            .map(|part| part.trim_start_matches(|c: char| c.is_ascii_digit()))
+            .collect::<Vec<_>>()
+            .join("\"mock-")
+    };
+    for method in ["generateContent", "streamGenerateContent?alt=sse"] {
+        let beta = read(
+            post(
+                &mock,
+                &format!("/v1beta/models/gemini-2.5-flash:{method}"),
+                &body,
+            )
+            .await,
+        )
+        .await
+        .0;
+        let stable = post(
+            &mock,
+            &format!("/v1/models/gemini-2.5-flash:{method}"),
+            &body,
+        )
+        .await;
+        assert_eq!(stable.status(), 200, "{method}");
+        assert_eq!(numbered(read(stable).await.0), numbered(beta), "{method}");
+    }
+    assert_eq!(mock.control().calls(), 4);
+}
+
+#[tokio::test]
 async fn streams_close_with_their_event_and_fail_or_end_early_on_demand() {
     let mock = MockUpstream::start().await.expect("mock");
     for (path, body, closing, failure) in apis(true) {

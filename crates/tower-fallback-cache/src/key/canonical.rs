@@ -360,14 +360,7 @@ impl Parser<'_, '_> {
             self.skip_ws();
             let mark = self.path.len();
             if !self.ignore.is_empty() {
-                self.path.push(b'/');
-                for &byte in unquoted(self.b.bytes(self.input, key)) {
-                    match byte {
-                        b'~' => self.path.extend_from_slice(b"~0"),
-                        b'/' => self.path.extend_from_slice(b"~1"),
-                        _ => self.path.push(byte),
-                    }
-                }
+                push_token(&mut self.path, self.b.bytes(self.input, key));
             }
             self.value(depth + 1)?;
             self.seal();
@@ -748,11 +741,46 @@ fn write_char(buf: &mut [u8; 6], ch: char) -> usize {
     short.len()
 }
 
-/// The raw bytes of a canonical key without its quotes. Keys with escapes never match an
-/// ignore-list pointer written plainly, which is the safe direction (the field stays in the
-/// key).
-fn unquoted(key: &[u8]) -> &[u8] {
-    &key[1..key.len() - 1]
+/// Appends `/` and the JSON pointer token of the member whose key is `key` (in canonical
+/// form, quotes included) to `path`: its name as it reads, escapes decoded, with `~` written
+/// `~0` and `/` written `~1`. A pointer so names a member by its name, never by how its key
+/// is escaped: `/a\\nb` is the member `"a\\\\nb"`, not `"a\\nb"`.
+fn push_token(path: &mut Vec<u8>, key: &[u8]) {
+    path.push(b'/');
+    let name = &key[1..key.len() - 1];
+    let mut i = 0;
+    while let Some(&byte) = name.get(i) {
+        i += 1;
+        let byte = if byte == b'\\' {
+            // The escapes of canonical form: the short ones, and `\u00XX` for the other
+            // control characters.
+            let code = name.get(i).copied().unwrap_or_default();
+            i += 1;
+            match code {
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'b' => 0x08,
+                b'f' => 0x0c,
+                b'u' => {
+                    let hex = name
+                        .get(i..i + 4)
+                        .and_then(|hex| std::str::from_utf8(hex).ok());
+                    i += 4;
+                    hex.and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                        .unwrap_or_default()
+                }
+                other => other,
+            }
+        } else {
+            byte
+        };
+        match byte {
+            b'~' => path.extend_from_slice(b"~0"),
+            b'/' => path.extend_from_slice(b"~1"),
+            _ => path.push(byte),
+        }
+    }
 }
 
 #[cfg(test)]

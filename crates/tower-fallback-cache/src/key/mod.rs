@@ -672,6 +672,31 @@ mod tests {
     }
 
     #[test]
+    fn the_ignore_list_names_members_by_their_names_not_by_how_they_are_escaped() {
+        let p = parts("POST", "/v1/chat/completions", &[]);
+        // A pointer to the member named `a\nb` (a backslash and an `n`), whose JSON is
+        // `"a\\nb"`, and bodies with a member named `a`, a line feed, `b` instead.
+        let rules = KeyRules::default().ignore_fields([r"/a\nb"]);
+        let key = |body: &str| rules.key(&PartitionId::SHARED, &p, body.as_bytes());
+        assert_ne!(
+            key(r#"{"model":"m","a\nb":1}"#),
+            key(r#"{"model":"m","a\nb":2}"#),
+        );
+        assert_eq!(
+            key(r#"{"model":"m","a\\nb":1}"#),
+            key(r#"{"model":"m","a\\nb":2}"#),
+        );
+        // Names with characters JSON escapes are named as they read.
+        let rules = KeyRules::default().ignore_fields(["/x\"y", "/tab\tbed", "/bell\u{7}"]);
+        let key = |body: &str| rules.key(&PartitionId::SHARED, &p, body.as_bytes());
+        assert_eq!(
+            key(r#"{"model":"m","x\"y":1,"tab\tbed":1,"bell\u0007":1}"#),
+            key(r#"{"model":"m","x\u0022y":2,"tab\u0009bed":2,"bell\u0007":2}"#),
+        );
+        assert_eq!(key(r#"{"model":"m","x\"y":1}"#), key(r#"{"model":"m"}"#));
+    }
+
+    #[test]
     fn hex_round_trip() {
         let key = key_of(REQUEST);
         let hex = key.to_string();

@@ -546,6 +546,44 @@ async fn a_stream_is_judged_as_one_whatever_case_or_type_it_is_declared_with() {
     }
 }
 
+/// An event without a `data:` line is never dispatched (the SSE rules: its data is empty),
+/// and the SDKs cannot read it: a closing event named by its `event:` line alone, its data
+/// line lost or mangled, is not the answer.
+#[tokio::test]
+async fn a_closing_event_without_data_is_not_the_answer() {
+    for api in APIS.iter().filter(|api| api.name != "gemini") {
+        for crlf in [false, true] {
+            let closing = fixture_events(api.complete, crlf)
+                .pop()
+                .expect("a closing event");
+            let closing = String::from_utf8(closing.to_vec()).expect("utf-8");
+            let Some(name) = closing.lines().find(|line| line.starts_with("event:")) else {
+                continue;
+            };
+            let end = if crlf { "\r\n" } else { "\n" };
+            for last in [
+                format!("{name}{end}{end}"),
+                closing.replacen("data:", "data\u{1}:", 1),
+                closing.replacen("data:", "dat:", 1),
+            ] {
+                let mut stream = without_terminal(api, crlf);
+                stream.push(Bytes::from(last.clone()));
+                let ctx = format!("{}: {last:?}", api.name);
+                let upstream = Upstream::new();
+                let layer = layer();
+                let service = layer.layer(upstream.clone().service());
+                upstream.answer(Next::Stream(stream.clone()));
+                let (status, got) = ask(&service, api.path, "no data").await;
+                assert_eq!((status.as_str(), &got), ("MISS", &stream), "{ctx}");
+                assert_eq!(layer.stats().snapshot().stored, 0, "{ctx}: stored");
+                upstream.answer(Next::Quota(api.quota));
+                let (status, _) = ask(&service, api.path, "no data").await;
+                assert_eq!(status, "MISS", "{ctx}: served");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_error_behind_a_byte_order_mark_or_written_with_escapes_still_fails_a_stream() {
     let api = &APIS[0];

@@ -10,7 +10,7 @@ use crate::coalesce::Leader;
 use crate::deadline::Deadline;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
-use crate::protocol::{Completeness, EventCopy, Needles, Verdict, parse_event_from};
+use crate::protocol::{Completeness, EventCopy, Needles, Verdict, parse_event_from, verdict_on};
 use crate::seal::Seal;
 use crate::stats::{Counters, Stats};
 use crate::store::{Store, StoreError, StoreFuture};
@@ -212,7 +212,7 @@ impl Capture {
 /// The verdict of the rules on one raw event; events that carry nothing decide nothing.
 fn judge(rules: &mut dyn Completeness, raw: &[u8], first_line_end: Option<usize>) -> Verdict {
     match parse_event_from(raw, first_line_end) {
-        Some(event) => rules.event(&event),
+        Some(event) => verdict_on(rules, &event),
         None => Verdict::Pending,
     }
 }

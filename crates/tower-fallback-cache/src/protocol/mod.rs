@@ -108,7 +108,9 @@ pub enum Verdict {
 /// and `ping` events are skipped, and so are the runs of whole events without any of the
 /// judge's [`needles`](Completeness::needles)), until a verdict other than
 /// [`Verdict::Pending`]; if the body ends cleanly first,
-/// [`end_of_stream`](Completeness::end_of_stream) decides. For any other 2xx answer,
+/// [`end_of_stream`](Completeness::end_of_stream) decides. An event without a `data:` line
+/// (which an SSE client never dispatches) can fail an answer but not complete it: its
+/// [`Verdict::Complete`] counts as [`Verdict::Pending`]. For any other 2xx answer,
 /// [`body_is_good`](Completeness::body_is_good) decides on the whole body.
 pub trait Completeness: Send + 'static {
     /// One event of the stream.
@@ -162,6 +164,16 @@ pub trait Completeness: Send + 'static {
     /// [`default_body_is_good`]: a body declared JSON must parse and must not say it failed.
     fn body_is_good(&self, headers: &HeaderMap, body: &[u8]) -> bool {
         default_body_is_good(headers, body)
+    }
+}
+
+/// The verdict of `rules` on `event`. An event that an SSE client never dispatches (one
+/// without a `data:` line) may fail an answer but never completes it: the client never sees
+/// it, and an SDK cannot read its empty data.
+pub(crate) fn verdict_on(rules: &mut dyn Completeness, event: &Event<'_>) -> Verdict {
+    match rules.event(event) {
+        Verdict::Complete if !event.is_dispatched() => Verdict::Pending,
+        verdict => verdict,
     }
 }
 
@@ -260,7 +272,7 @@ pub(crate) mod tests {
         let mut verdict = Verdict::Pending;
         let mut judge = |raw: &[u8], first_line_end: Option<usize>| {
             if let Some(event) = parse_event_from(raw, first_line_end) {
-                verdict = rules.event(&event);
+                verdict = verdict_on(rules.as_mut(), &event);
             }
             verdict == Verdict::Pending
         };

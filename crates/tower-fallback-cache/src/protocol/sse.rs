@@ -13,6 +13,8 @@ use bytes::Bytes;
 pub struct Event<'a> {
     name: Option<&'a str>,
     data: Cow<'a, [u8]>,
+    /// Whether it has a `data:` line: an SSE client dispatches only such an event.
+    dispatched: bool,
 }
 
 impl<'a> Event<'a> {
@@ -21,6 +23,16 @@ impl<'a> Event<'a> {
         Self {
             name,
             data: Cow::Borrowed(data),
+            dispatched: true,
+        }
+    }
+
+    /// An event with an `event:` field and no `data:` line.
+    fn without_data(name: &'a str) -> Self {
+        Self {
+            name: Some(name),
+            data: Cow::Borrowed(&[]),
+            dispatched: false,
         }
     }
 
@@ -38,6 +50,12 @@ impl<'a> Event<'a> {
     /// Its data: the values of its `data:` lines, joined by `\n`.
     pub fn data(&self) -> &[u8] {
         &self.data
+    }
+
+    /// Whether an SSE client dispatches it: it has a `data:` line (an event without one has
+    /// empty data, and the SSE rules drop it). Only such an event can complete an answer.
+    pub(crate) fn is_dispatched(&self) -> bool {
+        self.dispatched
     }
 
     /// What kind of event this is where a protocol names it either way: its `event:`
@@ -142,6 +160,7 @@ fn parse_lines(raw: &[u8]) -> Option<Event<'_>> {
     }
     Some(Event {
         name,
+        dispatched: data.is_some(),
         data: data.unwrap_or(Cow::Borrowed(&[])),
     })
 }
@@ -167,7 +186,7 @@ fn single_line(line: &[u8]) -> Option<Event<'_>> {
         b"data" => Some(Event::new(None, value)),
         b"event" => match std::str::from_utf8(value).unwrap_or("") {
             "ping" => None,
-            name => Some(Event::new(Some(name), &[])),
+            name => Some(Event::without_data(name)),
         },
         _ => None,
     }

@@ -362,13 +362,20 @@ impl Payload<'_> {
         let invalid = |what: String| EntryError::Payload(what);
         let status = StatusCode::from_u16(self.status)
             .map_err(|_| invalid(format!("status {} is not an HTTP status", self.status)))?;
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
-        for (name, RawBytes(value)) in self.headers {
+        let too_many = || {
+            invalid(format!(
+                "{} headers are more than a header map holds",
+                self.headers.len()
+            ))
+        };
+        let mut headers =
+            HeaderMap::try_with_capacity(self.headers.len()).map_err(|_| too_many())?;
+        for (name, RawBytes(value)) in &self.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| invalid(format!("{name:?} is not a header name")))?;
             let value = HeaderValue::from_bytes(value)
                 .map_err(|_| invalid(format!("the value of {name} is not a header value")))?;
-            headers.append(name, value);
+            headers.try_append(name, value).map_err(|_| too_many())?;
         }
         let frames = self
             .frames
@@ -628,6 +635,27 @@ mod tests {
         let mut payload = vec![200]; // status (varint)
         payload.extend_from_slice(&[253]); // varint marker: a u64 follows
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let mut forged = Vec::new();
+        forged.extend_from_slice(&MAGIC);
+        forged.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        forged.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        forged.extend_from_slice(blake3::hash(&payload).as_bytes());
+        forged.extend_from_slice(&payload);
+        assert!(matches!(
+            CachedResponse::decode(&forged),
+            Err(EntryError::Payload(_))
+        ));
+    }
+
+    #[test]
+    fn more_headers_than_a_header_map_holds_are_an_error() {
+        // A payload of 40,000 headers (more than the 32,768 a `HeaderMap` holds) with empty
+        // names and values, behind a header and checksum that hold.
+        let mut payload = vec![200]; // status (varint)
+        payload.push(251); // varint marker: a u16 follows
+        payload.extend_from_slice(&40_000u16.to_le_bytes());
+        payload.extend(std::iter::repeat_n(0, 2 * 40_000));
+        payload.extend_from_slice(&[0, 0, 0, 3]); // frames, secs, nanos, key version
         let mut forged = Vec::new();
         forged.extend_from_slice(&MAGIC);
         forged.extend_from_slice(&FORMAT_VERSION.to_le_bytes());

@@ -276,6 +276,21 @@ fn failing_variants(api: &Api, crlf: bool) -> Vec<(&'static str, Vec<Bytes>)> {
         );
     }
     variants.push(("an error event mid-stream", mid));
+    if api.name == "openai responses" {
+        // The SDKs raise on an event of any type whose data has an `error`.
+        let mut typed = head[..at].to_vec();
+        typed.extend(events(
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"error\":{\"type\":\"server_error\",\"message\":\"boom\"}}\n\n",
+            crlf,
+        ));
+        typed.extend(head[at..].iter().cloned());
+        typed.push(
+            fixture_events(api.complete, crlf)
+                .pop()
+                .expect("a closing event"),
+        );
+        variants.push(("an error in the data of a delta event", typed));
+    }
     let mut comment_first = events(": OPENROUTER PROCESSING\n\n", crlf);
     comment_first.extend(head[..at].iter().cloned());
     variants.push(("a comment first, then cut", comment_first));

@@ -33,8 +33,10 @@ static KEY_CONTEXT_KEY: LazyLock<blake3::hazmat::ContextKey> =
 /// numbers formatted by `ryu`. 4: the keys of gateways (`apikey`, `x-portkey-api-key`, ...)
 /// in the partition, and answers judged by rules that keep no Responses object still
 /// `queued` or `in_progress`, no Gemini stream a candidate of which has not finished, no
-/// stream declared with a media type in capitals as a plain body: version 3 entries may be
-/// such answers.
+/// stream declared with a media type in capitals as a plain body, no stream closed by an
+/// event without a `data:` line, no Responses stream with an `error` in an event's data;
+/// and ignore-list pointers that name members by their names, not by their escaped form:
+/// version 3 entries may be such answers.
 pub(crate) const KEY_VERSION: u8 = 4;
 
 /// The 32-byte identity of a request: blake3 over its partition, method, scheme and

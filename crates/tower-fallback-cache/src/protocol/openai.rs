@@ -4,7 +4,7 @@
 //! | endpoint (path ends with) | complete | failed |
 //! | --- | --- | --- |
 //! | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
-//! | `/responses`, and `GET /responses/{id}` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
+//! | `/responses`, and `GET /responses/{id}` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event, an event whose data has a top-level `error`; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
 
 use http::HeaderMap;
 use http::request::Parts;
@@ -18,7 +18,7 @@ use super::{Completeness, Event, Protocol, Verdict, path};
 /// | endpoint (path ends with) | complete | failed |
 /// | --- | --- | --- |
 /// | `/chat/completions`, `/completions` | `data: [DONE]` | an event whose data has a top-level `error`; the body ends before `[DONE]` |
-/// | `/responses`, and `GET /responses/{id}` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
+/// | `/responses`, and `GET /responses/{id}` | `response.completed`, `response.incomplete` | `response.failed`, an `error` event, an event whose data has a top-level `error`; the body ends before a terminal event; a plain response not `completed` or `incomplete` (`queued`, `in_progress`) |
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenAi;
 
@@ -97,12 +97,16 @@ impl Completeness for CompletionsStream {
 }
 
 /// Responses: complete at `response.completed` or `response.incomplete` (the terminal
-/// answer the API gives, e.g. at `max_output_tokens`); `response.failed` and `error`
-/// fail it.
+/// answer the API gives, e.g. at `max_output_tokens`); `response.failed`, `error`, and an
+/// event of any type whose data has a top-level `error` fail it.
 struct ResponsesStream;
 
 impl Completeness for ResponsesStream {
     fn event(&mut self, event: &Event<'_>) -> Verdict {
+        // The SDKs raise on an event of any type whose data has an `error`.
+        if says_failed(event.data()) {
+            return Verdict::Failed;
+        }
         match event.kind().as_deref().unwrap_or("") {
             "response.completed" | "response.incomplete" => Verdict::Complete,
             "response.failed" | "error" => Verdict::Failed,
@@ -189,5 +193,38 @@ mod tests {
             "{cut}event: error\ndata: {{\"type\":\"error\",\"code\":\"server_error\"}}\n\n"
         );
         assert_eq!(judge(&OpenAi, path, &error), Some(false));
+    }
+
+    /// The SDKs raise on any event of a Responses stream whose data has an `error`, whatever
+    /// its type: such a stream is not the answer, even if `response.completed` follows.
+    #[test]
+    fn a_responses_event_whose_data_has_an_error_fails_the_stream() {
+        let path = "/v1/responses";
+        let complete = include_str!("../../../../tests/fixtures/openai-responses-stream.sse");
+        let at = complete
+            .find("event: response.completed")
+            .expect("terminal");
+        let (before, terminal) = complete.split_at(at);
+        let failing = concat!(
+            "event: response.output_text.delta\n",
+            r#"data: {"type":"response.output_text.delta","error":{"type":"server_error","message":"The model failed"}}"#,
+            "\n\n"
+        );
+        let stream = format!("{before}{failing}{terminal}");
+        assert_eq!(judge(&OpenAi, path, &stream), Some(false));
+        let data_only: String = stream
+            .split_inclusive('\n')
+            .filter(|line| !line.starts_with("event:"))
+            .collect();
+        assert_eq!(judge(&OpenAi, path, &data_only), Some(false));
+        // A `null` error, as every `response` object carries, fails nothing.
+        let null = failing.replace(
+            r#""error":{"type":"server_error","message":"The model failed"}"#,
+            r#""error":null"#,
+        );
+        assert_eq!(
+            judge(&OpenAi, path, &format!("{before}{null}{terminal}")),
+            Some(true)
+        );
     }
 }

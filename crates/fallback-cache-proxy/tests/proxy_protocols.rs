@@ -151,6 +151,45 @@ async fn only_complete_answers_are_stored_and_served_for_every_api() {
     }
 }
 
+/// Google's streaming endpoints send their errors as a JSON array of one: a per-day quota
+/// so sent is a quota gone (the stored answer is served), a per-minute one a rate limit
+/// (passed through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_quota_error_sent_as_an_array_falls_back_and_a_rate_limit_does_not() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--no-quota-breaker",
+    ]);
+    let path = "/v1/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "A good question"}]}]});
+    let (status, first) = ask(&proxy, "sk-gemini", path, &body).await;
+    assert_eq!(status, "MISS");
+    for (fixture, expected) in [
+        ("gemini-429-per-minute-quota-array", "MISS"),
+        ("gemini-429-per-day-quota-array", "FALLBACK"),
+    ] {
+        let fixture = Fixture::by_name(fixture).expect("fixture");
+        mock.control().set_mode(Mode::Error(fixture));
+        let (status, served) = ask(&proxy, "sk-gemini", path, &body).await;
+        assert_eq!(status, expected, "{}", fixture.name);
+        let expected_body = if expected == "FALLBACK" {
+            first.clone().expect("a whole answer")
+        } else {
+            fixture.body.as_bytes().to_vec()
+        };
+        assert_eq!(
+            served.as_deref(),
+            Some(&expected_body[..]),
+            "{}",
+            fixture.name
+        );
+    }
+}
+
 /// An upstream that answers every request on a connection with a small JSON body, writing
 /// the head and the body apart (as real servers often do).
 async fn two_write_upstream() -> String {

@@ -599,6 +599,32 @@ async fn a_closing_event_without_data_is_not_the_answer() {
     }
 }
 
+/// A Gemini stream has no closing event: it is judged when its body ends. A body that ends
+/// inside an event, after the chunk with the `finishReason`, was cut: google-genai reads
+/// the bytes after the last blank line as one more chunk and raises on them
+/// (`UnknownApiResponseError`), so it is not the answer.
+#[tokio::test]
+async fn a_stream_judged_at_its_end_that_ends_inside_an_event_is_not_the_answer() {
+    let api = &APIS[3];
+    for crlf in [false, true] {
+        for rest in ["data: {\"candidates\": [", "garbage"] {
+            let mut stream = fixture_events(api.complete, crlf);
+            stream.push(Bytes::from(rest));
+            let ctx = format!("{rest:?} (crlf: {crlf})");
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            upstream.answer(Next::Stream(stream.clone()));
+            let (status, got) = ask(&service, api.path, "cut").await;
+            assert_eq!((status.as_str(), &got), ("MISS", &stream), "{ctx}");
+            assert_eq!(layer.stats().snapshot().stored, 0, "{ctx}: stored");
+            upstream.answer(Next::Quota(api.quota));
+            let (status, _) = ask(&service, api.path, "cut").await;
+            assert_eq!(status, "MISS", "{ctx}: served");
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_error_behind_a_byte_order_mark_or_written_with_escapes_still_fails_a_stream() {
     let api = &APIS[0];

@@ -144,10 +144,13 @@ impl Capture {
             {
                 self.verdict = judge(self.rules.as_mut(), last, None);
             }
+            // A stream judged at its end (Gemini's, which has no closing event) is not whole
+            // when its body ends inside an event: google-genai reads those bytes as one more
+            // chunk, and raises on them.
             let complete = match self.verdict {
                 Verdict::Complete => true,
                 Verdict::Failed => false,
-                Verdict::Pending => self.rules.end_of_stream(),
+                Verdict::Pending => !stream.ends_inside_an_event() && self.rules.end_of_stream(),
             };
             if !complete {
                 tracing::debug!(key = %self.sink.key, "stream ended without its closing event: not stored");

@@ -6,7 +6,9 @@
 //! `candidateCount` asks for more, each told by its `index`) has had a chunk with a
 //! `finishReason` (a non-empty string other than `FINISH_REASON_UNSPECIFIED`; a `null`
 //! one, as some gateways write in every chunk, says nothing). A chunk with an `error` fails
-//! it; so does a body that ends before. The live API ends its lines in CRLF.
+//! it; so does a body that ends before, or inside an event (google-genai reads the bytes
+//! after the last blank line as one more chunk, and raises on them). The live API ends its
+//! lines in CRLF.
 
 use http::HeaderMap;
 use http::request::Parts;

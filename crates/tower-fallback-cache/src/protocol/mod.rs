@@ -116,8 +116,9 @@ pub trait Completeness: Send + 'static {
     /// One event of the stream.
     fn event(&mut self, event: &Event<'_>) -> Verdict;
 
-    /// The stream ended cleanly with every verdict [`Verdict::Pending`]: whether the answer
-    /// is complete anyway. The default: no.
+    /// The stream ended cleanly with every verdict [`Verdict::Pending`], and not inside an
+    /// event (a body with bytes after its last blank line is never complete): whether the
+    /// answer is complete anyway. The default: no.
     fn end_of_stream(&mut self) -> bool {
         false
     }
@@ -288,7 +289,7 @@ pub(crate) mod tests {
         Some(match verdict {
             Verdict::Complete => true,
             Verdict::Failed => false,
-            Verdict::Pending => rules.end_of_stream(),
+            Verdict::Pending => !splitter.ends_inside_an_event() && rules.end_of_stream(),
         })
     }
 

@@ -348,6 +348,14 @@ impl EventCopy {
         }
     }
 
+    /// Whether the stream ended inside an event: bytes other than line endings after its
+    /// last blank line, and no lone CR at the very end to end them (see
+    /// [`EventCopy::last_event_at_end`]).
+    pub(crate) fn ends_inside_an_event(&self) -> bool {
+        let rest = &self.current[self.pending..];
+        self.last_event_at_end().is_none() && rest.iter().any(|&b| b != b'\r' && b != b'\n')
+    }
+
     /// The unterminated last event, if any bytes are left after the last blank line.
     #[cfg(test)]
     pub(crate) fn rest(&self) -> Option<&[u8]> {

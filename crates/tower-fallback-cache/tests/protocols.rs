@@ -599,6 +599,62 @@ async fn a_closing_event_without_data_is_not_the_answer() {
     }
 }
 
+/// The Anthropic SDKs (Python and Node) skip every event without an `event:` line, whatever
+/// its data says: a stream whose `message_start` or `message_stop` comes without one is read
+/// by them without it (`get_final_message()` raises), so it is not the answer.
+#[tokio::test]
+async fn an_anthropic_stream_whose_events_the_sdks_skip_is_not_the_answer() {
+    let api = &APIS[2];
+    for crlf in [false, true] {
+        let complete = fixture_events(api.complete, crlf);
+        let unnamed = |event: &Bytes| {
+            let text = String::from_utf8(event.to_vec()).expect("utf-8");
+            let end = if crlf { "\r\n" } else { "\n" };
+            Bytes::from(
+                text.split_inclusive(end)
+                    .filter(|line| !line.starts_with("event:"))
+                    .collect::<String>(),
+            )
+        };
+        let last = complete.len() - 1;
+        let variants: [(&str, Vec<Bytes>); 3] = [
+            (
+                "no event: lines at all",
+                complete.iter().map(unnamed).collect(),
+            ),
+            (
+                "message_start without its event: line",
+                complete
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| if i == 0 { unnamed(e) } else { e.clone() })
+                    .collect(),
+            ),
+            (
+                "message_stop without its event: line",
+                complete
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| if i == last { unnamed(e) } else { e.clone() })
+                    .collect(),
+            ),
+        ];
+        for (what, stream) in variants {
+            let ctx = format!("{what} (crlf: {crlf})");
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            upstream.answer(Next::Stream(stream.clone()));
+            let (status, got) = ask(&service, api.path, "unnamed").await;
+            assert_eq!((status.as_str(), &got), ("MISS", &stream), "{ctx}");
+            assert_eq!(layer.stats().snapshot().stored, 0, "{ctx}: stored");
+            upstream.answer(Next::Quota(api.quota));
+            let (status, _) = ask(&service, api.path, "unnamed").await;
+            assert_eq!(status, "MISS", "{ctx}: served");
+        }
+    }
+}
+
 /// A Gemini stream has no closing event: it is judged when its body ends. A body that ends
 /// inside an event, after the chunk with the `finishReason`, was cut: google-genai reads
 /// the bytes after the last blank line as one more chunk and raises on them
@@ -948,15 +1004,14 @@ async fn an_event_stream_of_an_unknown_api_is_stored_only_with_a_rule_for_it() {
 #[tokio::test]
 async fn a_deciding_event_whose_type_is_written_with_escapes_still_decides() {
     // Events without `event:` lines, judged by the `type` of their data, which JSON lets a
-    // server write with escapes: `\u0065rror` is `error`, `message\u005fstop` is
-    // `message_stop`. Each event is its own frame, the frames a capture passes over when
-    // none of the judge's needles is in them.
+    // server write with escapes: `\u0065rror` is `error`, `response.c\u006fmpleted` is
+    // `response.completed`. Each event is its own frame, the frames a capture passes over
+    // when none of the judge's needles is in them.
     let upstream = Upstream::new();
     let layer = layer();
     let service = layer.layer(upstream.clone().service());
     let delta = "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
     let start = "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"role\":\"assistant\"}}\n\n";
-    let escaped_stop = "data: {\"type\":\"message\\u005fstop\"}\n\n";
     let escaped_error = "data: {\"type\":\"\\u0065rror\",\"detail\":{\"type\":\"overloaded\"}}\n\n";
     let stream = |events: &[&str]| -> Vec<Bytes> {
         events.iter().map(|e| Bytes::from(e.to_string())).collect()
@@ -978,16 +1033,21 @@ async fn a_deciding_event_whose_type_is_written_with_escapes_still_decides() {
         "an escaped error was stored"
     );
 
-    // The closing event written with escapes: the answer is whole, and stored.
-    let good = stream(&[start, delta, delta, escaped_stop]);
+    // The closing event written with escapes, in a Responses stream (whose SDKs read an
+    // event without an `event:` line by its `type`; Anthropic's skip it): the answer is
+    // whole, and stored.
+    let created = "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\"}}\n\n";
+    let text = "data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n";
+    let escaped_completed = "data: {\"type\":\"response.c\\u006fmpleted\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\"}}\n\n";
+    let good = stream(&[created, text, text, escaped_completed]);
     upstream.answer(Next::Stream(good.clone()));
-    ask(&service, "/v1/messages", "escaped stop").await;
+    ask(&service, "/v1/responses", "escaped completed").await;
     assert_eq!(
         layer.stats().snapshot().stored,
         1,
         "an escaped closing event was missed"
     );
-    upstream.answer(Next::Quota("anthropic-400-credit_balance_too_low"));
-    let (status, got) = ask(&service, "/v1/messages", "escaped stop").await;
+    upstream.answer(Next::Quota("openai-429-insufficient_quota"));
+    let (status, got) = ask(&service, "/v1/responses", "escaped completed").await;
     assert_eq!((status.as_str(), got.concat()), ("FALLBACK", good.concat()));
 }

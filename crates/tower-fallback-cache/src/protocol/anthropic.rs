@@ -1,8 +1,10 @@
 //! Anthropic: the Messages API (`POST /v1/messages`).
 //!
-//! A stream is complete at `message_stop`; `event: error` anywhere (`overloaded_error`
-//! after the 200), or a body that ends before `message_stop`, fails it. `ping` events decide
-//! nothing.
+//! A stream is complete at `message_stop`, after `message_start`, each under its `event:`
+//! line: the SDKs (Python and Node) skip every event without one, whatever its data says, so
+//! a stream whose `message_start` or `message_stop` has none is not the answer they read.
+//! `error` anywhere (`overloaded_error` after the 200), or a body that ends before
+//! `message_stop`, fails it. `ping` events decide nothing.
 
 use http::HeaderMap;
 use http::request::Parts;
@@ -26,25 +28,37 @@ impl Protocol for Anthropic {
     }
 
     fn completeness(&self, _request: &Parts) -> Box<dyn Completeness> {
-        Box::new(MessagesStream)
+        Box::new(MessagesStream::default())
     }
 }
 
-/// Complete at `message_stop`; `error` fails it.
-struct MessagesStream;
+/// Complete at `event: message_stop` once `event: message_start` has come; `error` (its
+/// `event:` line, or the `type` of an event without one) fails it.
+#[derive(Default)]
+struct MessagesStream {
+    /// Whether `event: message_start` has come: without it the SDKs raise on the first
+    /// content event.
+    started: bool,
+}
 
 impl Completeness for MessagesStream {
     fn event(&mut self, event: &Event<'_>) -> Verdict {
         match event.kind().as_deref().unwrap_or("") {
-            "message_stop" => Verdict::Complete,
             "error" => Verdict::Failed,
+            // The SDKs never read an event without an `event:` line.
+            _ if !event.has_name() => Verdict::Pending,
+            "message_start" => {
+                self.started = true;
+                Verdict::Pending
+            }
+            "message_stop" if self.started => Verdict::Complete,
             _ => Verdict::Pending,
         }
     }
 
-    /// The deciding kinds, and `\u` for a type written with escapes.
+    /// The deciding kinds, and `\u` for an `error` type written with escapes.
     fn needles(&self) -> Option<&'static [&'static [u8]]> {
-        Some(&[b"message_stop", b"error", b"\\u"])
+        Some(&[b"message_start", b"message_stop", b"error", b"\\u"])
     }
 
     /// JSON, whatever its declared type: see [`json_body_is_good`].
@@ -73,11 +87,14 @@ mod tests {
         assert_eq!(judge(&Anthropic, path, cut), Some(false));
         let comment_first = format!(": keep-alive\n\n{cut}");
         assert_eq!(judge(&Anthropic, path, &comment_first), Some(false));
-        // A server that sends no `event:` lines: the `type` in the data decides.
+        // A server that sends no `event:` lines: the SDKs skip every event, so it never
+        // completes; an `error` in the `type` of the data still fails it.
         let unnamed = |stream: &str| stream.replace("event: ", ": was event ");
-        assert_eq!(judge(&Anthropic, path, &unnamed(complete)), Some(true));
+        assert_eq!(judge(&Anthropic, path, &unnamed(complete)), Some(false));
         assert_eq!(judge(&Anthropic, path, &unnamed(error)), Some(false));
         assert_eq!(judge(&Anthropic, path, &unnamed(cut)), Some(false));
+        let no_start = complete.replacen("event: message_start", ": was message_start", 1);
+        assert_eq!(judge(&Anthropic, path, &no_start), Some(false));
         assert!(!Anthropic.matches(&super::super::tests::request("/v1/threads/t/messages")));
     }
 }

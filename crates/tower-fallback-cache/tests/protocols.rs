@@ -600,8 +600,9 @@ async fn a_closing_event_without_data_is_not_the_answer() {
 }
 
 /// The Anthropic SDKs (Python and Node) skip every event without an `event:` line, whatever
-/// its data says: a stream whose `message_start` or `message_stop` comes without one is read
-/// by them without it (`get_final_message()` raises), so it is not the answer.
+/// its data says: a stream whose `message_start` or `message_stop` comes without one (or,
+/// for the Python SDK, behind a byte order mark) is read by them without it
+/// (`get_final_message()` raises), so it is not the answer.
 #[tokio::test]
 async fn an_anthropic_stream_whose_events_the_sdks_skip_is_not_the_answer() {
     let api = &APIS[2];
@@ -617,7 +618,11 @@ async fn an_anthropic_stream_whose_events_the_sdks_skip_is_not_the_answer() {
             )
         };
         let last = complete.len() - 1;
-        let variants: [(&str, Vec<Bytes>); 3] = [
+        let mut bom_first = complete.clone();
+        bom_first[0] = Bytes::from([&b"\xEF\xBB\xBF"[..], &complete[0]].concat());
+        let variants: [(&str, Vec<Bytes>); 4] = [
+            // The Python SDKs read `\u{feff}event` as another field: no `message_start`.
+            ("a byte order mark first", bom_first),
             (
                 "no event: lines at all",
                 complete.iter().map(unnamed).collect(),

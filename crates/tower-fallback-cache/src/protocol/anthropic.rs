@@ -2,7 +2,9 @@
 //!
 //! A stream is complete at `message_stop`, after `message_start`, each under its `event:`
 //! line: the SDKs (Python and Node) skip every event without one, whatever its data says, so
-//! a stream whose `message_start` or `message_stop` has none is not the answer they read.
+//! a stream whose `message_start` or `message_stop` has none is not the answer they read;
+//! nor is one whose `event:` line follows a byte order mark (the Python SDKs do not skip
+//! it, and read another field).
 //! `error` anywhere (`overloaded_error` after the 200), or a body that ends before
 //! `message_stop`, fails it. `ping` events decide nothing.
 
@@ -45,8 +47,9 @@ impl Completeness for MessagesStream {
     fn event(&mut self, event: &Event<'_>) -> Verdict {
         match event.kind().as_deref().unwrap_or("") {
             "error" => Verdict::Failed,
-            // The SDKs never read an event without an `event:` line.
-            _ if !event.has_name() => Verdict::Pending,
+            // The SDKs never read an event without an `event:` line, nor (the Python SDKs)
+            // one whose `event:` line follows a byte order mark.
+            _ if !event.has_name() || event.after_bom() => Verdict::Pending,
             "message_start" => {
                 self.started = true;
                 Verdict::Pending
@@ -95,6 +98,12 @@ mod tests {
         assert_eq!(judge(&Anthropic, path, &unnamed(cut)), Some(false));
         let no_start = complete.replacen("event: message_start", ": was message_start", 1);
         assert_eq!(judge(&Anthropic, path, &no_start), Some(false));
+        // A byte order mark first: the Python SDKs read `\u{feff}event` as another field,
+        // and never see `message_start`.
+        assert_eq!(
+            judge(&Anthropic, path, &format!("\u{feff}{complete}")),
+            Some(false)
+        );
         assert!(!Anthropic.matches(&super::super::tests::request("/v1/threads/t/messages")));
     }
 }

@@ -15,6 +15,8 @@ pub struct Event<'a> {
     data: Cow<'a, [u8]>,
     /// Whether it has a `data:` line: an SSE client dispatches only such an event.
     dispatched: bool,
+    /// Whether it starts with a byte order mark, read past here.
+    after_bom: bool,
 }
 
 impl<'a> Event<'a> {
@@ -24,6 +26,7 @@ impl<'a> Event<'a> {
             name,
             data: Cow::Borrowed(data),
             dispatched: true,
+            after_bom: false,
         }
     }
 
@@ -33,6 +36,7 @@ impl<'a> Event<'a> {
             name: Some(name),
             data: Cow::Borrowed(&[]),
             dispatched: false,
+            after_bom: false,
         }
     }
 
@@ -56,6 +60,13 @@ impl<'a> Event<'a> {
     /// empty data, and the SSE rules drop it). Only such an event can complete an answer.
     pub(crate) fn is_dispatched(&self) -> bool {
         self.dispatched
+    }
+
+    /// Whether the event starts with a byte order mark, which this reading skips but the
+    /// Python SDKs do not: they read its first line as a field of another name (the BOM
+    /// and `event`), and so miss that line.
+    pub(crate) fn after_bom(&self) -> bool {
+        self.after_bom
     }
 
     /// What kind of event this is where a protocol names it either way: its `event:`
@@ -98,7 +109,12 @@ pub(crate) fn parse_event_from(raw: &[u8], first_line_end: Option<usize>) -> Opt
     // standard); one that starts an event later is read past as well, so that no reading
     // of an event misses what it says.
     if let Some(rest) = raw.strip_prefix(BOM) {
-        return parse_event_from(rest, first_line_end.map(|eol| eol - BOM.len()));
+        return parse_event_from(rest, first_line_end.map(|eol| eol - BOM.len())).map(|event| {
+            Event {
+                after_bom: true,
+                ..event
+            }
+        });
     }
     if let Some(eol) = first_line_end
         && let Some((line, terminator)) = raw.split_at_checked(eol)
@@ -162,6 +178,7 @@ fn parse_lines(raw: &[u8]) -> Option<Event<'_>> {
         name,
         dispatched: data.is_some(),
         data: data.unwrap_or(Cow::Borrowed(&[])),
+        after_bom: false,
     })
 }
 

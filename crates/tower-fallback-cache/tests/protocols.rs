@@ -686,6 +686,41 @@ async fn a_stream_judged_at_its_end_that_ends_inside_an_event_is_not_the_answer(
     }
 }
 
+/// google-genai reads a stream's `data: ` lines and nothing else: any other line (an
+/// `event:` field, a first line behind a byte order mark) it reads as a raw JSON chunk, and
+/// raises on it (`UnknownApiResponseError`), so such a stream is not the answer.
+#[tokio::test]
+async fn a_gemini_stream_with_a_line_google_genai_cannot_read_is_not_the_answer() {
+    let api = &APIS[3];
+    for crlf in [false, true] {
+        let complete = fixture_events(api.complete, crlf);
+        let end = if crlf { "\r\n" } else { "\n" };
+        let mut named_last = complete.clone();
+        let last = named_last.pop().expect("a last chunk");
+        named_last.push(Bytes::from(
+            [format!("event: message{end}").as_bytes(), &last[..]].concat(),
+        ));
+        let mut bom_first = complete.clone();
+        bom_first[0] = Bytes::from([&b"\xEF\xBB\xBF"[..], &complete[0]].concat());
+        for (what, stream) in [
+            ("an event: line", named_last),
+            ("a byte order mark first", bom_first),
+        ] {
+            let ctx = format!("{what} (crlf: {crlf})");
+            let upstream = Upstream::new();
+            let layer = layer();
+            let service = layer.layer(upstream.clone().service());
+            upstream.answer(Next::Stream(stream.clone()));
+            let (status, got) = ask(&service, api.path, "odd line").await;
+            assert_eq!((status.as_str(), &got), ("MISS", &stream), "{ctx}");
+            assert_eq!(layer.stats().snapshot().stored, 0, "{ctx}: stored");
+            upstream.answer(Next::Quota(api.quota));
+            let (status, _) = ask(&service, api.path, "odd line").await;
+            assert_eq!(status, "MISS", "{ctx}: served");
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_error_behind_a_byte_order_mark_or_written_with_escapes_still_fails_a_stream() {
     let api = &APIS[0];

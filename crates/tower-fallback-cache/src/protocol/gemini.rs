@@ -7,8 +7,9 @@
 //! `finishReason` (a non-empty string other than `FINISH_REASON_UNSPECIFIED`; a `null`
 //! one, as some gateways write in every chunk, says nothing). A chunk with an `error` fails
 //! it; so does a body that ends before, or inside an event (google-genai reads the bytes
-//! after the last blank line as one more chunk, and raises on them). The live API ends its
-//! lines in CRLF.
+//! after the last blank line as one more chunk, and raises on them), and an event with an
+//! `event:` line or behind a byte order mark (google-genai reads that line as a raw chunk,
+//! and raises on it). The live API ends its lines in CRLF.
 
 use http::HeaderMap;
 use http::request::Parts;
@@ -67,7 +68,9 @@ struct Candidate {
 impl Completeness for GenerateContentStream {
     fn event(&mut self, event: &Event<'_>) -> Verdict {
         let data = event.data();
-        if event.name() == "error" || says_failed(data) {
+        // google-genai reads `data: ` lines and nothing else: an `event:` line, or a first
+        // line behind a byte order mark, it reads as a raw JSON chunk, and raises on it.
+        if event.has_name() || event.after_bom() || says_failed(data) {
             return Verdict::Failed;
         }
         let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {

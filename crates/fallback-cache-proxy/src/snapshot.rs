@@ -45,7 +45,8 @@ pub(crate) fn encode(entries: &[RawEntry]) -> Vec<u8> {
 }
 
 /// Every entry of a snapshot, or why it is refused: the whole file is checked before
-/// anything is returned.
+/// anything is returned, each entry's bytes included (an unsealed answer must decode, a
+/// sealed one must be as long as its header says).
 pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<RawEntry>, String> {
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return Err("not a fallback-cache snapshot (bad magic)".to_owned());
@@ -78,6 +79,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<RawEntry>, String> {
         let Some((value, rest)) = rest.split_at_checked(len) else {
             return Err("truncated: an entry is cut short".to_owned());
         };
+        // Written as it is, the value would replace the store's own answer under its key
+        // with one that is never served.
+        #[cfg(any(feature = "disk", feature = "redis"))]
+        if let Err(why) = tower_fallback_cache::CachedResponse::check_stored(value) {
+            return Err(format!(
+                "entry {} (key {}) is not a stored answer: {why}",
+                entries.len() + 1,
+                CacheKey::from_bytes(key)
+            ));
+        }
         entries.push(RawEntry::new(
             CacheKey::from_bytes(key),
             value.to_vec(),
@@ -104,13 +115,19 @@ pub(crate) fn live(entries: Vec<RawEntry>) -> Vec<RawEntry> {
 mod tests {
     use super::*;
 
+    #[cfg(any(feature = "disk", feature = "redis"))]
     #[test]
     fn a_snapshot_reads_back_and_any_cut_or_flip_is_refused() {
         let entries: Vec<RawEntry> = (0..3u8)
             .map(|i| {
+                let answer = tower_fallback_cache::CachedResponse::new(
+                    http::StatusCode::OK,
+                    http::HeaderMap::new(),
+                    vec![bytes::Bytes::from(vec![i; 100 + usize::from(i)])],
+                );
                 RawEntry::new(
                     CacheKey::from_bytes([i; 32]),
-                    vec![i; 100 + usize::from(i)],
+                    answer.encode(),
                     UNIX_EPOCH + Duration::from_millis(1_900_000_000_000),
                 )
             })

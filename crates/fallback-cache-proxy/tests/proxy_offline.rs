@@ -367,3 +367,65 @@ async fn export_and_import_never_show_a_redis_password() {
         }
     }
 }
+
+/// A snapshot of `entries` (key, expiry in unix ms, stored bytes) as `export` writes one,
+/// its checksum right: what a hand-made or foreign file looks like to `import`.
+fn snapshot_of(entries: &[(CacheKey, u64, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (key, expires_at, value) in entries {
+        body.extend_from_slice(key.as_bytes());
+        body.extend_from_slice(&expires_at.to_le_bytes());
+        body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        body.extend_from_slice(value);
+    }
+    let mut out = b"FBCSNAP\0".to_vec();
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test]
+async fn a_snapshot_entry_that_is_no_stored_answer_is_refused_and_the_store_keeps_its_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    let keys = fill(&path, &[Duration::from_secs(10)]).await;
+    let store = format!("disk:{}", path.display());
+    let in_a_year = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+        + 365 * 24 * 3600 * 1000;
+    let answer = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from("a")]);
+    let mut cut = answer.encode();
+    cut.truncate(cut.len() - 1);
+    let sealed = answer.encode_sealed(&keys[0], &Seal::from_parts(Some(b"secret"), None));
+    let mut long = sealed.clone();
+    long.extend_from_slice(&[0; 4096]);
+    for (what, value) in [
+        ("bytes that are no entry", b"not an answer".to_vec()),
+        ("an unsealed entry cut short", cut),
+        ("a sealed entry longer than its header says", long),
+    ] {
+        let snapshot = dir.path().join("foreign.snapshot");
+        std::fs::write(&snapshot, snapshot_of(&[(keys[0], in_a_year, &value)]))
+            .expect("a snapshot");
+        let output = offline(&[
+            "import",
+            "--store",
+            &store,
+            "--in",
+            &snapshot.display().to_string(),
+        ]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{what}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+        assert!(
+            stderr.contains("refused") && stderr.contains(&keys[0].to_string()),
+            "{what}: {stderr}"
+        );
+        let out = succeeds(&["stats", "--store", &store]);
+        assert_eq!(line_of(&out, "entries"), "entries  1", "{what}: {out}");
+    }
+}

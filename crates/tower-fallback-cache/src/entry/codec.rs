@@ -170,21 +170,7 @@ impl CachedResponse {
             Some(SEALED_VERSION) | None => (SEALED_HEADER_LEN, TAG_LEN),
             Some(other) => return Err(EntryError::UnsupportedVersion(other)),
         };
-        let Some((header, sealed)) = bytes.split_at_checked(header_len) else {
-            return Err(EntryError::Length {
-                expected: header_len as u64,
-                actual: bytes.len() as u64,
-            });
-        };
-        let mut announced = [0; 8];
-        announced.copy_from_slice(&header[6..14]);
-        let announced = u64::from_le_bytes(announced);
-        if announced != sealed.len() as u64 || sealed.len() < tag_len {
-            return Err(EntryError::Length {
-                expected: (header_len as u64).saturating_add(announced),
-                actual: bytes.len() as u64,
-            });
-        }
+        let (header, sealed) = sealed_parts(bytes, header_len, tag_len)?;
         let (ciphertext, tag) = sealed.split_at(sealed.len() - tag_len);
         let mut payload = ciphertext.to_vec();
         let associated_data = associated_data(header, key);
@@ -237,6 +223,34 @@ impl CachedResponse {
         out
     }
 
+    /// Checks that `bytes` are an answer as [`encode`](Self::encode) or
+    /// [`encode_sealed`](Self::encode_sealed) writes it, without a seal: an unsealed entry
+    /// decodes, a sealed one is of a known format and as long as its header announces.
+    /// Whether a sealed entry opens is known only under its key and seal, where it is read.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, StatusCode};
+    /// use tower_fallback_cache::{CacheKey, CachedResponse, Seal};
+    ///
+    /// let answer = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from("hi")]);
+    /// let seal = Seal::from_parts(Some(b"server secret"), Some(b"sk-a"));
+    /// let sealed = answer.encode_sealed(&CacheKey::from_bytes([7; 32]), &seal);
+    /// assert_eq!(CachedResponse::check_stored(&answer.encode()), Ok(()));
+    /// assert_eq!(CachedResponse::check_stored(&sealed), Ok(()));
+    /// assert!(CachedResponse::check_stored(&sealed[..sealed.len() - 1]).is_err());
+    /// assert!(CachedResponse::check_stored(b"not an answer").is_err());
+    /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "codec")))]
+    pub fn check_stored(bytes: &[u8]) -> Result<(), EntryError> {
+        let (header_len, tag_len) = match check_magic(bytes)? {
+            Some(SEALED_VERSION) => (SEALED_HEADER_LEN, TAG_LEN),
+            Some(XCHACHA_VERSION) => (XCHACHA_HEADER_LEN, XCHACHA_TAG_LEN),
+            _ => return Self::decode(bytes).map(drop),
+        };
+        sealed_parts(bytes, header_len, tag_len).map(drop)
+    }
+
     /// Reads an answer written by [`encode`](Self::encode). Bytes that are not such an
     /// entry, are cut short or too long, fail their checksum, or come from another format
     /// version are an [`EntryError`]; no input makes it panic or allocate more than the
@@ -270,6 +284,31 @@ impl CachedResponse {
         }
         decode_payload(payload)
     }
+}
+
+/// A sealed entry's header and what follows it, when it is as long as its header announces
+/// and holds at least a tag.
+fn sealed_parts(
+    bytes: &[u8],
+    header_len: usize,
+    tag_len: usize,
+) -> Result<(&[u8], &[u8]), EntryError> {
+    let Some((header, sealed)) = bytes.split_at_checked(header_len) else {
+        return Err(EntryError::Length {
+            expected: header_len as u64,
+            actual: bytes.len() as u64,
+        });
+    };
+    let mut announced = [0; 8];
+    announced.copy_from_slice(&header[6..14]);
+    let announced = u64::from_le_bytes(announced);
+    if announced != sealed.len() as u64 || sealed.len() < tag_len {
+        return Err(EntryError::Length {
+            expected: (header_len as u64).saturating_add(announced),
+            actual: bytes.len() as u64,
+        });
+    }
+    Ok((header, sealed))
 }
 
 /// The length of the whole entry that starts with `prefix`, as its header announces it

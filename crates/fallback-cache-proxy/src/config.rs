@@ -310,12 +310,15 @@ fn sealing(on: bool, secret: Raw, secret_file: Raw) -> Result<Option<Sealing>, P
 
 /// A quota cooldown: above 0, at most the breaker's longest (30 days).
 fn cooldown(text: &str) -> Result<Duration, String> {
-    let cooldown = parse::positive_duration(text)?;
+    let cooldown = parse::any_duration(text)?;
     if cooldown > MAX_QUOTA_COOLDOWN {
         return Err(format!(
             "must be at most {}",
             humantime::format_duration(MAX_QUOTA_COOLDOWN)
         ));
+    }
+    if cooldown.is_zero() {
+        return Err("must be longer than 0".to_owned());
     }
     Ok(cooldown)
 }
@@ -531,17 +534,15 @@ mod tests {
             error.to_string().contains("--quota-cooldown-max 1m"),
             "{error}"
         );
-        let error = load_args(&[
-            "--quota-cooldown",
-            "300000000000y",
-            "--quota-cooldown-max",
-            "300000000000y",
-        ])
-        .expect_err("longer than the breaker's longest");
-        assert_eq!(
-            error.to_string(),
-            "--quota-cooldown 300000000000y: must be at most 30days"
-        );
+        for long in ["1y", "300000000000y"] {
+            let error = load_args(&["--quota-cooldown", long, "--quota-cooldown-max", long])
+                .expect_err("longer than the breaker's longest");
+            // The breaker's own bound is named, not the 100 years of every duration.
+            assert_eq!(
+                error.to_string(),
+                format!("--quota-cooldown {long}: must be at most 30days")
+            );
+        }
         let error = load_args(&["--no-quota-breaker", "maybe"]).expect_err("not a switch");
         assert!(
             error.to_string().contains("expected true or false"),

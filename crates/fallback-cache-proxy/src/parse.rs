@@ -34,12 +34,26 @@ pub(crate) fn upstream(text: &str) -> Result<String, String> {
     normalize_base_url(text).map_err(|error| error.reason().to_owned())
 }
 
-/// A duration in human form: `7d`, `12h`, `30m`, `90s`, `1h 30m`.
+/// A duration in human form: `7d`, `12h`, `30m`, `90s`, `1h 30m`; at most 100 years.
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim())
-        .map_err(|_| "expected a duration such as 7d, 12h, 30m or 90s".to_owned())?;
+    let duration = any_duration(text)?;
+    if duration > MAX_DURATION {
+        return Err("at most 100 years".to_owned());
+    }
     Ok(duration)
 }
+
+/// A duration in human form, of any length: for a setting with a stricter bound of its own,
+/// which it names.
+pub(crate) fn any_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|_| "expected a duration such as 7d, 12h, 30m or 90s".to_owned())
+}
+
+/// The longest duration a setting takes: 100 years (`100y`, years of 365.25 days). Far
+/// longer ones are typos, and an instant that far ahead may not exist (a timeout of them
+/// would panic on its first use).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// `true` or `false` (also `yes`/`no`, `1`/`0`, `on`/`off`).
 pub(crate) fn switch(text: &str) -> Result<bool, String> {
@@ -412,6 +426,8 @@ mod tests {
         assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(duration("0s"), Ok(Duration::ZERO));
         assert!(positive_duration("0s").is_err());
+        assert_eq!(duration("100y"), Ok(Duration::from_secs(3_155_760_000)));
+        assert_eq!(duration("101y"), Err("at most 100 years".to_owned()));
         assert_eq!(
             duration("banana"),
             Err("expected a duration such as 7d, 12h, 30m or 90s".to_owned())

@@ -61,6 +61,24 @@ fn a_bad_duration_is_one_line_naming_the_flag_or_variable() {
 }
 
 #[test]
+fn a_duration_past_a_hundred_years_is_refused_at_start() {
+    // Taken as it was, 300 billion years made every answer of the upstream panic a worker
+    // (an instant that far ahead does not exist).
+    let (status, stderr) = run_to_end(&["--upstream-timeout", "300000000000y"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: --upstream-timeout 300000000000y: at most 100 years"
+    );
+    let (status, stderr) = run_to_end(&[], &[("FALLBACK_CACHE_TTL", "200years")]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: FALLBACK_CACHE_TTL=200years: at most 100 years"
+    );
+}
+
+#[test]
 fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
     // A secret of a few bytes, however it is given, is refused; the error never shows it.
     for (args, envs) in [

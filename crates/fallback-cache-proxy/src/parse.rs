@@ -110,7 +110,8 @@ pub(crate) fn workers(text: &str) -> Result<Workers, String> {
     }
 }
 
-/// A size in human form: `256MiB`, `4 MiB`, `1GiB`, `500kB`, or bytes. Not zero.
+/// A size in human form: `256MiB`, `4 MiB`, `1GiB`, `500kB`, or bytes. Not zero, and
+/// less than 16 EiB.
 pub(crate) fn size(text: &str) -> Result<u64, String> {
     let size: bytesize::ByteSize = text
         .trim()
@@ -118,6 +119,10 @@ pub(crate) fn size(text: &str) -> Result<u64, String> {
         .map_err(|_| "expected a size such as 256MiB, 4MiB or 1GiB".to_owned())?;
     if size.as_u64() == 0 {
         return Err("must be more than 0 bytes".to_owned());
+    }
+    // bytesize reads a size past u64 as u64::MAX: no bound at all.
+    if size.as_u64() == u64::MAX {
+        return Err("too large (16 EiB or more)".to_owned());
     }
     Ok(size.as_u64())
 }
@@ -437,6 +442,10 @@ mod tests {
         assert_eq!(size("1000"), Ok(1000));
         assert!(size("lots").is_err());
         assert!(size("0").is_err());
+        assert_eq!(
+            size("99999999999999EiB"),
+            Err("too large (16 EiB or more)".to_owned())
+        );
     }
 
     #[test]

@@ -79,6 +79,17 @@ fn a_duration_past_a_hundred_years_is_refused_at_start() {
 }
 
 #[test]
+fn a_size_past_what_a_number_holds_is_refused_not_read_as_unlimited() {
+    // Taken as it was, the size read as 16 EiB: no bound on a request body at all.
+    let (status, stderr) = run_to_end(&["--max-request-body", "99999999999999EiB"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: --max-request-body 99999999999999EiB: too large (16 EiB or more)"
+    );
+}
+
+#[test]
 fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
     // A secret of a few bytes, however it is given, is refused; the error never shows it.
     for (args, envs) in [

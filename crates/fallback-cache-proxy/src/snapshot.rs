@@ -46,7 +46,7 @@ pub(crate) fn encode(entries: &[RawEntry]) -> Vec<u8> {
 
 /// Every entry of a snapshot, or why it is refused: the whole file is checked before
 /// anything is returned, each entry's bytes included (an unsealed answer must decode, a
-/// sealed one must be as long as its header says).
+/// sealed one must be as long as its header says), and a key held twice is refused.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<RawEntry>, String> {
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return Err("not a fallback-cache snapshot (bad magic)".to_owned());
@@ -68,6 +68,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<RawEntry>, String> {
         return Err("truncated or corrupt: the checksum does not match".to_owned());
     }
     let mut entries = Vec::new();
+    // Where each key was first seen: an export writes a key once, and of two entries
+    // under one key only the later would be kept.
+    let mut seen = std::collections::HashMap::new();
     while !body.is_empty() {
         let Some((head, rest)) = body.split_at_checked(32 + 8 + 4) else {
             return Err("truncated: an entry is cut short".to_owned());
@@ -87,6 +90,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<RawEntry>, String> {
                 "entry {} (key {}) is not a stored answer: {why}",
                 entries.len() + 1,
                 CacheKey::from_bytes(key)
+            ));
+        }
+        if let Some(first) = seen.insert(key, entries.len() + 1) {
+            return Err(format!(
+                "it holds key {} twice (entries {first} and {})",
+                CacheKey::from_bytes(key),
+                entries.len() + 1
             ));
         }
         entries.push(RawEntry::new(

@@ -429,3 +429,47 @@ async fn a_snapshot_entry_that_is_no_stored_answer_is_refused_and_the_store_keep
         assert_eq!(line_of(&out, "entries"), "entries  1", "{what}: {out}");
     }
 }
+
+#[tokio::test]
+async fn a_snapshot_that_holds_a_key_twice_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("cache.redb");
+    let keys = fill(&path, &[Duration::from_secs(10)]).await;
+    let store = format!("disk:{}", path.display());
+    let in_a_year = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+        + 365 * 24 * 3600 * 1000;
+    let answer = |body: &'static str| {
+        CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from(body)]).encode()
+    };
+    let (first, second) = (answer("first"), answer("second"));
+    let other = CacheKey::from_bytes([9; 32]);
+    let snapshot = dir.path().join("twice.snapshot");
+    std::fs::write(
+        &snapshot,
+        snapshot_of(&[
+            (keys[0], in_a_year, &first),
+            (other, in_a_year, &first),
+            (keys[0], in_a_year, &second),
+        ]),
+    )
+    .expect("a snapshot");
+    let output = offline(&[
+        "import",
+        "--store",
+        &store,
+        "--in",
+        &snapshot.display().to_string(),
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains(&format!("{} twice", keys[0])),
+        "{stderr}"
+    );
+    let out = succeeds(&["stats", "--store", &store]);
+    assert_eq!(line_of(&out, "entries"), "entries  1", "{out}");
+}

@@ -14,9 +14,9 @@ use http::Method;
 ///
 /// A rule is a list of patterns `[METHOD] PATH`: the method is `GET` or `POST` (`POST`
 /// when left out), the path is matched against the request's whole path (never its query),
-/// segment by segment. In a segment, `*` matches any run of characters; a segment `**`
-/// matches any number of segments, none included. A path with a dot segment (`.`, `..`,
-/// or one written with `%2e`) never matches.
+/// segment by segment; it holds no whitespace. In a segment, `*` matches any run of
+/// characters; a segment `**` matches any number of segments, none included. A path with
+/// a dot segment (`.`, `..`, or one written with `%2e`) never matches.
 ///
 /// The default, [`Cacheable::inference`], is [`Cacheable::INFERENCE`]. A request outside
 /// the rule is forwarded untouched and marked `BYPASS`.
@@ -198,6 +198,12 @@ impl Rule {
             "POST" => Method::POST,
             _ => return Err(invalid("the method is GET or POST (POST when left out)")),
         };
+        // No request path holds whitespace: a pattern with it would key nothing.
+        if path.contains(char::is_whitespace) {
+            return Err(invalid(
+                "a path holds no whitespace (patterns are separated by commas)",
+            ));
+        }
         let rest = if let Some(rest) = path.strip_prefix('/') {
             rest
         } else if path.starts_with("**") {
@@ -462,6 +468,20 @@ mod tests {
         );
         for bad in ["PUT /a", "a/b", "/a**/b", ""] {
             assert!(Cacheable::patterns([bad]).is_err(), "{bad}");
+        }
+        // Two patterns without the comma between them would be one path with a space,
+        // which no request has: a rule that silently keys nothing.
+        for joined in [
+            "POST /v1/chat/completions GET /v1/models",
+            "POST /v1/embeddings /v1/completions",
+            "GET /v1/models\t/x",
+        ] {
+            assert_eq!(
+                Cacheable::patterns([joined]).expect_err(joined).to_string(),
+                format!(
+                    "cacheable pattern {joined:?}: a path holds no whitespace (patterns are separated by commas)"
+                )
+            );
         }
         let all = Cacheable::every_get_and_post();
         assert!(all.allows(&Method::POST, "/v1/files"));

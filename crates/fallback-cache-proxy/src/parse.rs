@@ -348,7 +348,18 @@ pub(crate) fn redact(url: &str) -> String {
             parsed.to_string()
         }
         Ok(_) => url.to_owned(),
-        Err(_) => "redis://(unparsable URL)".to_owned(),
+        // Named by its own scheme: an --upstream or --store URL alike.
+        Err(_) => match url.split_once("://") {
+            Some((scheme, _))
+                if !scheme.is_empty()
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b)) =>
+            {
+                format!("{scheme}://(unparsable URL)")
+            }
+            _ => "(unparsable URL)".to_owned(),
+        },
     }
 }
 

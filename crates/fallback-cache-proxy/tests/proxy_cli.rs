@@ -90,6 +90,17 @@ fn a_size_past_what_a_number_holds_is_refused_not_read_as_unlimited() {
 }
 
 #[test]
+fn an_unparsable_url_is_named_with_its_own_scheme() {
+    let (status, stderr) = run_to_end(&["--upstream", "http://[::1"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = one_line(&stderr);
+    assert!(
+        line.starts_with("error: --upstream http://(unparsable URL): "),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
     // A secret of a few bytes, however it is given, is refused; the error never shows it.
     for (args, envs) in [

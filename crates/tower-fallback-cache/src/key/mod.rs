@@ -34,7 +34,9 @@ static KEY_CONTEXT_KEY: LazyLock<blake3::hazmat::ContextKey> =
 /// in the partition, and answers judged by rules that keep no Responses object still
 /// `queued` or `in_progress`, no Gemini stream a candidate of which has not finished, no
 /// stream declared with a media type in capitals as a plain body, no stream closed by an
-/// event without a `data:` line, no Responses stream with an `error` in an event's data;
+/// event without a `data:` line, no Responses stream with an `error` in an event's data,
+/// no Anthropic stream whose `message_start` or `message_stop` the SDKs skip, no Gemini
+/// stream that ends inside an event or holds a line google-genai cannot read;
 /// and ignore-list pointers that name members by their names, not by their escaped form:
 /// version 3 entries may be such answers.
 pub(crate) const KEY_VERSION: u8 = 4;

@@ -30,32 +30,31 @@ pub(crate) struct AdminConfig {
     pub(crate) token: Token,
 }
 
-/// The admin token; never printed.
+/// The admin token, kept as its blake3 hash; never printed.
 #[derive(Clone)]
-pub(crate) struct Token(Arc<str>);
+pub(crate) struct Token(blake3::Hash);
 
 impl Token {
     pub(crate) fn new(token: &str) -> Self {
-        Self(Arc::from(token.trim()))
+        Self(blake3::hash(token.trim().as_bytes()))
     }
 
-    /// Whether `headers` carry `authorization: Bearer <this token>`, compared in a time
-    /// that does not depend on where they differ.
+    /// Whether `headers` carry `authorization: Bearer <this token>` (the scheme in any
+    /// case, as HTTP's authentication schemes are). The hashes of the given and the
+    /// expected token are compared, in a time that tells neither where they differ nor
+    /// how long the token is.
     fn authorizes(&self, headers: &HeaderMap) -> bool {
-        let Some(given) = headers
+        let Some(value) = headers
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
         else {
             return false;
         };
-        let (given, expected) = (given.trim().as_bytes(), self.0.as_bytes());
-        given.len() == expected.len()
-            && given
-                .iter()
-                .zip(expected)
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
+        let Some((scheme, given)) = value.trim_start().split_once(' ') else {
+            return false;
+        };
+        // `blake3::Hash` compares in constant time.
+        scheme.eq_ignore_ascii_case("bearer") && blake3::hash(given.trim().as_bytes()) == self.0
     }
 }
 
@@ -148,5 +147,45 @@ async fn purge(
             )
                 .into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            AUTHORIZATION,
+            authorization.parse().expect("a header value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_only_the_token_itself_passes() {
+        let token = Token::new("s3cret-admin");
+        for accepted in [
+            "Bearer s3cret-admin",
+            "bearer s3cret-admin",
+            "BEARER s3cret-admin",
+            "Bearer  s3cret-admin ",
+        ] {
+            assert!(token.authorizes(&with(accepted)), "{accepted:?}");
+        }
+        for refused in [
+            "Bearer s3cret-admi",
+            "Bearer s3cret-admin2",
+            "Bearer S3CRET-ADMIN",
+            "Basic s3cret-admin",
+            "Bearers3cret-admin",
+            "s3cret-admin",
+            "Bearer",
+            "Bearer ",
+        ] {
+            assert!(!token.authorizes(&with(refused)), "{refused:?}");
+        }
+        assert!(!token.authorizes(&HeaderMap::new()));
     }
 }

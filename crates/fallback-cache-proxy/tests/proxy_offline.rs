@@ -368,6 +368,25 @@ async fn export_and_import_never_show_a_redis_password() {
     }
 }
 
+/// A year from now, in unix milliseconds: the expiry of a live entry in a snapshot.
+fn in_a_year() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970");
+    now.as_millis() as u64 + 365 * 24 * 3600 * 1000
+}
+
+/// `import --store <store> --in <snapshot>`.
+fn import(store: &str, snapshot: &std::path::Path) -> std::process::Output {
+    offline(&[
+        "import",
+        "--store",
+        store,
+        "--in",
+        &snapshot.display().to_string(),
+    ])
+}
+
 /// A snapshot of `entries` (key, expiry in unix ms, stored bytes) as `export` writes one,
 /// its checksum right: what a hand-made or foreign file looks like to `import`.
 fn snapshot_of(entries: &[(CacheKey, u64, &[u8])]) -> Vec<u8> {
@@ -392,11 +411,7 @@ async fn a_snapshot_entry_that_is_no_stored_answer_is_refused_and_the_store_keep
     let path = dir.path().join("cache.redb");
     let keys = fill(&path, &[Duration::from_secs(10)]).await;
     let store = format!("disk:{}", path.display());
-    let in_a_year = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as u64
-        + 365 * 24 * 3600 * 1000;
+    let in_a_year = in_a_year();
     let answer = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from("a")]);
     let mut cut = answer.encode();
     cut.truncate(cut.len() - 1);
@@ -411,13 +426,7 @@ async fn a_snapshot_entry_that_is_no_stored_answer_is_refused_and_the_store_keep
         let snapshot = dir.path().join("foreign.snapshot");
         std::fs::write(&snapshot, snapshot_of(&[(keys[0], in_a_year, &value)]))
             .expect("a snapshot");
-        let output = offline(&[
-            "import",
-            "--store",
-            &store,
-            "--in",
-            &snapshot.display().to_string(),
-        ]);
+        let output = import(&store, &snapshot);
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{what}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
@@ -436,11 +445,7 @@ async fn a_snapshot_that_holds_a_key_twice_is_refused_and_nothing_is_written() {
     let path = dir.path().join("cache.redb");
     let keys = fill(&path, &[Duration::from_secs(10)]).await;
     let store = format!("disk:{}", path.display());
-    let in_a_year = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as u64
-        + 365 * 24 * 3600 * 1000;
+    let in_a_year = in_a_year();
     let answer = |body: &'static str| {
         CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![Bytes::from(body)]).encode()
     };
@@ -456,13 +461,7 @@ async fn a_snapshot_that_holds_a_key_twice_is_refused_and_nothing_is_written() {
         ]),
     )
     .expect("a snapshot");
-    let output = offline(&[
-        "import",
-        "--store",
-        &store,
-        "--in",
-        &snapshot.display().to_string(),
-    ]);
+    let output = import(&store, &snapshot);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

@@ -668,20 +668,26 @@ mod tests {
         assert_eq!(CachedResponse::decode(&flipped), Err(EntryError::Checksum));
     }
 
+    /// `payload` behind the header of an unsealed entry, its length and checksum right: what
+    /// any writer of the store can make.
+    fn behind_a_valid_header(payload: &[u8]) -> Vec<u8> {
+        let mut forged = Vec::new();
+        forged.extend_from_slice(&MAGIC);
+        forged.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        forged.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        forged.extend_from_slice(blake3::hash(payload).as_bytes());
+        forged.extend_from_slice(payload);
+        forged
+    }
+
     #[test]
     fn a_forged_length_allocates_nothing_it_cannot_read() {
         // A payload that claims 2^60 headers, behind a header and checksum that hold.
         let mut payload = vec![200]; // status (varint)
         payload.extend_from_slice(&[253]); // varint marker: a u64 follows
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
-        let mut forged = Vec::new();
-        forged.extend_from_slice(&MAGIC);
-        forged.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        forged.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        forged.extend_from_slice(blake3::hash(&payload).as_bytes());
-        forged.extend_from_slice(&payload);
         assert!(matches!(
-            CachedResponse::decode(&forged),
+            CachedResponse::decode(&behind_a_valid_header(&payload)),
             Err(EntryError::Payload(_))
         ));
     }
@@ -695,14 +701,8 @@ mod tests {
         payload.extend_from_slice(&40_000u16.to_le_bytes());
         payload.extend(std::iter::repeat_n(0, 2 * 40_000));
         payload.extend_from_slice(&[0, 0, 0, 3]); // frames, secs, nanos, key version
-        let mut forged = Vec::new();
-        forged.extend_from_slice(&MAGIC);
-        forged.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        forged.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        forged.extend_from_slice(blake3::hash(&payload).as_bytes());
-        forged.extend_from_slice(&payload);
         assert!(matches!(
-            CachedResponse::decode(&forged),
+            CachedResponse::decode(&behind_a_valid_header(&payload)),
             Err(EntryError::Payload(_))
         ));
     }

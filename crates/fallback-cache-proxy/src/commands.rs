@@ -193,6 +193,11 @@ async fn run_import(import: Import) -> Result<(), String> {
     Ok(())
 }
 
+/// About how many bytes of a snapshot an import into a disk store writes and makes durable
+/// at a time: an import that fails part way (a full disk) has the batches before it kept,
+/// and says how many entries they held.
+const IMPORT_BATCH: u64 = 8 * 1024 * 1024;
+
 /// Whether a disk store's file may be created: an import may start a new one, an export
 /// reads one that exists (a typo in its path is an error, not an empty snapshot).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -236,6 +241,7 @@ async fn open(
             let store = tokio::task::spawn_blocking(move || {
                 tower_fallback_cache::store::DiskStore::builder(path)
                     .on_corrupt(tower_fallback_cache::store::OnCorrupt::Refuse)
+                    .max_queued_bytes(2 * IMPORT_BATCH)
                     .open()
             })
             .await

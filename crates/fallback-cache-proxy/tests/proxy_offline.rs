@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::Proxy;
+use common::{Proxy, Tmpfs};
 use http::{HeaderMap, StatusCode};
 use mock_upstream::{Fixture, MockUpstream, Mode};
 use tower_fallback_cache::store::{DiskStore, Store};
@@ -471,4 +471,55 @@ async fn a_snapshot_that_holds_a_key_twice_is_refused_and_nothing_is_written() {
     );
     let out = succeeds(&["stats", "--store", &store]);
     assert_eq!(line_of(&out, "entries"), "entries  1", "{out}");
+}
+
+#[tokio::test]
+async fn an_import_that_fills_the_disk_says_how_many_entries_it_wrote_and_those_are_kept() {
+    let Some(tmpfs) = Tmpfs::mount("24m") else {
+        return;
+    };
+    let path = tmpfs.path().join("cache.redb");
+    let store = format!("disk:{}", path.display());
+    // 48 answers of 1 MiB: twice what the file system holds.
+    let in_a_year = in_a_year();
+    let values: Vec<(CacheKey, Vec<u8>)> = (0..48u8)
+        .map(|n| {
+            let body = Bytes::from(vec![b'a' + n % 26; 1024 * 1024]);
+            let answer = CachedResponse::new(StatusCode::OK, HeaderMap::new(), vec![body]);
+            (CacheKey::from_bytes([n + 1; 32]), answer.encode())
+        })
+        .collect();
+    let entries: Vec<(CacheKey, u64, &[u8])> = values
+        .iter()
+        .map(|(key, value)| (*key, in_a_year, value.as_slice()))
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshot = dir.path().join("large.snapshot");
+    std::fs::write(&snapshot, snapshot_of(&entries)).expect("a snapshot");
+
+    let output = import(&store, &snapshot);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let written: usize = stderr
+        .split_once("(after ")
+        .and_then(|(_, rest)| rest.split_once(" of 48 entries were written)"))
+        .and_then(|(count, _)| count.parse().ok())
+        .unwrap_or_else(|| panic!("the error says how far the import went: {stderr}"));
+    assert!((1..48).contains(&written), "{stderr}");
+    // The entries it says it wrote are there, whole.
+    let out = succeeds(&["stats", "--store", &store]);
+    let kept: usize = line_of(&out, "entries")
+        .trim_start_matches("entries")
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(
+        kept >= written,
+        "{kept} kept, {written} said written: {out}"
+    );
+    let disk = DiskStore::open(&path).expect("the file opens");
+    for (key, value) in &values[..written] {
+        let entry = disk.get(key).await.expect("a read").expect("the entry");
+        assert_eq!(entry.encode(), *value);
+    }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{API_KEY, Proxy};
+use common::{API_KEY, Proxy, Tmpfs};
 use fallback_cache_test_support::stores::RedisServer;
 use mock_upstream::{Fixture, MockUpstream, Mode};
 
@@ -138,43 +138,6 @@ async fn a_small_memory_store_keeps_the_newest_answers() {
             "stored {stored}, held {held}, evicted {evicted}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A tmpfs of its own, unmounted when dropped (pass or fail).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size`; `None` (with the reason printed) where mounting is not
-    /// allowed, except under CI, where the test must run.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        let why = match mounted {
-            Ok(output) if output.status.success() => return Some(Tmpfs { dir }),
-            Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            Err(error) => error.to_string(),
-        };
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("cannot mount a tmpfs ({why}); CI runs as root and must run this test");
-        }
-        eprintln!("skipped: cannot mount a tmpfs ({why}); run as root to test a full disk");
-        None
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
 

@@ -335,3 +335,41 @@ pub async fn post_json(
         body: response.text().await.expect("the whole body"),
     }
 }
+
+/// A tmpfs of its own, unmounted when dropped (pass or fail).
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size`; `None` (with the reason printed) where mounting is not
+    /// allowed, except under CI, where the test must run.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        let why = match mounted {
+            Ok(output) if output.status.success() => return Some(Tmpfs { dir }),
+            Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            Err(error) => error.to_string(),
+        };
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!("cannot mount a tmpfs ({why}); CI runs as root and must run this test");
+        }
+        eprintln!("skipped: cannot mount a tmpfs ({why}); run as root to test a full disk");
+        None
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}

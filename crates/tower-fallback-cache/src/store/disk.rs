@@ -887,18 +887,34 @@ impl Store for DiskStore {
 
     fn import(&self, entries: Vec<RawEntry>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let total = entries.len();
+            // Entries made durable so far: an import that stops part way says how far it
+            // went (running it again writes every entry again, the ones before included).
+            let mut durable = 0;
+            let stopped = |error: StoreError, durable: usize| {
+                let progress = format!("after {durable} of {total} entries were written");
+                match error {
+                    StoreError::Backend { store, source } => StoreError::Backend {
+                        store,
+                        source: format!("{source} ({progress})").into(),
+                    },
+                    other => backend(format!("{other} ({progress})")),
+                }
+            };
             // In batches within the queue's bound, each made durable before the next.
             let mut queued = 0u64;
-            for entry in entries {
+            for (at, entry) in entries.into_iter().enumerate() {
                 let weight = entry.value.len() as u64;
                 if queued > 0 && queued.saturating_add(weight) > self.shared.max_queued_bytes / 2 {
-                    self.flush().await?;
+                    self.flush().await.map_err(|e| stopped(e, durable))?;
+                    durable = at;
                     queued = 0;
                 }
-                self.enqueue_encoded(entry)?;
+                self.enqueue_encoded(entry)
+                    .map_err(|e| stopped(e, durable))?;
                 queued = queued.saturating_add(weight);
             }
-            self.flush().await
+            self.flush().await.map_err(|e| stopped(e, durable))
         })
     }
 

@@ -3,6 +3,9 @@
 //!
 //! Each connection has a watchdog that closes it when
 //! - it has no request in flight and sent nothing for `--idle-timeout` (keep-alive), or
+//! - its client has taken none of an answer's bytes for `--idle-timeout` (a client that
+//!   asks and never reads would otherwise hold its place, and its upstream call, for good;
+//!   HTTP/1 only: HTTP/2 stalls a stream by its flow control, not by the socket), or
 //! - it began a request's headers and did not finish them within `--header-timeout`
 //!   (slowloris; HTTP/1 only: an HTTP/2 connection's idle frames are not a request), or
 //! - a new connection needed its place: past `--max-connections`, the connection idle the
@@ -118,6 +121,7 @@ impl Conns {
             head_started: AtomicU64::new(0),
             read_any: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            write_blocked_since: AtomicU64::new(0),
             evict: AtomicBool::new(false),
             changed: Notify::new(),
         });
@@ -168,6 +172,9 @@ pub(crate) struct Conn {
     head_started: AtomicU64,
     read_any: AtomicBool,
     http2: AtomicBool,
+    /// Milliseconds since `epoch` (plus one) since when the socket has taken none of the
+    /// bytes written to it (0: the last write went through).
+    write_blocked_since: AtomicU64,
     evict: AtomicBool,
     /// Wakes the watchdog when the connection is evicted.
     changed: Notify,
@@ -204,6 +211,22 @@ impl Conn {
         }
     }
 
+    /// A write to the socket went through (`blocked` false) or found it full (`blocked`
+    /// true): the client is not reading.
+    fn wrote(&self, blocked: bool) {
+        if !blocked {
+            self.write_blocked_since.store(0, Ordering::Relaxed);
+        } else if self.write_blocked_since.load(Ordering::Relaxed) == 0 {
+            self.write_blocked_since
+                .store(millis(self.epoch), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the socket has taken none of the last bytes written to it.
+    pub(crate) fn is_write_blocked(&self) -> bool {
+        self.write_blocked_since.load(Ordering::Relaxed) != 0
+    }
+
     /// Completes when the connection should close, with the reason.
     ///
     /// The connection's requests do not wake it: it sleeps until the deadline in view, and
@@ -231,8 +254,17 @@ impl Conn {
             }
             let now = millis(self.epoch);
             let head = self.head_started.load(Ordering::Acquire);
-            let wake = if self.busy() > 0 {
-                // No deadline while a request is in flight.
+            let blocked = self.write_blocked_since.load(Ordering::Relaxed);
+            let wake = if self.busy() > 0 && blocked != 0 {
+                // An answer the client takes none of, for as long as an idle connection is
+                // kept, is given up.
+                let at = blocked.saturating_add(idle);
+                if now >= at {
+                    return "the client took none of its answer for --idle-timeout";
+                }
+                at.min(now.saturating_add(recheck))
+            } else if self.busy() > 0 {
+                // No other deadline while a request is in flight.
                 now.saturating_add(recheck)
             } else if head != 0 {
                 // Only the start of the request can take this deadline away.
@@ -300,7 +332,8 @@ impl<B: Body + Unpin> Body for BusyBody<B> {
     }
 }
 
-/// A connection's socket, telling its [`Conn`] when bytes come in.
+/// A connection's socket, telling its [`Conn`] when bytes come in and whether the bytes
+/// written go out.
 pub(crate) struct Watched<T> {
     pub(crate) io: T,
     pub(crate) conn: Arc<Conn>,
@@ -327,7 +360,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.conn.wrote(polled.is_pending());
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -343,7 +378,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.conn.wrote(polled.is_pending());
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

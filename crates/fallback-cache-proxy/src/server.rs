@@ -422,8 +422,8 @@ async fn serve_connection(
             }
             () = tokio::time::sleep_until(closing + CLOSE_GRACE) => {
                 // Asked to close with no request in flight, yet still open (half a request
-                // head): drop it.
-                if conn.is_idle() {
+                // head), or with an answer its client takes none of: drop it.
+                if conn.is_idle() || conn.is_write_blocked() {
                     break;
                 }
                 closing = tokio::time::Instant::now();

@@ -556,3 +556,111 @@ async fn connections_are_served_by_the_workers_asked_for_or_on_the_shared_runtim
         );
     }
 }
+
+/// An upstream that answers `/v1/big` with 256 MiB, written as fast as the proxy takes
+/// them, and every other path with a small JSON answer.
+async fn big_answer_upstream() -> String {
+    const BIG: usize = 256 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /v1/big ") {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {BIG}\r\n\r\n"
+                    );
+                    if socket.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 1 << 20];
+                    for _ in 0..BIG / chunk.len() {
+                        if socket.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let body = r#"{"object":"list","data":[]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_none_of_its_answer_is_closed_within_the_idle_timeout() {
+    let upstream = big_answer_upstream().await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream,
+        "--store",
+        "memory",
+        "--max-connections",
+        "1",
+        "--idle-timeout",
+        "2s",
+    ]);
+    // A client asks for a large answer and never reads it: the proxy's writes to it stall.
+    let mut stalled = TcpStream::connect(addr(&proxy)).await.expect("connect");
+    stalled
+        .write_all(b"GET /v1/big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The one place is freed once the stalled client has read nothing for --idle-timeout:
+    // another client is served, not told there are too many connections.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let mut last = (0, String::new());
+    while started.elapsed() < Duration::from_secs(12) {
+        if let Ok(response) = client
+            .get(format!("{}/v1/models", proxy.url()))
+            .header("connection", "close")
+            .send()
+            .await
+        {
+            let status = response.status().as_u16();
+            last = (status, response.text().await.unwrap_or_default());
+            if status == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(last.0, 200, "still refused after 12s: {}", last.1);
+    assert_eq!(last.1, r#"{"object":"list","data":[]}"#);
+    // The stalled client's answer was cut, not sent whole.
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let reading = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(reading.is_ok(), "the stalled connection is closed");
+    assert!(received < 256 << 20, "read {received} bytes");
+}

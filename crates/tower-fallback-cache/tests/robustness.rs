@@ -250,6 +250,72 @@ async fn waiters_behind_a_leader_whose_answer_is_not_stored_make_one_more_call()
     );
 }
 
+/// A back tier that takes its time to take a write (a Redis or a disk a little behind):
+/// an answer is readable 100 ms after it was given.
+#[derive(Debug)]
+struct SlowBack(tower_fallback_cache::store::MemoryStore);
+
+impl tower_fallback_cache::store::Store for SlowBack {
+    fn get<'a>(
+        &'a self,
+        key: &'a tower_fallback_cache::CacheKey,
+    ) -> tower_fallback_cache::store::StoreFuture<
+        'a,
+        Option<Arc<tower_fallback_cache::CachedResponse>>,
+    > {
+        self.0.get(key)
+    }
+
+    fn put(
+        &self,
+        key: tower_fallback_cache::CacheKey,
+        entry: Arc<tower_fallback_cache::CachedResponse>,
+        ttl: Duration,
+    ) -> tower_fallback_cache::store::StoreFuture<'_, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.0.put(key, entry, ttl).await
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        key: &'a tower_fallback_cache::CacheKey,
+    ) -> tower_fallback_cache::store::StoreFuture<'a, ()> {
+        self.0.remove(key)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_are_served_an_answer_too_big_for_the_memory_tier_without_calling_again() {
+    use tower_fallback_cache::store::{MemoryStore, Tiered};
+
+    let upstream = Upstream {
+        delay: Duration::from_millis(200),
+        ..Upstream::default()
+    };
+    // The memory tier takes no answer (each is larger than the whole tier): it is kept by
+    // the back tier alone.
+    let store = Tiered::new(MemoryStore::new(1), SlowBack(MemoryStore::new(1024 * 1024)));
+    let layer = FallbackCacheLayer::builder()
+        .mode(cache_first())
+        .store(store)
+        .build();
+    let service = layer.layer(upstream.clone());
+    let body = question("an answer only the back tier keeps");
+    for (status, answer) in all_at_once(&service, &body, 20).await {
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer, answer_to(body.as_bytes()));
+    }
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the waiters were woken before the answer could be read, and called again"
+    );
+    let stats = layer.stats().snapshot();
+    assert_eq!((stats.hits, stats.stored, stats.store_errors), (19, 1, 0));
+}
+
 /// Holds the only slot of a `ConcurrencyLimit(1)` with a call that hangs.
 async fn hold_the_only_slot<S>(service: &S, upstream: &Upstream) -> tokio::task::JoinHandle<()>
 where

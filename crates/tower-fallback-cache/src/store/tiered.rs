@@ -35,10 +35,12 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Reads go to the front first; an answer found only in the back is copied to the front
 /// (read-through). A write goes to the front at once and to the back behind it, on a
 /// bounded queue that a background task drains, so a slow back store (a paused Redis, a
-/// disk that is behind) never delays an answer: `put` returns once the front has the
-/// answer. A write the back fails is tried again for up to 30 s; when the queue holds
-/// more than its bound ([`back_queue_bytes`](Self::back_queue_bytes), 64 MiB by default),
-/// a new write is dropped for the back (still in front) and counted
+/// disk that is behind) never delays an answer the front takes: `put` returns once the
+/// front has it. An answer the front does not take (one larger than the whole memory
+/// tier) can be read from the back alone, so its `put` returns once the back has it, or
+/// has failed it once. A write the back fails is tried again for up to 30 s; when the
+/// queue holds more than its bound ([`back_queue_bytes`](Self::back_queue_bytes), 64 MiB
+/// by default), a new write is dropped for the back (still in front) and counted
 /// ([`StoreUsage::dropped`]). Removals follow the writes on the same queue.
 /// [`flush`](Store::flush) waits until the queue is drained and the back has flushed;
 /// [`usage`](Store::usage) and [`health`](Store::health) are those of the back, the
@@ -113,6 +115,9 @@ enum Job {
         ttl: Duration,
         seal: Option<Seal>,
         weight: Weight,
+        /// Answered with the first attempt's result, when the front did not take the
+        /// answer: its `put` returns once the answer can be read from the back.
+        written: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
     /// Answered with the back store's result, once every job before it is done: a purge
     /// reports a removal that failed instead of leaving the answer in the store of record.
@@ -230,14 +235,15 @@ impl<F: Store, B: Store> Tiered<F, B> {
         Err(Box::new(job))
     }
 
-    /// Queues a write for the back, or drops it when the queue is full; `None` outside a
-    /// Tokio runtime.
+    /// Queues a write for the back, or drops it when the queue is full (dropping `written`
+    /// with it); `None` outside a Tokio runtime.
     fn queue_put(
         &self,
         key: CacheKey,
         entry: Arc<CachedResponse>,
         ttl: Duration,
         seal: Option<Seal>,
+        written: Option<oneshot::Sender<Result<(), StoreError>>>,
     ) -> Option<()> {
         let counts = &self.queue.counts;
         let weight = entry.weight() as u64;
@@ -267,6 +273,7 @@ impl<F: Store, B: Store> Tiered<F, B> {
             ttl,
             seal,
             weight,
+            written,
         }) {
             Ok(_) => Some(()),
             Err(mut job) => {
@@ -308,16 +315,29 @@ async fn drain<B: Store>(
                 ttl,
                 seal,
                 mut weight,
+                mut written,
             } => {
                 let started = Instant::now();
                 let mut delay = FIRST_RETRY_DELAY;
                 loop {
                     let Err(error) = put_back(&*back, key, entry.clone(), ttl, seal).await else {
+                        if let Some(written) = written.take() {
+                            let _ = written.send(Ok(()));
+                        }
                         break;
                     };
                     log_store_error("put (back tier)", &error);
-                    if matches!(error, StoreError::Corrupt(_)) || started.elapsed() >= RETRY_FOR {
+                    let given_up =
+                        matches!(error, StoreError::Corrupt(_)) || started.elapsed() >= RETRY_FOR;
+                    if given_up {
                         counts.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The caller waiting for the write hears of the first failure, not of
+                    // every retry: it is tried again behind it.
+                    if let Some(written) = written.take() {
+                        let _ = written.send(Err(error));
+                    }
+                    if given_up {
                         break;
                     }
                     tokio::time::sleep(delay).await;
@@ -386,12 +406,35 @@ impl<F: Store, B: Store> Tiered<F, B> {
         seal: Option<Seal>,
     ) -> Result<(), StoreError> {
         let front = self.front.put(key, entry.clone(), ttl).await;
-        if self.queue_put(key, entry.clone(), ttl, seal).is_none() {
-            // No runtime to run the queue on: the back is written in line.
-            put_back(&*self.back, key, entry, ttl, seal).await?;
-        }
+        // An answer the front did not take (one larger than the whole memory tier) can be
+        // read only once the back has it: the put returns then, so that a `get` after it
+        // finds the answer (the layer wakes the identical requests waiting for it once the
+        // put returns, and they look it up at once).
+        let (written, back_has_it) = if front.is_err() {
+            let (written, back_has_it) = oneshot::channel();
+            (Some(written), Some(back_has_it))
+        } else {
+            (None, None)
+        };
+        let queued = self
+            .queue_put(key, entry.clone(), ttl, seal, written)
+            .is_some();
         front_error_logged("put (front tier)", front);
-        Ok(())
+        if !queued {
+            // No runtime to run the queue on: the back is written in line.
+            return put_back(&*self.back, key, entry, ttl, seal).await;
+        }
+        match back_has_it {
+            Some(back_has_it) => back_has_it.await.unwrap_or_else(|_| {
+                Err(StoreError::Backend {
+                    store: "tiered",
+                    source:
+                        "the front did not take the answer, and the back tier's queue dropped it"
+                            .into(),
+                })
+            }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -8,6 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{API_KEY, Proxy, Tmpfs};
@@ -706,6 +708,141 @@ async fn a_redis_that_stops_while_idle_is_reported_and_found_again_once_back() {
     assert_eq!(
         common::metrics(proxy.url()).await["fallback_cache_store_healthy"],
         1
+    );
+    assert_no_panic(&proxy);
+}
+
+/// An upstream that answers each request (a connection each) after 300 ms with a chat
+/// completion of 1.5 MB, more than a memory tier of 1 MiB holds; counts the requests.
+async fn large_answer_upstream() -> (String, Arc<AtomicUsize>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let answer = serde_json::json!({
+        "id": "chatcmpl-large",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "x".repeat(1_500_000)},
+            "finish_reason": "stop",
+        }],
+    })
+    .to_string();
+    let counted = calls.clone();
+    let body = answer.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (calls, body) = (counted.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut chunk = [0_u8; 4096];
+                // The head, then `content-length` bytes of body.
+                loop {
+                    if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..at]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if request.len() >= at + 4 + length {
+                            break;
+                        }
+                    }
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&chunk[..read]),
+                    }
+                }
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (url, calls, answer)
+}
+
+/// Identical requests in cache-first mode wait for one leader's answer and are served it
+/// from the store. An answer larger than the memory tier is kept by Redis alone: the
+/// waiters are still served it, and the upstream is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_for_an_answer_larger_than_the_memory_tier_make_one_upstream_call() {
+    let redis = RedisServer::start();
+    let (upstream, calls, answer) = large_answer_upstream().await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream,
+        "--store",
+        &redis.url(),
+        "--max-memory",
+        "1MiB",
+        "--mode",
+        "cache-first",
+    ]);
+    let client = reqwest::Client::new();
+    let mut asked = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (client, url) = (client.clone(), proxy.url().to_owned());
+        asked.spawn(async move {
+            let body = serde_json::json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "one large answer"}],
+            });
+            let response = client
+                .post(format!("{url}/v1/chat/completions"))
+                .header("authorization", format!("Bearer {API_KEY}"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+                .expect("an HTTP response");
+            let status = response.status().as_u16();
+            let cache = response.headers()["x-fallback-cache"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            (
+                status,
+                cache,
+                response.text().await.expect("the whole body"),
+            )
+        });
+    }
+    let mut marks = Vec::new();
+    while let Some(answered) = asked.join_next().await {
+        let (status, cache, body) = answered.expect("completes");
+        assert_eq!(status, 200, "{}", proxy.logs());
+        assert!(
+            body == answer,
+            "{cache}: not the answer ({} bytes)",
+            body.len()
+        );
+        marks.push(cache);
+    }
+    marks.sort();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "upstream calls for 20 identical requests ({marks:?})\n{}",
+        proxy.logs()
+    );
+    assert_eq!(
+        marks.iter().filter(|m| *m == "MISS").count(),
+        1,
+        "{marks:?}"
     );
     assert_no_panic(&proxy);
 }

@@ -177,7 +177,8 @@ impl<F: Store, B: Store> Tiered<F, B> {
 
     /// The most bytes of answers (as [`CachedResponse::weight`] counts them) that may wait
     /// to be written to the back (default 64 MiB). Past it a write reaches the front only,
-    /// and is counted as dropped. The answers waiting are mostly the same allocations the
+    /// and is counted as dropped; an answer larger than the bound is still taken when
+    /// nothing waits. The answers waiting are mostly the same allocations the
     /// front holds.
     #[must_use]
     pub fn back_queue_bytes(mut self, bytes: u64) -> Self {
@@ -248,7 +249,9 @@ impl<F: Store, B: Store> Tiered<F, B> {
         let counts = &self.queue.counts;
         let weight = entry.weight() as u64;
         let queued = counts.bytes.fetch_add(weight, Ordering::Relaxed);
-        if queued.saturating_add(weight) > self.queue.max_bytes {
+        // An answer larger than the bound is taken when nothing waits: it would otherwise
+        // never reach the back, however empty the queue.
+        if queued > 0 && queued.saturating_add(weight) > self.queue.max_bytes {
             counts.bytes.fetch_sub(weight, Ordering::Relaxed);
             counts.dropped.fetch_add(1, Ordering::Relaxed);
             log_store_error(
@@ -788,6 +791,23 @@ mod tests {
         fn remove<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, ()> {
             Box::pin(async { Ok(()) })
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_queue_bound_reaches_the_back_when_none_waits() {
+        let one = entry("an answer").weight() as u64;
+        let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20))
+            .back_queue_bytes(one - 1);
+        tiered
+            .put(key(1), entry("an answer"), HOUR)
+            .await
+            .expect("tiered put");
+        tiered.flush().await.expect("flush");
+        assert!(
+            in_back(&tiered, 1).await,
+            "the answer never reached the back"
+        );
+        assert_eq!(tiered.usage().dropped, Some(0));
     }
 
     #[tokio::test]

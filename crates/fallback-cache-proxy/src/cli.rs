@@ -186,7 +186,7 @@ pub(crate) struct Cli {
     pub(crate) body_timeout: String,
 
     /// Longest a keep-alive connection may stay open with no request, or a client may take
-    /// none of an answer's bytes (HTTP/1); then it is closed.
+    /// none of its answers' bytes; then it is closed.
     #[arg(
         long,
         env = "FALLBACK_CACHE_IDLE_TIMEOUT",

@@ -4,8 +4,10 @@
 //! Each connection has a watchdog that closes it when
 //! - it has no request in flight and sent nothing for `--idle-timeout` (keep-alive), or
 //! - its client has taken none of an answer's bytes for `--idle-timeout` (a client that
-//!   asks and never reads would otherwise hold its place, and its upstream call, for good;
-//!   HTTP/1 only: HTTP/2 stalls a stream by its flow control, not by the socket), or
+//!   asks and never reads would otherwise hold its place, and its upstream call, for good):
+//!   the socket took none of the bytes written to it (HTTP/1), or an answer's next part was
+//!   ready and none of the connection's answers was asked for more (HTTP/2, whose client
+//!   stalls a stream by its flow control, not by the socket), or
 //! - it began a request's headers and did not finish them within `--header-timeout`
 //!   (slowloris; HTTP/1 only: an HTTP/2 connection's idle frames are not a request), or
 //! - a new connection needed its place: past `--max-connections`, the connection idle the
@@ -122,6 +124,8 @@ impl Conns {
             read_any: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             write_blocked_since: AtomicU64::new(0),
+            untaken: AtomicUsize::new(0),
+            answer_polls: AtomicU64::new(0),
             evict: AtomicBool::new(false),
             changed: Notify::new(),
         });
@@ -175,6 +179,11 @@ pub(crate) struct Conn {
     /// Milliseconds since `epoch` (plus one) since when the socket has taken none of the
     /// bytes written to it (0: the last write went through).
     write_blocked_since: AtomicU64,
+    /// Answers that handed a part on and have not been asked for the next one since.
+    untaken: AtomicUsize,
+    /// How many times the connection's answers were asked for their next part: while
+    /// some answer's part is untaken, a count that stays put means the client takes none.
+    answer_polls: AtomicU64,
     evict: AtomicBool,
     /// Wakes the watchdog when the connection is evicted.
     changed: Notify,
@@ -245,6 +254,12 @@ impl Conn {
         };
         let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         let recheck = header.min(idle).max(1);
+        // The answers' progress as last seen, and since when it has not moved while a part
+        // of an answer waited to be taken.
+        let mut progress = (
+            self.answer_polls.load(Ordering::Relaxed),
+            millis(self.epoch),
+        );
         loop {
             let evicted = self.changed.notified();
             tokio::pin!(evicted);
@@ -255,14 +270,22 @@ impl Conn {
             let now = millis(self.epoch);
             let head = self.head_started.load(Ordering::Acquire);
             let blocked = self.write_blocked_since.load(Ordering::Relaxed);
+            let polls = self.answer_polls.load(Ordering::Relaxed);
+            if polls != progress.0 || self.untaken.load(Ordering::Relaxed) == 0 {
+                progress = (polls, now);
+            }
             let wake = if self.busy() > 0 && blocked != 0 {
                 // An answer the client takes none of, for as long as an idle connection is
                 // kept, is given up.
                 let at = blocked.saturating_add(idle);
                 if now >= at {
-                    return "the client took none of its answer for --idle-timeout";
+                    return TOOK_NONE;
                 }
                 at.min(now.saturating_add(recheck))
+            } else if self.busy() > 0 && progress.1.saturating_add(idle) <= now {
+                // The same, for answers whose parts wait to be taken while the socket is not
+                // full: an HTTP/2 client that grants none of them room to be sent.
+                return TOOK_NONE;
             } else if self.busy() > 0 {
                 // No other deadline while a request is in flight.
                 now.saturating_add(recheck)
@@ -293,6 +316,9 @@ impl Conn {
     }
 }
 
+/// Why [`Conn::watch`] closes a connection whose client takes none of its answers.
+pub(crate) const TOOK_NONE: &str = "the client took none of its answer for --idle-timeout";
+
 /// A request in flight on a connection.
 pub(crate) struct Busy {
     conn: Arc<Conn>,
@@ -306,10 +332,31 @@ impl Drop for Busy {
     }
 }
 
-/// An answer's body, holding its connection busy until it is sent (or dropped).
+/// An answer's body, holding its connection busy until it is sent (or dropped), and
+/// telling it whether the client takes the parts it hands on.
 pub(crate) struct BusyBody<B> {
-    pub(crate) inner: B,
-    pub(crate) _busy: Busy,
+    inner: B,
+    busy: Busy,
+    /// A part was handed on and the next one not asked for since.
+    handed: bool,
+}
+
+impl<B> BusyBody<B> {
+    pub(crate) fn new(inner: B, busy: Busy) -> Self {
+        Self {
+            inner,
+            busy,
+            handed: false,
+        }
+    }
+}
+
+impl<B> Drop for BusyBody<B> {
+    fn drop(&mut self) {
+        if self.handed {
+            self.busy.conn.untaken.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<B: Body + Unpin> Body for BusyBody<B> {
@@ -320,7 +367,17 @@ impl<B: Body + Unpin> Body for BusyBody<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let conn = &self.busy.conn;
+        conn.answer_polls.fetch_add(1, Ordering::Relaxed);
+        if self.handed {
+            conn.untaken.fetch_sub(1, Ordering::Relaxed);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.handed = matches!(polled, Poll::Ready(Some(Ok(_))));
+        if self.handed {
+            self.busy.conn.untaken.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

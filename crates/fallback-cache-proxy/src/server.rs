@@ -27,7 +27,7 @@ use tower_fallback_cache::FallbackCacheLayer;
 use tower_fallback_cache::reqwest::ReqwestService;
 
 use crate::config::Config;
-use crate::conn::{Admission, BusyBody, Conn, Conns, Timeouts, Watched};
+use crate::conn::{Admission, BusyBody, Conn, Conns, TOOK_NONE, Timeouts, Watched};
 use crate::error::ProxyError;
 use crate::forward::{Proxy, Throttle, forward};
 use crate::metrics::{self, Metrics};
@@ -408,7 +408,14 @@ async fn serve_connection(
             }
             return;
         }
-        Ended::Watcher(why) => tracing::debug!("closing a connection: {why}"),
+        Ended::Watcher(why) => {
+            tracing::debug!("closing a connection: {why}");
+            // A client that takes none of its answers would keep a graceful close from ever
+            // finishing: the connection is dropped at once.
+            if why == TOOK_NONE {
+                return;
+            }
+        }
     }
     connection.as_mut().graceful_shutdown();
     let mut closing = tokio::time::Instant::now();
@@ -470,13 +477,7 @@ async fn handle(
             .headers
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    Response::from_parts(
-        parts,
-        BusyBody {
-            inner: body,
-            _busy: busy,
-        },
-    )
+    Response::from_parts(parts, BusyBody::new(body, busy))
 }
 
 /// The answer on a connection accepted past `--max-connections` to anything but the

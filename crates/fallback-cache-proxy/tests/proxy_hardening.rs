@@ -603,6 +603,69 @@ async fn big_answer_upstream() -> String {
     url
 }
 
+/// Asks `proxy`'s only place (`--max-connections 1`) for a small answer until one is
+/// given: (status, body) of the last answer, within 12 s.
+async fn served_once_a_place_is_free(proxy: &Proxy) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let mut last = (0, String::new());
+    while started.elapsed() < Duration::from_secs(12) {
+        if let Ok(response) = client
+            .get(format!("{}/v1/models", proxy.url()))
+            .header("connection", "close")
+            .send()
+            .await
+        {
+            let status = response.status().as_u16();
+            last = (status, response.text().await.unwrap_or_default());
+            if status == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_gives_its_answer_no_room_is_closed_within_the_idle_timeout() {
+    let upstream = big_answer_upstream().await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream,
+        "--store",
+        "memory",
+        "--max-connections",
+        "1",
+        "--idle-timeout",
+        "2s",
+    ]);
+    // An HTTP/2 client asks for a large answer and reads none of it, so it never gives the
+    // stream or the connection more room than the first 64 KiB: the proxy can send no more,
+    // though its socket is not full.
+    let tcp = TcpStream::connect(addr(&proxy)).await.expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("{}/v1/big", proxy.url()))
+        .body(())
+        .expect("request");
+    let (answer, _) = client.send_request(request, true).expect("sent");
+    let answer = answer.await.expect("the answer's head");
+    assert_eq!(answer.status(), 200);
+    let _unread = answer.into_body();
+
+    // The one place is freed once no part of the answer was taken for --idle-timeout.
+    let (status, body) = served_once_a_place_is_free(&proxy).await;
+    assert_eq!(status, 200, "still refused after 12s: {body}");
+    assert_eq!(body, r#"{"object":"list","data":[]}"#);
+    // The stalled connection was closed by the proxy.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(closed.is_ok(), "the HTTP/2 connection is still open");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_none_of_its_answer_is_closed_within_the_idle_timeout() {
     let upstream = big_answer_upstream().await;
@@ -626,29 +689,9 @@ async fn a_client_that_reads_none_of_its_answer_is_closed_within_the_idle_timeou
 
     // The one place is freed once the stalled client has read nothing for --idle-timeout:
     // another client is served, not told there are too many connections.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("client");
-    let started = Instant::now();
-    let mut last = (0, String::new());
-    while started.elapsed() < Duration::from_secs(12) {
-        if let Ok(response) = client
-            .get(format!("{}/v1/models", proxy.url()))
-            .header("connection", "close")
-            .send()
-            .await
-        {
-            let status = response.status().as_u16();
-            last = (status, response.text().await.unwrap_or_default());
-            if status == 200 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(last.0, 200, "still refused after 12s: {}", last.1);
-    assert_eq!(last.1, r#"{"object":"list","data":[]}"#);
+    let (status, body) = served_once_a_place_is_free(&proxy).await;
+    assert_eq!(status, 200, "still refused after 12s: {body}");
+    assert_eq!(body, r#"{"object":"list","data":[]}"#);
     // The stalled client's answer was cut, not sent whole.
     let mut received = 0usize;
     let mut buf = vec![0u8; 1 << 16];

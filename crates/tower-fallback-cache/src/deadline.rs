@@ -49,6 +49,24 @@ impl Drop for Deadline {
     }
 }
 
+/// `future`'s output, or `None` if it is not ready within `limit` (it is then dropped). The
+/// clock is read only once the future has had to wait: the built-in stores' reads and
+/// writes are mostly ready at once.
+pub(crate) async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut deadline: Option<Option<Deadline>> = None;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(output));
+        }
+        match deadline.get_or_insert_with(|| Deadline::after(limit)) {
+            Some(deadline) => deadline.poll_elapsed(cx).map(|()| None),
+            None => std::task::Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// The deadlines waited for, earliest first, and the wakers of those still wanted.
 #[derive(Default)]
 struct Waiting {

@@ -23,6 +23,7 @@ use crate::body::{
 use crate::breaker::{Admission, quota_scope};
 use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
+use crate::deadline::within;
 use crate::entry::{CachedResponse, key_header_value};
 use crate::headers::age_value;
 use crate::key::{CacheKey, KEY_VERSION, Memo};
@@ -670,17 +671,32 @@ fn log_other_key_version(key: &CacheKey, version: u8) {
     }
 }
 
-/// The store's own `get` (or `get_sealed`).
+/// The store's own `get` (or `get_sealed`), given up after [`MAX_STORE_READ_WAIT`].
 async fn ask(
     store: &dyn Store,
     key: &CacheKey,
     seal: Option<&Seal>,
 ) -> Result<Option<Arc<CachedResponse>>, StoreError> {
-    match seal {
-        Some(seal) => store.get_sealed(key, seal).await,
-        None => store.get(key).await,
-    }
+    let read = match seal {
+        Some(seal) => store.get_sealed(key, seal),
+        None => store.get(key),
+    };
+    // A read that does not finish (a store of the user's own without a timeout) is a
+    // store error, never a request kept waiting.
+    within(MAX_STORE_READ_WAIT, read)
+        .await
+        .unwrap_or(Err(StoreError::Timeout {
+            store: "the layer's",
+            timeout: MAX_STORE_READ_WAIT,
+        }))
 }
+
+/// The longest a request waits for the store to answer a read ([`Store::get`]): the
+/// built-in stores answer within their own bound (the disk store's read timeout, 1 s by
+/// default; Redis's operation timeout, 250 ms by default). A read of a store of the user's
+/// own that takes longer is given up, counted in `store_errors`, and the request goes on
+/// as if nothing were stored.
+pub(crate) const MAX_STORE_READ_WAIT: Duration = Duration::from_secs(2);
 
 fn replay<B: Body>(
     entry: Arc<CachedResponse>,

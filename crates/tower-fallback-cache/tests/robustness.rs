@@ -525,3 +525,81 @@ async fn a_store_that_never_takes_the_answer_never_keeps_the_client_waiting() {
     let stats = layer.stats().snapshot();
     assert_eq!((stats.stored, stats.store_errors), (0, 2));
 }
+
+/// A store of the user's own whose reads never finish (a network store without a timeout
+/// of its own): it takes every write, and answers no read.
+#[derive(Debug, Default)]
+struct NeverAnswers {
+    gets: AtomicUsize,
+}
+
+impl tower_fallback_cache::store::Store for NeverAnswers {
+    fn get<'a>(
+        &'a self,
+        _: &'a tower_fallback_cache::CacheKey,
+    ) -> tower_fallback_cache::store::StoreFuture<
+        'a,
+        Option<Arc<tower_fallback_cache::CachedResponse>>,
+    > {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+
+    fn put(
+        &self,
+        _: tower_fallback_cache::CacheKey,
+        _: Arc<tower_fallback_cache::CachedResponse>,
+        _: Duration,
+    ) -> tower_fallback_cache::store::StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        _: &'a tower_fallback_cache::CacheKey,
+    ) -> tower_fallback_cache::store::StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A store that fails is never an outage (the `Store` docs): one whose reads hang has each
+/// read given up, counted as a store error, and the request goes on as if nothing were
+/// stored, in cache-first mode (the lookup before the call) and in fallback mode (the
+/// lookup after a quota error).
+#[tokio::test]
+async fn a_store_that_never_answers_a_read_never_keeps_the_client_waiting() {
+    for (what, mode, quota) in [
+        ("cache-first", cache_first(), false),
+        ("fallback after a quota error", Mode::Fallback, true),
+    ] {
+        let store = Arc::new(NeverAnswers::default());
+        let layer = FallbackCacheLayer::builder()
+            .shared_store(store.clone())
+            .mode(mode)
+            .build();
+        let upstream = Upstream::default();
+        upstream.quota.store(quota, Ordering::SeqCst);
+        let service = layer.layer(upstream.clone());
+        let started = Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(20),
+            service.oneshot(chat_request("sk", &question(what))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the request waited for the store's read"))
+        .expect("an answer");
+        let waited = started.elapsed();
+        // Each read is given up after 2 s; cache-first reads twice before it calls.
+        assert!(waited < Duration::from_secs(6), "{what}: {waited:?}");
+        let expected = if quota {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(response.status(), expected, "{what}");
+        assert_eq!(response.headers()["x-fallback-cache"], "MISS", "{what}");
+        assert_eq!(upstream.calls(), 1, "{what}");
+        assert!(store.gets.load(Ordering::SeqCst) >= 1, "{what}");
+        assert!(layer.stats().snapshot().store_errors >= 1, "{what}");
+    }
+}

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
 use crate::coalesce::Leader;
-use crate::deadline::Deadline;
+use crate::deadline::within;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::protocol::{Completeness, EventCopy, Needles, Verdict, parse_event_from, verdict_on};
@@ -226,21 +226,3 @@ fn judge(rules: &mut dyn Completeness, raw: &[u8], first_line_end: Option<usize>
 /// default). A store of the user's own that takes longer has the write given up (dropped,
 /// counted in `store_errors`) and the answer passed on unstored.
 pub(crate) const MAX_STORE_WRITE_WAIT: Duration = Duration::from_secs(1);
-
-/// `future`'s output, or `None` if it is not ready within `limit` (it is then dropped). The
-/// clock is read only once the future has had to wait: the built-in stores' writes are
-/// ready at once.
-async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut deadline: Option<Option<Deadline>> = None;
-    std::future::poll_fn(|cx| {
-        if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Some(output));
-        }
-        match deadline.get_or_insert_with(|| Deadline::after(limit)) {
-            Some(deadline) => deadline.poll_elapsed(cx).map(|()| None),
-            None => std::task::Poll::Pending,
-        }
-    })
-    .await
-}

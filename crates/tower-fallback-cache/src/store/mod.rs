@@ -60,6 +60,12 @@ pub type HealthFuture<'a> = Pin<Box<dyn Future<Output = StoreHealth> + Send + 'a
 /// outage. `get` must not return an entry older than its time to live.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The answer stored under `key`, if any.
+    ///
+    /// A request waits for it (before the upstream is asked in cache-first mode, after a
+    /// failure the layer falls back on): a read not answered within 2 seconds is given up,
+    /// counted as a store error, and the request goes on as if nothing were stored. A store
+    /// that may be slow should bound its reads itself, well within that (as the disk and
+    /// Redis stores do).
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>>;
 
     /// Stores `entry` under `key` for `ttl`, replacing what was there.

@@ -391,7 +391,10 @@ where
             clean_upstream_head(status, &mut parts.headers, true);
             // A 206 is a part of an answer, to a request whose `range` the key does not hold.
             let whole = status.is_success() && status != StatusCode::PARTIAL_CONTENT;
-            let body = if whole && storable(&parts.headers, shared.max_response_body) {
+            let body = if whole
+                && storable(&parts.headers, shared.max_response_body)
+                && !followed_a_redirect(&parts.extensions)
+            {
                 let sink = CaptureSink {
                     key,
                     store: shared.store.clone(),
@@ -404,7 +407,7 @@ where
                 let capture = Capture::new(sink, status, headers, shared.max_response_body, rules);
                 ResponseBody::capture(body, capture)
             } else {
-                tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding or size)");
+                tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding, size or redirect)");
                 ResponseBody::upstream(body)
             };
             mark(
@@ -783,6 +786,21 @@ fn storable(headers: &HeaderMap, max_response_body: usize) -> bool {
         .iter()
         .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     !too_long && !encoded && !cache_control_has(headers, "no-store")
+}
+
+/// Whether the answer is one the inner service reached by following a redirect (a
+/// [`ReqwestService`](crate::reqwest::ReqwestService) whose client follows them): another
+/// URL's answer, never stored under this request's key.
+fn followed_a_redirect(extensions: &http::Extensions) -> bool {
+    #[cfg(feature = "reqwest")]
+    {
+        extensions.get::<crate::reqwest::Redirected>().is_some()
+    }
+    #[cfg(not(feature = "reqwest"))]
+    {
+        let _ = extensions;
+        false
+    }
 }
 
 /// The upstream's head made fit to go out: the cache's marks are the cache's, so the

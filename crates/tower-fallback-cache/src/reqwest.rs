@@ -64,6 +64,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// timeout, bad URL), which the layer classifies as
 /// [`Reason::Unreachable`](crate::Reason::Unreachable).
 ///
+/// A redirect the client follows (`reqwest::Client::new()` follows up to ten) is passed on
+/// to the caller, marked `MISS`, but never stored: its answer is another URL's, fetched
+/// without the request's body (a `POST` becomes a `GET`) and, on another host, without
+/// its credentials, so it is not the answer to the request it would be stored under. Build
+/// the client with `reqwest::redirect::Policy::none()` to get the redirect itself instead.
+///
 /// Cheap to clone: clones share the client's connection pool.
 #[derive(Clone, Debug)]
 pub struct ReqwestService {
@@ -198,12 +204,27 @@ where
         }
         let body = ::reqwest::Body::wrap(SyncBody::new(body));
         let pending = ::reqwest::Request::try_from(Request::from_parts(parts, body))
-            .map(|request| self.client.execute(request));
+            .map(|request| (request.url().clone(), self.client.execute(request)));
         ReqwestFuture {
-            inner: Box::pin(async move { Ok(Response::from(pending?.await?)) }),
+            inner: Box::pin(async move {
+                let (sent_to, pending) = pending?;
+                let answer = pending.await?;
+                // The client followed a redirect: the answer is another URL's.
+                let redirected = answer.url() != &sent_to;
+                let mut answer = Response::from(answer);
+                if redirected {
+                    answer.extensions_mut().insert(Redirected);
+                }
+                Ok(answer)
+            }),
         }
     }
 }
+
+/// Marks an answer the client reached by following a redirect: the layer passes it on but
+/// never stores it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Redirected;
 
 /// The answer of a [`ReqwestService`] call: its status and headers once they arrived; the
 /// body streams on.

@@ -1,0 +1,415 @@
+//! The layer in front of `ReqwestService`, over real loopback HTTP: a scripted upstream
+//! answers each request as the test says.
+#![cfg(feature = "reqwest")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_fallback_cache::reqwest::ReqwestService;
+use tower_fallback_cache::{CacheStatus, FallbackCacheLayer};
+
+use common::{CHAT_REQUEST, fixture};
+
+/// What a scripted upstream answers, given the request's head (lowercase) and body: the raw
+/// bytes of an HTTP/1.1 response, and whether the connection then stays open without a
+/// byte more (an upstream stalled half way through its answer) rather than closing.
+type Script = Arc<dyn Fn(&str, &[u8]) -> (Vec<u8>, bool) + Send + Sync>;
+
+/// An HTTP/1.1 upstream on loopback that reads each request (its head and its
+/// `content-length` or chunked body), answers it with `script`, and closes the connection
+/// (or holds it for 30 s).
+async fn scripted(script: Script) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let script = script.clone();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buf = [0; 4096];
+                let head_end = loop {
+                    let Ok(n) = socket.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    received.extend_from_slice(&buf[..n]);
+                    if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&received[..head_end]).to_lowercase();
+                let length: Option<usize> = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length: "))
+                    .map(|v| v.trim().parse().unwrap_or(0));
+                let chunked = head.contains("transfer-encoding: chunked");
+                loop {
+                    let done = match length {
+                        Some(length) => received.len() >= head_end + length,
+                        None => !chunked || received[head_end..].ends_with(b"0\r\n\r\n"),
+                    };
+                    if done {
+                        break;
+                    }
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = if chunked {
+                    dechunk(&received[head_end..])
+                } else {
+                    received[head_end..].to_vec()
+                };
+                let (answer, hold) = script(&head, &body);
+                let _ = socket.write_all(&answer).await;
+                if hold {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The data of a chunked body.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..line_end]).expect("chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&raw[start..start + size]);
+        raw = &raw[start + size + 2..];
+    }
+    out
+}
+
+/// The head of a chunked HTTP/1.1 answer, and its body's chunks.
+fn chunked(status: u16, content_type: &str, chunks: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in chunks {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// A whole HTTP/1.1 response.
+fn http_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("connection: close\r\n\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+fn quota_error() -> Vec<u8> {
+    let error = fixture("provider-errors/openai-429-insufficient_quota.json");
+    http_response(429, &[("content-type", "application/json")], &error)
+}
+
+fn chat(credential: &str) -> Request<Full<Bytes>> {
+    Request::post("/chat/completions")
+        .header("authorization", format!("Bearer {credential}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(CHAT_REQUEST.as_bytes())))
+        .expect("request")
+}
+
+/// An upstream that redirects elsewhere (`reqwest::Client::new()`, as the docs build it,
+/// follows redirects): the answer of the other host is not the answer to this request, so
+/// it is passed on but never stored, and a quota error later finds nothing to serve.
+#[tokio::test]
+async fn an_answer_reached_through_a_redirect_is_passed_on_never_stored() {
+    let foreign = br#"{"id":"chatcmpl-foreign","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"not yours"},"finish_reason":"stop"}]}"#;
+    let elsewhere = scripted(Arc::new(move |_: &str, _: &[u8]| {
+        let answer = http_response(200, &[("content-type", "application/json")], foreign);
+        (answer, false)
+    }))
+    .await;
+    let out_of_quota = Arc::new(Mutex::new(false));
+    let quota = out_of_quota.clone();
+    let upstream = scripted(Arc::new(move |_: &str, _: &[u8]| {
+        if *quota.lock().expect("lock") {
+            (quota_error(), false)
+        } else {
+            let location = format!("http://{elsewhere}/elsewhere");
+            (http_response(302, &[("location", &location)], b""), false)
+        }
+    }))
+    .await;
+
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = service.clone().oneshot(chat("sk-a")).await;
+        let response = response.expect("an answer");
+        let status = response.extensions().get::<CacheStatus>().copied();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, body)
+    })
+    .await
+    .expect("in time");
+    assert_eq!(first.0, Some(CacheStatus::Miss));
+    assert_eq!(
+        &first.1[..],
+        &foreign[..],
+        "the client sees what it was sent"
+    );
+
+    *out_of_quota.lock().expect("lock") = true;
+    let second = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = service.clone().oneshot(chat("sk-a")).await;
+        let response = response.expect("an answer");
+        let status = response.status();
+        let cache = response.headers()["x-fallback-cache"].clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, cache, body)
+    })
+    .await
+    .expect("in time");
+    assert_eq!(
+        (second.0, second.1.to_str().expect("ascii")),
+        (StatusCode::TOO_MANY_REQUESTS, "MISS"),
+        "the redirected host's answer was stored and served: {:?}",
+        String::from_utf8_lossy(&second.2)
+    );
+}
+
+/// What a second request for the same question gets once the upstream is out of quota:
+/// status, `x-fallback-cache` and body.
+async fn after_quota_runs_out(
+    service: &tower_fallback_cache::FallbackCache<ReqwestService>,
+    request: Request<Full<Bytes>>,
+) -> (StatusCode, String, Bytes) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let response = service.clone().oneshot(request).await.expect("an answer");
+        let status = response.status();
+        let cache = response.headers()["x-fallback-cache"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, cache, body)
+    })
+    .await
+    .expect("in time")
+}
+
+/// The ordinary case through a real client: a base URL with a path prefix and a trailing
+/// slash, a request with a query; the answer is stored, and served once the quota is gone.
+#[tokio::test]
+async fn an_answer_through_reqwest_is_stored_and_served_when_the_quota_is_gone() {
+    let out_of_quota = Arc::new(Mutex::new(false));
+    let quota = out_of_quota.clone();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let upstream = scripted(Arc::new(move |head: &str, _: &[u8]| {
+        seen.lock().expect("lock").push(head.to_owned());
+        if *quota.lock().expect("lock") {
+            return (quota_error(), false);
+        }
+        let answer = common::chat_completion();
+        (
+            http_response(200, &[("content-type", "application/json")], &answer),
+            false,
+        )
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/openai/v1/"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+    let request = || {
+        let mut request = chat("sk-a");
+        *request.uri_mut() = "/chat/completions?api-version=2024-10-21"
+            .parse()
+            .expect("uri");
+        request
+    };
+    let first = after_quota_runs_out(&service, request()).await;
+    assert_eq!((first.0, first.1.as_str()), (StatusCode::OK, "MISS"));
+    *out_of_quota.lock().expect("lock") = true;
+    let second = after_quota_runs_out(&service, request()).await;
+    assert_eq!((second.0, second.1.as_str()), (StatusCode::OK, "FALLBACK"));
+    assert_eq!(second.2, first.2);
+    let heads = heads.lock().expect("lock");
+    assert!(
+        heads[0]
+            .starts_with("post /openai/v1/chat/completions?api-version=2024-10-21 http/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+}
+
+/// A streamed answer read frame by frame and dropped half way: nothing is stored, and the
+/// next request is not held up by it.
+#[tokio::test]
+async fn a_stream_dropped_half_way_is_not_stored_and_holds_nothing_up() {
+    let stream = fixture("openai-chat-completion-stream.sse");
+    let half = stream.len() / 2;
+    let out_of_quota = Arc::new(Mutex::new(false));
+    let quota = out_of_quota.clone();
+    let upstream = scripted(Arc::new(move |_: &str, _: &[u8]| {
+        if *quota.lock().expect("lock") {
+            return (quota_error(), false);
+        }
+        (chunked(200, "text/event-stream", &[&stream[..half]]), true)
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        service.clone().oneshot(chat("sk-a")),
+    )
+    .await
+    .expect("in time")
+    .expect("an answer");
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+    let mut body = response.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("in time")
+        .expect("a frame")
+        .expect("data");
+    assert!(frame.is_data());
+    drop(body);
+    *out_of_quota.lock().expect("lock") = true;
+    let second = after_quota_runs_out(&service, chat("sk-a")).await;
+    assert_eq!(
+        (second.0, second.1.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "MISS"),
+        "{:?}",
+        String::from_utf8_lossy(&second.2)
+    );
+}
+
+/// The client's timeout ends a stalled stream: the caller's body fails, nothing is stored.
+#[tokio::test]
+async fn a_client_timeout_mid_stream_fails_the_body_and_stores_nothing() {
+    let stream = fixture("openai-chat-completion-stream.sse");
+    let half = stream.len() / 2;
+    let out_of_quota = Arc::new(Mutex::new(false));
+    let quota = out_of_quota.clone();
+    let upstream = scripted(Arc::new(move |_: &str, _: &[u8]| {
+        if *quota.lock().expect("lock") {
+            return (quota_error(), false);
+        }
+        (chunked(200, "text/event-stream", &[&stream[..half]]), true)
+    }))
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let reqwest = ReqwestService::new(client)
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        service.clone().oneshot(chat("sk-a")),
+    )
+    .await
+    .expect("in time")
+    .expect("an answer");
+    let read = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("in time");
+    assert!(read.is_err(), "the stalled body ended cleanly");
+    *out_of_quota.lock().expect("lock") = true;
+    let second = after_quota_runs_out(&service, chat("sk-a")).await;
+    assert_eq!(
+        (second.0, second.1.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "MISS")
+    );
+}
+
+/// A streamed request body (no length) longer than `max_request_body` reaches the
+/// upstream whole, marked `BYPASS`.
+#[tokio::test]
+async fn a_streamed_request_body_over_the_limit_reaches_the_upstream_whole() {
+    let upstream = scripted(Arc::new(move |_: &str, body: &[u8]| {
+        let answer = http_response(200, &[("content-type", "application/json")], body);
+        (answer, false)
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let layer = FallbackCacheLayer::builder().max_request_body(16).build();
+    let service = tower::Layer::layer(&layer, reqwest);
+    let sent: Vec<Bytes> = CHAT_REQUEST
+        .as_bytes()
+        .chunks(7)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let chunks = futures_util::stream::iter(
+        sent.into_iter()
+            .map(|chunk| Ok::<_, std::io::Error>(http_body::Frame::data(chunk))),
+    );
+    let request = Request::post("/chat/completions")
+        .header("authorization", "Bearer sk-a")
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(chunks))
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(10), service.oneshot(request))
+        .await
+        .expect("in time")
+        .expect("an answer");
+    assert_eq!(response.headers()["x-fallback-cache"], "BYPASS");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(&body[..], CHAT_REQUEST.as_bytes());
+}

@@ -56,6 +56,8 @@ use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tower_service::Service;
 
+use crate::headers::remove_hop_by_hop;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A [`reqwest::Client`] as a tower [`Service`]: takes an
@@ -91,7 +93,9 @@ impl ReqwestService {
     ///
     /// The request is then treated as forwarded: the scheme and authority of its URI, its
     /// `host` header and its HTTP version describe the hop that brought it, so they are
-    /// replaced by the upstream's own.
+    /// replaced by the upstream's own, and its [hop-by-hop headers](crate::headers::HOP_BY_HOP)
+    /// (`connection` and those it names, `keep-alive`, `proxy-authorization`, `te`,
+    /// `transfer-encoding`, `upgrade`, ...) are dropped.
     ///
     /// `base` must be an absolute `http` or `https` URL without credentials, query or
     /// fragment.
@@ -200,6 +204,9 @@ where
                 parts.uri = uri;
             }
             parts.headers.remove(HOST);
+            // Headers of the hop that brought the request (`proxy-authorization`, a
+            // credential for that hop only, above all) go no further.
+            remove_hop_by_hop(&mut parts.headers);
             parts.version = Version::default();
         }
         let body = ::reqwest::Body::wrap(SyncBody::new(body));

@@ -413,3 +413,49 @@ async fn a_streamed_request_body_over_the_limit_reaches_the_upstream_whole() {
         .to_bytes();
     assert_eq!(&body[..], CHAT_REQUEST.as_bytes());
 }
+
+/// With a base URL the request is forwarded: the headers of the hop that brought it
+/// (`proxy-authorization` above all, a credential for this hop only; `connection` and the
+/// headers it names; `keep-alive`, `te`, `upgrade`) do not reach the upstream, as `host`
+/// does not; the end-to-end ones do.
+#[tokio::test]
+async fn a_forwarded_request_leaves_its_hop_by_hop_headers_behind() {
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let upstream = scripted(Arc::new(move |head: &str, _: &[u8]| {
+        seen.lock().expect("lock").push(head.to_owned());
+        let answer = common::chat_completion();
+        let answer = http_response(200, &[("content-type", "application/json")], &answer);
+        (answer, false)
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+    let mut request = chat("sk-a");
+    for (name, value) in [
+        ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
+        ("connection", "keep-alive, x-hop-only"),
+        ("x-hop-only", "1"),
+        ("keep-alive", "timeout=5"),
+        ("te", "trailers"),
+        ("x-end-to-end", "kept"),
+    ] {
+        request
+            .headers_mut()
+            .insert(name, value.parse().expect("header value"));
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), service.oneshot(request))
+        .await
+        .expect("in time")
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let head = heads.lock().expect("lock")[0].clone();
+    for name in ["proxy-authorization", "x-hop-only", "keep-alive", "te:"] {
+        assert!(!head.contains(name), "{name} reached the upstream:\n{head}");
+    }
+    assert!(!head.contains("cHJveHk6c2VjcmV0"), "{head}");
+    assert!(head.contains("x-end-to-end: kept\r\n"), "{head}");
+    assert!(head.contains("authorization: bearer sk-a\r\n"), "{head}");
+}

@@ -264,10 +264,9 @@ where
                     }
                     Turn::Follow(call) => {
                         let left = shared.coalesce_wait.saturating_sub(waited.elapsed());
-                        if tokio::time::timeout(left, coalesce::wait(call))
-                            .await
-                            .is_err()
-                        {
+                        // The crate's own deadline, not a Tokio timer: a runtime built
+                        // without `enable_time` would panic on one.
+                        if within(left, coalesce::wait(call)).await.is_none() {
                             tracing::debug!(%key, "an identical request's call is taking long: calling the upstream");
                             break;
                         }

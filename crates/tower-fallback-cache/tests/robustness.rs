@@ -603,3 +603,50 @@ async fn a_store_that_never_answers_a_read_never_keeps_the_client_waiting() {
         assert!(layer.stats().snapshot().store_errors >= 1, "{what}");
     }
 }
+
+/// The layer needs no Tokio timer (its bounds are kept by a thread of the crate): in a
+/// runtime built without `enable_time`, identical cache-first requests that miss together
+/// coalesce behind one call instead of panicking on the follower's wait.
+#[test]
+fn identical_cache_first_requests_coalesce_in_a_runtime_without_a_timer() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime without enable_time");
+    runtime.block_on(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        // An upstream that takes a few turns of the executor (no timer) to answer.
+        let upstream = tower::service_fn(move |request: Req| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let body = read_body(request.into_body()).await;
+                for _ in 0..20 {
+                    tokio::task::yield_now().await;
+                }
+                Ok::<_, std::io::Error>(json_response(StatusCode::OK, answer_to(&body)))
+            }
+        });
+        let layer = FallbackCacheLayer::builder().mode(cache_first()).build();
+        let service = layer.layer(upstream);
+        let asked = question("coalesced without a timer");
+        let ask = || {
+            let service = service.clone();
+            let asked = asked.clone();
+            async move {
+                let response = service
+                    .oneshot(chat_request("sk", &asked))
+                    .await
+                    .expect("an answer");
+                let cache = response.headers()["x-fallback-cache"].clone();
+                (cache, read_body(response.into_body()).await)
+            }
+        };
+        let (leader, follower) = futures_util::future::join(ask(), ask()).await;
+        assert_eq!(leader.0, "MISS");
+        assert_eq!(follower.0, "HIT");
+        assert_eq!(leader.1, answer_to(asked.as_bytes()));
+        assert_eq!(follower.1, leader.1);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(layer.stats().snapshot().coalesced, 1);
+    });
+}

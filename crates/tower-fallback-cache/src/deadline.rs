@@ -67,6 +67,11 @@ pub(crate) async fn within<F: Future>(limit: Duration, future: F) -> Option<F::O
     .await
 }
 
+/// Waits `duration`, as a Tokio sleep does, without a Tokio timer.
+pub(crate) async fn sleep(duration: Duration) {
+    within(duration, std::future::pending::<()>()).await;
+}
+
 /// The deadlines waited for, earliest first, and the wakers of those still wanted.
 #[derive(Default)]
 struct Waiting {

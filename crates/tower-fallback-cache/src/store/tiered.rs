@@ -343,7 +343,9 @@ async fn drain<B: Store>(
                     if given_up {
                         break;
                     }
-                    tokio::time::sleep(delay).await;
+                    // The crate's own clock: a runtime without `enable_time` would panic
+                    // on a Tokio sleep.
+                    crate::deadline::sleep(delay).await;
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
                 weight.done = true;
@@ -770,6 +772,59 @@ mod tests {
     async fn a_miss_in_both_is_a_miss() {
         let tiered = Tiered::new(MemoryStore::new(1 << 20), MemoryStore::new(1 << 20));
         assert!(tiered.get(&key(3)).await.expect("tiered get").is_none());
+    }
+
+    /// A back store whose first write fails, as a Redis that blinked.
+    #[derive(Debug, Default)]
+    struct FailsFirst {
+        puts: AtomicU64,
+    }
+
+    impl Store for FailsFirst {
+        fn get<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, Option<Arc<CachedResponse>>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn put(&self, _: CacheKey, _: Arc<CachedResponse>, _: Duration) -> StoreFuture<'_, ()> {
+            let first = self.puts.fetch_add(1, Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                if first {
+                    Err(StoreError::backend("test", "the connection blinked"))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+
+        fn remove<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// The queue's pause before it tries a failed write again needs no Tokio timer: in a
+    /// runtime built without `enable_time` the write is tried again and lands, rather than
+    /// the queue's task panicking on its pause and the answer never reaching the back.
+    #[test]
+    fn a_failed_back_write_is_tried_again_in_a_runtime_without_a_timer() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime without enable_time");
+        runtime.block_on(async {
+            let tiered = Tiered::new(MemoryStore::new(1 << 20), FailsFirst::default());
+            tiered
+                .put(key(1), entry("an answer"), HOUR)
+                .await
+                .expect("queued");
+            let started = Instant::now();
+            while tiered.back().puts.load(Ordering::SeqCst) < 2 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the failed write was never tried again"
+                );
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(tiered.usage().failed, Some(0));
+        });
     }
 
     /// A back store that never answers a write, as a paused Redis.

@@ -28,6 +28,11 @@ type Script = Arc<dyn Fn(&str, &[u8]) -> (Vec<u8>, bool) + Send + Sync>;
 /// `content-length` or chunked body), answers it with `script`, and closes the connection
 /// (or holds it for 30 s).
 async fn scripted(script: Script) -> SocketAddr {
+    scripted_after(Duration::ZERO, script).await
+}
+
+/// [`scripted`], answering each request `delay` after it arrived.
+async fn scripted_after(delay: Duration, script: Script) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     tokio::spawn(async move {
@@ -76,6 +81,7 @@ async fn scripted(script: Script) -> SocketAddr {
                     received[head_end..].to_vec()
                 };
                 let (answer, hold) = script(&head, &body);
+                tokio::time::sleep(delay).await;
                 let _ = socket.write_all(&answer).await;
                 if hold {
                     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -458,4 +464,103 @@ async fn a_forwarded_request_leaves_its_hop_by_hop_headers_behind() {
     assert!(!head.contains("cHJveHk6c2VjcmV0"), "{head}");
     assert!(head.contains("x-end-to-end: kept\r\n"), "{head}");
     assert!(head.contains("authorization: bearer sk-a\r\n"), "{head}");
+}
+
+/// The README's axum server in cache-first mode, over real HTTP: identical requests that
+/// arrive together make one upstream call and all get its answer; a client that gives up
+/// on the request making the call leaves the others answered (one of them calls again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_axum_server_coalesces_identical_requests_and_survives_a_cancelled_leader() {
+    use axum::error_handling::HandleError;
+
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let upstream = scripted_after(
+        Duration::from_millis(400),
+        Arc::new(move |_: &str, _: &[u8]| {
+            let call = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = format!(r#"{{"id":"chatcmpl-{call}","object":"chat.completion"}}"#);
+            let answer = http_response(
+                200,
+                &[("content-type", "application/json")],
+                answer.as_bytes(),
+            );
+            (answer, false)
+        }),
+    )
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let layer = FallbackCacheLayer::builder()
+        .mode(tower_fallback_cache::Mode::CacheFirst {
+            fresh_for: Duration::from_secs(600),
+        })
+        .build();
+    let llm = HandleError::new(
+        tower::Layer::layer(&layer, reqwest),
+        |error: reqwest::Error| async move { (StatusCode::BAD_GATEWAY, error.to_string()) },
+    );
+    let app = axum::Router::new().fallback_service(llm);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = reqwest::Client::new();
+    let ask = |question: &'static str, timeout: Duration| {
+        let client = client.clone();
+        async move {
+            let body = CHAT_REQUEST.replace("Say hello", question);
+            let response = client
+                .post(format!("http://{server}/chat/completions"))
+                .header("authorization", "Bearer sk-a")
+                .header("content-type", "application/json")
+                .body(body)
+                .timeout(timeout)
+                .send()
+                .await?;
+            let cache = response.headers()["x-fallback-cache"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>((cache, body))
+        }
+    };
+
+    // Ten at once: one call, one MISS, nine served its answer.
+    let all =
+        futures_util::future::join_all((0..10).map(|_| ask("together", Duration::from_secs(10))))
+            .await;
+    let all: Vec<_> = all.into_iter().map(|r| r.expect("an answer")).collect();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        all.iter().filter(|(cache, _)| cache == "MISS").count(),
+        1,
+        "{all:?}"
+    );
+    assert!(all.iter().all(|(_, body)| body == &all[0].1), "{all:?}");
+
+    // The leader's client gives up after 100 ms; the followers arrive meanwhile.
+    let leader = tokio::spawn(ask("cancelled", Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let followers = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all((0..5).map(|_| ask("cancelled", Duration::from_secs(10)))),
+    )
+    .await
+    .expect("the followers are answered");
+    assert!(
+        leader.await.expect("joined").is_err(),
+        "the leader's client gave up"
+    );
+    let followers: Vec<_> = followers
+        .into_iter()
+        .map(|r| r.expect("an answer"))
+        .collect();
+    assert!(
+        followers.iter().all(|(_, body)| body == &followers[0].1),
+        "{followers:?}"
+    );
+    assert!(calls.load(std::sync::atomic::Ordering::SeqCst) <= 3);
 }

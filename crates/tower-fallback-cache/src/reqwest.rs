@@ -45,6 +45,7 @@
 //! # }
 //! ```
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -91,6 +92,12 @@ impl ReqwestService {
     /// `https://api.openai.com/v1` and `/chat/completions?x=1` make
     /// `https://api.openai.com/v1/chat/completions?x=1`.
     ///
+    /// A request never leaves the base URL's path: the dot segments of its path are
+    /// resolved before the join (`/../admin` is `/admin`, sent to
+    /// `https://api.openai.com/v1/admin`), and a path with an encoded dot segment (`%2e%2e`),
+    /// an encoded `/` or `\` (`%2f`, `%5c`) or a backslash is not sent: the call fails with
+    /// reqwest's error for a URL without a base ([`reqwest::Error::is_builder`]).
+    ///
     /// The request is then treated as forwarded: the scheme and authority of its URI, its
     /// `host` header and its HTTP version describe the hop that brought it, so they are
     /// replaced by the upstream's own, and its [hop-by-hop headers](crate::headers::HOP_BY_HOP)
@@ -109,13 +116,64 @@ impl ReqwestService {
         &self.client
     }
 
-    /// The URI a request for `uri` is sent to.
+    /// The URI a request for `uri` is sent to: `None` for a path that would leave the base
+    /// URL's path (see [`within_base`]).
     fn target(&self, uri: &Uri) -> Option<Uri> {
         let base = self.base.as_deref()?;
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let path = if path.starts_with('/') { path } else { "/" };
+        let path = within_base(path)?;
         Uri::try_from(format!("{base}{path}")).ok()
     }
+}
+
+/// `path_and_query` with its dot segments resolved (RFC 3986, never above the root), so
+/// that joined to the base URL it stays under the base URL's path: the URL parser
+/// resolves `..`, `%2e%2e` and `\` after the join, and would climb out of it. `None` for
+/// the forms only an attacker or a broken client sends: an encoded dot segment, an encoded
+/// `/` or `\`, a backslash. The query is kept as sent. A path without `.`, `%` or `\`
+/// (nearly every API call) is returned as it came.
+fn within_base(path_and_query: &str) -> Option<Cow<'_, str>> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return Some(Cow::Borrowed(path_and_query));
+    }
+    let lower = path.to_ascii_lowercase();
+    if path.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
+        return None;
+    }
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    let mut trailing_slash = false;
+    for (i, segment) in segments.into_iter().enumerate() {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        if (decoded == "." || decoded == "..") && decoded.len() != segment.len() {
+            return None;
+        }
+        match segment {
+            "." => trailing_slash = i == last,
+            ".." => {
+                kept.pop();
+                trailing_slash = i == last;
+            }
+            other => kept.push(other),
+        }
+    }
+    let mut resolved = String::with_capacity(path_and_query.len() + 1);
+    resolved.push('/');
+    resolved.push_str(&kept.join("/"));
+    if trailing_slash && !resolved.ends_with('/') {
+        resolved.push('/');
+    }
+    if let Some(query) = query {
+        resolved.push('?');
+        resolved.push_str(query);
+    }
+    Some(Cow::Owned(resolved))
 }
 
 /// Checks an upstream base URL as [`ReqwestService::base_url`] does, and returns it without
@@ -198,11 +256,10 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
         if self.base.is_some() {
-            // A URI that cannot be joined (none can, in practice) stays relative and is
-            // refused by reqwest with its own error.
-            if let Some(uri) = self.target(&parts.uri) {
-                parts.uri = uri;
-            }
+            // A path that would leave the base URL's path (or a URI that cannot be joined)
+            // is not sent: a relative URI is refused by reqwest with its own error, and the
+            // request's own URI, absolute perhaps, is not used either.
+            parts.uri = self.target(&parts.uri).unwrap_or_default();
             parts.headers.remove(HOST);
             // Headers of the hop that brought the request (`proxy-authorization`, a
             // credential for that hop only, above all) go no further.

@@ -564,3 +564,53 @@ async fn an_axum_server_coalesces_identical_requests_and_survives_a_cancelled_le
     );
     assert!(calls.load(std::sync::atomic::Ordering::SeqCst) <= 3);
 }
+
+/// A base URL with a path (`https://gateway/tenant-a/v1`) is where every request goes: a
+/// path with dot segments, plain or encoded, never climbs out of it (the URL parser
+/// resolves `..` and `%2e%2e` after the join). Either the request reaches the upstream
+/// under the base path, or it is refused without reaching it.
+#[tokio::test]
+async fn a_request_path_never_climbs_out_of_the_base_url() {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    let upstream = scripted(Arc::new(move |head: &str, _: &[u8]| {
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        seen.lock().expect("lock").push(line);
+        (
+            http_response(200, &[("content-type", "application/json")], b"{}"),
+            false,
+        )
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/tenant-a/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+    for path in [
+        "/../../tenant-b/v1/chat/completions",
+        "/chat/../../../tenant-b/v1/models",
+        "/%2e%2e/%2e%2e/tenant-b/v1/chat/completions",
+        "/%2E%2E/.%2e/tenant-b/v1/chat/completions",
+    ] {
+        lines.lock().expect("lock").clear();
+        let mut request = chat("sk-a");
+        *request.uri_mut() = path.parse().expect("uri");
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), service.clone().oneshot(request))
+                .await
+                .expect("in time");
+        let lines = lines.lock().expect("lock").clone();
+        match outcome {
+            Ok(response) => {
+                assert_eq!(response.status(), StatusCode::OK, "{path}");
+                assert_eq!(lines.len(), 1, "{path}");
+                assert!(
+                    lines[0].starts_with("post /tenant-a/v1/"),
+                    "{path} reached the upstream as {:?}",
+                    lines[0]
+                );
+            }
+            Err(_) => assert!(lines.is_empty(), "{path}: refused, yet sent: {lines:?}"),
+        }
+    }
+}

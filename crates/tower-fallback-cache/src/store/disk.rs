@@ -684,7 +684,8 @@ impl DiskStoreBuilder {
     /// longer is a store error, so the request is answered without the store, and the
     /// store reports itself degraded until a read comes back; once every reader thread has
     /// waited longer, reads fail at once. The timeout is kept by a thread of the store, so
-    /// any executor, and a Tokio runtime without its timer, can read it.
+    /// any executor, and a Tokio runtime without its timer, can read it. The layer waits at
+    /// most 2 s for a read whatever this says (see [`Store::get`](super::Store::get)).
     ///
     /// ```
     /// use std::time::Duration;

@@ -652,7 +652,9 @@ impl RedisStoreBuilder {
     }
 
     /// How long any one operation may take (default 250 ms). Past it the operation is a
-    /// [`StoreError::Timeout`], and the layer carries on without the cache.
+    /// [`StoreError::Timeout`], and the layer carries on without the cache. The layer
+    /// itself waits at most 2 s for a read and 1 s for a write, whatever this says (see
+    /// [`Store::get`](super::Store::get) and [`Store::put`](super::Store::put)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self

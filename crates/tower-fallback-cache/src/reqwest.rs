@@ -102,7 +102,7 @@ impl ReqwestService {
     /// `host` header and its HTTP version describe the hop that brought it, so they are
     /// replaced by the upstream's own, and its [hop-by-hop headers](crate::headers::HOP_BY_HOP)
     /// (`connection` and those it names, `keep-alive`, `proxy-authorization`, `te`,
-    /// `transfer-encoding`, `upgrade`, ...) are dropped.
+    /// `transfer-encoding`, `upgrade`, ...) are dropped; so are those of its answer.
     ///
     /// `base` must be an absolute `http` or `https` URL without credentials, query or
     /// fragment.
@@ -266,6 +266,7 @@ where
             remove_hop_by_hop(&mut parts.headers);
             parts.version = Version::default();
         }
+        let forwarded = self.base.is_some();
         let body = ::reqwest::Body::wrap(SyncBody::new(body));
         let pending = ::reqwest::Request::try_from(Request::from_parts(parts, body))
             .map(|request| (request.url().clone(), self.client.execute(request)));
@@ -278,6 +279,10 @@ where
                 let mut answer = Response::from(answer);
                 if redirected {
                     answer.extensions_mut().insert(Redirected);
+                }
+                // The answer is forwarded too: the headers of the upstream's hop stay here.
+                if forwarded {
+                    remove_hop_by_hop(answer.headers_mut());
                 }
                 Ok(answer)
             }),

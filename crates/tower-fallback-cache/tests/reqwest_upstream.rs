@@ -614,3 +614,48 @@ async fn a_request_path_never_climbs_out_of_the_base_url() {
         }
     }
 }
+
+/// With a base URL the answer is forwarded too: the headers of the upstream's hop
+/// (`connection` and those it names, `keep-alive`) do not reach the caller, on a `MISS` as
+/// on a `FALLBACK` (a stored answer never keeps them); the end-to-end ones do.
+#[tokio::test]
+async fn a_forwarded_answer_leaves_the_upstreams_hop_by_hop_headers_behind() {
+    let upstream = scripted(Arc::new(move |_: &str, _: &[u8]| {
+        let answer = common::chat_completion();
+        let headers = [
+            ("content-type", "application/json"),
+            ("keep-alive", "timeout=5"),
+            ("x-upstream-hop", "1"),
+            ("x-request-id", "req_1"),
+        ];
+        let mut answer = http_response(200, &headers, &answer);
+        // `connection: close` is already there; name the hop header in it too.
+        let at = answer
+            .windows(19)
+            .position(|w| w == b"connection: close\r\n")
+            .expect("connection header");
+        answer.splice(
+            at..at + 19,
+            b"connection: close, x-upstream-hop\r\n".iter().copied(),
+        );
+        (answer, false)
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+    let response = tokio::time::timeout(Duration::from_secs(10), service.oneshot(chat("sk-a")))
+        .await
+        .expect("in time")
+        .expect("an answer");
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+    for name in ["connection", "keep-alive", "x-upstream-hop"] {
+        assert!(
+            !response.headers().contains_key(name),
+            "{name} reached the caller: {:?}",
+            response.headers()
+        );
+    }
+    assert_eq!(response.headers()["x-request-id"], "req_1");
+}

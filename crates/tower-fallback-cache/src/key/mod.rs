@@ -121,12 +121,13 @@ impl FromStr for CacheKey {
 ///
 /// Always: the partition, the method, the scheme and authority of an absolute URI (a
 /// [`ReqwestService`](crate::reqwest::ReqwestService) without a base URL sends each request
-/// where its URI says, so two hosts never share an answer), the path and query as sent, the
-/// media type (`content-type` without its parameters: the same bytes sent as JSON and as
-/// text are two requests), and every field of the body. Configurable: the request headers
-/// that change the answer (by default `openai-organization`, `openai-project`,
-/// `openai-beta`, `anthropic-version`, `anthropic-beta`) and body fields to ignore (none by
-/// default).
+/// where its URI says, so two hosts never share an answer; a relative URI names no host,
+/// so a layer that sees relative URIs fronts one upstream: a base URL's, or a proxy's),
+/// the path and query as sent, the media type (`content-type` without its parameters: the
+/// same bytes sent as JSON and as text are two requests), and every field of the body.
+/// Configurable: the request headers that change the answer (by default
+/// `openai-organization`, `openai-project`, `openai-beta`, `anthropic-version`,
+/// `anthropic-beta`) and body fields to ignore (none by default).
 ///
 /// A JSON body is hashed in canonical form (keys sorted, whitespace dropped, strings and
 /// numbers normalised), so the same request written two ways shares its answer. Any other

@@ -244,7 +244,8 @@ fn refused(status: StatusCode, message: &str) -> Response {
 }
 
 /// A 502 in OpenAI's error shape, marked as a miss (or a bypassed request) whose upstream
-/// was unreachable.
+/// was unreachable: in its headers, and in its extensions, where the request's time is
+/// observed under that status as the layer counted it.
 fn bad_gateway(upstream: &str, cause: &str, status: CacheStatus) -> Response {
     let message = format!("fallback-cache-proxy could not reach the upstream {upstream}: {cause}");
     let code = "upstream_unreachable";
@@ -255,6 +256,7 @@ fn bad_gateway(upstream: &str, cause: &str, status: CacheStatus) -> Response {
         X_FALLBACK_CACHE_REASON,
         HeaderValue::from_static(Reason::Unreachable.as_str()),
     );
+    response.extensions_mut().insert(status);
     response
 }
 

@@ -411,3 +411,61 @@ async fn the_suspended_credentials_gauge_is_back_to_zero_once_the_cooldown_ends(
     assert_eq!(metrics[gauge], 0, "{metrics:?}");
     assert_eq!(metrics["fallback_cache_quota_breaker_openings_total"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_for_an_unreachable_upstream_is_counted_and_timed_under_the_status_it_carries() {
+    // A port nobody listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let upstream = format!("http://127.0.0.1:{port}");
+    let proxy = Proxy::start(&["--upstream", &upstream, "--store", "memory"]);
+
+    // A keyed request and a bypassed one (an endpoint with side effects): each a 502,
+    // marked with the status the layer gave it.
+    let keyed = chat(&proxy, "/v1/chat/completions", "a question", None).await;
+    assert_eq!(keyed.status(), 502);
+    assert_eq!(cache_status(&keyed), "MISS");
+    assert_eq!(keyed.headers()["x-fallback-cache-reason"], "unreachable");
+    keyed.text().await.expect("a body");
+    let bypassed = chat(&proxy, "/v1/files", "an upload", None).await;
+    assert_eq!(bypassed.status(), 502);
+    assert_eq!(cache_status(&bypassed), "BYPASS");
+    bypassed.text().await.expect("a body");
+
+    let samples = common::metrics(proxy.url()).await;
+    let counted = by_label(&samples, "fallback_cache_requests_total", "status");
+    let timed = by_label(
+        &samples,
+        "fallback_cache_request_duration_seconds_count",
+        "status",
+    );
+    let expected = |pairs: &[(&str, u64)]| {
+        pairs
+            .iter()
+            .map(|&(status, count)| (status.to_owned(), count))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    // Each request once, under the x-fallback-cache value its client saw.
+    assert_eq!(
+        counted,
+        expected(&[("BYPASS", 1), ("FALLBACK", 0), ("HIT", 0), ("MISS", 1)]),
+        "{samples:?}"
+    );
+    assert_eq!(
+        timed,
+        expected(&[
+            ("BYPASS", 1),
+            ("FALLBACK", 0),
+            ("HIT", 0),
+            ("MISS", 1),
+            ("none", 0)
+        ]),
+        "{samples:?}"
+    );
+    assert_eq!(
+        samples["fallback_cache_upstream_unreachable_responses_total"],
+        2
+    );
+}

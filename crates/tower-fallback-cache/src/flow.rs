@@ -372,6 +372,9 @@ where
                 {
                     return Ok(served);
                 }
+                // A MISS without an answer: the caller answers for the upstream (the
+                // proxy's 502 is marked MISS), and every request is counted under one status.
+                Counters::add(&counters.misses);
                 tracing::debug!(%key, %reason, "inner service failed; error returned");
                 return Err(error);
             }

@@ -143,7 +143,8 @@ pub struct StatsSnapshot {
     pub requests: u64,
     /// Answered from the cache without calling the upstream (`HIT`, cache-first mode).
     pub hits: u64,
-    /// Forwarded and answered by the upstream (`MISS`), whatever the upstream said.
+    /// Forwarded to the upstream (`MISS`), whatever the upstream said, and also when the
+    /// inner service failed and nothing was served in its place (the error is returned).
     pub misses: u64,
     /// Upstream failed and a cached answer was served (`FALLBACK`).
     pub fallbacks: u64,

@@ -5,7 +5,7 @@
 //!   `Stats::snapshot` and `Store::usage` at each scrape;
 //! - what the proxy measures itself: the time to each response's head by cache status, each
 //!   upstream call ([`upstream::TimedUpstream`]), each store operation
-//!   ([`MeasuredStore`](store::MeasuredStore)), and the requests it answers itself (502, 400/408).
+//!   ([`MeasuredStore`](store::MeasuredStore)), and the requests it answers itself (400/408, 502).
 //!
 //! Every label value comes from a fixed set (a cache status, a reason, a store kind, an
 //! operation, a bucket bound): never a credential, a key or a path.
@@ -32,8 +32,9 @@ pub(crate) use self::upstream::{TimedUpstream, UpstreamError};
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// The `status` label of a response the proxy answered itself, without the layer's
-/// [`CacheStatus`]: a refused target (400), a client's fault (400, 408), an unreachable
-/// upstream (502).
+/// [`CacheStatus`]: a refused target (400, 501), a client's fault (400, 408). A 502 for an
+/// unreachable upstream carries the status the layer gave its request (`MISS` or `BYPASS`),
+/// and is observed under it.
 pub(crate) const NO_CACHE_STATUS: &str = "none";
 
 /// Bounds of the time to a response's head, in seconds: a hit takes well under a
@@ -85,7 +86,7 @@ impl Metrics {
         ];
         registry.register(
             "fallback_cache_request_duration_seconds",
-            "Time from a request's arrival to its response head, by the x-fallback-cache value it was answered with (none: answered by the proxy itself, a 400, 408 or 502)",
+            "Time from a request's arrival to its response head, by the x-fallback-cache value it was answered with (none: answered by the proxy itself, a 400, 408 or 501; a 502 for an unreachable upstream under the MISS or BYPASS it is marked with)",
             requests.clone(),
         );
         let upstream = Histogram::new(UPSTREAM_BUCKETS);

@@ -206,12 +206,10 @@ enum Create {
     No,
 }
 
-/// A `--store` setting as it may be shown: a Redis URL's password hidden.
+/// A `--store` setting as it may be shown: a URL's password hidden however the URL is
+/// written (after a space, its scheme in capitals), as the server shows its settings.
 fn shown(spec: &str) -> String {
-    if crate::parse::REDIS_SCHEMES
-        .iter()
-        .any(|scheme| spec.starts_with(scheme))
-    {
+    if spec.contains("://") {
         crate::parse::redact(spec)
     } else {
         spec.to_owned()

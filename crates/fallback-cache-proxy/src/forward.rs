@@ -128,7 +128,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
         .await;
     // The call failed because the client's body did: the client's fault, not the upstream's.
     let result = match (result, fault.get()) {
-        (Err(_), Some(fault)) => Err(Err(fault.clone())),
+        (Err(UpstreamError { bypassed, .. }), Some(fault)) => Err(Err((fault.clone(), bypassed))),
         (result, _) => result.map_err(Ok),
     };
     let response = match result {
@@ -153,7 +153,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
             }
             Response::from_parts(parts, Body::new(body))
         }
-        Err(Err(fault)) => {
+        Err(Err((fault, bypassed))) => {
             proxy.metrics.client_faults.inc();
             if proxy.client_fault_logged.first_in_a_while() {
                 tracing::info!(
@@ -164,7 +164,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
             } else {
                 tracing::debug!("{method} {path}: client fault: {fault}");
             }
-            client_fault(&fault)
+            client_fault(&fault, marked(bypassed))
         }
         Err(Ok(UpstreamError { error, bypassed })) => {
             proxy.metrics.bad_gateway.inc();
@@ -179,12 +179,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
             } else {
                 tracing::debug!("{method} {path}: upstream unreachable, answered 502: {cause}");
             }
-            let status = if bypassed {
-                CacheStatus::Bypass
-            } else {
-                CacheStatus::Miss
-            };
-            bad_gateway(&proxy.upstream, &cause, status)
+            bad_gateway(&proxy.upstream, &cause, marked(bypassed))
         }
     };
     tracing::debug!(
@@ -232,6 +227,16 @@ fn describe(error: &reqwest::Error) -> String {
     parts.join(": ")
 }
 
+/// The cache status of a request whose upstream call failed: `BYPASS` when the layer had
+/// bypassed it (it says so in the request's extensions), `MISS` when it was keyed.
+fn marked(bypassed: bool) -> CacheStatus {
+    if bypassed {
+        CacheStatus::Bypass
+    } else {
+        CacheStatus::Miss
+    }
+}
+
 /// A 400 in OpenAI's error shape, for a request the proxy will not forward.
 fn bad_request(message: &str) -> Response {
     refused(StatusCode::BAD_REQUEST, message)
@@ -268,8 +273,11 @@ fn client_fault_status(fault: &ClientFault) -> StatusCode {
 }
 
 /// A 400 (a broken body) or 408 (a stalled one) in OpenAI's error shape; the connection is
-/// closed after it, since what is left of the body cannot be read.
-fn client_fault(fault: &ClientFault) -> Response {
+/// closed after it, since what is left of the body cannot be read. Marked with the status
+/// the layer gave the request (`BYPASS`: a body that failed is never keyed), in its headers
+/// and in its extensions, where its time is observed under that status as the layer
+/// counted it.
+fn client_fault(fault: &ClientFault, cache: CacheStatus) -> Response {
     let status = client_fault_status(fault);
     let message = fault.to_string();
     let mut response = openai_error(
@@ -278,9 +286,10 @@ fn client_fault(fault: &ClientFault) -> Response {
         "invalid_request_error",
         Some("request_body_error"),
     );
-    response
-        .headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
+    let headers = response.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(X_FALLBACK_CACHE, HeaderValue::from_static(cache.as_str()));
+    response.extensions_mut().insert(cache);
     response
 }
 

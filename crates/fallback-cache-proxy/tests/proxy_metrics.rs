@@ -469,3 +469,55 @@ async fn a_502_for_an_unreachable_upstream_is_counted_and_timed_under_the_status
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_request_body_is_counted_and_timed_under_the_status_it_carries() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let addr = proxy.url().trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    stream
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n5\r\n{\"mod\r\nZZ\r\nnot a chunk\r\n0\r\n\r\n",
+        )
+        .await
+        .expect("sent");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    let marked = answer
+        .lines()
+        .find_map(|line| line.strip_prefix("x-fallback-cache: "))
+        .map(str::trim);
+
+    let samples = common::metrics(proxy.url()).await;
+    assert_eq!(samples["fallback_cache_client_faults_total"], 1);
+    let counted = by_label(&samples, "fallback_cache_requests_total", "status");
+    let timed = by_label(
+        &samples,
+        "fallback_cache_request_duration_seconds_count",
+        "status",
+    );
+    // Counted once, under the x-fallback-cache value its client saw, and timed so.
+    let seen: Vec<(String, u64)> = counted
+        .into_iter()
+        .filter(|&(_, count)| count > 0)
+        .collect();
+    assert_eq!(
+        seen,
+        [(marked.unwrap_or("(no mark)").to_uppercase(), 1)],
+        "{answer}"
+    );
+    assert_eq!(timed[&seen[0].0], 1, "{samples:?}");
+    assert_eq!(timed["none"], 0, "{samples:?}");
+}

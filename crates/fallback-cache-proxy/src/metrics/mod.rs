@@ -32,9 +32,9 @@ pub(crate) use self::upstream::{TimedUpstream, UpstreamError};
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// The `status` label of a response the proxy answered itself, without the layer's
-/// [`CacheStatus`]: a refused target (400, 501), a client's fault (400, 408). A 502 for an
-/// unreachable upstream carries the status the layer gave its request (`MISS` or `BYPASS`),
-/// and is observed under it.
+/// [`CacheStatus`]: a refused target (400, 501). A 502 for an unreachable upstream, and a
+/// 400 or 408 for a client's broken body, carry the status the layer gave their request
+/// (`MISS` or `BYPASS`), and are observed under it.
 pub(crate) const NO_CACHE_STATUS: &str = "none";
 
 /// Bounds of the time to a response's head, in seconds: a hit takes well under a
@@ -86,7 +86,7 @@ impl Metrics {
         ];
         registry.register(
             "fallback_cache_request_duration_seconds",
-            "Time from a request's arrival to its response head, by the x-fallback-cache value it was answered with (none: answered by the proxy itself, a 400, 408 or 501; a 502 for an unreachable upstream under the MISS or BYPASS it is marked with)",
+            "Time from a request's arrival to its response head, by the x-fallback-cache value it was answered with (none: answered by the proxy itself, a refused target's 400 or 501; a 502 for an unreachable upstream and a 400 or 408 for a client's broken body under the MISS or BYPASS they are marked with)",
             requests.clone(),
         );
         let upstream = Histogram::new(UPSTREAM_BUCKETS);

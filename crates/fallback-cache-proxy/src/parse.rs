@@ -329,7 +329,8 @@ impl fmt::Display for StoreSpec {
     }
 }
 
-/// A URL with its password replaced by `***` (each node's, for a cluster).
+/// A URL with its password replaced by `***` (each node's, for a cluster), and its query
+/// and fragment by `?…` (a query may carry a key: Gemini's `?key=`).
 pub(crate) fn redact(url: &str) -> String {
     if url.contains(',') {
         return url.split(',').map(redact).collect::<Vec<_>>().join(",");
@@ -343,11 +344,20 @@ pub(crate) fn redact(url: &str) -> String {
         };
     }
     match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
+        Ok(mut parsed) => {
+            let cut = parsed.query().is_some() || parsed.fragment().is_some();
+            let mut shown = if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+                parsed.to_string()
+            } else {
+                url.to_owned()
+            };
+            if cut && let Some(at) = shown.find(['?', '#']) {
+                shown.truncate(at);
+                shown.push_str("?…");
+            }
+            shown
         }
-        Ok(_) => url.to_owned(),
         // Named by its own scheme: an --upstream or --store URL alike.
         Err(_) => match url.split_once("://") {
             Some((scheme, _))
@@ -435,6 +445,31 @@ pub(crate) fn tenants(path: &str) -> Result<tower_fallback_cache::Tenants, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_its_password_or_query() {
+        for (url, shown) in [
+            (
+                "https://generativelanguage.googleapis.com/v1beta?key=AIza-secret",
+                "https://generativelanguage.googleapis.com/v1beta?…",
+            ),
+            (
+                "https://api.example.com/v1#secret",
+                "https://api.example.com/v1?…",
+            ),
+            (
+                "redis://:secret@127.0.0.1:6379/0?protocol=resp3",
+                "redis://:***@127.0.0.1:6379/0?…",
+            ),
+            (
+                "redis://:secret@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
 
     #[test]
     fn durations_and_sizes_read_as_people_write_them() {

@@ -188,8 +188,10 @@ fn within_base(path_and_query: &str) -> Option<Cow<'_, str>> {
 /// assert!(!error.to_string().contains("sk-secret"));
 /// ```
 pub fn normalize_base_url(base: &str) -> Result<String, InvalidBaseUrl> {
+    // The error is shown to people and logs: a URL's credentials and query (Gemini's API
+    // key travels as `?key=`) are kept out of it.
     let invalid = |why: &str| InvalidBaseUrl {
-        url: base.to_owned(),
+        url: without_secrets(base),
         why: why.to_owned(),
     };
     let url = ::reqwest::Url::parse(base).map_err(|error| {
@@ -206,14 +208,9 @@ pub fn normalize_base_url(base: &str) -> Result<String, InvalidBaseUrl> {
         ));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        // The error is shown to people and logs: keep the secret out of it.
-        let mut redacted = url.clone();
-        let _ = redacted.set_username("");
-        let _ = redacted.set_password(None);
-        return Err(InvalidBaseUrl {
-            url: redacted.to_string(),
-            why: "credentials go in the client's headers, not in the upstream URL".to_owned(),
-        });
+        return Err(invalid(
+            "credentials go in the client's headers, not in the upstream URL",
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(
@@ -221,6 +218,34 @@ pub fn normalize_base_url(base: &str) -> Result<String, InvalidBaseUrl> {
         ));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// `url` as it may be shown: without the user and password before its host, and with its
+/// query and fragment (which may carry a key) cut to `?…`. Works on text that is no URL.
+fn without_secrets(url: &str) -> String {
+    let (url, cut) = match url.find(['?', '#']) {
+        Some(at) => (&url[..at], true),
+        None => (url, false),
+    };
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..host_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    let mut shown = String::with_capacity(url.len() + 4);
+    if let Some(scheme) = scheme {
+        shown.push_str(scheme);
+        shown.push_str("://");
+    }
+    shown.push_str(rest);
+    if cut {
+        shown.push_str("?…");
+    }
+    shown
 }
 
 /// A base URL that [`ReqwestService::base_url`] cannot use.
@@ -366,6 +391,38 @@ impl<B: Body> Body for SyncBody<B> {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+
+    #[test]
+    fn a_refused_base_url_is_shown_without_its_key_or_credentials() {
+        for (url, shown) in [
+            (
+                "https://generativelanguage.googleapis.com/v1beta?key=AIza-secret",
+                "https://generativelanguage.googleapis.com/v1beta?…",
+            ),
+            (
+                "https://api.example.com/v1#AIza-secret",
+                "https://api.example.com/v1?…",
+            ),
+            (
+                "https://user:sk-secret@api.openai.com/v1",
+                "https://api.openai.com/v1",
+            ),
+            // Not even a URL (a space in the password): still nothing of the secret.
+            (
+                "https://user:sk secret@api.openai.com/v1",
+                "https://api.openai.com/v1",
+            ),
+            (
+                "ftp://user:sk-secret@host/?key=AIza-secret",
+                "ftp://host/?…",
+            ),
+        ] {
+            let error = normalize_base_url(url).expect_err(url);
+            let message = error.to_string();
+            assert!(message.contains(&format!("{shown:?}")), "{url}: {message}");
+            assert!(!message.contains("secret"), "{url}: {message}");
+        }
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tower::ServiceExt;

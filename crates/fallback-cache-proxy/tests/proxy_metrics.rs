@@ -521,3 +521,61 @@ async fn a_broken_request_body_is_counted_and_timed_under_the_status_it_carries(
     assert_eq!(timed[&seen[0].0], 1, "{samples:?}");
     assert_eq!(timed["none"], 0, "{samples:?}");
 }
+
+/// A streamed chat completion through the proxy.
+async fn stream(proxy: &Proxy, prompt: &str) -> reqwest::Response {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": true,
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("an answer")
+}
+
+#[tokio::test]
+async fn answers_that_were_not_stored_are_counted_by_why() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--max-response-body",
+        "2KiB",
+    ]);
+    // A stream that ends cleanly before its `[DONE]`, and a 200 that says it failed: each
+    // passed on as it came, neither stored.
+    mock.control().set_mode(Mode::EndEarly { after_events: 1 });
+    let cut = stream(&proxy, "cut short").await;
+    assert_eq!(
+        (cut.status().as_u16(), cache_status(&cut)),
+        (200, "MISS".into())
+    );
+    let got = cut.bytes().await.expect("the part it got");
+    assert!(!got.ends_with(b"data: [DONE]\n\n"));
+    mock.control().set_mode(Mode::Fail { after_events: 1 });
+    let failed = chat(&proxy, "/v1/chat/completions", "said it failed", None).await;
+    assert_eq!(cache_status(&failed), "MISS");
+    failed.bytes().await.expect("the failure");
+    // A stream that grows past --max-response-body as it comes.
+    mock.control().set_mode(Mode::Ok);
+    let large = stream(&proxy, &"word ".repeat(60)).await;
+    assert_eq!(cache_status(&large), "MISS");
+    let streamed = large.bytes().await.expect("the stream");
+    assert!(streamed.len() > 2048, "{} bytes", streamed.len());
+    assert!(streamed.ends_with(b"data: [DONE]\n\n"));
+
+    let metrics = common::metrics(proxy.url()).await;
+    for (why, count) in [("failed", 1), ("incomplete", 1), ("too_large", 1)] {
+        let name = format!("fallback_cache_unstored_total{{why=\"{why}\"}}");
+        assert_eq!(metrics.get(&name), Some(&count), "{name}");
+    }
+    assert_eq!(metrics["fallback_cache_stored_total"], 0);
+}

@@ -410,6 +410,12 @@ where
                 ResponseBody::capture(body, capture)
             } else {
                 tracing::debug!(%key, %status, "answer not storable (status, no-store, encoding, size or redirect)");
+                if whole
+                    && content_length(&parts.headers)
+                        .is_some_and(|len| len > shared.max_response_body as u64)
+                {
+                    Counters::add(&counters.unstored_too_large);
+                }
                 ResponseBody::upstream(body)
             };
             mark(

@@ -29,6 +29,9 @@ pub(crate) struct Counters {
     pub(crate) fallback_misses: AtomicU64,
     pub(crate) bypassed: AtomicU64,
     pub(crate) stored: AtomicU64,
+    pub(crate) unstored_failed: AtomicU64,
+    pub(crate) unstored_incomplete: AtomicU64,
+    pub(crate) unstored_too_large: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) corrupt_entries: AtomicU64,
     pub(crate) rejected_entries: AtomicU64,
@@ -154,6 +157,17 @@ pub struct StatsSnapshot {
     pub bypassed: u64,
     /// Answers written to the store.
     pub stored: u64,
+    /// Successful answers taken to be stored and then not: the answer said it failed (an
+    /// `error` event, a `response.failed`, a JSON body with an `error`), or is not valid
+    /// JSON where JSON was declared.
+    pub unstored_failed: u64,
+    /// Successful answers taken to be stored and then not: they ended before their end (a
+    /// stream cut or closed without its terminal event, an upstream body that failed, a
+    /// client that left before the end).
+    pub unstored_incomplete: u64,
+    /// Successful answers taken to be stored and then not: they grew past
+    /// [`max_response_body`](crate::FallbackCacheBuilder::max_response_body).
+    pub unstored_too_large: u64,
     /// Store operations that failed (each one degraded to pass-through).
     pub store_errors: u64,
     /// Stored entries that failed their checks (counted in `store_errors` too).
@@ -222,6 +236,9 @@ impl Stats {
             fallback_misses: load(&c.fallback_misses),
             bypassed: load(&c.bypassed),
             stored: load(&c.stored),
+            unstored_failed: load(&c.unstored_failed),
+            unstored_incomplete: load(&c.unstored_incomplete),
+            unstored_too_large: load(&c.unstored_too_large),
             store_errors: load(&c.store_errors),
             corrupt_entries: load(&c.corrupt_entries),
             rejected_entries: load(&c.rejected_entries),

@@ -919,6 +919,11 @@ async fn a_plain_answer_that_is_not_json_or_says_it_failed_is_never_served() {
             1,
             "{path}: {what} was stored"
         );
+        assert_eq!(
+            layer.stats().snapshot().unstored_failed,
+            2,
+            "{path}: {what} not counted as a failed answer"
+        );
 
         upstream.answer(Next::Quota("openai-429-insufficient_quota"));
         let (status, got) = ask(&service, path, "good").await;

@@ -329,6 +329,7 @@ async fn a_stream_cut_by_the_upstream_is_not_stored() {
         fixture("provider-errors/openai-429-insufficient_quota.json")
     );
     assert_eq!(layer.stats().snapshot().stored, 0);
+    assert_eq!(layer.stats().snapshot().unstored_incomplete, 1);
 }
 
 #[tokio::test]
@@ -341,7 +342,8 @@ async fn a_stream_that_ends_without_done_is_not_stored() {
     // A clean end, but the completion never said [DONE].
     let delivered = stream_through(&service, &upstream, events[..3].to_vec()).await;
     assert_eq!(delivered, events[..3].concat());
-    assert_eq!(layer.stats().snapshot().stored, 0);
+    let counted = layer.stats().snapshot();
+    assert_eq!((counted.stored, counted.unstored_incomplete), (0, 1));
 }
 
 #[tokio::test]
@@ -372,6 +374,7 @@ async fn a_client_that_goes_away_stores_nothing_and_releases_the_upstream() {
 
     store.run_pending_tasks().await;
     assert_eq!(store.entry_count(), 0);
+    assert_eq!(layer.stats().snapshot().unstored_incomplete, 1);
     upstream.run_out_of_quota();
     let after = service
         .oneshot(chat_request("sk", STREAM_REQUEST))
@@ -400,7 +403,8 @@ async fn a_stream_over_the_limit_is_delivered_whole_and_not_stored() {
     let delivered = stream_through(&service, &upstream, frames).await;
     assert!(sent.len() > 2048);
     assert_eq!(delivered, sent);
-    assert_eq!(layer.stats().snapshot().stored, 0);
+    let counted = layer.stats().snapshot();
+    assert_eq!((counted.stored, counted.unstored_too_large), (0, 1));
 
     upstream.run_out_of_quota();
     let after = service

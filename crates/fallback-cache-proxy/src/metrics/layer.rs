@@ -92,6 +92,17 @@ impl Collector for LayerStats {
             "Answers written to the store.",
             stats.stored,
         )?;
+        labelled_counter(
+            page,
+            "fallback_cache_unstored",
+            "Successful answers taken to be stored and then not, by why: the answer said it failed, it ended before its end (cut, no terminal event, the client left), or it grew past --max-response-body.",
+            "why",
+            &[
+                ("failed", stats.unstored_failed),
+                ("incomplete", stats.unstored_incomplete),
+                ("too_large", stats.unstored_too_large),
+            ],
+        )?;
         counter(
             page,
             "fallback_cache_store_errors",

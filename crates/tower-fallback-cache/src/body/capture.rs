@@ -48,6 +48,42 @@ pub(crate) struct Capture {
     /// Searches for the judge's [needles](Completeness::needles), when it has them.
     needles: Option<Needles>,
     verdict: Verdict,
+    /// Counts the answer as not stored, and why, unless it is stored.
+    unstored: Unstored,
+}
+
+/// Counts, when dropped, an answer that was not stored (unless [disarmed](Self::disarm)).
+struct Unstored {
+    stats: Option<Stats>,
+    why: Why,
+}
+
+/// Why an answer was not stored.
+#[derive(Clone, Copy)]
+enum Why {
+    Failed,
+    Incomplete,
+    TooLarge,
+}
+
+impl Unstored {
+    /// The answer is stored (or its write is under way): nothing to count.
+    fn disarm(&mut self) {
+        self.stats = None;
+    }
+}
+
+impl Drop for Unstored {
+    fn drop(&mut self) {
+        if let Some(stats) = &self.stats {
+            let counters = stats.counters();
+            Counters::add(match self.why {
+                Why::Failed => &counters.unstored_failed,
+                Why::Incomplete => &counters.unstored_incomplete,
+                Why::TooLarge => &counters.unstored_too_large,
+            });
+        }
+    }
 }
 
 /// What a chunk did to the copy.
@@ -72,7 +108,13 @@ impl Capture {
         let is_event_stream = super::is_event_stream(&headers);
         let expected_len =
             super::content_length(&headers).and_then(|len| usize::try_from(len).ok());
+        // Until stored, an answer that ends is one that ended before its end.
+        let unstored = Unstored {
+            stats: Some(sink.stats.clone()),
+            why: Why::Incomplete,
+        };
         Self {
+            unstored,
             sink,
             status,
             headers,
@@ -95,6 +137,7 @@ impl Capture {
         self.total += chunk.len();
         if self.total > self.max_bytes {
             tracing::debug!(key = %self.sink.key, limit = self.max_bytes, "answer over max_response_body: not stored");
+            self.unstored.why = Why::TooLarge;
             return Step::Refused;
         }
         let Some(stream) = &mut self.events else {
@@ -113,12 +156,13 @@ impl Capture {
         self.step()
     }
 
-    fn step(&self) -> Step {
+    fn step(&mut self) -> Step {
         match self.verdict {
             Verdict::Pending => Step::More,
             Verdict::Complete => Step::Complete,
             Verdict::Failed => {
                 tracing::debug!(key = %self.sink.key, "the answer says it failed: not stored");
+                self.unstored.why = Why::Failed;
                 Step::Refused
             }
         }
@@ -149,7 +193,10 @@ impl Capture {
             // chunk, and raises on them.
             let complete = match self.verdict {
                 Verdict::Complete => true,
-                Verdict::Failed => false,
+                Verdict::Failed => {
+                    self.unstored.why = Why::Failed;
+                    false
+                }
                 Verdict::Pending => !stream.ends_inside_an_event() && self.rules.end_of_stream(),
             };
             if !complete {
@@ -168,9 +215,11 @@ impl Capture {
             let body = self.frames.first().map_or(&[][..], |b| &b[..]);
             if !self.rules.body_is_good(&self.headers, body) {
                 tracing::debug!(key = %self.sink.key, "the answer is not valid JSON or says it failed: not stored");
+                self.unstored.why = Why::Failed;
                 return None;
             }
         }
+        self.unstored.disarm();
         let entry = Arc::new(CachedResponse::new(self.status, self.headers, self.frames));
         let CaptureSink {
             key,

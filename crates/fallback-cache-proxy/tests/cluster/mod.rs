@@ -189,3 +189,131 @@ pub async fn ask_all(proxy: &Proxy, prompts: &[String], parallel: usize) -> Vec<
     }
     answers
 }
+
+/// A Redis Cluster of a test's own: nodes on free loopback ports (each with its cluster bus
+/// port free too) in a temporary directory, for the tests that reshape a cluster (add and
+/// remove nodes, move slots) and so cannot use scripts/test.sh's. Every node started is
+/// stopped (SIGKILL, by its PID) when dropped.
+pub struct OwnCluster {
+    pub nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    /// `count` nodes, none of them in a cluster yet; `None` after saying why the test
+    /// skips when `redis-server` is not installed (a failure under `CI=true`).
+    pub fn start(count: usize) -> Option<OwnCluster> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !installed {
+            let why = "redis-server is not installed: run scripts/test.sh, which installs it";
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut cluster = OwnCluster {
+            nodes: Vec::new(),
+            _dir: dir,
+        };
+        while cluster.nodes.len() < count {
+            let port = free_port_with_bus();
+            let dir = cluster._dir.path().join(format!("node-{port}"));
+            std::fs::create_dir_all(&dir).expect("a node directory");
+            let conf = format!(
+                "bind 127.0.0.1\nport {port}\ndir {dir}\ndaemonize yes\npidfile {dir}/redis.pid\n\
+                 logfile {dir}/redis.log\nsave \"\"\nappendonly no\ncluster-enabled yes\n\
+                 cluster-config-file {dir}/nodes.conf\ncluster-node-timeout 1000\n\
+                 cluster-require-full-coverage no\n",
+                dir = dir.display()
+            );
+            std::fs::write(dir.join("redis.conf"), conf).expect("redis.conf");
+            let node = Node { port, dir };
+            node.restart();
+            cluster.nodes.push(node);
+        }
+        for node in &cluster.nodes {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while node.cli(&["ping"]) != "PONG" {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not start",
+                    node.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Some(cluster)
+    }
+
+    /// Makes a cluster of the first `masters` nodes (no replicas) and waits until it is ok.
+    pub fn create(&self, masters: usize) {
+        let addrs: Vec<String> = self.nodes[..masters].iter().map(Node::addr).collect();
+        redis_cli_cluster(
+            &[
+                &["create"][..],
+                &addrs.iter().map(String::as_str).collect::<Vec<_>>(),
+            ]
+            .concat(),
+        );
+        wait_cluster_ok(&self.nodes[..masters], Duration::from_secs(20));
+    }
+
+    /// `redis+cluster://` with these nodes, in this order.
+    pub fn url(nodes: &[&Node]) -> String {
+        let addrs: Vec<String> = nodes.iter().map(|node| node.addr()).collect();
+        format!("redis+cluster://{}", addrs.join(","))
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Ok(pid) = std::fs::read_to_string(node.dir.join("redis.pid")) {
+                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+impl Node {
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// This node's cluster ID.
+    pub fn id(&self) -> String {
+        self.cli(&["cluster", "myid"])
+    }
+}
+
+/// `redis-cli --cluster ARGS... --cluster-yes`, which must succeed; its output.
+pub fn redis_cli_cluster(args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .arg("--cluster")
+        .args(args)
+        .arg("--cluster-yes")
+        .output()
+        .expect("redis-cli runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "redis-cli --cluster {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// A free loopback port whose cluster bus port (port + 10000) is free as well.
+fn free_port_with_bus() -> u16 {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}

@@ -132,7 +132,8 @@ impl ClusterNodes {
     }
 
     /// The masters that serve the cluster's slots, as `CLUSTER SLOTS` of the first seed
-    /// that answers lists them.
+    /// that answers lists them. A seed that lists no slot is not in the cluster (a node
+    /// `del-node` removed keeps running, reset and alone): the next one is asked.
     async fn masters(&self, timeout: Duration) -> Result<Vec<(String, u16)>, StoreError> {
         let mut failures = Vec::new();
         for seed in &self.seeds {
@@ -144,6 +145,9 @@ impl ClusterNodes {
                 within(timeout, command.query_async::<Value>(&mut connection)).await
             };
             match slots.await {
+                Ok(Value::Array(ranges)) if ranges.is_empty() => {
+                    failures.push(format!("{node}: serves no slot of a cluster"));
+                }
                 Ok(slots) => {
                     return cluster_masters(&slots, &host).map_err(|why| {
                         StoreError::backend(
@@ -158,10 +162,40 @@ impl ClusterNodes {
         Err(StoreError::backend(
             "redis",
             format!(
-                "cannot list the cluster's masters: no node of the URL answered ({})",
+                "cannot list the cluster's masters: no node of the URL answered as a node of the cluster ({})",
                 failures.join("; ")
             ),
         ))
+    }
+
+    /// The seeds to start the cluster connection from: those that answer `CLUSTER SLOTS`
+    /// with none (a node `del-node` removed keeps running, reset and alone) are left out,
+    /// as the cluster connection would take their empty slot map for the cluster's and send
+    /// every operation to a node at random. A seed that does not answer within `timeout` is
+    /// kept (the connection tries it); if every seed answers with no slot, all are kept.
+    async fn members(&self, timeout: Duration) -> Vec<ConnectionInfo> {
+        let answers = self.seeds.iter().map(|seed| async move {
+            let slots = async {
+                let mut connection = self.connect(seed.clone(), timeout).await?;
+                let command = redis::cmd("CLUSTER").arg("SLOTS").clone();
+                within(timeout, command.query_async::<Value>(&mut connection)).await
+            };
+            let outside = matches!(
+                tokio::time::timeout(timeout, slots).await,
+                Ok(Ok(Value::Array(ranges))) if ranges.is_empty()
+            );
+            (!outside).then(|| seed.clone())
+        });
+        let members: Vec<ConnectionInfo> = futures_util::future::join_all(answers)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if members.is_empty() {
+            self.seeds.clone()
+        } else {
+            members
+        }
     }
 
     /// Every key matching `pattern` on the master at `host:port`, SCANned to the end on a
@@ -730,14 +764,20 @@ impl RedisStoreBuilder {
         } else {
             None
         };
-        let builder = ClusterClientBuilder::new(nodes)
+        let nodes = ClusterNodes {
+            seeds,
+            #[cfg(feature = "redis-tls")]
+            certificates,
+            connect_timeout: self.connect_timeout,
+        };
+        let builder = ClusterClientBuilder::new(nodes.members(self.timeout).await)
             .connection_timeout(self.connect_timeout)
             .response_timeout(self.timeout)
             .retries(CLUSTER_RETRIES)
             .min_retry_wait(10)
             .max_retry_wait(100);
         #[cfg(feature = "redis-tls")]
-        let builder = match &certificates {
+        let builder = match &nodes.certificates {
             Some(certificates) => builder.certs(certificates.clone()),
             None => builder,
         };
@@ -751,12 +791,6 @@ impl RedisStoreBuilder {
             };
         // A cluster whose slots are not all served answers `CLUSTERDOWN` only to the
         // operations on them: the first such one is counted, as any store error.
-        let nodes = ClusterNodes {
-            seeds,
-            #[cfg(feature = "redis-tls")]
-            certificates,
-            connect_timeout: self.connect_timeout,
-        };
         // Removals are published to the cluster, which passes them to every node: any
         // seed will do to listen.
         let listen_on = nodes

@@ -1,0 +1,121 @@
+//! An operator reshapes a Redis Cluster under the proxy: nodes added and removed, slots
+//! moved. Answers stay served, and an export holds every one of them (or fails). Each test
+//! starts a cluster of its own (scripts/test.sh's is shared by other tests).
+
+mod cluster;
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cluster::{Node, OwnCluster, ask_all, redis_cli_cluster, run_id};
+use common::Proxy;
+use mock_upstream::{Fixture, MockUpstream, Mode};
+
+/// The keys of the cluster's answers, counted on every node given.
+fn answers(nodes: &[&Node]) -> usize {
+    nodes.iter().map(|node| node.answers()).sum()
+}
+
+/// Waits until the nodes hold `count` answers between them: the proxy writes Redis behind
+/// its memory tier.
+async fn wait_answers(nodes: &[&Node], count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answers(nodes) < count {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} answers stored",
+            answers(nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `export --store URL`: its exit status, stdout and stderr, and the number of entries of
+/// the snapshot it wrote (if it wrote one).
+fn export(url: &str) -> (bool, String, String, Option<usize>) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = dir.path().join("cluster.snapshot");
+    let output = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+        .args(["export", "--store", url, "--out"])
+        .arg(&out)
+        .output()
+        .expect("the proxy binary runs");
+    let entries = std::fs::read(&out).ok().map(|bytes| {
+        assert_eq!(&bytes[..8], b"FBCSNAP\0", "a snapshot");
+        let count = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
+        usize::try_from(count).expect("a count")
+    });
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        entries,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_first_url_node_was_removed_is_still_exported_whole() {
+    let Some(cluster) = OwnCluster::start(3) else {
+        return;
+    };
+    cluster.create(3);
+    let [first, second, third] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    // The URL the proxies were deployed with: every node of the cluster, first one first.
+    let url = OwnCluster::url(&[first, second, third]);
+    let run = run_id();
+    let prompts: Vec<String> = (0..200)
+        .map(|n| format!("Scaled-in answer {n} of run {run}"))
+        .collect();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let writer = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    let stored = ask_all(&writer, &prompts, 16).await;
+    for answer in &stored {
+        assert_eq!(
+            (answer.status, answer.cache.as_str()),
+            (200, "MISS"),
+            "{answer:?}"
+        );
+    }
+    wait_answers(&[first, second, third], prompts.len()).await;
+
+    // The operator scales in: the first node's slots (and answers) move to the others, then
+    // it leaves the cluster. `del-node` resets it, and it keeps running, alone and empty,
+    // until someone stops its machine.
+    let id = first.id();
+    redis_cli_cluster(&[
+        "rebalance",
+        &second.addr(),
+        "--cluster-weight",
+        &format!("{id}=0"),
+    ]);
+    redis_cli_cluster(&["del-node", &second.addr(), &id]);
+    cluster::wait_cluster_ok(&cluster.nodes[1..], Duration::from_secs(20));
+    assert_eq!(first.answers(), 0, "the removed node still holds answers");
+    assert_eq!(answers(&[second, third]), prompts.len());
+
+    // An export with the URL the proxies use holds every answer, or fails: never a
+    // snapshot of the removed node's (empty) view passed off as the cluster's.
+    let (success, stdout, stderr, entries) = export(&url);
+    assert!(success, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("wrote {} entries", prompts.len())),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(entries, Some(prompts.len()), "{stdout}");
+
+    // A replica started afterwards with the same URL serves them all.
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let reader = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    let served = ask_all(&reader, &prompts, 16).await;
+    for (answer, stored) in served.iter().zip(&stored) {
+        assert_eq!(
+            (answer.status, answer.cache.as_str()),
+            (200, "FALLBACK"),
+            "{answer:?}\n{}",
+            reader.logs()
+        );
+        assert_eq!(answer.body, stored.body);
+    }
+}

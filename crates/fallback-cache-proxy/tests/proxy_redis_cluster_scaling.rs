@@ -119,3 +119,110 @@ async fn a_cluster_whose_first_url_node_was_removed_is_still_exported_whole() {
         assert_eq!(answer.body, stored.body);
     }
 }
+
+const TOKEN: &str = "admin-token-for-scaling-tests";
+
+/// A proxy on `url` with its admin endpoint; the endpoint's base URL.
+fn start_with_admin(mock: &MockUpstream, url: &str) -> (Proxy, String) {
+    let proxy = Proxy::start_with_env(
+        &[
+            "--upstream",
+            &mock.url(),
+            "--store",
+            url,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("FALLBACK_CACHE_ADMIN_TOKEN", TOKEN)],
+    );
+    let logs = proxy.logs();
+    let at = logs
+        .find("admin endpoint on http://")
+        .unwrap_or_else(|| panic!("no admin endpoint in the logs:\n{logs}"));
+    let rest = &logs[at + "admin endpoint on ".len()..];
+    let admin = rest.split([' ', '\n']).next().unwrap_or(rest).to_owned();
+    (proxy, admin)
+}
+
+/// The `x-fallback-cache-key` of `prompt`'s answer through `proxy`.
+async fn key_of(proxy: &Proxy, prompt: &str) -> String {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("an answer");
+    response.headers()["x-fallback-cache-key"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+/// Removes `node` from the cluster as an operator scales in: its slots (and answers) move
+/// to `to` and the others, then `del-node` resets it, and it keeps running, alone and empty,
+/// until someone stops its machine.
+fn scale_in(cluster: &OwnCluster, node: &Node, to: &Node) {
+    let id = node.id();
+    redis_cli_cluster(&[
+        "rebalance",
+        &to.addr(),
+        "--cluster-weight",
+        &format!("{id}=0"),
+    ]);
+    redis_cli_cluster(&["del-node", &to.addr(), &id]);
+    let rest: Vec<&Node> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.port != node.port)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rest.iter().all(|node| node.cluster_ok()) {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster is not ok after del-node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_proxy_purges_answers_after_a_node_left_the_cluster() {
+    let Some(cluster) = OwnCluster::start(3) else {
+        return;
+    };
+    cluster.create(3);
+    let [first, second, third] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let url = OwnCluster::url(&[first, second, third]);
+    let run = run_id();
+    let prompts: Vec<String> = (0..30)
+        .map(|n| format!("Purged after a scale-in {n}, run {run}"))
+        .collect();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (purger, admin) = start_with_admin(&mock, &url);
+    let mut keys = Vec::new();
+    for prompt in &prompts {
+        keys.push(key_of(&purger, prompt).await);
+    }
+    wait_answers(&[first, second, third], prompts.len()).await;
+
+    // Some of them were on the node that leaves: the proxy, running all along, purges
+    // every one, each at the first try.
+    scale_in(&cluster, first, second);
+    let client = reqwest::Client::new();
+    for key in &keys {
+        let purged = client
+            .delete(format!("{admin}/cache/{key}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(purged.status(), 204, "{key}\n{}", purger.logs());
+    }
+    assert_eq!(answers(&[second, third]), 0, "answers left in the cluster");
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
@@ -41,12 +41,12 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 const CLUSTER_RETRIES: u32 = 2;
 
 /// The connection: one node (reconnecting by itself), or a cluster (following `MOVED` and
-/// `ASK`, reconnecting to a node that comes back) with what an export needs to reach each
-/// of its masters.
+/// `ASK`, reconnecting to a node that comes back, made anew when its slot map goes stale)
+/// with what an export needs to reach each of its masters.
 #[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection, Arc<ClusterNodes>),
+    Cluster(Arc<ClusterLink>),
 }
 
 impl Connection {
@@ -63,17 +63,44 @@ impl Connection {
                     result => result,
                 }
             }
-            Connection::Cluster(connection, _) => {
-                command.query_async(&mut connection.clone()).await
+            Connection::Cluster(link) => {
+                let result = command.query_async(&mut link.connection()).await;
+                // A slot the connection's map sends to a node that does not serve it: the
+                // map is stale (a node `del-node` removed answers `CLUSTERDOWN`, not
+                // `MOVED`, and the map is not refreshed), or was taken from a node no
+                // longer in the cluster (the connection keeps one `del-node` removed, and
+                // may refresh its map from it, empty). A new connection from the seeds in
+                // the cluster reads it afresh, and the operation is tried once more on it.
+                if let Err(error) = &result
+                    && matches!(
+                        error.kind(),
+                        ErrorKind::Server(ServerErrorKind::ClusterDown | ServerErrorKind::Moved)
+                    )
+                    && let Some(mut renewed) = link.renew().await
+                {
+                    return command.query_async(&mut renewed).await;
+                }
+                result
             }
         }
     }
+}
+
+/// A cluster connection, made anew from the cluster's seeds when its slot map goes stale.
+struct ClusterLink {
+    /// The cluster connection in use.
+    current: std::sync::RwLock<ClusterConnection>,
+    /// When it was made, so that it is made anew at most once a second.
+    made_at: std::sync::Mutex<tokio::time::Instant>,
+    nodes: Arc<ClusterNodes>,
 }
 
 /// How an export reaches every master of a cluster, each on a connection of its own: a
 /// keyless `SCAN` through the cluster connection goes to whichever node it picks, so one
 /// node's keys (and its cursor) would stand for the whole cluster's.
 struct ClusterNodes {
+    /// The operation timeout.
+    timeout: Duration,
     /// The nodes the URL names, with its credentials: the masters are listed by the first
     /// that answers, and reached with the same settings.
     seeds: Vec<ConnectionInfo>,
@@ -83,7 +110,82 @@ struct ClusterNodes {
     connect_timeout: Duration,
 }
 
+impl ClusterLink {
+    /// The cluster connection in use.
+    fn connection(&self) -> ClusterConnection {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes a new cluster connection, from the seeds that are in the cluster, and uses it
+    /// from then on; at most once a second. The old one serves until then (and if the new
+    /// one cannot be made). The new one, once made; the connection is made by a task of its
+    /// own, so that a caller that stops waiting does not stop it.
+    async fn renew(self: &Arc<Self>) -> Option<ClusterConnection> {
+        {
+            let mut made_at = self
+                .made_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if made_at.elapsed() < RECONNECT_MAX_DELAY {
+                return None;
+            }
+            *made_at = tokio::time::Instant::now();
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let link = Arc::downgrade(self);
+        let made = runtime.spawn(async move {
+            let link = link.upgrade()?;
+            let nodes = &link.nodes;
+            let made = async {
+                let client = nodes.cluster_client(nodes.members(nodes.timeout).await)?;
+                client.get_async_connection().await
+            };
+            match tokio::time::timeout(nodes.connect_timeout, made).await {
+                Ok(Ok(connection)) => {
+                    *link
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = connection.clone();
+                    tracing::debug!("a new Redis Cluster connection reads the slot map afresh");
+                    Some(connection)
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!("no new Redis Cluster connection: {error}");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "no new Redis Cluster connection within {:?}",
+                        nodes.connect_timeout
+                    );
+                    None
+                }
+            }
+        });
+        made.await.ok().flatten()
+    }
+}
+
 impl ClusterNodes {
+    /// A cluster client from `seeds`, with the store's settings.
+    fn cluster_client(&self, seeds: Vec<ConnectionInfo>) -> RedisResult<ClusterClient> {
+        let builder = ClusterClientBuilder::new(seeds)
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.timeout)
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(10)
+            .max_retry_wait(100);
+        #[cfg(feature = "redis-tls")]
+        let builder = match &self.certificates {
+            Some(certificates) => builder.certs(certificates.clone()),
+            None => builder,
+        };
+        builder.build()
+    }
+
     /// A client with the seeds' settings (credentials, TLS) for `info`.
     fn client(&self, info: ConnectionInfo) -> RedisResult<Client> {
         #[cfg(feature = "redis-tls")]
@@ -669,7 +771,7 @@ impl RedisStore {
                     .bounded(self.connection.query::<()>(&redis::cmd("PING")))
                     .await;
             }
-            Connection::Cluster(_, nodes) => match nodes.ping_masters(self.timeout).await {
+            Connection::Cluster(link) => match link.nodes.ping_masters(self.timeout).await {
                 Ok(()) => self.health.succeeded(),
                 Err(error) => self.health.failed(error),
             },
@@ -765,23 +867,15 @@ impl RedisStoreBuilder {
             None
         };
         let nodes = ClusterNodes {
+            timeout: self.timeout,
             seeds,
             #[cfg(feature = "redis-tls")]
             certificates,
             connect_timeout: self.connect_timeout,
         };
-        let builder = ClusterClientBuilder::new(nodes.members(self.timeout).await)
-            .connection_timeout(self.connect_timeout)
-            .response_timeout(self.timeout)
-            .retries(CLUSTER_RETRIES)
-            .min_retry_wait(10)
-            .max_retry_wait(100);
-        #[cfg(feature = "redis-tls")]
-        let builder = match &nodes.certificates {
-            Some(certificates) => builder.certs(certificates.clone()),
-            None => builder,
-        };
-        let client = builder.build().map_err(invalid)?;
+        let client = nodes
+            .cluster_client(nodes.members(self.timeout).await)
+            .map_err(invalid)?;
         let connection =
             match tokio::time::timeout(self.connect_timeout, client.get_async_connection()).await {
                 Ok(Ok(connection)) => connection,
@@ -799,7 +893,11 @@ impl RedisStoreBuilder {
             .filter_map(|seed| nodes.client(seed.clone()).ok())
             .collect();
         Ok(RedisStore {
-            connection: Connection::Cluster(connection, Arc::new(nodes)),
+            connection: Connection::Cluster(Arc::new(ClusterLink {
+                current: std::sync::RwLock::new(connection),
+                made_at: std::sync::Mutex::new(tokio::time::Instant::now()),
+                nodes: Arc::new(nodes),
+            })),
             removals: Arc::new(Removals::new(&self.prefix, listen_on)),
             prefix: self.prefix.into(),
             timeout: self.timeout,
@@ -911,8 +1009,8 @@ impl RedisStore {
 impl RedisStore {
     /// Every key under the prefix (SCAN), with its value and time to live.
     async fn export_entries(&self) -> Result<Vec<RawEntry>, StoreError> {
-        if let Connection::Cluster(_, nodes) = &self.connection {
-            return self.export_cluster(nodes).await;
+        if let Connection::Cluster(link) = &self.connection {
+            return self.export_cluster(&link.nodes).await;
         }
         let pattern = format!("{}*", self.prefix);
         let mut cursor: u64 = 0;

@@ -226,3 +226,57 @@ async fn a_running_proxy_purges_answers_after_a_node_left_the_cluster() {
     }
     assert_eq!(answers(&[second, third]), 0, "answers left in the cluster");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_reaches_a_running_replica_after_the_node_it_listened_on_left_the_cluster() {
+    let Some(cluster) = OwnCluster::start(3) else {
+        return;
+    };
+    cluster.create(3);
+    let [first, second, third] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let url = OwnCluster::url(&[first, second, third]);
+    let prompt = format!(
+        "Purged for every replica after a scale-in, run {}",
+        run_id()
+    );
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    // A replica that holds the answer in its memory tier, and listens for removals on the
+    // first node of the URL.
+    let running = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    let key = key_of(&running, &prompt).await;
+    wait_answers(&[first, second, third], 1).await;
+
+    scale_in(&cluster, first, second);
+    // A replica started since, with the same URL.
+    let (purger, admin) = start_with_admin(&mock, &url);
+    mock.control()
+        .set_mode(Mode::Error(Fixture::insufficient_quota()));
+    let client = reqwest::Client::new();
+    let served = cluster::ask(&client, running.url(), &prompt).await;
+    assert_eq!(served.cache, "FALLBACK", "{served:?}");
+
+    // Some time later (a listener checks every 2 s that its node is still in the
+    // cluster), the answer is purged through the other replica: the running one stops
+    // serving it too.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let purged = client
+        .delete(format!("{admin}/cache/{key}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(purged.status(), 204, "{}", purger.logs());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = cluster::ask(&client, running.url(), &prompt).await;
+        if answer.cache == "MISS" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running replica still serves the purged answer ({answer:?})\n{}",
+            running.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -95,6 +95,31 @@ struct ClusterLink {
     nodes: Arc<ClusterNodes>,
 }
 
+impl Connection {
+    /// A `PUBLISH`, on a cluster sent to the master of `key`'s slot rather than to any
+    /// node: the operation on `key` just reached that one, which is in the cluster (a node
+    /// `del-node` removed would take the message and pass it to no one). The listeners it
+    /// reached.
+    async fn publish(&self, command: &Cmd, key: &str) -> RedisResult<i64> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+        match self {
+            Connection::Single(_) => self.query(command).await,
+            Connection::Cluster(link) => {
+                let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                match link
+                    .connection()
+                    .route_command(command.clone(), routing)
+                    .await?
+                {
+                    Value::Int(listeners) => Ok(listeners),
+                    _ => Ok(0),
+                }
+            }
+        }
+    }
+}
+
 /// How an export reaches every master of a cluster, each on a connection of its own: a
 /// keyless `SCAN` through the cluster connection goes to whichever node it picks, so one
 /// node's keys (and its cursor) would stand for the whole cluster's.
@@ -582,6 +607,9 @@ const REMOVALS_BACKLOG: usize = 4096;
 /// The longest pause between two attempts to listen for removals again.
 const REMOVALS_MAX_RETRY: Duration = Duration::from_secs(5);
 
+/// How often a listener on a cluster node checks that the node is still in the cluster.
+const REMOVALS_MEMBERSHIP_CHECK: Duration = Duration::from_secs(2);
+
 /// Removals, published by every store on the same Redis (or cluster) on one channel and
 /// heard by each ([`Store::removals`]): a purge through one replica reaches the memory tiers
 /// of the others.
@@ -591,23 +619,50 @@ struct Removals {
     /// The nodes to listen on, in turn (the one node; a cluster's nodes, any of which hears
     /// what is published on any other).
     nodes: Vec<Client>,
+    /// Whether the nodes are a cluster's: a node listened on must still be in it.
+    cluster: bool,
     /// The listener's channel, made (and the listener started) on first use.
     sender: std::sync::OnceLock<Option<tokio::sync::broadcast::Sender<CacheKey>>>,
 }
 
 impl Removals {
-    fn new(prefix: &str, nodes: Vec<Client>) -> Self {
+    fn new(prefix: &str, nodes: Vec<Client>, cluster: bool) -> Self {
         Self {
             channel: format!("{prefix}removed"),
             nodes,
+            cluster,
             sender: std::sync::OnceLock::new(),
         }
     }
 }
 
+/// Whether a cluster node is still in a cluster: one `del-node` removed keeps running,
+/// reset and alone (no slot assigned), and hears nothing published to the cluster. A node
+/// that does not say is taken to be in it.
+async fn in_cluster(node: &Client, timeout: Duration) -> bool {
+    let info = async {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let mut connection = node
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    match tokio::time::timeout(timeout, info).await {
+        Ok(Ok(info)) => !info
+            .lines()
+            .any(|line| line.trim() == "cluster_slots_assigned:0"),
+        _ => true,
+    }
+}
+
 /// Listens for removals on the nodes in turn, passing each key on, until the store is gone;
-/// after a lost connection, listens again with a growing pause. Removals published while no
-/// connection listens are missed.
+/// after a lost connection, or a cluster node that left the cluster, listens again with a
+/// growing pause. Removals published while no connection listens are missed.
 async fn listen(
     removals: std::sync::Weak<Removals>,
     sender: tokio::sync::broadcast::Sender<CacheKey>,
@@ -621,8 +676,11 @@ async fn listen(
         let Some(nodes) = removals.upgrade() else {
             return;
         };
-        let (channel, nodes) = (nodes.channel.clone(), nodes.nodes.clone());
+        let (channel, cluster, nodes) = (nodes.channel.clone(), nodes.cluster, nodes.nodes.clone());
         for node in &nodes {
+            if cluster && !in_cluster(node, connect_timeout).await {
+                continue;
+            }
             let subscribed = async {
                 let mut pubsub = node.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
@@ -650,7 +708,34 @@ async fn listen(
             }
             pause = Duration::from_millis(100);
             let mut messages = pubsub.on_message();
-            while let Some(message) = messages.next().await {
+            let mut check_at = tokio::time::Instant::now() + REMOVALS_MEMBERSHIP_CHECK;
+            loop {
+                let message = if cluster {
+                    match tokio::time::timeout_at(check_at, messages.next()).await {
+                        Ok(message) => message,
+                        Err(_) => {
+                            if removals.strong_count() == 0 {
+                                return;
+                            }
+                            if !in_cluster(node, connect_timeout).await {
+                                tracing::debug!(
+                                    "the node that listened for removals left the cluster: listening on another"
+                                );
+                                break;
+                            }
+                            check_at = tokio::time::Instant::now() + REMOVALS_MEMBERSHIP_CHECK;
+                            continue;
+                        }
+                    }
+                } else {
+                    messages.next().await
+                };
+                let Some(message) = message else {
+                    tracing::debug!(
+                        "the connection that listened for removals was lost: listening again"
+                    );
+                    break;
+                };
                 if removals.strong_count() == 0 {
                     return;
                 }
@@ -658,7 +743,6 @@ async fn listen(
                     let _ = sender.send(CacheKey::from_bytes(key));
                 }
             }
-            tracing::debug!("the connection that listened for removals was lost: listening again");
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(REMOVALS_MAX_RETRY);
@@ -898,7 +982,7 @@ impl RedisStoreBuilder {
                 made_at: std::sync::Mutex::new(tokio::time::Instant::now()),
                 nodes: Arc::new(nodes),
             })),
-            removals: Arc::new(Removals::new(&self.prefix, listen_on)),
+            removals: Arc::new(Removals::new(&self.prefix, listen_on, true)),
             prefix: self.prefix.into(),
             timeout: self.timeout,
             health: Arc::default(),
@@ -949,7 +1033,7 @@ impl RedisStoreBuilder {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_max_delay(RECONNECT_MAX_DELAY);
-        let removals = Removals::new(&self.prefix, vec![client.clone()]);
+        let removals = Removals::new(&self.prefix, vec![client.clone()], false);
         let manager = ConnectionManager::new_with_config(client, config);
         let connection = match tokio::time::timeout(self.connect_timeout, manager).await {
             Ok(Ok(connection)) => connection,
@@ -1176,7 +1260,7 @@ impl Store for RedisStore {
                 .arg(key.as_bytes())
                 .clone();
             let listeners = self
-                .bounded(self.connection.query::<i64>(&publish))
+                .bounded(self.connection.publish(&publish, &self.redis_key(key)))
                 .await
                 .map_err(|error| {
                     StoreError::backend(

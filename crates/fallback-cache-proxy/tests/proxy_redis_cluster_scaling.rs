@@ -280,3 +280,61 @@ async fn a_purge_reaches_a_running_replica_after_the_node_it_listened_on_left_th
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_while_slots_move_holds_every_answer_or_fails() {
+    let Some(cluster) = OwnCluster::start(3) else {
+        return;
+    };
+    cluster.create(3);
+    let nodes: Vec<&Node> = cluster.nodes.iter().collect();
+    let url = OwnCluster::url(&nodes);
+    let run = run_id();
+    let prompts: Vec<String> = (0..2000)
+        .map(|n| format!("Exported while resharding {n}, run {run}"))
+        .collect();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let writer = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
+    for answer in ask_all(&writer, &prompts, 16).await {
+        assert_eq!(answer.cache, "MISS", "{answer:?}");
+    }
+    wait_answers(&nodes, prompts.len()).await;
+
+    // The operator moves slots back and forth between two masters meanwhile.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let stop = std::sync::Arc::clone(&stop);
+        let (seed, ids) = (nodes[2].addr(), [nodes[0].id(), nodes[1].id()]);
+        std::thread::spawn(move || {
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (from, to) = (&ids[round % 2], &ids[(round + 1) % 2]);
+                redis_cli_cluster(&[
+                    "reshard",
+                    &seed,
+                    "--cluster-from",
+                    from,
+                    "--cluster-to",
+                    to,
+                    "--cluster-slots",
+                    "1000",
+                ]);
+                round += 1;
+            }
+        })
+    };
+    for _ in 0..8 {
+        let (success, stdout, stderr, entries) = export(&url);
+        if success {
+            assert_eq!(entries, Some(prompts.len()), "{stdout}{stderr}");
+        } else {
+            assert!(stderr.contains("slots moved"), "{stdout}{stderr}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    mover.join().expect("the resharding thread");
+    // Once the slots stay put, an export holds them all.
+    let (success, stdout, stderr, entries) = export(&url);
+    assert!(success, "{stdout}{stderr}");
+    assert_eq!(entries, Some(prompts.len()), "{stdout}{stderr}");
+}

@@ -325,6 +325,44 @@ impl ClusterNodes {
         }
     }
 
+    /// The slots as each of `masters` sees them (`CLUSTER SLOTS`), or `None` while one of
+    /// them is migrating or importing a slot (`CLUSTER NODES`: its own line shows
+    /// `[slot->-node]` or `[slot-<-node]`), when keys move between them.
+    async fn layout(
+        &self,
+        masters: &[(String, u16)],
+        timeout: Duration,
+    ) -> Result<Option<Vec<Value>>, StoreError> {
+        let mut layout = Vec::with_capacity(masters.len());
+        for (host, port) in masters {
+            let seen = async {
+                let mut connection = self.connect_node(host, *port, timeout).await?;
+                let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
+                let slots: Value = within(timeout, slots.query_async(&mut connection)).await?;
+                let nodes = redis::cmd("CLUSTER").arg("NODES").clone();
+                let nodes: String = within(timeout, nodes.query_async(&mut connection)).await?;
+                let moving = nodes
+                    .lines()
+                    .any(|line| line.contains("myself") && line.contains('['));
+                Ok::<_, String>((slots, moving))
+            };
+            match seen.await {
+                Ok((_, true)) => return Ok(None),
+                Ok((slots, false)) => layout.push(slots),
+                Err(why) => {
+                    return Err(StoreError::backend(
+                        "redis",
+                        format!(
+                            "cannot read the cluster node {}: {why}",
+                            node_name(host, *port)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Some(layout))
+    }
+
     /// Every key matching `pattern` on the master at `host:port`, SCANned to the end on a
     /// connection to that node, added to `names`.
     async fn scan(
@@ -1129,25 +1167,48 @@ impl RedisStore {
     /// Every key under the prefix on every master of the cluster, each SCANned to the end
     /// on a connection of its own; the values are read through the cluster connection,
     /// which follows a key whose slot moved. A master that cannot be read fails the export,
-    /// naming it: never a snapshot of part of the cluster. A key seen twice (its slot
-    /// migrating during the scan) is exported once.
+    /// naming it: never a snapshot of part of the cluster. A key whose slot moves during
+    /// the scans may be on a master already scanned by then, and missed: the scans are
+    /// taken again while a slot is migrating, or the masters' slots changed meanwhile, and
+    /// the export fails if they never hold still. A key seen twice is exported once.
     async fn export_cluster(&self, nodes: &ClusterNodes) -> Result<Vec<RawEntry>, StoreError> {
+        const ATTEMPTS: usize = 5;
         let pattern = format!("{}*", self.prefix);
-        let mut names = HashSet::new();
-        for (host, port) in nodes.masters(self.timeout).await? {
-            nodes
-                .scan(&host, port, &pattern, self.timeout, &mut names)
-                .await
-                .map_err(|why| {
-                    StoreError::backend(
-                        "redis",
-                        format!(
-                            "cannot read the cluster node {}: {why}",
-                            node_name(&host, port)
-                        ),
-                    )
-                })?;
-        }
+        let mut attempt = 0;
+        let names = loop {
+            attempt += 1;
+            let masters = nodes.masters(self.timeout).await?;
+            let before = nodes.layout(&masters, self.timeout).await?;
+            let mut names = HashSet::new();
+            for (host, port) in &masters {
+                nodes
+                    .scan(host, *port, &pattern, self.timeout, &mut names)
+                    .await
+                    .map_err(|why| {
+                        StoreError::backend(
+                            "redis",
+                            format!(
+                                "cannot read the cluster node {}: {why}",
+                                node_name(host, *port)
+                            ),
+                        )
+                    })?;
+            }
+            let after = nodes.layout(&masters, self.timeout).await?;
+            if before.is_some() && before == after {
+                break names;
+            }
+            if attempt == ATTEMPTS {
+                return Err(StoreError::backend(
+                    "redis",
+                    format!(
+                        "the cluster's slots moved during each of {ATTEMPTS} attempts to read \
+                         it (resharding?): export again once they stay put"
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200) * attempt as u32).await;
+        };
         let mut seen = HashSet::with_capacity(names.len());
         let mut entries = Vec::with_capacity(names.len());
         for name in names {

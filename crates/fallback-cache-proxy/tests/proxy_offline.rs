@@ -342,54 +342,11 @@ async fn export_and_import_never_show_a_redis_password() {
         "--out",
         &snapshot,
     ]);
+    // Also as an environment variable or a shell quote may hand them over: a leading space
+    // (which the store setting accepts), a scheme in capitals (which it refuses).
     for url in [
         format!("redis://:hunter2-store-password@127.0.0.1:{port}/0"),
         format!("redis+cluster://user:hunter2-store-password@127.0.0.1:{port}"),
-    ] {
-        for args in [
-            [
-                "export",
-                "--store",
-                url.as_str(),
-                "--out",
-                snapshot.as_str(),
-            ],
-            ["import", "--store", url.as_str(), "--in", snapshot.as_str()],
-        ] {
-            let output = offline(&args);
-            let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-            assert!(!output.status.success(), "{args:?}: {stdout}");
-            assert!(
-                !stdout.contains("hunter2") && !stderr.contains("hunter2"),
-                "{args:?}: {stdout}{stderr}"
-            );
-            assert!(stderr.contains("***"), "{args:?}: {stderr}");
-        }
-    }
-}
-
-#[tokio::test]
-async fn export_and_import_never_show_a_redis_password_written_with_a_space_or_capitals() {
-    // A port nobody listens on any more.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let dir = tempfile::tempdir().expect("temp dir");
-    // A snapshot of an empty store, for the import to get as far as the store.
-    let empty = dir.path().join("empty.redb");
-    fill(&empty, &[]).await;
-    let snapshot = dir.path().join("out.snapshot").display().to_string();
-    succeeds(&[
-        "export",
-        "--store",
-        &format!("disk:{}", empty.display()),
-        "--out",
-        &snapshot,
-    ]);
-    // As an environment variable or a shell quote may hand them over: a leading space
-    // (which the store setting accepts), a scheme in capitals (which it refuses).
-    for url in [
         format!(" redis://:hunter2-store-password@127.0.0.1:{port}/0"),
         format!("REDIS://:hunter2-store-password@127.0.0.1:{port}/0"),
         format!("Rediss://user:hunter2-store-password@127.0.0.1:{port}/0"),

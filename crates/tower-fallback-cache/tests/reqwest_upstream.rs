@@ -292,10 +292,9 @@ async fn an_answer_through_reqwest_is_stored_and_served_when_the_quota_is_gone()
     );
 }
 
-/// A streamed answer read frame by frame and dropped half way: nothing is stored, and the
-/// next request is not held up by it.
-#[tokio::test]
-async fn a_stream_dropped_half_way_is_not_stored_and_holds_nothing_up() {
+/// An upstream that sends the first half of a chat stream, then stalls, until the flag it
+/// returns is set; then the quota error.
+async fn half_a_stream_until_the_quota_runs_out() -> (SocketAddr, Arc<Mutex<bool>>) {
     let stream = fixture("openai-chat-completion-stream.sse");
     let half = stream.len() / 2;
     let out_of_quota = Arc::new(Mutex::new(false));
@@ -307,6 +306,14 @@ async fn a_stream_dropped_half_way_is_not_stored_and_holds_nothing_up() {
         (chunked(200, "text/event-stream", &[&stream[..half]]), true)
     }))
     .await;
+    (upstream, out_of_quota)
+}
+
+/// A streamed answer read frame by frame and dropped half way: nothing is stored, and the
+/// next request is not held up by it.
+#[tokio::test]
+async fn a_stream_dropped_half_way_is_not_stored_and_holds_nothing_up() {
+    let (upstream, out_of_quota) = half_a_stream_until_the_quota_runs_out().await;
     let reqwest = ReqwestService::new(reqwest::Client::new())
         .base_url(&format!("http://{upstream}/v1"))
         .expect("base url");
@@ -340,17 +347,7 @@ async fn a_stream_dropped_half_way_is_not_stored_and_holds_nothing_up() {
 /// The client's timeout ends a stalled stream: the caller's body fails, nothing is stored.
 #[tokio::test]
 async fn a_client_timeout_mid_stream_fails_the_body_and_stores_nothing() {
-    let stream = fixture("openai-chat-completion-stream.sse");
-    let half = stream.len() / 2;
-    let out_of_quota = Arc::new(Mutex::new(false));
-    let quota = out_of_quota.clone();
-    let upstream = scripted(Arc::new(move |_: &str, _: &[u8]| {
-        if *quota.lock().expect("lock") {
-            return (quota_error(), false);
-        }
-        (chunked(200, "text/event-stream", &[&stream[..half]]), true)
-    }))
-    .await;
+    let (upstream, out_of_quota) = half_a_stream_until_the_quota_runs_out().await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()

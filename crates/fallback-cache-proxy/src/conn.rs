@@ -3,11 +3,11 @@
 //!
 //! Each connection has a watchdog that closes it when
 //! - it has no request in flight and sent nothing for `--idle-timeout` (keep-alive), or
-//! - its client has taken none of an answer's bytes for `--idle-timeout` (a client that
-//!   asks and never reads would otherwise hold its place, and its upstream call, for good):
-//!   the socket took none of the bytes written to it (HTTP/1), or an answer's next part was
-//!   ready and none of the connection's answers was asked for more (HTTP/2, whose client
-//!   stalls a stream by its flow control, not by the socket), or
+//! - its client has taken none of its answers for `--idle-timeout` (a client that asks and
+//!   never reads would otherwise hold its place, and its upstream call, for good): an
+//!   answer handed a part on and none of the connection's answers was asked for its next
+//!   one since, whether the socket is full (HTTP/1) or the client gives the stream no room
+//!   (HTTP/2, whose flow control stalls a stream without filling the socket), or
 //! - it began a request's headers and did not finish them within `--header-timeout`
 //!   (slowloris; HTTP/1 only: an HTTP/2 connection's idle frames are not a request), or
 //! - a new connection needed its place: past `--max-connections`, the connection idle the
@@ -123,7 +123,6 @@ impl Conns {
             head_started: AtomicU64::new(0),
             read_any: AtomicBool::new(false),
             http2: AtomicBool::new(false),
-            write_blocked_since: AtomicU64::new(0),
             untaken: AtomicUsize::new(0),
             answer_polls: AtomicU64::new(0),
             evict: AtomicBool::new(false),
@@ -176,9 +175,6 @@ pub(crate) struct Conn {
     head_started: AtomicU64,
     read_any: AtomicBool,
     http2: AtomicBool,
-    /// Milliseconds since `epoch` (plus one) since when the socket has taken none of the
-    /// bytes written to it (0: the last write went through).
-    write_blocked_since: AtomicU64,
     /// Answers that handed a part on and have not been asked for the next one since.
     untaken: AtomicUsize,
     /// How many times the connection's answers were asked for their next part: while
@@ -220,20 +216,14 @@ impl Conn {
         }
     }
 
-    /// A write to the socket went through (`blocked` false) or found it full (`blocked`
-    /// true): the client is not reading.
-    fn wrote(&self, blocked: bool) {
-        if !blocked {
-            self.write_blocked_since.store(0, Ordering::Relaxed);
-        } else if self.write_blocked_since.load(Ordering::Relaxed) == 0 {
-            self.write_blocked_since
-                .store(millis(self.epoch), Ordering::Relaxed);
-        }
-    }
-
-    /// Whether the socket has taken none of the last bytes written to it.
-    pub(crate) fn is_write_blocked(&self) -> bool {
-        self.write_blocked_since.load(Ordering::Relaxed) != 0
+    /// How many times the connection's answers were asked for their next part, and
+    /// whether one has a part waiting to be taken: a count that stays put while one waits
+    /// means the client takes none of them.
+    pub(crate) fn answers_taken(&self) -> (u64, bool) {
+        (
+            self.answer_polls.load(Ordering::Relaxed),
+            self.untaken.load(Ordering::Relaxed) > 0,
+        )
     }
 
     /// Completes when the connection should close, with the reason.
@@ -269,22 +259,13 @@ impl Conn {
             }
             let now = millis(self.epoch);
             let head = self.head_started.load(Ordering::Acquire);
-            let blocked = self.write_blocked_since.load(Ordering::Relaxed);
-            let polls = self.answer_polls.load(Ordering::Relaxed);
-            if polls != progress.0 || self.untaken.load(Ordering::Relaxed) == 0 {
+            let (polls, waiting) = self.answers_taken();
+            if polls != progress.0 || !waiting {
                 progress = (polls, now);
             }
-            let wake = if self.busy() > 0 && blocked != 0 {
-                // An answer the client takes none of, for as long as an idle connection is
-                // kept, is given up.
-                let at = blocked.saturating_add(idle);
-                if now >= at {
-                    return TOOK_NONE;
-                }
-                at.min(now.saturating_add(recheck))
-            } else if self.busy() > 0 && progress.1.saturating_add(idle) <= now {
-                // The same, for answers whose parts wait to be taken while the socket is not
-                // full: an HTTP/2 client that grants none of them room to be sent.
+            let wake = if self.busy() > 0 && progress.1.saturating_add(idle) <= now {
+                // Answers the client takes none of, for as long as an idle connection is
+                // kept, are given up.
                 return TOOK_NONE;
             } else if self.busy() > 0 {
                 // No other deadline while a request is in flight.
@@ -389,8 +370,7 @@ impl<B: Body + Unpin> Body for BusyBody<B> {
     }
 }
 
-/// A connection's socket, telling its [`Conn`] when bytes come in and whether the bytes
-/// written go out.
+/// A connection's socket, telling its [`Conn`] when bytes come in.
 pub(crate) struct Watched<T> {
     pub(crate) io: T,
     pub(crate) conn: Arc<Conn>,
@@ -417,9 +397,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.conn.wrote(polled.is_pending());
-        polled
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -435,9 +413,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.conn.wrote(polled.is_pending());
-        polled
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

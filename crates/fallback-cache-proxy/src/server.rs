@@ -419,6 +419,7 @@ async fn serve_connection(
     }
     connection.as_mut().graceful_shutdown();
     let mut closing = tokio::time::Instant::now();
+    let mut taken = conn.answers_taken().0;
     loop {
         tokio::select! {
             ended = connection.as_mut() => {
@@ -429,10 +430,12 @@ async fn serve_connection(
             }
             () = tokio::time::sleep_until(closing + CLOSE_GRACE) => {
                 // Asked to close with no request in flight, yet still open (half a request
-                // head), or with an answer its client takes none of: drop it.
-                if conn.is_idle() || conn.is_write_blocked() {
+                // head), or with answers its client took none of in the grace: drop it.
+                let (polls, waiting) = conn.answers_taken();
+                if conn.is_idle() || (waiting && polls == taken) {
                     break;
                 }
+                taken = polls;
                 closing = tokio::time::Instant::now();
             }
         }

@@ -51,20 +51,42 @@ impl Drop for Deadline {
 
 /// `future`'s output, or `None` if it is not ready within `limit` (it is then dropped). The
 /// clock is read only once the future has had to wait: the built-in stores' reads and
-/// writes are mostly ready at once.
-pub(crate) async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut deadline: Option<Option<Deadline>> = None;
-    std::future::poll_fn(|cx| {
-        if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Some(output));
+/// writes are mostly ready at once. A future of its own rather than an `async fn`, so that
+/// the read of every request that asks a store is not wrapped in one more state machine.
+pub(crate) fn within<F: Future>(limit: Duration, future: F) -> Within<F> {
+    Within {
+        future,
+        limit,
+        deadline: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`within`].
+    pub(crate) struct Within<F> {
+        #[pin]
+        future: F,
+        limit: Duration,
+        // `None` until the future has had to wait; then the deadline, `None` when past the
+        // clock's range (it never elapses).
+        deadline: Option<Option<Deadline>>,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Some(output));
         }
-        match deadline.get_or_insert_with(|| Deadline::after(limit)) {
+        let limit = *this.limit;
+        match this.deadline.get_or_insert_with(|| Deadline::after(limit)) {
             Some(deadline) => deadline.poll_elapsed(cx).map(|()| None),
-            None => std::task::Poll::Pending,
+            None => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 /// Waits `duration`, as a Tokio sleep does, without a Tokio timer.

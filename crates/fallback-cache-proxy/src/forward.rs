@@ -13,9 +13,7 @@ use http::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HO
 use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use tower::ServiceExt;
 use tower_fallback_cache::headers::remove_hop_by_hop;
-use tower_fallback_cache::reqwest::ReqwestService;
-
-use crate::target;
+use tower_fallback_cache::reqwest::{ReqwestService, resolve_path};
 use tower_fallback_cache::store::Store;
 use tower_fallback_cache::{
     CacheStatus, FallbackCache, Reason, X_FALLBACK_CACHE, X_FALLBACK_CACHE_REASON,
@@ -88,7 +86,7 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
     // (`GET http://elsewhere/...`) must not send the proxy elsewhere. Dot segments are
     // resolved before the join to the upstream's base path, traversal is refused.
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let resolved = match target::resolve(target) {
+    let resolved = match resolve_path(target) {
         // A plain path of a request in origin form (`POST /v1/chat/completions`) is asked
         // as it came.
         Ok(Cow::Borrowed(_)) if parts.uri.scheme().is_none() && parts.uri.authority().is_none() => {
@@ -100,8 +98,8 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
         },
         Err(refused) => {
             let path = parts.uri.path();
-            tracing::debug!("{method} {path}: refused, {}", refused.message());
-            return bad_request(refused.message());
+            tracing::debug!("{method} {path}: refused, {refused}");
+            return bad_request(&refused.to_string());
         }
     };
     // The client's own target is kept for the logs, which name its path alone: a query may

@@ -35,7 +35,6 @@ mod server;
 mod snapshot;
 mod store;
 mod supervised;
-mod target;
 mod workers;
 
 use std::io::IsTerminal;

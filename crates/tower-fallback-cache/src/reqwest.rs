@@ -117,55 +117,85 @@ impl ReqwestService {
     }
 
     /// The URI a request for `uri` is sent to: `None` for a path that would leave the base
-    /// URL's path (see [`within_base`]).
+    /// URL's path (see [`resolve_path`]).
     fn target(&self, uri: &Uri) -> Option<Uri> {
         let base = self.base.as_deref()?;
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let path = if path.starts_with('/') { path } else { "/" };
-        let path = within_base(path)?;
+        let path = resolve_path(path).ok()?;
         Uri::try_from(format!("{base}{path}")).ok()
     }
 }
 
-/// `path_and_query` with its dot segments resolved (RFC 3986, never above the root), so
-/// that joined to the base URL it stays under the base URL's path: the URL parser
-/// resolves `..`, `%2e%2e` and `\` after the join, and would climb out of it. `None` for
-/// the forms only an attacker or a broken client sends: an encoded dot segment, an encoded
-/// `/` or `\`, a backslash. The query is kept as sent. A path without `.`, `%` or `\`
-/// (nearly every API call) is returned as it came.
-fn within_base(path_and_query: &str) -> Option<Cow<'_, str>> {
+/// Why [`resolve_path`] refuses a request target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefusedPath {
+    /// A backslash, which the URL parser reads as `/` in an http URL.
+    #[error("the request path has a backslash")]
+    Backslash,
+    /// An encoded `/` or `\` (`%2F`, `%5C`).
+    #[error("the request path has an encoded / or \\ (%2F, %5C)")]
+    EncodedSeparator,
+    /// An encoded dot segment (`%2e%2e`, `.%2E`, ...).
+    #[error("the request path has an encoded dot segment (%2E)")]
+    EncodedDotSegment,
+}
+
+/// The path and query to ask an upstream for, joined to a base URL that has a path of its
+/// own (`http://host/openai` and `/v1/models` give `http://host/openai/v1/models`), with
+/// its dot segments resolved as RFC 3986 says (never above the root), so that nothing
+/// reaches the upstream outside the base path: a URL parser resolves `..`, `%2e%2e` and
+/// `\` after the join, and would climb out of it. The forms only an attacker or a broken
+/// client sends (an encoded dot segment, an encoded `/` or `\`, a backslash) are refused.
+/// The query is kept as sent. A path that cannot hold a dot segment or an encoded
+/// character (no `.`, `%` or `\`: nearly every API call) is returned as it came, borrowed.
+/// [`ReqwestService`] with a base URL resolves each request's path so; the proxy too.
+///
+/// ```
+/// use tower_fallback_cache::reqwest::{RefusedPath, resolve_path};
+///
+/// assert_eq!(resolve_path("/v1/chat/../models?x=1").as_deref(), Ok("/v1/models?x=1"));
+/// assert_eq!(resolve_path("/../../admin").as_deref(), Ok("/admin"));
+/// assert_eq!(resolve_path("/v1/%2e%2e/admin"), Err(RefusedPath::EncodedDotSegment));
+/// ```
+pub fn resolve_path(path_and_query: &str) -> Result<Cow<'_, str>, RefusedPath> {
     let (path, query) = match path_and_query.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
-    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
-        return Some(Cow::Borrowed(path_and_query));
+    if path.starts_with('/') && !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return Ok(Cow::Borrowed(path_and_query));
+    }
+    if path.contains('\\') {
+        return Err(RefusedPath::Backslash);
     }
     let lower = path.to_ascii_lowercase();
-    if path.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
-        return None;
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err(RefusedPath::EncodedSeparator);
     }
+    let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let last = segments.len().saturating_sub(1);
-    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
     let mut trailing_slash = false;
-    for (i, segment) in segments.into_iter().enumerate() {
+    for (i, segment) in segments.iter().enumerate() {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        if (decoded == "." || decoded == "..") && decoded.len() != segment.len() {
-            return None;
+        let is_dots = decoded == "." || decoded == "..";
+        if is_dots && decoded.len() != segment.len() {
+            return Err(RefusedPath::EncodedDotSegment);
         }
-        match segment {
+        match *segment {
             "." => trailing_slash = i == last,
             ".." => {
-                kept.pop();
+                out.pop();
                 trailing_slash = i == last;
             }
-            other => kept.push(other),
+            other => out.push(other),
         }
     }
     let mut resolved = String::with_capacity(path_and_query.len() + 1);
     resolved.push('/');
-    resolved.push_str(&kept.join("/"));
+    resolved.push_str(&out.join("/"));
     if trailing_slash && !resolved.ends_with('/') {
         resolved.push('/');
     }
@@ -173,7 +203,7 @@ fn within_base(path_and_query: &str) -> Option<Cow<'_, str>> {
         resolved.push('?');
         resolved.push_str(query);
     }
-    Some(Cow::Owned(resolved))
+    Ok(Cow::Owned(resolved))
 }
 
 /// Checks an upstream base URL as [`ReqwestService::base_url`] does, and returns it without
@@ -391,6 +421,57 @@ impl<B: Body> Body for SyncBody<B> {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+
+    #[test]
+    fn plain_paths_are_kept_as_sent() {
+        for path in [
+            "/",
+            "/v1/chat/completions",
+            "/v1/chat/completions/",
+            "/v1beta/models/gemini-2.5-flash:generateContent?alt=sse&key=k",
+            "/v1/files/file%20name",
+            "/v1/a..b/.hidden/x?q=../..",
+        ] {
+            let resolved = resolve_path(path);
+            assert_eq!(resolved.as_deref(), Ok(path), "{path}");
+            // Without a `.`, `%` or `\\`, the path is the one that came, not a copy.
+            let plain = !path
+                .split('?')
+                .next()
+                .is_some_and(|p| p.contains(['.', '%']));
+            assert_eq!(plain, matches!(resolved, Ok(Cow::Borrowed(_))), "{path}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_never_above_the_root() {
+        for (path, resolved) in [
+            ("/../admin", "/admin"),
+            ("/../../../admin?x=1", "/admin?x=1"),
+            ("/v1/./chat/completions", "/v1/chat/completions"),
+            ("/v1/chat/../models", "/v1/models"),
+            ("/v1/..", "/"),
+            ("/v1/models/.", "/v1/models/"),
+            ("/v1/models/..", "/v1/"),
+        ] {
+            assert_eq!(resolve_path(path).as_deref(), Ok(resolved), "{path}");
+        }
+    }
+
+    #[test]
+    fn encoded_and_backslash_traversal_is_refused() {
+        for (path, why) in [
+            ("/v1/%2e%2e/%2e%2e/admin", RefusedPath::EncodedDotSegment),
+            ("/v1/%2E%2E/admin", RefusedPath::EncodedDotSegment),
+            ("/v1/.%2e/admin", RefusedPath::EncodedDotSegment),
+            ("/v1/%2e/admin", RefusedPath::EncodedDotSegment),
+            ("/v1\\..\\..\\admin", RefusedPath::Backslash),
+            ("/v1/..%2f..%2fadmin", RefusedPath::EncodedSeparator),
+            ("/v1/..%5C..%5cadmin", RefusedPath::EncodedSeparator),
+        ] {
+            assert_eq!(resolve_path(path), Err(why), "{path}");
+        }
+    }
 
     #[test]
     fn a_refused_base_url_is_shown_without_its_key_or_credentials() {

@@ -186,7 +186,8 @@ pub(crate) struct Cli {
     pub(crate) body_timeout: String,
 
     /// Longest a keep-alive connection may stay open with no request, or a client may take
-    /// none of its answers' bytes; then it is closed.
+    /// none of its answers' bytes; then it is closed. An HTTP/2 stream whose answer its
+    /// client takes none of for as long is reset, its connection kept.
     #[arg(
         long,
         env = "FALLBACK_CACHE_IDLE_TIMEOUT",

@@ -16,16 +16,26 @@
 //!   answered, anything else gets a 503; past those, new connections are closed at once.
 //!   An overflow connection is closed after `--header-timeout` without a request.
 //!
+//! An HTTP/2 client may also stall some of its streams and keep others moving: the
+//! connection makes progress, yet each stalled stream holds its upstream call and its
+//! buffered answer. So each stream is watched alike ([`Streams`]): a stream whose answer
+//! handed a part on and was not asked for its next one for `--idle-timeout` is dropped,
+//! which resets it (`RST_STREAM`, `CANCEL`) and ends its upstream call; the connection and
+//! its other streams go on. (An HTTP/1 connection has one answer at a time: the rule above
+//! already closes it.)
+//!
 //! Closing is hyper's graceful shutdown, which closes an idle connection at once and lets
 //! a request in flight finish first. The request body's own stall is `--body-timeout`, in
 //! [`crate::client_body`].
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http_body::{Body, Frame, SizeHint};
@@ -125,6 +135,8 @@ impl Conns {
             http2: AtomicBool::new(false),
             untaken: AtomicUsize::new(0),
             answer_polls: AtomicU64::new(0),
+            stalled: Mutex::default(),
+            rounds: AtomicU64::new(0),
             evict: AtomicBool::new(false),
             changed: Notify::new(),
         });
@@ -180,6 +192,12 @@ pub(crate) struct Conn {
     /// How many times the connection's answers were asked for their next part: while
     /// some answer's part is untaken, a count that stays put means the client takes none.
     answer_polls: AtomicU64,
+    /// The tasks of HTTP/2 streams whose answers wait to be taken ([`Streams`]), woken at
+    /// the watchdog's next round to see how long they have waited.
+    stalled: Mutex<Vec<Waker>>,
+    /// The watchdog's rounds that woke [`Conn::stalled`]: a stream's task is listed once a
+    /// round.
+    rounds: AtomicU64,
     evict: AtomicBool,
     /// Wakes the watchdog when the connection is evicted.
     changed: Notify,
@@ -226,6 +244,39 @@ impl Conn {
         )
     }
 
+    /// Wakes the streams listed in [`Conn::stalled`], which list themselves again while
+    /// they wait.
+    fn wake_stalled(&self) {
+        let stalled = {
+            let mut stalled = self
+                .stalled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if stalled.is_empty() {
+                return;
+            }
+            self.rounds.fetch_add(1, Ordering::Release);
+            std::mem::take(&mut *stalled)
+        };
+        for waker in stalled {
+            waker.wake();
+        }
+    }
+
+    /// Lists the stream task of `waker` in [`Conn::stalled`], unless it was listed in
+    /// the round `listed`: the round it is listed in.
+    fn list_stalled(&self, waker: &Waker, listed: u64) -> u64 {
+        if self.rounds.load(Ordering::Acquire) == listed {
+            return listed;
+        }
+        let mut stalled = self
+            .stalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stalled.push(waker.clone());
+        self.rounds.load(Ordering::Acquire)
+    }
+
     /// Completes when the connection should close, with the reason.
     ///
     /// The connection's requests do not wake it: it sleeps until the deadline in view, and
@@ -234,15 +285,12 @@ impl Conn {
     /// in flight). Such a deadline is at least `recheck` after the event, so it is still
     /// ahead when the watchdog wakes, and each timeout is kept to the millisecond without
     /// a wake-up (and a new timer) per request. Only an eviction wakes it early.
+    ///
+    /// Each round while a request is in flight also wakes the HTTP/2 streams whose answers
+    /// wait to be taken ([`Streams`]), to reset those that waited `--idle-timeout`.
     pub(crate) async fn watch(&self, timeouts: Timeouts) -> &'static str {
         let header = u64::try_from(timeouts.header.as_millis()).unwrap_or(u64::MAX);
-        // An overflow place is for one prompt request: it may not be held idle for long.
-        let idle = if self.overflow {
-            timeouts.idle.min(timeouts.header)
-        } else {
-            timeouts.idle
-        };
-        let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let idle = self.idle_millis(timeouts);
         let recheck = header.min(idle).max(1);
         // The answers' progress as last seen, and since when it has not moved while a part
         // of an answer waited to be taken.
@@ -263,6 +311,7 @@ impl Conn {
             if polls != progress.0 || !waiting {
                 progress = (polls, now);
             }
+            self.wake_stalled();
             let wake = if self.busy() > 0 && progress.1.saturating_add(idle) <= now {
                 // Answers the client takes none of, for as long as an idle connection is
                 // kept, are given up.
@@ -289,6 +338,17 @@ impl Conn {
                 () = &mut evicted => {}
             }
         }
+    }
+
+    /// `--idle-timeout` in milliseconds, as the connection is held to it.
+    fn idle_millis(&self, timeouts: Timeouts) -> u64 {
+        // An overflow place is for one prompt request: it may not be held idle for long.
+        let idle = if self.overflow {
+            timeouts.idle.min(timeouts.header)
+        } else {
+            timeouts.idle
+        };
+        u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Whether no request is in flight.
@@ -358,6 +418,11 @@ impl<B: Body + Unpin> Body for BusyBody<B> {
         if self.handed {
             self.busy.conn.untaken.fetch_add(1, Ordering::Relaxed);
         }
+        ASKED.set(if self.handed {
+            Asked::Handed
+        } else {
+            Asked::Nothing
+        });
         polled
     }
 
@@ -369,6 +434,91 @@ impl<B: Body + Unpin> Body for BusyBody<B> {
         self.inner.size_hint()
     }
 }
+
+/// What the answer polled last on this thread said when it was asked for its next part:
+/// how a [`BusyBody`] tells the [`Streams`] task that polls it (hyper gives the task no
+/// other way to see the body it holds, and one shared with the task would be an allocation
+/// per request). Written on each poll of an answer, read only by a stream's task right
+/// after it polled its stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// No answer was asked for a part since the stream's task cleared it.
+    Not,
+    /// Asked, and handed none on: it waits for its upstream, or it ended.
+    Nothing,
+    /// Asked, and handed a part on, not yet taken.
+    Handed,
+}
+
+thread_local! {
+    static ASKED: Cell<Asked> = const { Cell::new(Asked::Not) };
+}
+
+/// Spawns a connection's HTTP/2 streams (hyper's executor), each watched in its task: a
+/// stream whose answer handed a part on and was not asked for its next one for
+/// `--idle-timeout` (its client gives it no room, while its other streams may move) is
+/// dropped, which resets it (`RST_STREAM`) and ends its upstream call and buffers.
+///
+/// Cheap when nothing waits: an answer sent whole in one poll of its task (a HIT) costs a
+/// thread-local write and read, no clock and no lock. A stream that waits lists its task in
+/// [`Conn::stalled`] once per round of the watchdog, which wakes it to look again: no
+/// timer per stream.
+#[derive(Clone)]
+pub(crate) struct Streams {
+    conn: Arc<Conn>,
+    idle: u64,
+}
+
+impl Streams {
+    pub(crate) fn new(conn: Arc<Conn>, timeouts: Timeouts) -> Self {
+        let idle = conn.idle_millis(timeouts);
+        Self { conn, idle }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let (conn, idle) = (self.conn.clone(), self.idle);
+        tokio::spawn(async move {
+            let mut stream = pin!(stream);
+            // Milliseconds since the connection's epoch (plus one) since when the answer
+            // waits to be taken (0: it does not), and the round the task was last listed in.
+            let (mut waiting_since, mut listed) = (0, u64::MAX);
+            std::future::poll_fn(|cx| {
+                ASKED.set(Asked::Not);
+                if stream.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                let now = match ASKED.replace(Asked::Not) {
+                    // The answer was not asked: it still waits, if it did.
+                    Asked::Not if waiting_since == 0 => return Poll::Pending,
+                    Asked::Not => millis(conn.epoch),
+                    Asked::Nothing => {
+                        waiting_since = 0;
+                        return Poll::Pending;
+                    }
+                    Asked::Handed => {
+                        waiting_since = millis(conn.epoch);
+                        waiting_since
+                    }
+                };
+                if now.saturating_sub(waiting_since) >= idle {
+                    tracing::debug!("resetting an HTTP/2 stream: {STREAM_TOOK_NONE}");
+                    return Poll::Ready(());
+                }
+                listed = conn.list_stalled(cx.waker(), listed);
+                Poll::Pending
+            })
+            .await;
+        });
+    }
+}
+
+/// Why [`Streams`] resets an HTTP/2 stream.
+const STREAM_TOOK_NONE: &str = "the client took none of its answer for --idle-timeout";
 
 /// A connection's socket, telling its [`Conn`] when bytes come in.
 pub(crate) struct Watched<T> {

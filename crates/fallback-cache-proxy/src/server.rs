@@ -18,7 +18,7 @@ use axum::routing::{any, get};
 use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -27,7 +27,7 @@ use tower_fallback_cache::FallbackCacheLayer;
 use tower_fallback_cache::reqwest::ReqwestService;
 
 use crate::config::Config;
-use crate::conn::{Admission, BusyBody, Conn, Conns, TOOK_NONE, Timeouts, Watched};
+use crate::conn::{Admission, BusyBody, Conn, Conns, Streams, TOOK_NONE, Timeouts, Watched};
 use crate::error::ProxyError;
 use crate::forward::{Proxy, Throttle, forward};
 use crate::metrics::{self, Metrics};
@@ -389,7 +389,8 @@ async fn serve_connection(
             async move { Ok::<_, Infallible>(handle(app, &conn, request).await) }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 streams are spawned each watched for an answer its client takes none of.
+    let mut builder = auto::Builder::new(Streams::new(conn.clone(), timeouts));
     builder.http2().max_concurrent_streams(MAX_HTTP2_STREAMS);
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);

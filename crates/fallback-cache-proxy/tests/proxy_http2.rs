@@ -219,3 +219,214 @@ async fn a_connect_over_http2_is_refused_and_never_reaches_the_upstream() {
     drop(client);
     connection.abort();
 }
+
+/// The bytes of an answer of `len` bytes from [`counting_upstream`]: a pattern, so that a
+/// byte out of place shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// How [`counting_upstream`]'s calls ended.
+#[derive(Default)]
+struct Calls {
+    /// Answers written whole.
+    whole: std::sync::atomic::AtomicUsize,
+    /// Answers the proxy stopped taking (the connection was closed under them).
+    cut: std::sync::atomic::AtomicUsize,
+}
+
+/// An upstream that answers `GET /v1/bytes/<n>` with `n` bytes of [`pattern`], written in
+/// 64 KiB parts, counting the answers written whole and those cut; its URL.
+async fn counting_upstream(calls: std::sync::Arc<Calls>) -> String {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let len: usize = head
+                    .strip_prefix("GET /v1/bytes/")
+                    .and_then(|rest| rest.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .expect("GET /v1/bytes/<n>");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                );
+                if socket.write_all(answer.as_bytes()).await.is_err() {
+                    calls.cut.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                for part in pattern(len).chunks(64 << 10) {
+                    if socket.write_all(part).await.is_err() {
+                        calls.cut.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                calls.whole.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    });
+    url
+}
+
+/// Asks for `/v1/bytes/<len>` on `client`'s connection: the answer's body, its stream
+/// not yet read.
+async fn ask_bytes(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    proxy: &Proxy,
+    len: usize,
+) -> h2::RecvStream {
+    let mut client = client.clone().ready().await.expect("ready for a request");
+    let request = http::Request::get(format!("{}/v1/bytes/{len}", proxy.url()))
+        .body(())
+        .expect("a request");
+    let (answer, _) = client.send_request(request, true).expect("sent");
+    let answer = answer.await.expect("the answer's head");
+    assert_eq!(answer.status(), 200);
+    answer.into_body()
+}
+
+/// Reads `body` to its end, giving its stream room as it goes.
+async fn read_all(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
+    let mut read = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        read.extend_from_slice(&chunk);
+    }
+    Ok(read)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_whose_client_takes_nothing_are_reset_while_the_others_go_on() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Far more than the proxy and the kernel buffer for a stream that does not move: its
+    /// upstream call can only end by being cut.
+    const STALLED_LEN: usize = 64 << 20;
+    /// More than the 64 KiB a stream may be sent before its client gives it more room.
+    const MOVING_LEN: usize = 256 << 10;
+    const STALLED: usize = 3;
+
+    let calls = Arc::new(Calls::default());
+    let upstream = counting_upstream(calls.clone()).await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream,
+        "--store",
+        "memory",
+        // Short, yet long enough that the moving streams below never leave the connection
+        // without an answer taken for as long (which would close it), even on a busy machine.
+        "--idle-timeout",
+        "2s",
+    ]);
+    let address = proxy.url().trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connects");
+    // Each stream gets the default 64 KiB of room; the connection far more, so that the
+    // stalled streams' unread 64 KiB do not stall the others.
+    let (client, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(64 << 20)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("an h2 handshake");
+    let connection = tokio::spawn(connection);
+
+    // Streams whose answers the client reads none of: no room past their first 64 KiB.
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        stalled.push(ask_bytes(&client, &proxy, STALLED_LEN).await);
+    }
+    // Meanwhile new streams come and are read whole, one after another, on the same
+    // connection: it makes progress all along.
+    let moving = Arc::new(AtomicBool::new(true));
+    let mover = tokio::spawn({
+        let (client, proxy_url, moving) = (client.clone(), proxy.url().to_owned(), moving.clone());
+        async move {
+            let mut answered = 0usize;
+            while moving.load(Ordering::Relaxed) {
+                let mut ready = client.clone().ready().await.expect("ready for a request");
+                let request = http::Request::get(format!("{proxy_url}/v1/bytes/{MOVING_LEN}"))
+                    .body(())
+                    .expect("a request");
+                let (answer, _) = ready.send_request(request, true).expect("sent");
+                let answer = answer.await.expect("the answer's head");
+                assert_eq!(answer.status(), 200);
+                let body = read_all(answer.into_body()).await.expect("a whole answer");
+                assert!(
+                    body == pattern(MOVING_LEN),
+                    "a moving stream's bytes differ"
+                );
+                answered += 1;
+            }
+            answered
+        }
+    });
+
+    // Each stalled stream is reset by the proxy within a few --idle-timeouts: what the
+    // client had room for, then the reset (reading without giving room takes no more).
+    let started = Instant::now();
+    for body in &mut stalled {
+        let ended = tokio::time::timeout(Duration::from_secs(15), async {
+            let mut read = 0usize;
+            loop {
+                match body.data().await {
+                    Some(Ok(chunk)) => read += chunk.len(),
+                    Some(Err(error)) => return (read, Some(error)),
+                    None => return (read, None),
+                }
+            }
+        })
+        .await;
+        let (read, error) = ended.expect("a stalled stream is still open after 15 s");
+        assert!(read < STALLED_LEN, "read {read} bytes");
+        let error = error.expect("the stalled stream ends with an error, not its end");
+        assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error}");
+        assert!(!error.is_go_away() && !error.is_io(), "{error}");
+    }
+    let reset_after = started.elapsed();
+    // Their upstream calls were cut.
+    let cut = Instant::now();
+    while calls.cut.load(Ordering::Relaxed) < STALLED && cut.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        calls.cut.load(Ordering::Relaxed),
+        STALLED,
+        "upstream calls cut"
+    );
+
+    // The moving streams were answered whole all along, and the connection still serves.
+    moving.store(false, Ordering::Relaxed);
+    let answered = mover.await.expect("the moving streams");
+    assert!(
+        answered > 0,
+        "no moving stream was answered in {reset_after:?}"
+    );
+    let body = read_all(ask_bytes(&client, &proxy, MOVING_LEN).await)
+        .await
+        .expect("a whole answer after the resets");
+    assert!(
+        body == pattern(MOVING_LEN),
+        "the last stream's bytes differ"
+    );
+    assert!(!connection.is_finished(), "the connection was closed");
+    drop(client);
+    connection.abort();
+}

@@ -468,6 +468,54 @@ async fn a_502_for_an_unreachable_upstream_is_counted_and_timed_under_the_status
         samples["fallback_cache_upstream_unreachable_responses_total"],
         2
     );
+    // Both are upstream failures, the bypassed one as much as the keyed one.
+    assert_eq!(
+        samples["fallback_cache_upstream_failures_total{reason=\"unreachable\"}"], 2,
+        "{samples:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_body_of_a_bypassed_request_is_no_upstream_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", "memory"]);
+    let addr = proxy.url().trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    // An endpoint with side effects: the body goes on to the upstream as it arrives, and
+    // breaks on the way.
+    stream
+        .write_all(
+            b"POST /v1/files HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n5\r\n{\"mod\r\nZZ\r\nnot a chunk\r\n0\r\n\r\n",
+        )
+        .await
+        .expect("sent");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+
+    let samples = common::metrics(proxy.url()).await;
+    assert_eq!(samples["fallback_cache_client_faults_total"], 1);
+    assert_eq!(
+        samples["fallback_cache_requests_total{status=\"BYPASS\"}"],
+        1
+    );
+    let failures: Vec<_> = samples
+        .iter()
+        .filter(|(name, value)| {
+            name.starts_with("fallback_cache_upstream_failures_total") && **value > 0
+        })
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -564,8 +565,26 @@ where
     // The inner service can tell a bypassed request (its call's failure is not a MISS).
     let mut request = request;
     request.extensions_mut().insert(CacheStatus::Bypass);
-    poll_fn(|cx| inner.poll_ready(cx)).await?;
-    let (mut parts, body) = inner.call(request).await?.into_parts();
+    let body_failed = request.body_mut().watch_failure();
+    let called = async {
+        poll_fn(|cx| inner.poll_ready(cx)).await?;
+        inner.call(request).await
+    };
+    let response = match called.await {
+        Ok(response) => response,
+        Err(error) => {
+            // A failed call is the upstream's failure, as for a keyed request (its answer is
+            // passed on unread, so no other reason is told), unless the client's body failed
+            // first: then the call failed because of it.
+            if !body_failed.is_some_and(|failed| failed.load(Ordering::Relaxed)) {
+                let reason = Reason::Unreachable;
+                Counters::add(&shared.stats.counters().failures[reason as usize]);
+                tracing::debug!(why, %reason, "BYPASS: inner service failed; error returned");
+            }
+            return Err(error);
+        }
+    };
+    let (mut parts, body) = response.into_parts();
     clean_upstream_head(parts.status, &mut parts.headers, false);
     parts.headers.insert(
         X_FALLBACK_CACHE,

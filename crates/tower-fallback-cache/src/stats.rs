@@ -212,7 +212,9 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// Upstream failures with this reason.
+    /// Upstream failures with this reason. A bypassed request's call is counted too when
+    /// it fails (as [`Reason::Unreachable`]: its answer is passed on unread), unless the
+    /// request's body failed first.
     pub fn failures_for(&self, reason: Reason) -> u64 {
         self.failures[reason as usize]
     }

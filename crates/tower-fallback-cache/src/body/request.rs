@@ -1,4 +1,6 @@
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -19,6 +21,8 @@ pin_project! {
     pub struct RequestBody<B: Body> {
         #[pin]
         kind: Kind<B>,
+        // Set when the body fails, if the layer watches it (see `watch_failure`).
+        failed: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -49,6 +53,7 @@ impl<B: Body> RequestBody<B> {
             kind: Kind::Read {
                 body: Resumed::new(bytes, None, None),
             },
+            failed: None,
         }
     }
 
@@ -56,6 +61,7 @@ impl<B: Body> RequestBody<B> {
     pub(crate) fn passthrough(body: B) -> Self {
         Self {
             kind: Kind::Passthrough { body },
+            failed: None,
         }
     }
 
@@ -65,6 +71,7 @@ impl<B: Body> RequestBody<B> {
             kind: Kind::Read {
                 body: Resumed::new(prefix, None, Some(rest)),
             },
+            failed: None,
         }
     }
 
@@ -74,7 +81,20 @@ impl<B: Body> RequestBody<B> {
             kind: Kind::Read {
                 body: Resumed::new(prefix, Some(error), None),
             },
+            failed: None,
         }
+    }
+
+    /// A flag set if the body fails while the inner service reads it, so that a call that
+    /// failed because the client's body did is not taken for the upstream's failure. `None`
+    /// for a body that has ended (nothing left to fail): no flag is allocated for it.
+    pub(crate) fn watch_failure(&mut self) -> Option<Arc<AtomicBool>> {
+        if self.is_end_stream() {
+            return None;
+        }
+        let failed = Arc::new(AtomicBool::new(false));
+        self.failed = Some(failed.clone());
+        Some(failed)
     }
 }
 
@@ -90,12 +110,17 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let frame = match this.kind.project() {
             KindProj::Passthrough { body } => body
                 .poll_frame(cx)
                 .map(|frame| frame.map(|frame| frame.map(to_bytes_frame))),
             KindProj::Read { body } => body.poll_frame(cx),
+        };
+        if let (Poll::Ready(Some(Err(_))), Some(failed)) = (&frame, this.failed.as_ref()) {
+            failed.store(true, Ordering::Relaxed);
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -712,6 +712,52 @@ async fn a_redis_that_stops_while_idle_is_reported_and_found_again_once_back() {
     assert_no_panic(&proxy);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_write_that_fails_is_on_the_metrics_page_at_once_not_after_its_retries() {
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&["--upstream", &mock.url(), "--store", &redis.url()]);
+    let client = reqwest::Client::new();
+    let (status, cache, body) = chat(&client, &proxy, "stored in Redis").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+    let written = |name: &str, page: &std::collections::HashMap<String, u64>| {
+        page.get(&format!("fallback_cache_store_{name}_writes_total"))
+            .copied()
+    };
+    let page = common::metrics(proxy.url()).await;
+    assert_eq!(written("retried", &page), Some(0), "{page:?}");
+
+    // Redis dies: the answer is not delayed, and its write, failing, is tried again for
+    // 30 s. The page says so within a couple of seconds, not once the retries give up.
+    redis.stop();
+    let asked = Instant::now();
+    let (status, cache, body) = chat(&client, &proxy, "while Redis is down").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let page = loop {
+        let page = common::metrics(proxy.url()).await;
+        if written("retried", &page).is_some_and(|retried| retried > 0)
+            || asked.elapsed() > Duration::from_secs(5)
+        {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        written("retried", &page),
+        Some(1),
+        "after {:?}: {page:?}",
+        asked.elapsed()
+    );
+    // Not lost yet: still tried again.
+    assert_eq!(written("failed", &page), Some(0), "{page:?}");
+    assert_no_panic(&proxy);
+}
+
 /// An upstream that answers each request (a connection each) after 300 ms with a chat
 /// completion of 1.5 MB, more than a memory tier of 1 MiB holds; counts the requests.
 async fn large_answer_upstream() -> (String, Arc<AtomicUsize>, String) {

@@ -196,6 +196,12 @@ impl Collector for LayerStats {
                 usage.dropped,
             ),
             (
+                "fallback_cache_store_retried_writes",
+                "Answers whose write to the Redis (or disk) store failed and was tried again, counted once, at the first failure; those whose retries give up after 30 s count in fallback_cache_store_failed_writes_total as well.",
+                MetricType::Counter,
+                usage.retried,
+            ),
+            (
                 "fallback_cache_store_failed_writes",
                 "Answers accepted for the disk or Redis store whose write then failed (a full disk, Redis down past the retries).",
                 MetricType::Counter,

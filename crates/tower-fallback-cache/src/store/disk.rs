@@ -927,6 +927,7 @@ impl Store for DiskStore {
             evicted: load(&self.shared.evicted),
             refused: load(&self.shared.refused),
             dropped: None,
+            retried: None,
             failed: load(&self.shared.failed),
         }
     }

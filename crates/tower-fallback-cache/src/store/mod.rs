@@ -283,8 +283,12 @@ pub struct StoreUsage {
     pub refused: Option<u64>,
     /// Writes dropped because the queue to a slow back store was full, if counted.
     pub dropped: Option<u64>,
-    /// Writes accepted that then failed (a commit on a full disk, a back store error),
-    /// if counted.
+    /// Writes that failed and were tried again (a [`Tiered`] store's writes to its back),
+    /// each counted once, at its first failure, if counted. Those still not done when the
+    /// retries give up count in `failed` as well.
+    pub retried: Option<u64>,
+    /// Writes accepted that then failed (a commit on a full disk, a back store error that
+    /// outlasted the retries), if counted.
     pub failed: Option<u64>,
 }
 
@@ -326,6 +330,7 @@ impl StoreUsage {
             evicted: None,
             refused: None,
             dropped: None,
+            retried: None,
             failed: None,
         }
     }

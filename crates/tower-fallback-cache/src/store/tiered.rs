@@ -38,10 +38,12 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// disk that is behind) never delays an answer the front takes: `put` returns once the
 /// front has it. An answer the front does not take (one larger than the whole memory
 /// tier) can be read from the back alone, so its `put` returns once the back has it, or
-/// has failed it once. A write the back fails is tried again for up to 30 s; when the
-/// queue holds more than its bound ([`back_queue_bytes`](Self::back_queue_bytes), 64 MiB
-/// by default), a new write is dropped for the back (still in front) and counted
-/// ([`StoreUsage::dropped`]). Removals follow the writes on the same queue.
+/// has failed it once. A write the back fails is tried again for up to 30 s, counted at
+/// its first failure ([`StoreUsage::retried`]) and, if the retries give up, once more as
+/// failed ([`StoreUsage::failed`]); when the queue holds more than its bound
+/// ([`back_queue_bytes`](Self::back_queue_bytes), 64 MiB by default), a new write is
+/// dropped for the back (still in front) and counted ([`StoreUsage::dropped`]). Removals
+/// follow the writes on the same queue.
 /// [`flush`](Store::flush) waits until the queue is drained and the back has flushed;
 /// [`usage`](Store::usage) and [`health`](Store::health) are those of the back, the
 /// store of record. A failing front is logged and skipped.
@@ -104,6 +106,8 @@ struct Queue {
 struct QueueCounts {
     bytes: AtomicU64,
     dropped: AtomicU64,
+    /// Writes the back failed that were tried again, counted at their first failure.
+    retried: AtomicU64,
     failed: AtomicU64,
 }
 
@@ -322,6 +326,7 @@ async fn drain<B: Store>(
             } => {
                 let started = Instant::now();
                 let mut delay = FIRST_RETRY_DELAY;
+                let mut retried = false;
                 loop {
                     let Err(error) = put_back(&*back, key, entry.clone(), ttl, seal).await else {
                         if let Some(written) = written.take() {
@@ -334,6 +339,11 @@ async fn drain<B: Store>(
                         matches!(error, StoreError::Corrupt(_)) || started.elapsed() >= RETRY_FOR;
                     if given_up {
                         counts.failed.fetch_add(1, Ordering::Relaxed);
+                    } else if !retried {
+                        // Counted at once, not when the retries give up 30 s later: an
+                        // outage shows in the first write it fails.
+                        retried = true;
+                        counts.retried.fetch_add(1, Ordering::Relaxed);
                     }
                     // The caller waiting for the write hears of the first failure, not of
                     // every retry: it is tried again behind it.
@@ -515,6 +525,7 @@ impl<F: Store, B: Store> Store for Tiered<F, B> {
             Some(own.load(Ordering::Relaxed) + back.unwrap_or(0))
         };
         usage.dropped = add(&counts.dropped, usage.dropped);
+        usage.retried = add(&counts.retried, usage.retried);
         usage.failed = add(&counts.failed, usage.failed);
         usage
     }
@@ -824,6 +835,8 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             assert_eq!(tiered.usage().failed, Some(0));
+            // Counted at its first failure, and once: it was tried again once.
+            assert_eq!(tiered.usage().retried, Some(1));
         });
     }
 

@@ -9,7 +9,7 @@ mod resumed;
 pub use request::RequestBody;
 pub use response::ResponseBody;
 
-pub(crate) use capture::{Capture, CaptureSink, Step};
+pub(crate) use capture::{Capture, CaptureSink, MAX_STORE_WRITE_WAIT, Step};
 pub(crate) use resumed::{Resumed, to_bytes_frame};
 
 use bytes::{Buf, Bytes, BytesMut};

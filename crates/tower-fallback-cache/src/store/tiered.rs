@@ -14,6 +14,8 @@ use super::{
     HealthFuture, MemoryStore, RawEntry, Store, StoreError, StoreFuture, StoreHealth, StoreUsage,
     log_store_error,
 };
+use crate::body::MAX_STORE_WRITE_WAIT;
+use crate::deadline::within;
 use crate::entry::CachedResponse;
 use crate::key::CacheKey;
 use crate::seal::Seal;
@@ -38,9 +40,11 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// disk that is behind) never delays an answer the front takes: `put` returns once the
 /// front has it. An answer the front does not take (one larger than the whole memory
 /// tier) can be read from the back alone, so its `put` returns once the back has it, or
-/// has failed it once. A write the back fails is tried again for up to 30 s, counted at
-/// its first failure ([`StoreUsage::retried`]) and, if the retries give up, once more as
-/// failed ([`StoreUsage::failed`]); when the queue holds more than its bound
+/// has failed it once, or after a second (then `Err(StoreError::Timeout)`: the write stays
+/// queued, and a back store that hangs never holds the caller longer). A write the back
+/// fails is tried again for up to 30 s, counted at its first failure
+/// ([`StoreUsage::retried`]) and, if the retries give up, once more as failed
+/// ([`StoreUsage::failed`]); when the queue holds more than its bound
 /// ([`back_queue_bytes`](Self::back_queue_bytes), 64 MiB by default), a new write is
 /// dropped for the back (still in front) and counted ([`StoreUsage::dropped`]). Removals
 /// follow the writes on the same queue.
@@ -439,16 +443,22 @@ impl<F: Store, B: Store> Tiered<F, B> {
             // No runtime to run the queue on: the back is written in line.
             return put_back(&*self.back, key, entry, ttl, seal).await;
         }
-        match back_has_it {
-            Some(back_has_it) => back_has_it.await.unwrap_or_else(|_| {
-                Err(StoreError::Backend {
-                    store: "tiered",
-                    source:
-                        "the front did not take the answer, and the back tier's queue dropped it"
-                            .into(),
-                })
+        let Some(back_has_it) = back_has_it else {
+            return Ok(());
+        };
+        // Bounded as the layer bounds a write, so that a caller of `put` is never held by a
+        // back store that hangs; the write stays queued (and is tried again) behind it.
+        match within(MAX_STORE_WRITE_WAIT, back_has_it).await {
+            Some(Ok(written)) => written,
+            Some(Err(_)) => Err(StoreError::Backend {
+                store: "tiered",
+                source: "the front did not take the answer, and the back tier's queue dropped it"
+                    .into(),
             }),
-            None => Ok(()),
+            None => Err(StoreError::Timeout {
+                store: "tiered",
+                timeout: MAX_STORE_WRITE_WAIT,
+            }),
         }
     }
 }
@@ -859,6 +869,33 @@ mod tests {
         fn remove<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, ()> {
             Box::pin(async { Ok(()) })
         }
+    }
+
+    #[tokio::test]
+    async fn a_put_the_front_refuses_waits_at_most_a_second_for_a_back_that_hangs() {
+        // A front too small for any answer: the put waits for the back's first attempt.
+        let tiered = Tiered::new(MemoryStore::new(1), Stuck::default());
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(5),
+            tiered.put(key(1), entry("larger than the front"), HOUR),
+        )
+        .await
+        .expect("put returns within its bound, whatever the back does");
+        let waited = started.elapsed();
+        assert!(
+            matches!(result, Err(StoreError::Timeout { .. })),
+            "{result:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert_eq!(
+            tiered.back().puts.load(Ordering::SeqCst),
+            1,
+            "the write was handed to the back"
+        );
     }
 
     #[tokio::test]

@@ -568,6 +568,14 @@ async fn a_broken_request_body_is_counted_and_timed_under_the_status_it_carries(
     );
     assert_eq!(timed[&seen[0].0], 1, "{samples:?}");
     assert_eq!(timed["none"], 0, "{samples:?}");
+    // The client's fault, not the upstream's.
+    let failures: Vec<_> = samples
+        .iter()
+        .filter(|(name, value)| {
+            name.starts_with("fallback_cache_upstream_failures_total") && **value > 0
+        })
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 /// A streamed chat completion through the proxy.

@@ -432,6 +432,23 @@ where
         }
         let (mut parts, body) = response.into_parts();
         clean_upstream_head(status, &mut parts.headers, true);
+        if followed_a_redirect(&parts.extensions) {
+            // Another URL's error, about a request sent without this one's body (and, on
+            // another host, without its credentials): it says nothing of this credential's
+            // quota, so it is passed on as it came, neither classified (no FALLBACK) nor
+            // given to the breaker. A probe dropped unsettled lets the next request probe.
+            Counters::add(&counters.misses);
+            tracing::debug!(%key, %status, "MISS: error reached through a redirect passed through");
+            mark(
+                &mut parts.headers,
+                &mut parts.extensions,
+                CacheStatus::Miss,
+                key,
+                None,
+                None,
+            );
+            return Ok(Response::from_parts(parts, ResponseBody::upstream(body)));
+        }
         // An error body that says it fits the limit is read in place; any other is pinned on
         // the heap to be read, so that the unread rest of a long one can move into the
         // response (only error bodies pay for it).

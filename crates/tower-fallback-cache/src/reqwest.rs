@@ -70,8 +70,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A redirect the client follows (`reqwest::Client::new()` follows up to ten) is passed on
 /// to the caller, marked `MISS`, but never stored: its answer is another URL's, fetched
 /// without the request's body (a `POST` becomes a `GET`) and, on another host, without
-/// its credentials, so it is not the answer to the request it would be stored under. Build
-/// the client with `reqwest::redirect::Policy::none()` to get the redirect itself instead.
+/// its credentials, so it is not the answer to the request it would be stored under. An
+/// error reached so is passed on as it came, `MISS` without a reason: another host's
+/// `insufficient_quota` serves no `FALLBACK` and suspends nothing. Build the client with
+/// `reqwest::redirect::Policy::none()` to get the redirect itself instead.
 ///
 /// Cheap to clone: clones share the client's connection pool.
 #[derive(Clone, Debug)]

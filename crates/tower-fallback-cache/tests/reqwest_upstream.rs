@@ -221,6 +221,60 @@ async fn an_answer_reached_through_a_redirect_is_passed_on_never_stored() {
     );
 }
 
+/// An error the client reached by following a redirect is another host's, about another
+/// request (sent without this one's body or, on another host, its credentials): it is
+/// passed on as it came, never read as this credential's quota running out. So no
+/// `FALLBACK` is served for it, and the quota breaker stays closed: the next request is
+/// asked of the upstream, not answered from the cache.
+#[tokio::test]
+async fn an_error_reached_through_a_redirect_is_passed_on_as_it_came() {
+    let elsewhere = scripted(Arc::new(|_: &str, _: &[u8]| (quota_error(), false))).await;
+    let redirecting = Arc::new(Mutex::new(false));
+    let redirect = redirecting.clone();
+    let upstream = scripted(Arc::new(move |_: &str, _: &[u8]| {
+        if *redirect.lock().expect("lock") {
+            let location = format!("http://{elsewhere}/elsewhere");
+            (http_response(302, &[("location", &location)], b""), false)
+        } else {
+            let answer = common::chat_completion();
+            let headers = [("content-type", "application/json")];
+            (http_response(200, &headers, &answer), false)
+        }
+    }))
+    .await;
+    let reqwest = ReqwestService::new(reqwest::Client::new())
+        .base_url(&format!("http://{upstream}/v1"))
+        .expect("base url");
+    let service = tower::Layer::layer(&FallbackCacheLayer::new(), reqwest);
+
+    let first = after_quota_runs_out(&service, chat("sk-a")).await;
+    assert_eq!((first.0, first.1.as_str()), (StatusCode::OK, "MISS"));
+
+    *redirecting.lock().expect("lock") = true;
+    let response = tokio::time::timeout(Duration::from_secs(10), service.clone().oneshot(chat("sk-a")))
+        .await
+        .expect("in time")
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+    assert!(
+        response.headers().get("x-fallback-cache-reason").is_none(),
+        "classified: {:?}",
+        response.headers()
+    );
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        &body[..],
+        &fixture("provider-errors/openai-429-insufficient_quota.json")[..],
+        "the other host's error is passed on as it came"
+    );
+
+    // The breaker was not opened: the upstream is asked again, and answers.
+    *redirecting.lock().expect("lock") = false;
+    let third = after_quota_runs_out(&service, chat("sk-a")).await;
+    assert_eq!((third.0, third.1.as_str()), (StatusCode::OK, "MISS"));
+}
+
 /// What a second request for the same question gets once the upstream is out of quota:
 /// status, `x-fallback-cache` and body.
 async fn after_quota_runs_out(

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::delete;
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
@@ -89,6 +90,10 @@ pub(crate) async fn start(
     let router = Router::new()
         .route(&format!("{PREFIX}/{{key}}"), delete(purge))
         .fallback(|| async { StatusCode::NOT_FOUND })
+        // Around every route and the fallback: a request without the token gets a 401
+        // whatever its method or path, so that it learns nothing of which routes exist
+        // (no 405 for a wrong method, no 404 for an unknown path).
+        .layer(middleware::from_fn_with_state(admin.clone(), authorized))
         .with_state(admin);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router).await {
@@ -98,15 +103,10 @@ pub(crate) async fn start(
     Ok(addr)
 }
 
-/// `DELETE /cache/{key}`: 204 once the answer is gone from every tier (or was never
-/// there), 400 for a key that is not 64 hex digits, 401 without the token, 503 when the
-/// store failed.
-async fn purge(
-    State(admin): State<Arc<Admin>>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !admin.token.authorizes(&headers) {
+/// Every request to the admin endpoint: 401 without the token, before anything else is
+/// looked at.
+async fn authorized(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    if !admin.token.authorizes(request.headers()) {
         return (
             StatusCode::UNAUTHORIZED,
             [(WWW_AUTHENTICATE, "Bearer")],
@@ -114,6 +114,13 @@ async fn purge(
         )
             .into_response();
     }
+    next.run(request).await
+}
+
+/// `DELETE /cache/{key}` (the token already checked): 204 once the answer is gone from
+/// every tier (or was never there), 400 for a key that is not 64 hex digits, 503 when the
+/// store failed.
+async fn purge(State(admin): State<Arc<Admin>>, Path(key): Path<String>) -> Response {
     let Ok(key) = key.parse::<CacheKey>() else {
         return (
             StatusCode::BAD_REQUEST,

@@ -212,3 +212,50 @@ async fn the_admin_endpoint_is_off_by_default_and_needs_a_token() {
     assert!(!status.success());
     assert!(output.contains("--admin-token"), "{output}");
 }
+
+/// Without the token, every request to the admin listener is a 401, whatever its method or
+/// path: a client without it learns nothing of which routes exist. With the token, a wrong
+/// method is a 405 and an unknown path a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_token_every_method_and_path_is_a_401() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let (_proxy, admin) = start(&mock, "memory");
+    let key = "0".repeat(64);
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, token: Option<&str>| {
+        let mut request = client.request(method, format!("{admin}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let cache_path = format!("/cache/{key}");
+    for (method, path) in [
+        (reqwest::Method::GET, cache_path.as_str()),
+        (reqwest::Method::POST, cache_path.as_str()),
+        (reqwest::Method::PUT, "/cache/not-a-key"),
+        (reqwest::Method::GET, "/"),
+        (reqwest::Method::DELETE, "/no/such/route"),
+    ] {
+        for token in [None, Some("wrong-token")] {
+            let response = send(method.clone(), path, token).await.expect("an answer");
+            assert_eq!(
+                response.status().as_u16(),
+                401,
+                "{method} {path} with {token:?}"
+            );
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            assert_eq!(
+                response.text().await.expect("a body"),
+                "an admin token is required: authorization: Bearer TOKEN\n"
+            );
+        }
+    }
+    let status = |response: reqwest::Response| response.status().as_u16();
+    let wrong_method = send(reqwest::Method::GET, &cache_path, Some(TOKEN)).await;
+    assert_eq!(status(wrong_method.expect("an answer")), 405);
+    let unknown_path = send(reqwest::Method::GET, "/no/such/route", Some(TOKEN)).await;
+    assert_eq!(status(unknown_path.expect("an answer")), 404);
+    let purged = send(reqwest::Method::DELETE, &cache_path, Some(TOKEN)).await;
+    assert_eq!(status(purged.expect("an answer")), 204);
+}

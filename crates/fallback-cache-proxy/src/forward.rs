@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use http::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST};
 use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use tower::ServiceExt;
 use tower_fallback_cache::headers::remove_hop_by_hop;
@@ -112,6 +112,9 @@ async fn answer(proxy: &Proxy, request: Request, started: Instant) -> Response {
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
+    // `expect: 100-continue` was this hop's to answer, and was answered once the body was
+    // read: the upstream gets the whole request at once, and nothing to wait for.
+    parts.headers.remove(EXPECT);
     // Answers are stored as they arrive, and served to any client: keep them uncompressed
     // so that every client can read them and streamed events can be told apart.
     parts

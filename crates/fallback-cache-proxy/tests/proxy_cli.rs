@@ -376,6 +376,112 @@ async fn the_upstream_gets_the_path_query_and_headers_but_no_hop_headers() {
     }
 }
 
+/// The proxy has read the request's body before it calls the upstream: the client's
+/// `expect: 100-continue` was answered here, and is not sent on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_expect_100_continue_is_not_forwarded() {
+    let upstream = echo_upstream().await;
+    let proxy = Proxy::start(&["--upstream", &upstream, "--store", "memory"]);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("expect", "100-continue")
+        .body(r#"{"model":"gpt-4o-mini","messages":[]}"#)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-fallback-cache"], "MISS");
+    let seen: serde_json::Value =
+        serde_json::from_str(&response.text().await.expect("body")).expect("JSON");
+    assert_eq!(seen["method"], "POST", "{seen}");
+    assert!(
+        seen["headers"].get("expect").is_none(),
+        "expect was forwarded: {seen}"
+    );
+}
+
+/// An upstream that answers every request with `head` (its status line and headers, each
+/// line ending in CRLF, without the blank line) and a JSON chat completion, then closes.
+async fn raw_upstream(head: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buf = [0; 4096];
+                // The head, then the body its content-length announces.
+                let (head_end, length) = loop {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    received.extend_from_slice(&buf[..n]);
+                    if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let text = String::from_utf8_lossy(&received[..at]).to_lowercase();
+                        let length: usize = text
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                        break (at + 4, length);
+                    }
+                };
+                while received.len() < head_end + length {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+                let answer = format!(
+                    "{head}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.write_all(body).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+/// An upstream whose `connection` header names `x-fallback-cache` (as hop-by-hop headers
+/// of its own) has its own such header dropped, not the proxy's mark: the client reads
+/// `MISS`, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_naming_x_fallback_cache_in_connection_does_not_unmark_the_answer() {
+    let upstream = raw_upstream(
+        "HTTP/1.1 200 OK\r\nconnection: close, x-fallback-cache\r\nx-fallback-cache: HIT\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&["--upstream", &upstream, "--store", "memory"]);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o-mini","messages":[]}"#)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get_all("x-fallback-cache")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["MISS"],
+        "{:?}",
+        response.headers()
+    );
+    assert!(response.headers().get("connection").is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_upstream_is_cut_for_the_client_and_never_served_again() {
     let mock = MockUpstream::start().await.expect("mock upstream");

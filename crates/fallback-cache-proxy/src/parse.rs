@@ -439,6 +439,11 @@ pub(crate) fn tenants(path: &str) -> Result<tower_fallback_cache::Tenants, Strin
         }
         tenants.insert(fingerprint, tenant);
     }
+    // A file that maps nothing (not yet written, the wrong one, every line commented out)
+    // would let the proxy start as if no tenants were set: refused instead of ignored.
+    if seen.is_empty() {
+        return Err("the tenant file has no `FINGERPRINT TENANT` line".to_owned());
+    }
     Ok(tenants)
 }
 

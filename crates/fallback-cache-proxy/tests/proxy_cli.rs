@@ -90,6 +90,34 @@ fn a_size_past_what_a_number_holds_is_refused_not_read_as_unlimited() {
 }
 
 #[test]
+fn a_tenant_file_without_a_tenant_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let envs = [("FALLBACK_CACHE_SECRET", "a server secret of 32 bytes....")];
+    for (name, text) in [
+        ("empty.txt", ""),
+        ("comments.txt", "# FINGERPRINT TENANT\n\n   \n# none yet\n"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("the tenant file");
+        let path = path.display().to_string();
+        let args = [
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--store",
+            "memory",
+            "--tenants",
+            &path,
+        ];
+        let (status, stderr) = run_to_end(&args, &envs);
+        assert_eq!(status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(
+            one_line(&stderr),
+            format!("error: --tenants {path}: the tenant file has no `FINGERPRINT TENANT` line")
+        );
+    }
+}
+
+#[test]
 fn an_unparsable_url_is_named_with_its_own_scheme() {
     let (status, stderr) = run_to_end(&["--upstream", "http://[::1"], &[]);
     assert_eq!(status.code(), Some(2), "{stderr}");

@@ -111,10 +111,30 @@ pub(crate) fn workers(text: &str) -> Result<Workers, String> {
 }
 
 /// A size in human form: `256MiB`, `4 MiB`, `1GiB`, `500kB`, or bytes. Not zero, and
-/// less than 16 EiB.
+/// less than 16 EiB. The unit is written out, `B`, `kB`, `MB`, `GB`, ... (powers of 1000)
+/// or `KiB`, `MiB`, `GiB`, ... (powers of 1024), in any case: a unit of one letter or
+/// without its `B` (`10m`, `4Mi`) is refused, as `m` reads as minutes in a duration and
+/// the sizes here are mostly written in MiB.
 pub(crate) fn size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len()),
+    );
+    // bytesize reads `m` and `Mi` as MB and MiB: one letter away from a duration's minutes,
+    // and from each other.
+    let unit = unit.trim_start();
+    let prefix = unit.strip_suffix(['i', 'I']).unwrap_or(unit);
+    if let [letter @ (b'k' | b'm' | b'g' | b't' | b'p' | b'e')] =
+        prefix.to_ascii_lowercase().as_bytes()
+    {
+        let upper = letter.to_ascii_uppercase() as char;
+        let decimal = if upper == 'K' { 'k' } else { upper };
+        return Err(format!(
+            "the unit {unit} is ambiguous: write {number}{upper}iB (powers of 1024) or {number}{decimal}B (powers of 1000)"
+        ));
+    }
     let size: bytesize::ByteSize = text
-        .trim()
         .parse()
         .map_err(|_| "expected a size such as 256MiB, 4MiB or 1GiB".to_owned())?;
     if size.as_u64() == 0 {
@@ -491,6 +511,24 @@ mod tests {
         assert_eq!(size("256MiB"), Ok(256 * 1024 * 1024));
         assert_eq!(size("4 MiB"), Ok(4 * 1024 * 1024));
         assert_eq!(size("1000"), Ok(1000));
+        assert_eq!(size("500kB"), Ok(500_000));
+        assert_eq!(size("10MB"), Ok(10_000_000));
+        assert_eq!(size("10mib"), Ok(10 * 1024 * 1024));
+        assert_eq!(
+            size("10m"),
+            Err(
+                "the unit m is ambiguous: write 10MiB (powers of 1024) or 10MB (powers of 1000)"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            size("512 Ki"),
+            Err(
+                "the unit Ki is ambiguous: write 512KiB (powers of 1024) or 512kB (powers of 1000)"
+                    .to_owned()
+            )
+        );
+        assert!(size("1G").is_err());
         assert!(size("lots").is_err());
         assert!(size("0").is_err());
         assert_eq!(

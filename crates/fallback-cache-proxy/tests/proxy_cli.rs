@@ -90,6 +90,24 @@ fn a_size_past_what_a_number_holds_is_refused_not_read_as_unlimited() {
 }
 
 #[test]
+fn a_size_with_a_one_letter_unit_is_refused_as_ambiguous() {
+    // Taken as it was, `10m` read as 10 MB (10,000,000 bytes), where 10 MiB or 10 minutes
+    // may have been meant.
+    let (status, stderr) = run_to_end(&["--max-memory", "10m"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: --max-memory 10m: the unit m is ambiguous: write 10MiB (powers of 1024) or 10MB (powers of 1000)"
+    );
+    let (status, stderr) = run_to_end(&[], &[("FALLBACK_CACHE_MAX_RESPONSE_BODY", "512k")]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        "error: FALLBACK_CACHE_MAX_RESPONSE_BODY=512k: the unit k is ambiguous: write 512KiB (powers of 1024) or 512kB (powers of 1000)"
+    );
+}
+
+#[test]
 fn a_tenant_file_without_a_tenant_is_refused_naming_it() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let envs = [("FALLBACK_CACHE_SECRET", "a server secret of 32 bytes....")];

@@ -251,10 +251,13 @@ async fn an_error_reached_through_a_redirect_is_passed_on_as_it_came() {
     assert_eq!((first.0, first.1.as_str()), (StatusCode::OK, "MISS"));
 
     *redirecting.lock().expect("lock") = true;
-    let response = tokio::time::timeout(Duration::from_secs(10), service.clone().oneshot(chat("sk-a")))
-        .await
-        .expect("in time")
-        .expect("an answer");
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        service.clone().oneshot(chat("sk-a")),
+    )
+    .await
+    .expect("in time")
+    .expect("an answer");
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(response.headers()["x-fallback-cache"], "MISS");
     assert!(
@@ -262,7 +265,12 @@ async fn an_error_reached_through_a_redirect_is_passed_on_as_it_came() {
         "classified: {:?}",
         response.headers()
     );
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(
         &body[..],
         &fixture("provider-errors/openai-429-insufficient_quota.json")[..],

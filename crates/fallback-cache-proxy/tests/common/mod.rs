@@ -204,17 +204,39 @@ impl Drop for Proxy {
 }
 
 /// Runs the proxy binary to its end with `args`: (exit status, stderr).
+///
+/// A proxy that has not ended within 30 s (one that started where it should have refused
+/// its settings, say) is killed, and the test fails saying so, rather than waiting for it.
 pub fn run_to_end(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
+    const LIMIT: Duration = Duration::from_secs(30);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fallback-cache-proxy"))
         .args(args)
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("the proxy binary runs");
-    (
-        output.status,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let read = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut text).expect("read the proxy's stderr");
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the proxy") {
+            break status;
+        }
+        if started.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = read.join().unwrap_or_default();
+            panic!("the proxy ({args:?}) was still running after {LIMIT:?}; stderr:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, read.join().expect("the stderr reader"))
 }
 
 /// The Python with the official `openai` SDK, from `FALLBACK_CACHE_TEST_PYTHON`.

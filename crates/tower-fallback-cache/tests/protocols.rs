@@ -828,11 +828,36 @@ async fn a_client_that_leaves_before_the_closing_event_leaves_nothing_stored() {
             body.frame().await.expect("a frame").expect("no error");
         }
         drop(body);
-        // The closing event comes after the client left: the copy is gone with it.
-        let _ = tx
-            .send(Ok(fixture_events(api.complete, false).pop().expect("last")))
-            .await;
+        // The upstream body went with the client's: no task is left reading it, so the
+        // closing event, sent after the client left, reaches nothing.
+        tokio::time::timeout(std::time::Duration::from_secs(5), tx.closed())
+            .await
+            .unwrap_or_else(|_| panic!("{}: the upstream body is still held", api.name));
+        let closing = fixture_events(api.complete, false).pop().expect("last");
+        assert!(tx.send(Ok(closing)).await.is_err(), "{}", api.name);
         drop(tx);
+        // Time for a write still under way, if any, to land.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(layer.stats().snapshot().stored, 0, "{}", api.name);
+
+        // Nothing of the half-read answer is served once the quota is gone: the
+        // upstream's own error, byte for byte.
+        upstream.answer(Next::Quota(api.quota));
+        let (status, got) = ask(&service, api.path, "gone").await;
+        let got = got.concat();
+        assert_eq!(
+            status,
+            "MISS",
+            "{}: a half-read answer was served: {:?}",
+            api.name,
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(
+            got,
+            fixture(&format!("provider-errors/{}.json", api.quota)),
+            "{}",
+            api.name
+        );
         assert_eq!(layer.stats().snapshot().stored, 0, "{}", api.name);
     }
 }

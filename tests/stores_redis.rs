@@ -68,11 +68,25 @@ async fn a_removal_through_one_replica_leaves_no_copy_in_another_s_memory() {
     let (url, _own_server) = shared_redis();
     removals_reach_every_replica(&url).await;
     // A Redis Cluster passes what is published on one node to every other.
-    if let Some(cluster) = std::env::var("FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-    {
+    if let Some(cluster) = cluster_url() {
         removals_reach_every_replica(&cluster).await;
+    }
+}
+
+/// The Redis Cluster scripts/test.sh started, or `None` after saying why that part of a
+/// test is skipped. Under `CI=true` a missing cluster is a failure: CI runs scripts/test.sh.
+fn cluster_url() -> Option<String> {
+    const CLUSTER_URL_VAR: &str = "FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL";
+    match std::env::var(CLUSTER_URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            let why = format!(
+                "{CLUSTER_URL_VAR} is not set: run scripts/test.sh, which starts a Redis Cluster"
+            );
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipped: {why}");
+            None
+        }
     }
 }
 
@@ -341,17 +355,8 @@ async fn a_paused_redis_behind_the_memory_tier_delays_no_answer_and_gets_them_on
 
 #[tokio::test]
 async fn a_single_node_url_at_a_cluster_node_is_refused_with_the_cluster_url() {
-    const CLUSTER_URL_VAR: &str = "FALLBACK_CACHE_TEST_REDIS_CLUSTER_URL";
-    let cluster = match std::env::var(CLUSTER_URL_VAR) {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => {
-            let why = format!(
-                "{CLUSTER_URL_VAR} is not set: run scripts/test.sh, which starts a Redis Cluster"
-            );
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(cluster) = cluster_url() else {
+        return;
     };
     let node = fallback_cache_test_support::stores::first_cluster_node(&cluster);
     let error = RedisStore::connect(format!("redis://{node}/0"))

@@ -612,18 +612,86 @@ mod tests {
         }
     }
 
+    /// What a connection is served with: a proxy over a memory store, in front of an
+    /// upstream it never calls, and the connections it counts.
+    fn app() -> (App, Arc<Conns>) {
+        use tower_fallback_cache::store::{MemoryStore, Store};
+
+        let upstream_url = "http://127.0.0.1:9";
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(1 << 20));
+        let metrics = Metrics::new();
+        let upstream = ReqwestService::new(reqwest::Client::new())
+            .base_url(upstream_url)
+            .expect("a base URL");
+        let conns = Arc::new(Conns::new(16));
+        let proxy = Arc::new(Proxy {
+            service: FallbackCacheLayer::builder()
+                .shared_store(store.clone())
+                .build()
+                .layer(metrics.time_upstream(upstream)),
+            store,
+            upstream: upstream_url.to_owned(),
+            metrics,
+            fallback_logged: Throttle::default(),
+            unreachable_logged: Throttle::default(),
+            body_timeout: Duration::from_secs(10),
+            client_fault_logged: Throttle::default(),
+            conns: conns.clone(),
+        });
+        let app = App {
+            router: router(proxy.clone()),
+            proxy,
+            access_log: false,
+        };
+        (app, conns)
+    }
+
     #[tokio::test]
     async fn accepted_connections_have_tcp_nodelay() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let client = TcpStream::connect(addr).await.expect("connect");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, peer) = listener.accept().await.expect("accept");
         assert_eq!(peer, client.local_addr().expect("client address"));
         assert!(
             !accepted.nodelay().expect("read TCP_NODELAY"),
             "off by default"
         );
-        no_delay(&accepted);
-        assert!(accepted.nodelay().expect("read TCP_NODELAY"));
+        // A second handle on the same socket, to read its options while the server has it.
+        let accepted = accepted.into_std().expect("a std socket");
+        let probe = accepted.try_clone().expect("a second handle");
+        let accepted = TcpStream::from_std(accepted).expect("a tokio socket");
+
+        // Served as the accept loop serves every connection it admits.
+        let (app, conns) = app();
+        let Admission::Serve(conn) = conns.admit() else {
+            panic!("the first connection is admitted");
+        };
+        let place = Place { conn, conns };
+        let timeouts = Timeouts {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(10),
+        };
+        let (_stop, stopping) = watch::channel(false);
+        let served = tokio::spawn(serve_connection(accepted, app, place, timeouts, stopping));
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("sent");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+            .await
+            .expect("answered within 10 s")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+        assert!(
+            probe.nodelay().expect("read TCP_NODELAY"),
+            "the served connection has TCP_NODELAY"
+        );
+        served.await.expect("the connection ends");
     }
 }

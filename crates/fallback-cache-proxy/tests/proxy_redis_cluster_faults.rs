@@ -37,7 +37,8 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
     // Traffic before, during and after the crash: every request answered by the upstream.
     let before = prompts("before", 90);
     let during = prompts("during", 90);
-    for answer in ask_all(&writer, &before, 8).await {
+    let stored = ask_all(&writer, &before, 8).await;
+    for answer in &stored {
         assert_eq!(
             (answer.status, answer.cache.as_str()),
             (200, "MISS"),
@@ -96,10 +97,13 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
     let reader = Proxy::start(&["--upstream", &mock.url(), "--store", &url]);
     let read = ask_all(&reader, &before, 4).await;
     let mut served = 0;
-    for answer in &read {
+    for (answer, stored) in read.iter().zip(&stored) {
         assert!(answer.took < STORE_WAIT_BOUND, "{answer:?}");
         match (answer.status, answer.cache.as_str()) {
-            (200, "FALLBACK") => served += 1,
+            (200, "FALLBACK") => {
+                assert_eq!(answer.body, stored.body, "{answer:?}");
+                served += 1;
+            }
             // The upstream's own answer (or the quota breaker's): not a store failure.
             (429, _) => {}
             _ => panic!("{answer:?}\n{}", reader.logs()),
@@ -163,7 +167,8 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
     wait_cluster_ok(&nodes, Duration::from_secs(20));
     mock.control().set_mode(Mode::Ok);
     let after = prompts("after", 30);
-    for answer in ask_all(&writer, &after, 8).await {
+    let stored_after = ask_all(&writer, &after, 8).await;
+    for answer in &stored_after {
         assert_eq!(
             (answer.status, answer.cache.as_str()),
             (200, "MISS"),
@@ -179,6 +184,9 @@ async fn a_cluster_node_that_dies_under_traffic_costs_the_cache_only() {
     loop {
         let answers = ask_all(&fresh, &after, 8).await;
         if answers.iter().all(|answer| answer.cache == "FALLBACK") {
+            for (answer, stored) in answers.iter().zip(&stored_after) {
+                assert_eq!(answer.body, stored.body, "{answer:?}");
+            }
             break;
         }
         assert!(

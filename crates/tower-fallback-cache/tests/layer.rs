@@ -295,12 +295,13 @@ async fn one_credential_never_gets_anothers_answer() {
         StatusCode::TOO_MANY_REQUESTS
     );
 
-    // The owner still gets it.
+    // The owner still gets it, byte for byte.
     let owner = service
         .oneshot(chat_request("sk-tenant-a", CHAT_REQUEST))
         .await
         .expect("ok");
     assert_eq!(header(&owner, "x-fallback-cache"), Some("FALLBACK"));
+    assert_eq!(read_body(owner.into_body()).await, chat_completion());
 }
 
 #[tokio::test]
@@ -378,6 +379,7 @@ async fn a_shared_partition_shares_answers_when_asked() {
         .await
         .expect("ok");
     assert_eq!(header(&other, "x-fallback-cache"), Some("FALLBACK"));
+    assert_eq!(read_body(other.into_body()).await, chat_completion());
 }
 
 #[tokio::test]
@@ -395,6 +397,7 @@ async fn the_same_request_written_differently_shares_its_answer() {
         .await
         .expect("ok");
     assert_eq!(header(&second, "x-fallback-cache"), Some("FALLBACK"));
+    assert_eq!(read_body(second.into_body()).await, chat_completion());
     let changed = CHAT_REQUEST.replace("Say hello", "Say hellO");
     let third = service
         .oneshot(chat_request("sk", &changed))
@@ -690,6 +693,7 @@ async fn a_custom_classifier_decides() {
         .await
         .expect("ok");
     assert_eq!(header(&second, "x-fallback-cache"), Some("FALLBACK"));
+    assert_eq!(read_body(second.into_body()).await, chat_completion());
 }
 
 #[tokio::test]
@@ -848,6 +852,7 @@ async fn a_body_sent_again_is_keyed_from_the_memo_alike_and_only_in_its_partitio
         .expect("ok");
     assert_eq!(header(&again, "x-fallback-cache"), Some("FALLBACK"));
     assert_eq!(key_of(&again), key);
+    assert_eq!(read_body(again.into_body()).await, chat_completion());
     let stats = layer.stats().snapshot();
     assert_eq!((stats.key_memo_hits, stats.key_memo_misses), (1, 1));
     let unmemoized = direct

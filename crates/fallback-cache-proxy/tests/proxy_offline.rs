@@ -215,8 +215,8 @@ fn the_offline_commands_need_a_disk_store_and_a_selection() {
 }
 
 /// Streams a chat answer of about 3 KiB through the proxy to its end: its cache status and
-/// its length.
-async fn streamed_chat(proxy: &Proxy, n: usize) -> (String, usize) {
+/// the whole stream.
+async fn streamed_chat(proxy: &Proxy, n: usize) -> (String, String) {
     let words: Vec<String> = (0..300).map(|w| format!("request{n}word{w}")).collect();
     let body = serde_json::json!({
         "model": "gpt-4o-mini",
@@ -231,7 +231,7 @@ async fn streamed_chat(proxy: &Proxy, n: usize) -> (String, usize) {
         &body.to_string(),
     )
     .await;
-    (answered.cache, answered.body.len())
+    (answered.cache, answered.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,10 +251,12 @@ async fn max_disk_bounds_the_answers_kept_and_the_oldest_go_first() {
 
     // Sixty answers of about 3 KiB each: 170 KiB, more than twice the bound.
     let mut proxy = Proxy::start(&args);
+    let mut answers = Vec::new();
     for n in 0..60 {
-        let (cache, len) = streamed_chat(&proxy, n).await;
+        let (cache, answer) = streamed_chat(&proxy, n).await;
         assert_eq!(cache, "MISS", "{}", proxy.logs());
-        assert!(len > 2500, "an answer of {len} bytes");
+        assert!(answer.len() > 2500, "an answer of {} bytes", answer.len());
+        answers.push(answer);
     }
     assert!(proxy.stop().success(), "{}", proxy.logs());
 
@@ -275,12 +277,9 @@ async fn max_disk_bounds_the_answers_kept_and_the_oldest_go_first() {
     mock.control()
         .set_mode(Mode::Error(Fixture::insufficient_quota()));
     let proxy = Proxy::start(&args);
-    assert_eq!(
-        streamed_chat(&proxy, 59).await.0,
-        "FALLBACK",
-        "{}",
-        proxy.logs()
-    );
+    let (cache, newest) = streamed_chat(&proxy, 59).await;
+    assert_eq!(cache, "FALLBACK", "{}", proxy.logs());
+    assert_eq!(newest, answers[59], "the newest stream, byte for byte");
     assert_eq!(streamed_chat(&proxy, 0).await.0, "MISS", "{}", proxy.logs());
 }
 

@@ -440,6 +440,26 @@ impl Parser<'_, '_> {
             })
         };
         let members = &b.members[first_member..];
+        // Two members (a chat message's role and content), the most common object: in
+        // order, or swapped around their comma (the two segments themselves when each
+        // member is one).
+        if let ([x, y], Some(comma)) = (members, comma) {
+            if order(x, y).is_gt() {
+                if x.segments.len() == 1 && y.segments.len() == 1 {
+                    b.segments.swap(x.segments.start, y.segments.start);
+                } else {
+                    let (x, y) = (x.segments.clone(), y.segments.clone());
+                    b.sorted.clear();
+                    b.sorted.extend_from_slice(&b.segments[y]);
+                    b.sorted.push(comma);
+                    b.sorted.extend_from_slice(&b.segments[x.clone()]);
+                    b.segments.truncate(x.start);
+                    b.segments.extend_from_slice(&b.sorted);
+                }
+            }
+            b.members.truncate(first_member);
+            return;
+        }
         let in_order = members.windows(2).all(|w| order(&w[0], &w[1]).is_le());
         if !in_order {
             let mut members = std::mem::take(&mut b.members);

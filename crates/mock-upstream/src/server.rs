@@ -4,7 +4,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use axum::serve::ListenerExt as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -43,11 +43,7 @@ impl MockUpstream {
         let app = router_with_shutdown(control.clone(), shutdown_rx.clone());
         let mut signal = shutdown_rx;
         let server = tokio::spawn(async move {
-            // Each event of a stream goes out when it is written, as an LLM API sends it
-            // (without TCP_NODELAY, Nagle's algorithm holds a small write back until the
-            // client acknowledges the one before: up to 40 ms per streamed answer).
-            let listener = listener.tap_io(no_delay);
-            let result = axum::serve(listener, app)
+            let result = axum::serve(accepting(listener), app)
                 .with_graceful_shutdown(async move {
                     // Err: the handle is gone, which also means shut down.
                     let _ = signal.wait_for(|down| *down).await;
@@ -92,8 +88,18 @@ impl Drop for MockUpstream {
     }
 }
 
+/// What the server accepts connections from: `listener`, each connection with
+/// `TCP_NODELAY`, so that each event of a stream goes out when it is written, as an LLM API
+/// sends it (without it, Nagle's algorithm holds a small write back until the client
+/// acknowledges the one before: up to 40 ms per streamed answer).
+fn accepting(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = TcpStream, Addr = SocketAddr> {
+    listener.tap_io(no_delay as fn(&mut TcpStream))
+}
+
 /// Sets `TCP_NODELAY` on an accepted connection.
-fn no_delay(tcp: &mut tokio::net::TcpStream) {
+fn no_delay(tcp: &mut TcpStream) {
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%error, "mock-upstream: cannot set TCP_NODELAY");
     }
@@ -105,12 +111,17 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_have_tcp_nodelay() {
+        use axum::serve::Listener as _;
+
+        // The listener the server is given, as `start_with` gives it.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (mut accepted, _) = listener.accept().await.expect("accept");
-        assert!(!accepted.nodelay().expect("read TCP_NODELAY"));
-        no_delay(&mut accepted);
+        let mut listener = accepting(listener);
+        let client = TcpStream::connect(addr).await.expect("connect");
+        // A connection accepted by a plain listener is without it (so the check can fail).
+        assert!(!client.nodelay().expect("read TCP_NODELAY"));
+        let (accepted, peer) = listener.accept().await;
+        assert_eq!(peer, client.local_addr().expect("client address"));
         assert!(accepted.nodelay().expect("read TCP_NODELAY"));
     }
 }

@@ -566,6 +566,8 @@ async fn a_stream_is_judged_as_one_whatever_case_or_type_it_is_declared_with() {
 /// line lost or mangled, is not the answer.
 #[tokio::test]
 async fn a_closing_event_without_data_is_not_the_answer() {
+    // The APIs whose closing event is named by an `event:` line (Responses, Anthropic).
+    let mut named = Vec::new();
     for api in APIS.iter().filter(|api| api.name != "gemini") {
         for crlf in [false, true] {
             let closing = fixture_events(api.complete, crlf)
@@ -575,6 +577,7 @@ async fn a_closing_event_without_data_is_not_the_answer() {
             let Some(name) = closing.lines().find(|line| line.starts_with("event:")) else {
                 continue;
             };
+            named.push(api.name);
             let end = if crlf { "\r\n" } else { "\n" };
             for last in [
                 format!("{name}{end}{end}"),
@@ -597,6 +600,8 @@ async fn a_closing_event_without_data_is_not_the_answer() {
             }
         }
     }
+    named.dedup();
+    assert_eq!(named.len(), 2, "the APIs checked: {named:?}");
 }
 
 /// The Anthropic SDKs (Python and Node) skip every event without an `event:` line, whatever

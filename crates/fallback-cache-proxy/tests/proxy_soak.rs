@@ -1,13 +1,14 @@
 //! A bounded soak: mixed tenants and bodies, streams and plain answers, the quota flapping
 //! (and now and then answers cut half-way), clients that go away mid-stream, slow clients
 //! and slowloris ones, for `FALLBACK_CACHE_SOAK_SECS` seconds (default 60). Afterwards: no
-//! answer that is not the one its request asked for, no panic, and the proxy's memory and
-//! open descriptors back within a bound.
+//! answer that is not the one its request asked for, no answer seen by two tenants, no
+//! panic, and the proxy's memory and open descriptors back within a bound.
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Proxy;
@@ -40,6 +41,23 @@ struct Tally {
     abandoned: AtomicU64,
     slow: AtomicU64,
     wrong: AtomicU64,
+    /// Who saw each completion id: the tenant and the answer's `x-fallback-cache` marking,
+    /// once per answer. The text of an answer depends only on the body, so a tenant served
+    /// another's stored answer would still get the right text; the mock's ids are unique
+    /// to each upstream call, and only they tell whose call an answer came from.
+    seen: Mutex<HashMap<String, Vec<(u64, String)>>>,
+}
+
+impl Tally {
+    /// Notes that `tenant` was given the answers with these completion ids.
+    fn saw(&self, tenant: u64, marking: &str, ids: BTreeSet<String>) {
+        let mut seen = self.seen.lock().expect("seen");
+        for id in ids {
+            seen.entry(id)
+                .or_default()
+                .push((tenant, marking.to_owned()));
+        }
+    }
 }
 
 fn request_body(rng: &mut Rng, stream: bool) -> String {
@@ -77,6 +95,31 @@ fn text_of(body: &str, stream: bool) -> Option<String> {
     Some(text)
 }
 
+/// The completion ids in an answer: a chat completion's `id`, or the `id` of each stream
+/// chunk (every chunk of one upstream call carries the same). Events that do not parse (the
+/// end of a stream cut short, or of a first read that stopped mid-event) are passed over.
+fn ids_of(body: &str, stream: bool) -> BTreeSet<String> {
+    let id = |data: &str| {
+        let value: serde_json::Value = serde_json::from_str(data).ok()?;
+        value["id"].as_str().map(str::to_owned)
+    };
+    if !stream {
+        return id(body).into_iter().collect();
+    }
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(id)
+        .collect()
+}
+
+/// The value of header `name` in a raw HTTP/1.1 response head (names in any case).
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
 /// One client at work until `stop`: each round a tenant, a body, and one of the ways a
 /// client behaves.
 async fn client(seed: u64, url: String, addr: String, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
@@ -102,7 +145,20 @@ async fn client(seed: u64, url: String, addr: String, stop: Arc<AtomicBool>, tal
                     .send()
                     .await
                 {
-                    let _ = response.chunk().await;
+                    let marking = response
+                        .headers()
+                        .get("x-fallback-cache")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    // Even a first piece of a stream must be this tenant's own.
+                    if let Ok(Some(first)) = response.chunk().await {
+                        tally.saw(
+                            tenant,
+                            &marking,
+                            ids_of(&String::from_utf8_lossy(&first), true),
+                        );
+                    }
                 }
                 tally.abandoned.fetch_add(1, Ordering::Relaxed);
             }
@@ -134,8 +190,16 @@ async fn client(seed: u64, url: String, addr: String, stop: Arc<AtomicBool>, tal
                     .is_ok()
                 {
                     let answer = String::from_utf8_lossy(&answer);
+                    let (head, payload) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+                    // A chunked payload is not read here: its ids could be split by the
+                    // chunk sizes.
+                    let chunked = header_value(head, "transfer-encoding")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+                    if answer.starts_with("HTTP/1.1 200") && !chunked {
+                        let marking = header_value(head, "x-fallback-cache").unwrap_or("-");
+                        tally.saw(tenant, marking, ids_of(payload, stream));
+                    }
                     if answer.starts_with("HTTP/1.1 200") && !stream {
-                        let payload = answer.split("\r\n\r\n").nth(1).unwrap_or("");
                         match text_of(payload, false) {
                             Some(text) if text == expected => {}
                             // A chunked or cut payload is not judged here.
@@ -192,6 +256,8 @@ async fn client(seed: u64, url: String, addr: String, stop: Arc<AtomicBool>, tal
                     tally.errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                // Cut streams too: whatever part of an answer arrived was for this tenant.
+                tally.saw(tenant, &marking, ids_of(&payload, stream));
                 match text_of(&payload, stream) {
                     Some(text) if text == expected => {
                         if marking == "FALLBACK" {
@@ -287,8 +353,33 @@ async fn soak_mixed_traffic_with_a_flapping_quota() {
     let rss_end = proxy.rss();
     let fds_end = proxy.open_fds();
     let t = |c: &AtomicU64| c.load(Ordering::Relaxed);
+
+    // Every completion id comes from one upstream call made for one tenant. An id seen by
+    // two tenants is an answer one tenant was given from another's partition; an id seen
+    // again by its own tenant is a stored answer served back (a HIT or a FALLBACK), what
+    // this check is for.
+    let (ids, again, crossed) = {
+        let seen = tally.seen.lock().expect("seen");
+        let mut again = 0;
+        let mut crossed = Vec::new();
+        for (id, sightings) in seen.iter() {
+            let tenants: BTreeSet<u64> = sightings.iter().map(|(tenant, _)| *tenant).collect();
+            if tenants.len() > 1 {
+                let who: Vec<String> = sightings
+                    .iter()
+                    .map(|(tenant, marking)| format!("tenant {tenant} ({marking})"))
+                    .collect();
+                crossed.push(format!("{id}: {}", who.join(", ")));
+            } else {
+                again += sightings.len() - 1;
+            }
+        }
+        crossed.sort();
+        (seen.len(), again, crossed)
+    };
     eprintln!(
         "soak {seconds}s: {} answers, {} fallbacks, {} errors (quota, 5xx), {} cut, {} abandoned, {} slow, {} wrong; \
+         {ids} completion ids, {again} seen again by their tenant, {} seen by two tenants; \
          upstream calls {}; RSS warm {} MiB, peak {} MiB, end {} MiB; fds start {fds_at_start}, end {fds_end}",
         t(&tally.answers),
         t(&tally.fallbacks),
@@ -297,6 +388,7 @@ async fn soak_mixed_traffic_with_a_flapping_quota() {
         t(&tally.abandoned),
         t(&tally.slow),
         t(&tally.wrong),
+        crossed.len(),
         mock.control().calls(),
         rss_warm.unwrap_or(0) >> 20,
         rss_peak >> 20,
@@ -306,6 +398,22 @@ async fn soak_mixed_traffic_with_a_flapping_quota() {
         t(&tally.wrong),
         0,
         "answers that were not the one asked for"
+    );
+    assert!(
+        crossed.is_empty(),
+        "{} completion ids were seen by more than one tenant (an answer served across \
+         partitions); the first of them:\n{}",
+        crossed.len(),
+        crossed
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        again > 0,
+        "no completion id was seen twice by its tenant: no stored answer was checked for its tenant"
     );
     assert!(t(&tally.answers) > 100, "the soak did some work");
     assert!(

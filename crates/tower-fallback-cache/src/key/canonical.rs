@@ -652,19 +652,11 @@ impl Parser<'_, '_> {
             }
             return Some(());
         }
-        let value: f64 = std::str::from_utf8(text).ok()?.parse().ok()?;
-        if !value.is_finite() {
-            return None;
-        }
         // Formatted on the stack: the longest form of an f64 is 24 bytes.
         let mut buf = [0u8; 32];
-        let len = if value == value.trunc() && value.abs() < 9_007_199_254_740_992.0 {
-            // Whole numbers within f64's exact range read the same as the integer.
-            let mut cursor = std::io::Cursor::new(&mut buf[..]);
-            write!(cursor, "{}", value as i64).ok()?;
-            usize::try_from(cursor.position()).ok()?
-        } else {
-            write_float(&mut buf, value)
+        let len = match short_decimal(text, &mut buf) {
+            Some(len) => len,
+            None => format_number(text, &mut buf)?,
         };
         if buf[..len] != *text {
             self.pos = start;
@@ -679,6 +671,138 @@ impl Parser<'_, '_> {
             self.pos += 1;
         }
     }
+}
+
+/// The canonical form of the number `text` (valid JSON, not an integer) written into `buf`:
+/// the value read as an f64, then written as an integer when it is whole and within f64's
+/// exact range, else in exponent form ([`write_float`]). Returns the length; `None` when the
+/// value is not finite.
+fn format_number(text: &[u8], buf: &mut [u8; 32]) -> Option<usize> {
+    let value: f64 = std::str::from_utf8(text).ok()?.parse().ok()?;
+    if !value.is_finite() {
+        return None;
+    }
+    Some(
+        if value == value.trunc() && value.abs() < 9_007_199_254_740_992.0 {
+            // Whole numbers within f64's exact range read the same as the integer.
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            write!(cursor, "{}", value as i64).ok()?;
+            usize::try_from(cursor.position()).ok()?
+        } else {
+            write_float(buf, value)
+        },
+    )
+}
+
+/// The most significant digits a number may have for [`short_decimal`] to write it.
+const SHORT_DIGITS: usize = 15;
+
+/// What [`format_number`] writes for `text` (valid JSON, not an integer), found from the
+/// digits of `text` alone when it has at most [`SHORT_DIGITS`] significant digits and a
+/// decimal exponent within ±300 (`0.7`, `-1.25`, `2.5e-3`: the numbers of requests);
+/// `None` for any other, which [`format_number`] then writes.
+///
+/// Why the digits are the ones `ryu` would give: a decimal `d` of at most 15 significant
+/// digits, read as the nearest f64 `x` (normal, not subnormal: hence the exponent bound),
+/// reads back as `d` when `x` is written with 15 significant digits (15 is f64's
+/// `DIGITS`). A shorter decimal that also reads as `x` would be written back as itself
+/// too, so it would be `d`; `d` without its trailing zeros is then the shortest decimal
+/// that reads as `x`, the only one of its length, which is what `ryu` writes. And the
+/// value is whole exactly when `d` is (an f64 near a decimal with 15 digits or fewer is
+/// never closer to an integer than that decimal's last digit), so the choice between the
+/// integer and the exponent form is the same too. A test compares the two on many numbers.
+fn short_decimal(text: &[u8], buf: &mut [u8; 32]) -> Option<usize> {
+    let (negative, text) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = match text.iter().position(|&b| b == b'e' || b == b'E') {
+        Some(at) => (&text[..at], &text[at + 1..]),
+        None => (text, &[][..]),
+    };
+    let (whole, fraction) = match mantissa.iter().position(|&b| b == b'.') {
+        Some(at) => (&mantissa[..at], &mantissa[at + 1..]),
+        None => (mantissa, &[][..]),
+    };
+    let exponent: i32 = match exponent.split_first() {
+        None => 0,
+        Some((sign, digits)) => {
+            let (negative, digits) = match sign {
+                b'-' => (true, digits),
+                b'+' => (false, digits),
+                _ => (false, exponent),
+            };
+            // Four digits at most (ten thousand is beyond any finite f64 already).
+            if digits.len() > 4 {
+                return None;
+            }
+            let n = digits
+                .iter()
+                .fold(0i32, |n, &d| n * 10 + i32::from(d - b'0'));
+            if negative { -n } else { n }
+        }
+    };
+    // The digits of `whole` then `fraction`, as one string: where the significant ones are.
+    let digit = |i: usize| {
+        if i < whole.len() {
+            whole[i]
+        } else {
+            fraction[i - whole.len()]
+        }
+    };
+    let count = whole.len() + fraction.len();
+    let first = (0..count).find(|&i| digit(i) != b'0');
+    let Some(first) = first else {
+        // Zero (`0.0`, `-0.0e5`): the integer 0.
+        buf[0] = b'0';
+        return Some(1);
+    };
+    let last = (first..count).rfind(|&i| digit(i) != b'0').unwrap_or(first);
+    let significant = last - first + 1;
+    if significant > SHORT_DIGITS {
+        return None;
+    }
+    // The power of ten of the first significant digit, and of the last.
+    let top = whole.len() as i32 - 1 - first as i32 + exponent;
+    let bottom = top - (significant as i32 - 1);
+    if !(-300..=300).contains(&top) {
+        return None;
+    }
+    let mut len = 0;
+    if negative {
+        buf[0] = b'-';
+        len = 1;
+    }
+    if bottom >= 0 {
+        // Whole: written as the integer when below 2^53, which 10^15 is.
+        if top >= SHORT_DIGITS as i32 {
+            return None;
+        }
+        for i in first..=last {
+            buf[len] = digit(i);
+            len += 1;
+        }
+        for _ in 0..bottom {
+            buf[len] = b'0';
+            len += 1;
+        }
+        return Some(len);
+    }
+    buf[len] = digit(first);
+    len += 1;
+    if significant > 1 {
+        buf[len] = b'.';
+        len += 1;
+        for i in first + 1..=last {
+            buf[len] = digit(i);
+            len += 1;
+        }
+    }
+    buf[len] = b'e';
+    len += 1;
+    let (at, digits) = itoa_i32(top);
+    buf[len..len + digits.len() - at].copy_from_slice(&digits[at..]);
+    Some(len + digits.len() - at)
 }
 
 /// Writes the finite, non-integer `value` into `buf` in exponent form: the shortest digits

@@ -274,3 +274,123 @@ fn numbers_are_written_in_one_exponent_form() {
         assert_eq!(canon(input).as_deref(), Some(canonical), "{input}");
     }
 }
+
+/// Numbers of at most 15 significant digits are written from their digits alone
+/// (`short_decimal`), the others through an f64 and `ryu` (`format_number`): both must
+/// write the same. Every shape of number: signs, leading and trailing zeros, a point
+/// anywhere, exponents written every way, 1 to 17 significant digits, values near the
+/// bounds of the short path (10^15, 2^53, 10^±300) and beyond them.
+#[test]
+fn numbers_written_from_their_digits_read_as_through_an_f64() {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |below: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % below
+    };
+    let mut short = 0;
+    let cases = 400_000;
+    for case in 0..cases {
+        let mut text = String::new();
+        if next(3) == 0 {
+            text.push('-');
+        }
+        // The significant digits, with zeros before and after.
+        let mut digits = String::new();
+        for _ in 0..next(4) {
+            digits.push('0');
+        }
+        let significant = 1 + next(17);
+        for i in 0..significant {
+            let d = if i == 0 || i + 1 == significant {
+                1 + next(9)
+            } else {
+                next(10)
+            };
+            digits.push(char::from(b'0' + d as u8));
+        }
+        for _ in 0..next(4) {
+            digits.push('0');
+        }
+        // A point somewhere (JSON: at least one digit before it, no leading zero but one).
+        let point = next(digits.len() as u64 + 1) as usize;
+        let (whole, fraction) = digits.split_at(point);
+        let whole = whole.trim_start_matches('0');
+        text.push_str(if whole.is_empty() { "0" } else { whole });
+        if !fraction.is_empty() {
+            text.push('.');
+            text.push_str(fraction);
+        }
+        // An exponent, written every way, now and then near the bounds.
+        if case % 2 == 0 || fraction.is_empty() {
+            text.push(['e', 'E'][next(2) as usize]);
+            let exponent = match next(4) {
+                0 => next(20) as i64 - 10,
+                1 => next(40) as i64 - 20,
+                2 => next(630) as i64 - 315,
+                _ => {
+                    [-301, -300, -299, 286, 287, 300, 301, 308, 309, -324, -330][next(11) as usize]
+                }
+            };
+            match (exponent < 0, next(3)) {
+                (true, _) => text.push('-'),
+                (false, 0) => text.push('+'),
+                _ => {}
+            }
+            if next(4) == 0 {
+                text.push('0');
+            }
+            text.push_str(&exponent.unsigned_abs().to_string());
+        }
+        let mut fast = [0u8; 32];
+        let mut slow = [0u8; 32];
+        let Some(slow_len) = format_number(text.as_bytes(), &mut slow) else {
+            // Not finite: the short path never takes such a number.
+            assert_eq!(short_decimal(text.as_bytes(), &mut fast), None, "{text}");
+            continue;
+        };
+        if let Some(fast_len) = short_decimal(text.as_bytes(), &mut fast) {
+            short += 1;
+            assert_eq!(
+                std::str::from_utf8(&fast[..fast_len]),
+                std::str::from_utf8(&slow[..slow_len]),
+                "{text}"
+            );
+        }
+    }
+    // Most of them took the short path.
+    assert!(short > cases / 3, "{short} of {cases}");
+}
+
+#[test]
+fn the_numbers_of_requests_are_written_from_their_digits() {
+    for (input, canonical) in [
+        ("0.7", "7e-1"),
+        ("0.95", "9.5e-1"),
+        ("1.0", "1"),
+        ("-2.50", "-2.5e0"),
+        ("1.5e-3", "1.5e-3"),
+        ("100.000", "100"),
+        ("123456789012345.0", "123456789012345"),
+        ("0.000000000000001", "1e-15"),
+    ] {
+        let mut buf = [0u8; 32];
+        let len = short_decimal(input.as_bytes(), &mut buf).expect(input);
+        assert_eq!(std::str::from_utf8(&buf[..len]), Ok(canonical), "{input}");
+    }
+    // Beyond the short path: more digits, whole numbers from 10^15, exponents past ±300.
+    for input in [
+        "0.30000000000000004",
+        "1000000000000000.0",
+        "1e301",
+        "5e-324",
+        "1e-301",
+    ] {
+        assert_eq!(
+            short_decimal(input.as_bytes(), &mut [0u8; 32]),
+            None,
+            "{input}"
+        );
+    }
+}

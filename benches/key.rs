@@ -11,15 +11,17 @@
 //!
 //! For counts that do not move with the machine's load, `KEY_BENCH_LOOPS=N` runs each
 //! function N times on each size, outside criterion, and nothing else
-//! (`KEY_BENCH_ONLY=key|serde|blake3` and `KEY_BENCH_LEN=<bytes>` narrow it to one function
-//! and one size), to be measured with `valgrind --tool=callgrind`; see BENCHMARKS.md.
+//! (`KEY_BENCH_ONLY=key|serde|blake3|head` and `KEY_BENCH_LEN=<bytes>` narrow it to one
+//! function and one size; `head` is the partition and key of the head the OpenAI Python SDK
+//! sends, with the body `{}`), to be measured with `valgrind --tool=callgrind`; see
+//! BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use fallback_cache_test_support::workload::chat_request;
-use tower_fallback_cache::{KeyRules, PartitionId};
+use tower_fallback_cache::{KeyRules, Partition, PartitionId};
 
 fn key(c: &mut Criterion) {
     let rules = KeyRules::default();
@@ -92,6 +94,13 @@ fn fixed_count(count: usize) {
         .body(())
         .expect("a valid request")
         .into_parts();
+    if runs("head") {
+        let parts = sdk_head();
+        for _ in 0..count {
+            let partition = Partition::ByCredential.of(black_box(&parts));
+            black_box(rules.key(&partition, black_box(&parts), black_box(b"{}")));
+        }
+    }
     for size in [1024, 16 * 1024, 256 * 1024] {
         if len.is_some_and(|len| len != size) {
             continue;
@@ -117,7 +126,51 @@ fn fixed_count(count: usize) {
     }
 }
 
-criterion_group!(benches, key);
+/// The head of a request as the official OpenAI Python SDK sends it (v1, sync client): the
+/// headers every key and partition look through.
+fn sdk_head() -> http::request::Parts {
+    let mut request = http::Request::post("/v1/chat/completions");
+    for (name, value) in [
+        ("host", "127.0.0.1:8080"),
+        ("accept-encoding", "gzip, deflate"),
+        ("connection", "keep-alive"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("user-agent", "OpenAI/Python 1.54.4"),
+        ("x-stainless-lang", "python"),
+        ("x-stainless-package-version", "1.54.4"),
+        ("x-stainless-os", "Linux"),
+        ("x-stainless-arch", "x64"),
+        ("x-stainless-runtime", "CPython"),
+        ("x-stainless-runtime-version", "3.11.7"),
+        (
+            "authorization",
+            "Bearer sk-proj-0123456789abcdefghijklmnopqrstuvwxyz",
+        ),
+        ("x-stainless-async", "false"),
+        ("x-stainless-retry-count", "0"),
+        ("x-stainless-read-timeout", "600"),
+        ("content-length", "2"),
+    ] {
+        request = request.header(name, value);
+    }
+    request.body(()).expect("a valid request").into_parts().0
+}
+
+/// The part of a key that does not grow with the body: the partition of an SDK's head and
+/// the key of its fields (the body `{}`).
+fn head(c: &mut Criterion) {
+    let rules = KeyRules::default();
+    let parts = sdk_head();
+    c.bench_function("key/head/partition + key of the Python SDK's head", |b| {
+        b.iter(|| {
+            let partition = Partition::ByCredential.of(black_box(&parts));
+            rules.key(&partition, black_box(&parts), black_box(b"{}"))
+        })
+    });
+}
+
+criterion_group!(benches, key, head);
 
 fn main() {
     match std::env::var("KEY_BENCH_LOOPS") {

@@ -116,9 +116,71 @@ pub(crate) fn age_value(seconds: u64) -> HeaderValue {
     HeaderValue::from(seconds)
 }
 
+/// The lengths of a few header names, one bit each (a length of 63 or more on the last
+/// bit): a request's header whose length is not among them is none of those names, found so
+/// with one test of a bit instead of a comparison with each. Most of a request's headers
+/// (an SDK sends a dozen `x-stainless-*` ones, `user-agent`, `accept`, ...) are none of the
+/// few that carry a credential or change the key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NameLengths(u64);
+
+impl NameLengths {
+    /// The lengths of `names`.
+    pub(crate) fn of<'a>(names: impl IntoIterator<Item = &'a HeaderName>) -> Self {
+        Self(
+            names
+                .into_iter()
+                .fold(0, |bits, name| bits | Self::bit(name.as_str().len())),
+        )
+    }
+
+    /// Whether `name` may be one of the names (its length is one of theirs).
+    #[inline]
+    pub(crate) fn may_hold(self, name: &HeaderName) -> bool {
+        self.has(name.as_str().len())
+    }
+
+    /// Whether one of the names is `len` bytes long (or all are 63 or more, and so is `len`).
+    #[inline]
+    pub(crate) fn has(self, len: usize) -> bool {
+        self.0 & Self::bit(len) != 0
+    }
+
+    #[inline]
+    fn bit(len: usize) -> u64 {
+        1 << len.min(63)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_lengths_pass_over_only_names_of_other_lengths() {
+        let lengths = NameLengths::of(&[
+            HeaderName::from_static("authorization"),
+            HeaderName::from_static("x-api-key"),
+        ]);
+        for (name, may) in [
+            ("authorization", true),
+            ("x-api-key", true),
+            ("x-foo-bar", true),
+            ("content-type", false),
+            ("host", false),
+        ] {
+            assert_eq!(
+                lengths.may_hold(&HeaderName::from_static(name)),
+                may,
+                "{name}"
+            );
+        }
+        // Every name of 63 bytes or more shares the last bit.
+        let name = |byte: u8, len: usize| HeaderName::from_bytes(&vec![byte; len]).expect("a name");
+        let long = NameLengths::of(&[name(b'a', 63)]);
+        assert!(long.may_hold(&name(b'b', 200)));
+        assert!(!long.may_hold(&name(b'a', 62)));
+    }
 
     #[test]
     fn ages_from_the_table_read_as_their_number() {

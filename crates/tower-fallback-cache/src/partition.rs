@@ -8,6 +8,8 @@ use blake3::hazmat::HasherExt;
 use http::HeaderName;
 use http::request::Parts;
 
+use crate::headers::NameLengths;
+
 const PARTITION_CONTEXT: &str = "fallback-cache partition v1";
 
 /// The headers that carry an API credential: OpenAI and most compatible APIs, Azure OpenAI,
@@ -128,7 +130,10 @@ impl Partition {
 /// deployment adds ([`FallbackCacheBuilder::credential_headers`](crate::FallbackCacheBuilder::credential_headers)).
 /// The partition, the quota breaker, sealing and tenants all read this one list.
 #[derive(Clone, Debug)]
-pub(crate) struct Credentials(Arc<[HeaderName]>);
+pub(crate) struct Credentials {
+    names: Arc<[HeaderName]>,
+    lengths: NameLengths,
+}
 
 impl Default for Credentials {
     fn default() -> Self {
@@ -137,7 +142,7 @@ impl Default for Credentials {
 }
 
 static DEFAULT_CREDENTIALS: LazyLock<Credentials> = LazyLock::new(|| {
-    Credentials(
+    Credentials::of(
         CREDENTIAL_HEADERS
             .iter()
             .map(|name| HeaderName::from_static(name))
@@ -149,23 +154,41 @@ impl Credentials {
     /// [`CREDENTIAL_HEADERS`], then each of `extra` not among them, in the order given. A
     /// request without any of `extra` keeps the partition it has without them.
     pub(crate) fn with_extra(extra: impl IntoIterator<Item = HeaderName>) -> Self {
-        let mut names: Vec<HeaderName> = DEFAULT_CREDENTIALS.0.to_vec();
+        let mut names: Vec<HeaderName> = DEFAULT_CREDENTIALS.names.to_vec();
         for name in extra {
             if !names.contains(&name) {
                 names.push(name);
             }
         }
-        Self(names.into())
+        Self::of(names.into())
+    }
+
+    fn of(names: Arc<[HeaderName]>) -> Self {
+        Self {
+            lengths: NameLengths::of(names.iter()),
+            names,
+        }
     }
 
     /// The headers, [`CREDENTIAL_HEADERS`] first.
     pub(crate) fn names(&self) -> &[HeaderName] {
-        &self.0
+        &self.names
     }
 
     /// Whether `name` carries a credential.
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|credential| credential.as_str() == name)
+        self.names
+            .iter()
+            .any(|credential| credential.as_str() == name)
+    }
+
+    /// Which of the headers `name` is.
+    #[inline]
+    pub(crate) fn position(&self, name: &HeaderName) -> Option<usize> {
+        if !self.lengths.may_hold(name) {
+            return None;
+        }
+        self.names.iter().position(|credential| credential == name)
     }
 }
 
@@ -189,7 +212,7 @@ fn credential_partition(parts: &Parts, credentials: &Credentials) -> PartitionId
         // one, looked up then alone. (A list longer than 64 has the rest looked up always.)
         let mut present = 0u64;
         for name in parts.headers.keys() {
-            if let Some(i) = names.iter().position(|credential| credential == name) {
+            if let Some(i) = credentials.position(name) {
                 present |= 1u64.checked_shl(i as u32).unwrap_or(0);
             }
         }

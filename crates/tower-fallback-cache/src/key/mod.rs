@@ -15,6 +15,7 @@ use blake3::hazmat::HasherExt;
 use http::HeaderName;
 use http::request::Parts;
 
+use crate::headers::NameLengths;
 use crate::partition::PartitionId;
 
 const KEY_CONTEXT: &str = "fallback-cache request key v1";
@@ -136,22 +137,26 @@ impl FromStr for CacheKey {
 #[must_use]
 pub struct KeyRules {
     headers: Vec<HeaderName>,
+    /// The lengths of `headers`' names: most of a request's headers are passed over on them.
+    header_lengths: NameLengths,
     ignore_fields: Vec<String>,
 }
 
 impl Default for KeyRules {
     fn default() -> Self {
+        let headers: Vec<HeaderName> = [
+            "anthropic-beta",
+            "anthropic-version",
+            "openai-beta",
+            "openai-organization",
+            "openai-project",
+        ]
+        .into_iter()
+        .map(HeaderName::from_static)
+        .collect();
         Self {
-            headers: [
-                "anthropic-beta",
-                "anthropic-version",
-                "openai-beta",
-                "openai-organization",
-                "openai-project",
-            ]
-            .into_iter()
-            .map(HeaderName::from_static)
-            .collect(),
+            header_lengths: NameLengths::of(&headers),
+            headers,
             ignore_fields: Vec::new(),
         }
     }
@@ -171,6 +176,7 @@ impl KeyRules {
         self.headers = headers.into_iter().collect();
         self.headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         self.headers.dedup();
+        self.header_lengths = NameLengths::of(&self.headers);
         self
     }
 
@@ -258,12 +264,17 @@ impl KeyRules {
         // media type, and the values of the headers of the rules.
         let mut media_type: Option<&[u8]> = None;
         let mut selected: Vec<(usize, &http::HeaderValue)> = Vec::new();
+        // Most headers are passed over on their name's length alone.
+        const CONTENT_TYPE_LEN: usize = "content-type".len();
         for (name, value) in &parts.headers {
-            if *name == http::header::CONTENT_TYPE {
+            let len = name.as_str().len();
+            if len == CONTENT_TYPE_LEN && *name == http::header::CONTENT_TYPE {
                 // The first value, as `HeaderMap::get` gives it.
                 media_type.get_or_insert(value.as_bytes());
             }
-            if let Some(rule) = self.headers.iter().position(|rule| rule == name) {
+            if self.header_lengths.has(len)
+                && let Some(rule) = self.headers.iter().position(|rule| rule == name)
+            {
                 selected.push((rule, value));
             }
         }
@@ -404,6 +415,48 @@ mod tests {
             r#"{"role":"user","content":"Hello"},{"role":"system","content":"Be brief."}"#,
         );
         assert_ne!(key_of(&swapped), base);
+    }
+
+    /// The rules' headers are found among others of the same length and of any length,
+    /// names of 63 bytes and more included (one length bit for all of them).
+    #[test]
+    fn every_rule_header_counts_whatever_its_length() {
+        let long = "x-a-header-name-longer-than-sixty-three-bytes-which-share-one-bit";
+        let rules = KeyRules::default().headers([
+            HeaderName::from_static("x-team"),
+            HeaderName::from_static(long),
+        ]);
+        let key = |headers: &[(&str, &str)]| {
+            rules.key(
+                &PartitionId::SHARED,
+                &parts("POST", "/v1/chat/completions", headers),
+                REQUEST.as_bytes(),
+            )
+        };
+        // Beside headers of the same lengths (`x-team` and `x-tier`), and of other ones.
+        let others = [
+            ("x-tier", "gold"),
+            ("x-stainless-lang", "python"),
+            (
+                "x-b-header-name-longer-than-sixty-three-bytes-which-share-one-bit",
+                "1",
+            ),
+            (
+                "x-a-header-name-longer-than-sixty-three-bytes-which-share-one-bit-too",
+                "1",
+            ),
+        ];
+        let base = key(&others);
+        assert_eq!(key(&[]), base, "headers outside the rules do not count");
+        for (name, value) in [("x-team", "a"), (long, "a")] {
+            let mut headers = others.to_vec();
+            headers.push((name, value));
+            let a = key(&headers);
+            headers.pop();
+            headers.insert(0, (name, "b"));
+            assert_ne!(a, base, "{name}");
+            assert_ne!(a, key(&headers), "{name}'s value counts");
+        }
     }
 
     #[test]

@@ -63,7 +63,8 @@ listening_on() {
 }
 
 # write_post_lua BODY_FILE: writes $WORK/post.lua, wrk's script that POSTs BODY_FILE as a
-# chat completion request with a bearer token.
+# chat completion request with a bearer token; with HEADERS=sdk, with the other headers the
+# official OpenAI Python SDK sends too (seventeen in all, a dozen of them x-stainless-*).
 write_post_lua() {
   cat >"$WORK/post.lua" <<EOF
 local file = io.open("$1", "rb")
@@ -73,6 +74,23 @@ file:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-load-test"
 EOF
+  if [ "${HEADERS:-plain}" = sdk ]; then
+    cat >>"$WORK/post.lua" <<'EOF'
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["Connection"] = "keep-alive"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["User-Agent"] = "OpenAI/Python 1.54.4"
+wrk.headers["X-Stainless-Lang"] = "python"
+wrk.headers["X-Stainless-Package-Version"] = "1.54.4"
+wrk.headers["X-Stainless-OS"] = "Linux"
+wrk.headers["X-Stainless-Arch"] = "x64"
+wrk.headers["X-Stainless-Runtime"] = "CPython"
+wrk.headers["X-Stainless-Runtime-Version"] = "3.11.7"
+wrk.headers["X-Stainless-Async"] = "false"
+wrk.headers["X-Stainless-Retry-Count"] = "0"
+wrk.headers["X-Stainless-Read-Timeout"] = "600"
+EOF
+  fi
 }
 
 # post_chat OUT BASE: POSTs the chat request in $BODY_FILE to BASE's /v1/chat/completions

@@ -11,7 +11,8 @@
 # Settings (environment): DURATION seconds of load per server (10), CONNECTIONS of wrk (4),
 # TOP functions of the proxy listed with their inclusive instructions per request (25, 0
 # for none), DUMP a file to keep the proxy's callgrind profile in (for `callgrind_annotate
-# --tree=calling`: every function's callees). Needs valgrind and wrk (installed with
+# --tree=calling`: every function's callees), HEADERS=sdk to send the headers of the OpenAI
+# Python SDK beside the request's own (plain: content-type and authorization alone). Needs valgrind and wrk (installed with
 # apt-get when missing, as root); builds the release binaries; stops every process it
 # started, whatever happens.
 set -euo pipefail

@@ -7,7 +7,7 @@
 #   benches/load/run.sh
 #
 # Settings (environment): DURATION seconds per run (10), CONCURRENCY list ("1 16 64"),
-# THREADS of wrk (2), PIN (0). Installs nginx and wrk with apt-get when they are missing (as
+# THREADS of wrk (2), PIN (0), HEADERS (plain; sdk: the OpenAI Python SDK's headers too). Installs nginx and wrk with apt-get when they are missing (as
 # root), builds the release binaries, and stops every process it started, whatever happens.
 #
 # PIN=1 puts wrk on CPU 0 (one thread unless THREADS says otherwise) and every server on

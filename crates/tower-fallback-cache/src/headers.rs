@@ -3,9 +3,12 @@
 //! The layer never stores them in an answer, and a proxy must not forward them either way
 //! (RFC 9110, section 7.6.1). `fallback-cache-proxy` uses this same list.
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use http::header::{
-    CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, Entry, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -41,22 +44,53 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
 /// assert!(headers.contains_key("content-type"));
 /// ```
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: a look at the names present is cheaper than a
-    // removal (a hash lookup) per name of the list.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Which of the list are present, in one pass over the names (most messages carry none,
+    // or `connection` alone): a name of another length than theirs is none of them.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if HOP_BY_HOP_LENGTHS.may_hold(name)
+            && let Some(i) = HOP_BY_HOP_NAMES.iter().position(|hop| hop == name)
+        {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.into_iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
+    // The `connection` header first (`HOP_BY_HOP[0]`), then the names it lists, looked up
+    // by their text: no name is made (nor allocated) for a header that is not there.
+    if present & 1 != 0
+        && let Entry::Occupied(connection) = headers.entry(CONNECTION)
+    {
+        let (_, mut values) = connection.remove_entry_mult();
+        // Most messages send one value: a list is made for the others only.
+        let first = values.next();
+        let rest: Vec<HeaderValue> = values.collect();
+        for value in first.iter().chain(&rest) {
+            let Ok(value) = value.to_str() else {
+                continue;
+            };
+            for name in value.split(',').map(str::trim) {
+                // `keep-alive` is in the list, removed below when it was sent.
+                if !name.is_empty() && !name.eq_ignore_ascii_case("keep-alive") {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP_NAMES.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
+
+/// [`HOP_BY_HOP`] in one place: each use of a `const` array makes (and drops) a copy.
+static HOP_BY_HOP_NAMES: [HeaderName; 9] = HOP_BY_HOP;
+
+/// The lengths of the [`HOP_BY_HOP`] names.
+static HOP_BY_HOP_LENGTHS: LazyLock<NameLengths> =
+    LazyLock::new(|| NameLengths::of(&HOP_BY_HOP_NAMES));
 
 /// Ages below this many seconds are sent from [`AGE_DIGITS`], without an allocation.
 const AGE_TABLE_LIMIT: u64 = 10_000;
@@ -155,6 +189,46 @@ impl NameLengths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let long = "x-a-header-name-longer-than-sixty-four-bytes-named-in-the-connection-header";
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Conn-Only , close"),
+            ("connection", long),
+            ("connection", "not a name, ,"),
+            ("x-conn-only", "1"),
+            ("x-conn-only", "2"),
+            (long, "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("x-stainless-async", "false"),
+            ("authorization", "Bearer sk-a"),
+            ("content-type", "application/json"),
+        ] {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("a name"),
+                HeaderValue::from_str(value).expect("a value"),
+            );
+        }
+        remove_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["authorization", "content-type", "x-stainless-async"],
+            "{headers:?}"
+        );
+
+        // None of them: nothing changes.
+        let before = headers.clone();
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
 
     #[test]
     fn name_lengths_pass_over_only_names_of_other_lengths() {

@@ -754,3 +754,188 @@ async fn a_client_that_stops_reading_part_way_is_closed_within_the_idle_timeout(
     assert!(reading.is_ok(), "the stalled connection is closed");
     assert!(received < 256 << 20, "read {received} bytes");
 }
+
+/// One HTTP/1.1 request for `/v1/chat/completions` with `body`, as a client writes it.
+fn raw_chat(body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nauthorization: Bearer sk-pipelined\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The answers in `bytes`, one after the other: each one's head and body (by its
+/// `content-length`, or its chunks). What is left when an answer is incomplete is not one.
+fn answers_in(mut bytes: &[u8]) -> Vec<(String, String)> {
+    let mut answers = Vec::new();
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+        let mut rest = &bytes[end + 4..];
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        let mut body = Vec::new();
+        if let Some(length) = length {
+            let Some(payload) = rest.get(..length) else {
+                break;
+            };
+            body.extend_from_slice(payload);
+            rest = &rest[length..];
+        } else if head.contains("transfer-encoding: chunked") {
+            loop {
+                let Some(line) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return answers;
+                };
+                let size = std::str::from_utf8(&rest[..line])
+                    .ok()
+                    .and_then(|n| usize::from_str_radix(n.trim(), 16).ok())
+                    .expect("a chunk size");
+                let Some(chunk) = rest.get(line + 2..line + 2 + size) else {
+                    return answers;
+                };
+                body.extend_from_slice(chunk);
+                rest = &rest[(line + 2 + size + 2).min(rest.len())..];
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        answers.push((head, String::from_utf8_lossy(&body).into_owned()));
+        bytes = rest;
+    }
+    answers
+}
+
+/// The `x-fallback-cache` of an answer's head (lowercased by [`answers_in`]), as sent.
+fn cache_status(head: &str) -> String {
+    head.lines()
+        .find_map(|line| line.strip_prefix("x-fallback-cache: "))
+        .unwrap_or("-")
+        .trim()
+        .to_ascii_uppercase()
+}
+
+/// Requests pipelined in one write (HTTP/1.1 lets a client send the next before the answer
+/// to the last): each gets its own answer, in the order sent, HITs and MISSes mixed, plain
+/// and streamed; a malformed one among them is answered 400 and ends the connection, and
+/// what was sent after it never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_each_with_its_own_answer() {
+    let mock = MockUpstream::start().await.expect("mock upstream");
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &mock.url(),
+        "--store",
+        "memory",
+        "--mode",
+        "cache-first",
+        "--fresh-for",
+        "1h",
+    ]);
+    let body = |i: usize, stream: bool| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"pipelined {i}"}}]}}"#
+        )
+    };
+    let exchange = |requests: Vec<u8>| {
+        let addr = addr(&proxy);
+        async move {
+            let mut stream = TcpStream::connect(addr).await.expect("connects");
+            stream.write_all(&requests).await.expect("sent");
+            let mut bytes = Vec::new();
+            tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut bytes))
+                .await
+                .expect("the proxy closes the connection after the last answer")
+                .expect("read");
+            answers_in(&bytes)
+        }
+    };
+
+    // Plain answers: the first and third stored beforehand.
+    for i in [0, 2] {
+        let answers = exchange(raw_chat(&body(i, false), "connection: close\r\n")).await;
+        assert_eq!(cache_status(&answers[0].0), "MISS");
+    }
+    let mut requests = Vec::new();
+    for i in 0..4 {
+        let close = if i == 3 { "connection: close\r\n" } else { "" };
+        requests.extend(raw_chat(&body(i, false), close));
+    }
+    let answers = exchange(requests).await;
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    for (i, ((head, payload), expected)) in answers
+        .iter()
+        .zip(["HIT", "MISS", "HIT", "MISS"])
+        .enumerate()
+    {
+        assert!(head.starts_with("http/1.1 200"), "{i}: {head}");
+        assert_eq!(cache_status(head), expected, "{i}: {head}");
+        let answer: serde_json::Value = serde_json::from_str(payload).expect("a chat completion");
+        assert_eq!(
+            answer["choices"][0]["message"]["content"],
+            mock_upstream::answer_text(body(i, false).as_bytes()),
+            "answer {i} is the one its request asked for"
+        );
+    }
+
+    // Streams, twice: MISSes stored whole, then HITs of the same events.
+    let mut first = Vec::new();
+    for round in 0..2 {
+        let mut requests = Vec::new();
+        for i in 0..2 {
+            let close = if i == 1 { "connection: close\r\n" } else { "" };
+            requests.extend(raw_chat(&body(i, true), close));
+        }
+        let answers = exchange(requests).await;
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        for (i, (head, events)) in answers.iter().enumerate() {
+            assert_eq!(cache_status(head), ["MISS", "HIT"][round], "{i}: {head}");
+            assert!(events.trim_end().ends_with("data: [DONE]"), "{i}: {events}");
+            let text: String = events
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .filter(|data| *data != "[DONE]")
+                .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+                .filter_map(|chunk| {
+                    chunk["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect();
+            assert_eq!(
+                text,
+                mock_upstream::answer_text(body(i, true).as_bytes()),
+                "stream {i}"
+            );
+        }
+        if round == 0 {
+            first = answers.into_iter().map(|(_, events)| events).collect();
+        } else {
+            let again: Vec<String> = answers.into_iter().map(|(_, events)| events).collect();
+            assert_eq!(
+                again, first,
+                "the HITs replay the stored events byte for byte"
+            );
+        }
+    }
+
+    // A malformed request between two others: the one before is answered, the malformed
+    // one is a 400, and the one after it is never read.
+    let calls = mock.control().calls();
+    let mut requests = raw_chat(&body(10, false), "");
+    requests.extend_from_slice(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-length: abc\r\n\r\n",
+    );
+    requests.extend(raw_chat(&body(11, false), "connection: close\r\n"));
+    let answers = exchange(requests).await;
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(answers[0].0.starts_with("http/1.1 200"), "{}", answers[0].0);
+    assert!(answers[1].0.starts_with("http/1.1 400"), "{}", answers[1].0);
+    assert_eq!(
+        mock.control().calls(),
+        calls + 1,
+        "only the request before the malformed one reached the upstream"
+    );
+}

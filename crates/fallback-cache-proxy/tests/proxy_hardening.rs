@@ -858,12 +858,21 @@ async fn pipelined_requests_are_answered_in_order_each_with_its_own_answer() {
         let answers = exchange(raw_chat(&body(i, false), "connection: close\r\n")).await;
         assert_eq!(cache_status(&answers[0].0), "MISS");
     }
-    let mut requests = Vec::new();
-    for i in 0..4 {
-        let close = if i == 3 { "connection: close\r\n" } else { "" };
-        requests.extend(raw_chat(&body(i, false), close));
-    }
-    let answers = exchange(requests).await;
+    // The requests for `bodies`, one after the other; the last asks to close the connection.
+    let pipelined = |bodies: Vec<String>| {
+        let last = bodies.len() - 1;
+        let mut requests = Vec::new();
+        for (i, body) in bodies.iter().enumerate() {
+            let close = if i == last {
+                "connection: close\r\n"
+            } else {
+                ""
+            };
+            requests.extend(raw_chat(body, close));
+        }
+        requests
+    };
+    let answers = exchange(pipelined((0..4).map(|i| body(i, false)).collect())).await;
     assert_eq!(answers.len(), 4, "{answers:?}");
     for (i, ((head, payload), expected)) in answers
         .iter()
@@ -883,12 +892,7 @@ async fn pipelined_requests_are_answered_in_order_each_with_its_own_answer() {
     // Streams, twice: MISSes stored whole, then HITs of the same events.
     let mut first = Vec::new();
     for round in 0..2 {
-        let mut requests = Vec::new();
-        for i in 0..2 {
-            let close = if i == 1 { "connection: close\r\n" } else { "" };
-            requests.extend(raw_chat(&body(i, true), close));
-        }
-        let answers = exchange(requests).await;
+        let answers = exchange(pipelined((0..2).map(|i| body(i, true)).collect())).await;
         assert_eq!(answers.len(), 2, "{answers:?}");
         for (i, (head, events)) in answers.iter().enumerate() {
             assert_eq!(cache_status(head), ["MISS", "HIT"][round], "{i}: {head}");

@@ -112,6 +112,16 @@ fn ids_of(body: &str, stream: bool) -> BTreeSet<String> {
         .collect()
 }
 
+/// An answer's `x-fallback-cache` (`-` without one).
+fn marking_of(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-fallback-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
+}
+
 /// The value of header `name` in a raw HTTP/1.1 response head (names in any case).
 fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|line| {
@@ -145,12 +155,7 @@ async fn client(seed: u64, url: String, addr: String, stop: Arc<AtomicBool>, tal
                     .send()
                     .await
                 {
-                    let marking = response
-                        .headers()
-                        .get("x-fallback-cache")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
+                    let marking = marking_of(&response);
                     // Even a first piece of a stream must be this tenant's own.
                     if let Ok(Some(first)) = response.chunk().await {
                         tally.saw(
@@ -242,12 +247,7 @@ async fn client(seed: u64, url: String, addr: String, stop: Arc<AtomicBool>, tal
                     }
                 };
                 let status = response.status().as_u16();
-                let marking = response
-                    .headers()
-                    .get("x-fallback-cache")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-")
-                    .to_owned();
+                let marking = marking_of(&response);
                 let Ok(payload) = response.text().await else {
                     tally.cut.fetch_add(1, Ordering::Relaxed);
                     continue;

@@ -394,3 +394,34 @@ fn the_numbers_of_requests_are_written_from_their_digits() {
         );
     }
 }
+
+/// A key's prefix read in one load and masked is its bytes zero-padded, whatever its length,
+/// wherever it sits (in the input or the patch, near their ends or not).
+#[test]
+fn key_prefixes_read_in_one_load_are_the_bytes_zero_padded() {
+    let text = br#""k":1,"a\u0062c":2,"abcdefghij":3}"#;
+    for start in 0..text.len() {
+        for end in start..=text.len() {
+            let mut buffers = Buffers::default();
+            // In the input.
+            let segment = Segment { start, end };
+            assert_eq!(
+                buffers.key_prefix(text, segment),
+                key_prefix(&text[start..end]),
+                "input {start}..{end}"
+            );
+            // In the patch, after an input of 3 bytes.
+            buffers.patch.extend_from_slice(text);
+            let input = b"{}x";
+            let segment = Segment {
+                start: input.len() + start,
+                end: input.len() + end,
+            };
+            assert_eq!(
+                buffers.key_prefix(input, segment),
+                key_prefix(&text[start..end]),
+                "patch {start}..{end}"
+            );
+        }
+    }
+}

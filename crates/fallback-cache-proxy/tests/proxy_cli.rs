@@ -17,6 +17,13 @@ fn one_line(stderr: &str) -> &str {
     lines[0]
 }
 
+/// The one line of a setting refused at start, after checking the proxy exited with 2.
+fn refusal(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let (status, stderr) = run_to_end(args, envs);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    one_line(&stderr).to_owned()
+}
+
 #[test]
 fn a_store_in_a_missing_directory_is_one_line_naming_it() {
     let (status, stderr) = run_to_end(
@@ -64,16 +71,14 @@ fn a_bad_duration_is_one_line_naming_the_flag_or_variable() {
 fn a_duration_past_a_hundred_years_is_refused_at_start() {
     // Taken as it was, 300 billion years made every answer of the upstream panic a worker
     // (an instant that far ahead does not exist).
-    let (status, stderr) = run_to_end(&["--upstream-timeout", "300000000000y"], &[]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = refusal(&["--upstream-timeout", "300000000000y"], &[]);
     assert_eq!(
-        one_line(&stderr),
+        line,
         "error: --upstream-timeout 300000000000y: at most 100 years"
     );
-    let (status, stderr) = run_to_end(&[], &[("FALLBACK_CACHE_TTL", "200years")]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = refusal(&[], &[("FALLBACK_CACHE_TTL", "200years")]);
     assert_eq!(
-        one_line(&stderr),
+        line,
         "error: FALLBACK_CACHE_TTL=200years: at most 100 years"
     );
 }
@@ -81,10 +86,9 @@ fn a_duration_past_a_hundred_years_is_refused_at_start() {
 #[test]
 fn a_size_past_what_a_number_holds_is_refused_not_read_as_unlimited() {
     // Taken as it was, the size read as 16 EiB: no bound on a request body at all.
-    let (status, stderr) = run_to_end(&["--max-request-body", "99999999999999EiB"], &[]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = refusal(&["--max-request-body", "99999999999999EiB"], &[]);
     assert_eq!(
-        one_line(&stderr),
+        line,
         "error: --max-request-body 99999999999999EiB: too large (16 EiB or more)"
     );
 }
@@ -93,16 +97,14 @@ fn a_size_past_what_a_number_holds_is_refused_not_read_as_unlimited() {
 fn a_size_with_a_one_letter_unit_is_refused_as_ambiguous() {
     // Taken as it was, `10m` read as 10 MB (10,000,000 bytes), where 10 MiB or 10 minutes
     // may have been meant.
-    let (status, stderr) = run_to_end(&["--max-memory", "10m"], &[]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = refusal(&["--max-memory", "10m"], &[]);
     assert_eq!(
-        one_line(&stderr),
+        line,
         "error: --max-memory 10m: the unit m is ambiguous: write 10MiB (powers of 1024) or 10MB (powers of 1000)"
     );
-    let (status, stderr) = run_to_end(&[], &[("FALLBACK_CACHE_MAX_RESPONSE_BODY", "512k")]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = refusal(&[], &[("FALLBACK_CACHE_MAX_RESPONSE_BODY", "512k")]);
     assert_eq!(
-        one_line(&stderr),
+        line,
         "error: FALLBACK_CACHE_MAX_RESPONSE_BODY=512k: the unit k is ambiguous: write 512KiB (powers of 1024) or 512kB (powers of 1000)"
     );
 }
@@ -137,9 +139,7 @@ fn a_tenant_file_without_a_tenant_is_refused_naming_it() {
 
 #[test]
 fn an_unparsable_url_is_named_with_its_own_scheme() {
-    let (status, stderr) = run_to_end(&["--upstream", "http://[::1"], &[]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    let line = one_line(&stderr);
+    let line = refusal(&["--upstream", "http://[::1"], &[]);
     assert!(
         line.starts_with("error: --upstream http://(unparsable URL): "),
         "{line}"
@@ -153,27 +153,21 @@ fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
         (&["--secret", "abc"][..], &[][..]),
         (&[][..], &[("FALLBACK_CACHE_SECRET", "abc")][..]),
     ] {
-        let (status, stderr) = run_to_end(args, envs);
-        assert_eq!(status.code(), Some(2), "{stderr}");
-        let line = one_line(&stderr);
+        let line = refusal(args, envs);
         assert!(
             line.contains("the secret is 3 bytes long: use at least 16 random bytes"),
             "{line}"
         );
         assert!(!line.contains("abc"), "{line}");
     }
-    let (status, stderr) = run_to_end(
+    let line = refusal(
         &["--admin-listen", "127.0.0.1:0", "--admin-token", "t0ken"],
         &[],
     );
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    let line = one_line(&stderr);
     assert!(line.contains("the token is 5 bytes long"), "{line}");
     assert!(!line.contains("t0ken"), "{line}");
     // A password in the upstream's URL is refused without being shown.
-    let (status, stderr) = run_to_end(&["--upstream", "http://user:hunter2@127.0.0.1:9"], &[]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    let line = one_line(&stderr);
+    let line = refusal(&["--upstream", "http://user:hunter2@127.0.0.1:9"], &[]);
     assert!(
         line.starts_with("error: --upstream http://user:***@127.0.0.1:9"),
         "{line}"
@@ -183,7 +177,7 @@ fn a_short_secret_or_admin_token_is_refused_and_no_secret_is_echoed() {
 
 #[test]
 fn the_admin_endpoint_on_the_proxy_s_own_address_is_refused_naming_it() {
-    let (status, stderr) = run_to_end(
+    let line = refusal(
         &[
             "--listen",
             "127.0.0.1:48111",
@@ -195,9 +189,8 @@ fn the_admin_endpoint_on_the_proxy_s_own_address_is_refused_naming_it() {
             "an admin token of 32 bytes......",
         )],
     );
-    assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(
-        one_line(&stderr),
+        line,
         "error: --admin-listen 127.0.0.1:48111: must differ from --listen (the admin endpoint has an address of its own)"
     );
 }

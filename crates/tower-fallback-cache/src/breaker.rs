@@ -39,8 +39,21 @@ pub(crate) fn quota_scope(credential: PartitionId, parts: &Parts) -> Option<Part
         return None;
     }
     let model = gemini_model(path);
-    let organization = parts.headers.get(&ORGANIZATION);
-    let project = parts.headers.get(&PROJECT);
+    // The first value of each, found in one pass over the request's (few) headers, most of
+    // them passed over on their name's length: cheaper than two lookups, each hashing a
+    // long name.
+    let (mut organization, mut project) = (None, None);
+    for (name, value) in &parts.headers {
+        match name.as_str().len() {
+            19 if *name == ORGANIZATION => {
+                organization.get_or_insert(value);
+            }
+            14 if *name == PROJECT => {
+                project.get_or_insert(value);
+            }
+            _ => {}
+        }
+    }
     if model.is_none() && organization.is_none() && project.is_none() {
         return Some(credential);
     }

@@ -315,7 +315,8 @@ where
                 }
                 Counters::add(&counters.misses);
                 tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
-                let (mut parts, body) = stored_response(&last_error).into_parts();
+                // Marked with its status, key and reason, `retry-after` and `x-should-retry`.
+                let (mut parts, body) = stored_response(&last_error, 5).into_parts();
                 mark(
                     &mut parts.headers,
                     &mut parts.extensions,
@@ -752,7 +753,9 @@ fn replay<B: Body>(
     key: CacheKey,
     reason: Option<Reason>,
 ) -> Response<ResponseBody<B>> {
-    let (mut parts, body) = stored_response(&entry).into_parts();
+    // Marked with its status, key and age, and its reason if it has one.
+    let marks = 3 + usize::from(reason.is_some());
+    let (mut parts, body) = stored_response(&entry, marks).into_parts();
     let key_value = entry.key_header(&key);
     mark(
         &mut parts.headers,
@@ -765,13 +768,22 @@ fn replay<B: Body>(
     Response::from_parts(parts, body)
 }
 
-/// A stored answer as a response: its status, its headers, its body frame by frame.
-fn stored_response<B: Body>(entry: &Arc<CachedResponse>) -> Response<ResponseBody<B>> {
+/// A stored answer as a response: its status, its headers, its body frame by frame, with
+/// room for `marks` headers more.
+///
+/// Room for exactly the marking headers that follow, so that adding them does not grow the
+/// map again, and no more: the map's table is a power of two (a HIT of three stored headers
+/// fits in a table of eight, where one more header would take sixteen), and past a few
+/// headers each step is an allocation of over a kilobyte, which glibc's malloc serves from
+/// its main heap rather than from its per-thread cache (which ends at 1,032 bytes).
+fn stored_response<B: Body>(
+    entry: &Arc<CachedResponse>,
+    marks: usize,
+) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::replay(entry.clone()));
     *response.status_mut() = entry.status();
-    // Room for the marking headers too, so adding them does not grow the map again.
     let headers = response.headers_mut();
-    headers.reserve(entry.headers().len() + 4);
+    headers.reserve(entry.headers().len() + marks);
     for (name, value) in entry.headers() {
         headers.append(name.clone(), value.clone());
     }
@@ -1011,7 +1023,8 @@ fn not_cached_entry<B: Body>(bypassed: Option<&str>) -> Response<ResponseBody<B>
         headers,
         vec![body],
     ));
-    stored_response::<B>(&entry)
+    // Marked with its status, and its key where it has one.
+    stored_response::<B>(&entry, 2)
 }
 
 /// Runs `b` beside `a` in this task, `a` polled first, until `a` is done: `a`'s output, and

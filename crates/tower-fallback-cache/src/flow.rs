@@ -21,7 +21,7 @@ use crate::body::{
     Capture, CaptureSink, Collected, RequestBody, ResponseBody, bounded_by, collect_all,
     collect_up_to, content_length,
 };
-use crate::breaker::{Admission, quota_scope};
+use crate::breaker::{Admission, Probe, quota_scope};
 use crate::classify::Reason;
 use crate::coalesce::{self, Turn};
 use crate::deadline::within;
@@ -182,6 +182,23 @@ where
             _ => None,
         };
 
+        // 3. The quota breaker, here where no coalescing comes before it (fallback mode, or
+        // `no-cache`): a suspended partition's request, every request while a quota is
+        // exhausted, is answered without the upstream call's future.
+        let admitted = match fresh_for {
+            Some(_) => None,
+            None => match admit(&shared, credential, &parts) {
+                Ok(admitted) => Some(admitted),
+                Err(suspension) => {
+                    // On the heap too, but a small future, and nothing of the request kept
+                    // beside it: its states would make the future of every request larger.
+                    drop((parts, bytes, inner));
+                    let answer = suspended(shared, key, seal, controls, coverage, suspension);
+                    return Ok(Box::pin(answer).await);
+                }
+            },
+        };
+
         // The rest goes on in a future of its own, on the heap: the future of every request
         // (boxed by the service) need not make room for the upstream call's states, nor copy
         // them, when a stored answer is served.
@@ -194,6 +211,7 @@ where
             controls,
             coverage,
             fresh_for,
+            admitted,
         };
         Box::pin(ask_upstream(shared, inner, asked)).await
     }
@@ -211,11 +229,96 @@ struct Asked {
     coverage: Coverage,
     /// In cache-first mode (and not `no-cache`), how young a stored answer is served.
     fresh_for: Option<Duration>,
+    /// The breaker's admission, when it was asked before coalescing had to come first:
+    /// whose quota the call spends, and the probe it is, if it is one.
+    admitted: Option<Admitted>,
 }
 
-/// Steps 2 (coalescing) to 6 of the flow: the request was not answered from the store. A
-/// function returning an `async` block, as [`serve`], so that its future keeps the fields
-/// of `asked` once.
+/// Whose quota a call spends (none for a request that spends none), and the probe it is,
+/// if the breaker let it through as one.
+type Admitted = (Option<PartitionId>, Option<Probe>);
+
+/// A suspended partition's last quota error, and how long it stays suspended.
+struct Suspension {
+    last_error: Arc<CachedResponse>,
+    retry_after: Duration,
+}
+
+/// Step 3 of the flow, the quota breaker: the call's admission, or the suspension of the
+/// credential (for this account, project or model) that keeps it from the upstream.
+/// Requests that spend no quota are never suspended.
+fn admit(shared: &Shared, credential: PartitionId, parts: &Parts) -> Result<Admitted, Suspension> {
+    let quota = if shared.breaker.is_enabled() {
+        quota_scope(credential, parts)
+    } else {
+        None
+    };
+    match quota.map_or(Admission::Call, |quota| shared.breaker.admit(quota)) {
+        Admission::Call => Ok((quota, None)),
+        Admission::Probe(probe) => Ok((quota, Some(probe))),
+        Admission::Suspended {
+            last_error,
+            retry_after,
+        } => Err(Suspension {
+            last_error,
+            retry_after,
+        }),
+    }
+}
+
+/// The answer to a request of a suspended partition, without calling the upstream: the
+/// stored answer (`FALLBACK`), or else the partition's last quota error, marked `MISS`, with
+/// `retry-after` and `x-should-retry: false`.
+async fn suspended<B: Body>(
+    shared: Arc<Shared>,
+    key: CacheKey,
+    seal: Option<Seal>,
+    controls: Controls,
+    mut coverage: Coverage,
+    suspension: Suspension,
+) -> Response<ResponseBody<B>> {
+    let counters = shared.stats.counters();
+    Counters::add(&counters.suspended);
+    let reason = Reason::InsufficientQuota;
+    let seal = seal.as_ref();
+    let arrived = coverage.look(&shared, &key, seal).await;
+    if let Some(served) = fall_back(&shared, key, seal, reason, controls, arrived).await {
+        return served;
+    }
+    Counters::add(&counters.misses);
+    let Suspension {
+        last_error,
+        retry_after,
+    } = suspension;
+    tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
+    // Marked with its status, key and reason, `retry-after` and `x-should-retry`.
+    let (mut parts, body) = stored_response(&last_error, 5).into_parts();
+    mark(
+        &mut parts.headers,
+        &mut parts.extensions,
+        CacheStatus::Miss,
+        key,
+        Some(reason),
+        None,
+    );
+    let seconds = retry_after
+        .as_secs()
+        .saturating_add(u64::from(retry_after.subsec_nanos() > 0));
+    parts
+        .headers
+        .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    // The OpenAI SDKs retry a 429 after `retry-after`, up to two minutes; a retry within the
+    // cooldown gets this same answer, so tell them not to.
+    parts
+        .headers
+        .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+    Response::from_parts(parts, body)
+}
+
+/// Steps 2 (coalescing) to 6 of the flow: the request was not answered from the store (nor,
+/// when [`serve`] asked the breaker already, as a suspended partition's). A function
+/// returning an `async` block, as [`serve`], so that its future keeps the fields of `asked`
+/// once.
 fn ask_upstream<S, ReqB, ResB>(
     shared: Arc<Shared>,
     mut inner: S,
@@ -237,6 +340,7 @@ where
         controls,
         mut coverage,
         fresh_for,
+        admitted,
     } = asked;
     async move {
         let counters = shared.stats.counters();
@@ -287,56 +391,13 @@ where
             }
         }
 
-        // 3. The quota breaker: a suspended credential (for this account, project or model)
-        // does not call the upstream; requests that spend no quota are never suspended.
-        let quota = if shared.breaker.is_enabled() {
-            quota_scope(credential, &parts)
-        } else {
-            None
-        };
-        let admission = match quota {
-            Some(quota) => shared.breaker.admit(quota),
-            None => Admission::Call,
-        };
-        let probe = match admission {
-            Admission::Call => None,
-            Admission::Probe(probe) => Some(probe),
-            Admission::Suspended {
-                last_error,
-                retry_after,
-            } => {
-                Counters::add(&counters.suspended);
-                let reason = Reason::InsufficientQuota;
-                let arrived = coverage.look(&shared, &key, seal.as_ref()).await;
-                if let Some(served) =
-                    fall_back(&shared, key, seal.as_ref(), reason, controls, arrived).await
-                {
-                    return Ok(served);
-                }
-                Counters::add(&counters.misses);
-                tracing::debug!(%key, ?retry_after, "partition suspended: last quota error served");
-                // Marked with its status, key and reason, `retry-after` and `x-should-retry`.
-                let (mut parts, body) = stored_response(&last_error, 5).into_parts();
-                mark(
-                    &mut parts.headers,
-                    &mut parts.extensions,
-                    CacheStatus::Miss,
-                    key,
-                    Some(reason),
-                    None,
-                );
-                let seconds = retry_after
-                    .as_secs()
-                    .saturating_add(u64::from(retry_after.subsec_nanos() > 0));
-                parts
-                    .headers
-                    .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-                // The OpenAI SDKs retry a 429 after `retry-after`, up to two minutes; a retry
-                // within the cooldown gets this same answer, so tell them not to.
-                parts
-                    .headers
-                    .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
-                return Ok(Response::from_parts(parts, body));
+        // 3. The quota breaker (asked here when coalescing came first): a suspended
+        // credential (for this account, project or model) does not call the upstream;
+        // requests that spend no quota are never suspended.
+        let (quota, probe) = match admitted.map_or_else(|| admit(&shared, credential, &parts), Ok) {
+            Ok(admitted) => admitted,
+            Err(suspension) => {
+                return Ok(suspended(shared, key, seal, controls, coverage, suspension).await);
             }
         };
 

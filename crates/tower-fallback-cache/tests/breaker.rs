@@ -83,8 +83,22 @@ fn quota_body() -> Vec<u8> {
 
 #[tokio::test]
 async fn a_suspended_partition_is_answered_without_calling_the_upstream() {
+    a_suspended_partition_is_answered_in(Mode::Fallback).await;
+}
+
+/// The same in cache-first mode, where identical requests are coalesced before the breaker
+/// is asked (nothing is fresh: every request goes on to the breaker).
+#[tokio::test]
+async fn a_suspended_partition_is_answered_without_calling_the_upstream_in_cache_first_mode() {
+    a_suspended_partition_is_answered_in(Mode::CacheFirst {
+        fresh_for: Duration::ZERO,
+    })
+    .await;
+}
+
+async fn a_suspended_partition_is_answered_in(mode: Mode) {
     let upstream = Upstream::default();
-    let layer = FallbackCacheLayer::new();
+    let layer = FallbackCacheLayer::builder().mode(mode).build();
     let service = layer.layer(upstream.clone().into_service());
     for i in 0..100 {
         let response = service

@@ -229,8 +229,8 @@ struct Asked {
     coverage: Coverage,
     /// In cache-first mode (and not `no-cache`), how young a stored answer is served.
     fresh_for: Option<Duration>,
-    /// The breaker's admission, when it was asked before coalescing had to come first:
-    /// whose quota the call spends, and the probe it is, if it is one.
+    /// The breaker's admission, when [`serve`] asked it already (no coalescing comes before
+    /// the breaker); `None` when it is asked after coalescing.
     admitted: Option<Admitted>,
 }
 

@@ -281,8 +281,9 @@ async fn suspended<B: Body>(
     Counters::add(&counters.suspended);
     let reason = Reason::InsufficientQuota;
     let seal = seal.as_ref();
-    let arrived = coverage.look(&shared, &key, seal).await;
-    if let Some(served) = fall_back(&shared, key, seal, reason, controls, arrived).await {
+    // Looked up just now: an answer found is served at the age it was found with.
+    let looked = Looked::just_now(coverage.look(&shared, &key, seal).await);
+    if let Some(served) = fall_back(&shared, key, seal, reason, controls, looked).await {
         return served;
     }
     Counters::add(&counters.misses);
@@ -424,7 +425,7 @@ where
             }
         };
         let (called, arrived) = beside(call, coverage.look(&shared, &key, seal.as_ref())).await;
-        let arrived = arrived.flatten();
+        let arrived = Looked::on_arrival(arrived.flatten());
         let response = match called {
             Ok(response) => response,
             Err(error) => {
@@ -674,29 +675,31 @@ where
 }
 
 /// The stored answer for a failed call, when the layer falls back on `reason` and has one
-/// the request accepts (`max-stale`). `arrived` is what the coverage lookup found when the
-/// request arrived, if it looked: an answer found then is served, otherwise the store is
-/// asked again (an identical request may have stored one since).
+/// the request accepts (`max-stale`). `looked` is what the coverage lookup found, if it
+/// looked: an answer found then is served, otherwise the store is asked again (an
+/// identical request may have stored one since).
 async fn fall_back<B: Body>(
     shared: &Shared,
     key: CacheKey,
     seal: Option<&Seal>,
     reason: Reason,
     controls: Controls,
-    arrived: Option<Found>,
+    looked: Looked,
 ) -> Option<Response<ResponseBody<B>>> {
     if !shared.falls_back_on(reason) {
         return None;
     }
     let counters = shared.stats.counters();
-    let found = match arrived {
-        Some(Some((entry, _))) => {
+    let found = match looked {
+        // Found before the upstream call, which may have taken seconds: aged again.
+        Looked::OnArrival(Some((entry, _))) => {
             let age = entry.age();
             (age <= shared.ttl).then_some((entry, age))
         }
+        Looked::JustNow(found) => found,
         // The coverage lookup found nothing usable (or failed, counted once): not asked again.
-        Some(None) => None,
-        None => lookup(shared, &key, seal).await,
+        Looked::OnArrival(None) => None,
+        Looked::Not => lookup(shared, &key, seal).await,
     };
     match found.filter(|(_, age)| controls.accepts(*age)) {
         Some((entry, age)) => {
@@ -716,6 +719,29 @@ async fn fall_back<B: Body>(
 
 /// A usable stored answer and its age.
 type Found = Option<(Arc<CachedResponse>, Duration)>;
+
+/// What the coverage lookup found for a request that falls back, if it looked.
+enum Looked {
+    /// It did not look (coverage is off, or the request was counted already, or the lookup
+    /// was given up): [`fall_back`] asks the store.
+    Not,
+    /// When the request arrived, beside the upstream call: an answer found then is served
+    /// at the age it has when it is served.
+    OnArrival(Found),
+    /// Just before falling back (a suspended partition's request, which calls nothing): an
+    /// answer found is served at the age it was found with, without reading the clock again.
+    JustNow(Found),
+}
+
+impl Looked {
+    fn on_arrival(looked: Option<Found>) -> Self {
+        looked.map_or(Self::Not, Self::OnArrival)
+    }
+
+    fn just_now(looked: Option<Found>) -> Self {
+        looked.map_or(Self::Not, Self::JustNow)
+    }
+}
 
 /// The answer under `key`, with its age, if it is usable: present, younger than the TTL,
 /// of this key version, opened with its seal if it has one. A store error is counted and

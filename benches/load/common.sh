@@ -50,10 +50,14 @@ trap 'exit 130' INT TERM
 # listening_on FILE [SECONDS]: prints the http://ADDR a process announced in FILE ("...
 # listening on http://ADDR ..."), waiting for it at most SECONDS (10).
 listening_on() {
-  local file="$1" tries=$((${2:-10} * 20))
+  local file="$1" tries=$((${2:-10} * 20)) lines
   for _ in $(seq "$tries"); do
-    if grep -q 'listening on http://' "$file" 2>/dev/null; then
-      grep -o 'listening on http://[0-9.:]*' "$file" | head -1 | sed 's/listening on //'
+    # Whole lines only: a line being written (slowly, under valgrind) could end inside
+    # the address.
+    lines="$(wc -l <"$file" 2>/dev/null || echo 0)"
+    if head -n "$lines" "$file" 2>/dev/null | grep -q 'listening on http://'; then
+      head -n "$lines" "$file" | grep -o 'listening on http://[0-9.:]*' | head -1 |
+        sed 's/listening on //'
       return
     fi
     sleep 0.05

@@ -43,11 +43,14 @@ def fmt_time(ns):
 
 
 def key_tables(results):
+    # The groups named by a body size ("1 KiB"); others (`key/head/...`) are listed after.
+    groups = {k.split("/")[1] for k in results if k.startswith("key/")}
     sizes = sorted(
-        {k.split("/")[1] for k in results if k.startswith("key/")},
+        (g for g in groups if g.split()[0].replace(".", "", 1).isdigit()),
         key=lambda s: float(s.split()[0]),
     )
-    if not sizes:
+    others = sorted(groups - set(sizes))
+    if not sizes and not others:
         return
     print("### Key derivation (`benches/key.rs`)\n")
     print("| body | function | time | throughput | × serde_json parse | × blake3::hash |")
@@ -62,6 +65,14 @@ def key_tables(results):
             vs_blake = f"{blake['ns'] / r['ns']:.2f}" if blake else ""
             print(f"| {size} | `{name}` | {fmt_time(r['ns'])} | {mib_s:,.0f} MiB/s | {vs_parse} | {vs_blake} |")
     print("\n(× is throughput relative to the column's function on the same bytes, same run.)\n")
+    for group in others:
+        for name, r in sorted(
+            ((k.split("/", 2)[2], v) for k, v in results.items() if k.startswith(f"key/{group}/")),
+            key=lambda kv: kv[1]["ns"],
+        ):
+            print(f"- `key/{group}/{name}`: {fmt_time(r['ns'])}")
+    if others:
+        print()
 
 
 def layer_table(results):
